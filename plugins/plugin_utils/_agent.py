@@ -1,0 +1,223 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Run batches of agent operations on a Windows host over the task's connection.
+
+One batch is one ``exec_command`` call, that is one WinRM command (one round trip). The command line is a fixed
+bootstrap; the batch and the agent script travel on stdin. See docs/agent-protocol.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import typing as t
+from dataclasses import dataclass, field
+
+from ansible.errors import AnsibleConnectionFailure, AnsibleError
+
+PROTOCOL_VERSION = 1
+
+AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_agent.ps1")
+
+# The bootstrap reads stdin to its end: line 1 is the batch JSON, the rest is the agent script.
+BOOTSTRAP = (
+    "$ErrorActionPreference = 'Stop'\n"
+    "$rdpfixInput = [Console]::In.ReadToEnd()\n"
+    "$rdpfixSplit = $rdpfixInput.IndexOf([char]10)\n"
+    "$rdpfixBatch = $rdpfixInput.Substring(0, $rdpfixSplit).Trim()\n"
+    "$rdpfixAgent = [ScriptBlock]::Create($rdpfixInput.Substring($rdpfixSplit + 1))\n"
+    "& $rdpfixAgent -BatchJson $rdpfixBatch\n"
+)
+
+# Exactly ansible-core's PowerShell prefix: the winrm connection then passes the command through unchanged.
+COMMAND_PREFIX = "PowerShell -NoProfile -NonInteractive -ExecutionPolicy Unrestricted -EncodedCommand "
+
+READ_OPERATIONS: frozenset[str] = frozenset(
+    {
+        "system.info",
+        "registry.get",
+        "listener.get",
+        "cert.list",
+        "service.get",
+        "session.list",
+        "file.stat",
+        "file.read",
+        "dir.list",
+        "util.sleep",
+    }
+)
+
+WRITE_OPERATIONS: frozenset[str] = frozenset(
+    {
+        "registry.set",
+        "registry.remove",
+        "listener.set_certificate",
+        "cert.remove",
+        "cert.import",
+        "cert.repair_key_link",
+        "service.restart",
+        "service.start",
+        "dir.create",
+        "file.write",
+        "file.copy",
+    }
+)
+
+OPERATIONS: frozenset[str] = READ_OPERATIONS | WRITE_OPERATIONS
+
+
+class AgentError(AnsibleError):
+    """The agent itself failed: no result document, a malformed one, or a non-zero exit."""
+
+
+class OperationError(AnsibleError):
+    """One operation of a batch failed on the host."""
+
+    def __init__(self, host: str, op: str, error_type: str, message: str) -> None:
+        super().__init__(f"{op} failed on {host}: {error_type}: {message}")
+        self.host = host
+        self.op = op
+        self.error_type = error_type
+        self.error_message = message
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """The outcome of one operation of a batch."""
+
+    op: str
+    ok: bool
+    data: dict[str, t.Any] = field(default_factory=dict)
+    skipped: bool = False
+    error_type: str | None = None
+    error_message: str | None = None
+
+    def raise_for_error(self, host: str) -> None:
+        if not self.ok:
+            if self.skipped:
+                raise OperationError(host, self.op, "Skipped", "not run: an earlier operation of the batch failed")
+            raise OperationError(host, self.op, self.error_type or "Failed", self.error_message or "")
+
+
+@dataclass
+class Batch:
+    """An ordered list of operations sent to the host in one round trip."""
+
+    on_error: str = "stop"
+    ops: list[dict[str, t.Any]] = field(default_factory=list)
+
+    def add(self, op: str, **args: t.Any) -> int:
+        """Append an operation; returns its index in the batch's results."""
+        if op not in OPERATIONS:
+            raise ValueError(f"unknown agent operation {op!r}")
+        self.ops.append({"op": op, "args": args})
+        return len(self.ops) - 1
+
+    @property
+    def writes(self) -> bool:
+        return any(item["op"] in WRITE_OPERATIONS for item in self.ops)
+
+    def to_json(self) -> str:
+        if self.on_error not in ("stop", "continue"):
+            raise ValueError(f"on_error must be 'stop' or 'continue', not {self.on_error!r}")
+        return json.dumps({"v": PROTOCOL_VERSION, "on_error": self.on_error, "ops": self.ops}, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    host: str
+    results: list[OpResult]
+
+    def __getitem__(self, index: int) -> OpResult:
+        return self.results[index]
+
+    def data(self, index: int) -> dict[str, t.Any]:
+        """The data of one operation, raising OperationError when it failed."""
+        result = self.results[index]
+        result.raise_for_error(self.host)
+        return result.data
+
+    @property
+    def failures(self) -> list[OpResult]:
+        return [r for r in self.results if not r.ok and not r.skipped]
+
+    def raise_for_errors(self) -> None:
+        for result in self.results:
+            result.raise_for_error(self.host)
+
+
+class _Connection(t.Protocol):
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        ...
+
+
+def agent_script() -> str:
+    with open(AGENT_PATH, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def bootstrap_command() -> str:
+    """The command line every batch runs; it never changes, so it can be verified by the lab."""
+    return COMMAND_PREFIX + base64.b64encode(BOOTSTRAP.encode("utf-16-le")).decode("ascii")
+
+
+def build_stdin(batch: Batch, script: str | None = None) -> bytes:
+    """Line 1 the batch, then the agent script."""
+    body = batch.to_json() + "\n" + (agent_script() if script is None else script)
+    return body.encode("utf-8")
+
+
+def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int) -> BatchResult:
+    """Turn the agent's stdout into a BatchResult, or raise AgentError saying what went wrong."""
+    text = stdout.decode("utf-8", errors="replace").strip()
+    # PowerShell may print a BOM or progress noise before the document: take the last line that is JSON.
+    document: t.Any = None
+    for line in reversed(text.splitlines()):
+        line = line.strip().lstrip("\ufeff")
+        if line.startswith("{"):
+            try:
+                document = json.loads(line)
+            except ValueError:
+                continue
+            break
+    if document is None:
+        detail = stderr.decode("utf-8", errors="replace").strip() or text or "no output"
+        raise AgentError(f"the rdpfix agent on {host} returned no result (rc={rc}): {detail[:2000]}")
+    if not isinstance(document, dict) or document.get("v") != PROTOCOL_VERSION or not isinstance(
+        document.get("results"), list
+    ):
+        raise AgentError(f"the rdpfix agent on {host} returned an unexpected document: {text[:2000]}")
+    results: list[OpResult] = []
+    for item in document["results"]:
+        if not isinstance(item, dict) or not isinstance(item.get("op"), str):
+            raise AgentError(f"the rdpfix agent on {host} returned a malformed result: {item!r}")
+        error = item.get("error") or {}
+        results.append(
+            OpResult(
+                op=item["op"],
+                ok=bool(item.get("ok")),
+                data=item.get("data") or {},
+                skipped=bool(item.get("skipped")),
+                error_type=error.get("type"),
+                error_message=error.get("message"),
+            )
+        )
+    if len(results) != expected:
+        raise AgentError(f"the rdpfix agent on {host} answered {len(results)} operations of {expected}")
+    return BatchResult(host=host, results=results)
+
+
+def run_batch(connection: _Connection, host: str, batch: Batch) -> BatchResult:
+    """Send one batch over the connection: exactly one exec_command, that is one WinRM command."""
+    if not batch.ops:
+        return BatchResult(host=host, results=[])
+    try:
+        rc, stdout, stderr = connection.exec_command(bootstrap_command(), in_data=build_stdin(batch), sudoable=False)
+    except AnsibleConnectionFailure:
+        raise
+    except AnsibleError:
+        raise
+    except Exception as exc:  # requests/pywinrm transport errors: the host is unreachable, not the task failed
+        raise AnsibleConnectionFailure(f"failed to run the rdpfix agent on {host}: {exc}") from exc
+    return parse_output(host, rc, stdout, stderr, expected=len(batch.ops))
