@@ -173,8 +173,8 @@ def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int
     text = stdout.decode("utf-8", errors="replace").strip()
     # PowerShell may print a BOM or progress noise before the document: take the last line that is JSON.
     document: t.Any = None
-    for line in reversed(text.splitlines()):
-        line = line.strip().lstrip("\ufeff")
+    for raw_line in reversed(text.splitlines()):
+        line = raw_line.strip().lstrip("\ufeff")
         if line.startswith("{"):
             try:
                 document = json.loads(line)
