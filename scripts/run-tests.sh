@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every check of the project, in one run. Each stage runs even when an earlier one failed, so one run shows every
+# problem; the exit code is non-zero when any stage failed.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bin="$root/.venv/bin"
+export PATH="$bin:$PATH"
+export ANSIBLE_COLLECTIONS_PATH="$root/.cache/collections"
+export ANSIBLE_CONFIG="$root/ansible.cfg"
+export ANSIBLE_NOCOLOR=1 PY_COLORS=0
+
+failed=()
+stage() {
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name"
+  if "$@"; then
+    echo "=== $name: ok ($((SECONDS - start)) s)"
+  else
+    echo "=== $name: FAILED ($((SECONDS - start)) s)"
+    failed+=("$name")
+  fi
+}
+
+stage "ruff" "$bin/ruff" check .
+stage "mypy" "$bin/mypy" plugins tests/lab/rdplab
+stage "pytest" "$bin/python" -m pytest -p no:cacheprovider -q tests/unit tests/lab/tests tests/system
+stage "ansible-test sanity" scripts/ansible-test-sanity.sh
+stage "ansible-lint" "$bin/ansible-lint" --offline
+stage "collection build" scripts/check-build.sh
+stage "molecule" "$bin/molecule" test -s default
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED stages: ${failed[*]}"
+  exit 1
+fi
+echo "all stages passed"
