@@ -1,0 +1,161 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Action plugin of rdpfix.rdp.certificate: read, plan, back up, apply, verify. Documented in modules/certificate.py."""
+
+from __future__ import annotations
+
+import typing as t
+
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
+    COMMON_ARGUMENT_SPEC,
+    ActionFailed,
+    BackupSet,
+    RdpfixAction,
+    backup_root,
+)
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import BatchResult, OperationError
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._certificate import (
+    RESTARTABLE_SERVICES,
+    VERIFY_POLLS,
+    ApplyIndex,
+    CertificateOptions,
+    CertificatePlan,
+    HostState,
+    PlanError,
+    VerifyIndex,
+    build_apply_batch,
+    build_poll_batch,
+    build_read_batch,
+    describe,
+    diff_view,
+    parse_state,
+    plan,
+    predicted_view,
+    refresh_state,
+    verification_problems,
+)
+
+
+class ActionModule(RdpfixAction):
+    MODULE_NAME = "certificate"
+    ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
+        **COMMON_ARGUMENT_SPEC,
+        "expiry_threshold_days": {"type": "int", "default": 30},
+        "regenerate_self_signed": {"type": "bool", "default": True},
+        "remove_missing_pin": {"type": "bool", "default": True},
+        "replacement_thumbprint": {"type": "str"},
+        "replace_when": {"type": "str", "default": "unusable", "choices": ["unusable", "always"]},
+        "restart_service": {"type": "str", "default": "SessionEnv", "choices": list(RESTARTABLE_SERVICES)},
+        "start_stopped_services": {"type": "bool", "default": False},
+        "terminal_name": {"type": "str", "default": "RDP-Tcp"},
+    }
+    REQUIRED_IF: t.ClassVar[list[t.Any]] = [("replace_when", "always", ["replacement_thumbprint"])]
+
+    options: CertificateOptions
+
+    def validate_params(self, params: dict[str, t.Any]) -> None:
+        try:
+            self.options = CertificateOptions.from_params(params)
+        except PlanError as exc:
+            raise ActionFailed(str(exc)) from exc
+
+    def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
+        options = self.options
+        threshold = options.expiry_threshold_days
+        read_batch, read_index = build_read_batch(options)
+        state = parse_state(self.run_batch(read_batch), read_index, self.now)
+        result: dict[str, t.Any] = {
+            "changed": False,
+            "certificate": describe(state, threshold),
+            "before": diff_view(state, threshold),
+            "backup": None,
+            "restart_pending": False,
+        }
+        try:
+            decided = plan(state, options)
+        except PlanError as exc:
+            raise ActionFailed(f"{self.host}: {exc}; nothing was changed", **result, after=result["before"]) from exc
+
+        result["findings"] = [finding.to_dict() for finding in decided.findings]
+        result["restart_pending"] = decided.restart_pending
+        if decided.restart_pending:
+            self.warn(next(f.message for f in decided.findings if f.id == "restart_pending"))
+
+        if not decided.has_changes or self.check_mode:
+            status = "planned" if self.check_mode else "pending"
+            result["actions"] = [action.to_dict(status) for action in decided.actions]
+            result["actions"] += [action.to_dict("pending") for action in decided.pending]
+            result["after"] = predicted_view(state, options, decided)
+            result["changed"] = decided.has_changes
+            return self._conclude(result, decided, warn=not decided.has_changes)
+
+        backup = BackupSet.create(self.MODULE_NAME, state.hostname, backup_root(params, state.program_data), self.now)
+        apply_batch, apply_index = build_apply_batch(state, options, decided, backup)
+        applied = self.run_batch(apply_batch)
+        result["backup"] = backup.summary()
+        last_action = max((position for position, _action in apply_index.actions), default=apply_index.manifest)
+        failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
+        if failed_at is not None and failed_at <= last_action:
+            raise ActionFailed(self._apply_failure(applied, failed_at, apply_index, backup), **result)
+
+        result["changed"] = True
+        result["actions"] = [action.to_dict("done") for action in decided.actions]
+        result["actions"] += [action.to_dict("pending") for action in decided.pending]
+        after_state, problems = self._reread(state, applied, apply_index.verify, decided)
+        polls = 0
+        while problems and polls < VERIFY_POLLS:
+            polls += 1
+            poll_batch, poll_index = build_poll_batch(options)
+            after_state, problems = self._reread(state, self.run_batch(poll_batch), poll_index, decided)
+        if problems:
+            raise ActionFailed(
+                f"{self.host}: the changes were made but are not visible yet: {'; '.join(problems)}. "
+                f"Everything changed is saved under backup manifest {backup.manifest_id} ({backup.directory}) "
+                "and can be restored from it",
+                **result,
+                after=diff_view(after_state, threshold),
+            )
+        result["certificate"] = describe(after_state, threshold)
+        result["after"] = diff_view(after_state, threshold)
+        try:
+            remaining = plan(after_state, options)
+        except PlanError:
+            remaining = CertificatePlan()
+        result["remaining_findings"] = [finding.to_dict() for finding in remaining.findings]
+        return self._conclude(result, remaining, warn=True)
+
+    def _reread(
+        self, before: HostState, batch_result: BatchResult, index: VerifyIndex, applied: CertificatePlan
+    ) -> tuple[HostState, list[str]]:
+        try:
+            after = refresh_state(before, batch_result, index, self.now)
+        except OperationError as exc:  # a read after the restart failed: not visible yet, poll again
+            return before, [f"the state could not be re-read ({exc.message})"]
+        return after, verification_problems(before, after, self.options, applied)
+
+    def _conclude(self, result: dict[str, t.Any], final: CertificatePlan, warn: bool) -> dict[str, t.Any]:
+        """Set ``compliant`` from the plan of the state the run ends with, warn about what nothing fixes, add the diff.
+
+        ``warn`` is false for a check-mode run that would change things: its errors are the ones it would fix.
+        """
+        remaining_errors = final.errors()
+        result["compliant"] = not remaining_errors and not final.has_changes and not final.restart_pending
+        if warn:
+            for finding in remaining_errors:
+                self.warn(f"{finding.message} ({finding.id})")
+        result["diff"] = {"before": result["before"], "after": result["after"]}
+        return result
+
+    def _apply_failure(self, applied: BatchResult, failed_at: int, index: ApplyIndex, backup: BackupSet) -> str:
+        failed = applied[failed_at]
+        error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}".rstrip(": ")
+        if failed_at <= index.manifest:
+            return (
+                f"{self.host}: the backup could not be written to {backup.directory} ({error}); "
+                "nothing was changed on the host"
+            )
+        done = [action.description for position, action in index.actions if position < failed_at]
+        return (
+            f"{self.host}: {error}. Done before it: {'; '.join(done) or 'nothing'}. Everything changed is saved "
+            f"under backup manifest {backup.manifest_id} ({backup.directory}) and can be restored from it"
+        )

@@ -1,0 +1,39 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Options shared by every rdpfix.rdp module that changes a Windows host."""
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    DOCUMENTATION = r"""
+options:
+  allow_session_disruption:
+    description:
+      - Allow a step that ends active or disconnected RDP sessions, such as a restart of C(TermService).
+      - When V(false) and such a step is needed, nothing that depends on it is changed; the module returns
+        RV(restart_pending=true), C(changed=false) for that part, and a warning naming the sessions.
+    type: bool
+    default: false
+  backup_root:
+    description:
+      - Folder on the target under which each run that changes something creates its backup folder,
+        named after the manifest id (for example C(20261125T103000Z-certificate-1a2b)), holding the saved items and
+        C(manifest.json).
+      - Defaults to C(%ProgramData%\rdpfix\backups). The folder is created readable by SYSTEM and Administrators only,
+        since backups can hold private keys.
+    type: str
+attributes:
+  check_mode:
+    support: full
+    description: Check mode reads the host and reports what would change; it writes nothing.
+  diff_mode:
+    support: full
+    description: Returns the state before and after (predicted in check mode).
+  platform:
+    platforms: windows
+notes:
+  - Runs as an action plugin on the controller and talks to the host through its connection (C(winrm) or C(psrp)),
+    sending one small PowerShell agent per round trip; nothing is copied to the host.
+  - Everything changed is backed up first on the host and listed in the returned RV(backup) manifest.
+"""

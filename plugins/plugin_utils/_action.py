@@ -1,0 +1,228 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The shared base of every rdpfix.rdp action plugin, and the backup manifest they all write.
+
+A module's action plugin subclasses ``RdpfixAction``, declares its argument spec and implements ``run_task``. The base
+validates the arguments before the connection is touched, runs agent batches while counting round trips, and turns
+the agent's and the connection's exceptions into the results Ansible users expect: ``failed`` naming the host, or
+``unreachable``.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import json
+import ntpath
+import secrets
+import typing as t
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
+from ansible.plugins.action import ActionBase
+
+from ._agent import AgentError, Batch, BatchResult, OperationError, run_batch
+
+# Options every module shares; documented once in the ``rdpfix.rdp.common`` doc fragment.
+COMMON_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
+    "allow_session_disruption": {"type": "bool", "default": False},
+    "backup_root": {"type": "str"},
+}
+
+# Backups hold private keys: only SYSTEM and Administrators may read them, nothing is inherited from ProgramData.
+BACKUP_DIR_SDDL = "O:BAG:SYD:PAI(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ActionFailed(Exception):
+    """Raised by ``run_task`` to end the task as failed, with a message and any extra result keys."""
+
+    def __init__(self, msg: str, **result: t.Any) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.result = result
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_manifest_id(module: str, now: datetime | None = None, token: str | None = None) -> str:
+    """``20261125T103000Z-certificate-1a2b``: sortable by time, unique per run, and says which module wrote it."""
+    moment = (now or utc_now()).astimezone(UTC)
+    return f"{moment.strftime('%Y%m%dT%H%M%SZ')}-{module}-{token or secrets.token_hex(2)}"
+
+
+def backup_root(params: dict[str, t.Any], program_data: str | None) -> str:
+    """The folder holding every manifest folder: the ``backup_root`` option, else ``%ProgramData%\\rdpfix\\backups``."""
+    configured = params.get("backup_root")
+    if configured:
+        return str(configured)
+    return ntpath.join(program_data or "C:\\ProgramData", "rdpfix", "backups")
+
+
+@dataclass
+class BackupSet:
+    """The backup of one apply batch: a folder, the saved items, and the manifest that lists them.
+
+    Use in this order within one ``on_error: stop`` batch: ``begin`` (creates the folder), ``save_*`` for each item,
+    ``finish`` (writes manifest.json), then the destructive operations. If any backup step fails, the agent skips
+    everything after it, so nothing is changed whose backup is incomplete.
+    """
+
+    manifest_id: str
+    directory: str
+    module: str
+    host: str
+    created: str
+    items: list[dict[str, t.Any]] = field(default_factory=list)
+    planned_actions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, module: str, host: str, root: str, now: datetime | None = None) -> BackupSet:
+        moment = now or utc_now()
+        manifest_id = new_manifest_id(module, moment)
+        return cls(manifest_id, ntpath.join(root, manifest_id), module, host, iso_utc(moment))
+
+    def begin(self, batch: Batch) -> int:
+        return batch.add("dir.create", path=self.directory, sddl=BACKUP_DIR_SDDL)
+
+    def save_content(self, batch: Batch, file_name: str, content: bytes, kind: str, **details: t.Any) -> int:
+        """Write bytes the controller already holds (a certificate's DER, for instance)."""
+        path = ntpath.join(self.directory, file_name)
+        self.items.append({"kind": kind, "file": file_name, **details})
+        return batch.add("file.write", path=path, content_b64=base64.b64encode(content).decode("ascii"))
+
+    def save_file_copy(self, batch: Batch, source: str, file_name: str, kind: str, **details: t.Any) -> int:
+        """Copy a file on the host (a private key file, for instance) without it crossing the network."""
+        self.items.append({"kind": kind, "file": file_name, "source": source, **details})
+        return batch.add("file.copy", src=source, dest=ntpath.join(self.directory, file_name))
+
+    def record(self, kind: str, **details: t.Any) -> None:
+        """Keep a small value (a registry value's previous content) in the manifest itself."""
+        self.items.append({"kind": kind, **details})
+
+    def manifest(self) -> dict[str, t.Any]:
+        return {
+            "v": MANIFEST_VERSION,
+            "id": self.manifest_id,
+            "module": f"rdpfix.rdp.{self.module}",
+            "host": self.host,
+            "created": self.created,
+            "items": self.items,
+            "actions": self.planned_actions,
+        }
+
+    def finish(self, batch: Batch) -> int:
+        document = json.dumps(self.manifest(), indent=2, sort_keys=True).encode("utf-8")
+        return batch.add(
+            "file.write",
+            path=ntpath.join(self.directory, MANIFEST_FILE),
+            content_b64=base64.b64encode(document).decode("ascii"),
+        )
+
+    def summary(self) -> dict[str, t.Any]:
+        """The ``backup`` return value."""
+        return {"manifest_id": self.manifest_id, "path": self.directory, "items": self.items}
+
+
+class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
+    """Base of the rdpfix.rdp action plugins.
+
+    Subclasses set ``MODULE_NAME`` and ``ARGUMENT_SPEC`` (plus the optional constraint lists) and implement
+    ``run_task(params)``, which returns the module's result keys. Inside ``run_task``: ``self.run_batch`` sends one
+    batch (one round trip), ``self.warn`` adds a warning, ``self.check_mode`` / ``self.diff_mode`` / ``self.host`` /
+    ``self.now`` describe the run, and raising ``ActionFailed`` ends the task as failed with extra result keys.
+    """
+
+    MODULE_NAME: t.ClassVar[str] = ""
+    ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {}
+    MUTUALLY_EXCLUSIVE: t.ClassVar[list[list[str]]] = []
+    REQUIRED_TOGETHER: t.ClassVar[list[list[str]]] = []
+    REQUIRED_IF: t.ClassVar[list[t.Any]] = []
+    REQUIRED_BY: t.ClassVar[dict[str, list[str]]] = {}
+
+    TRANSFERS_FILES = False
+    _supports_check_mode = True
+    _supports_async = False
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.host = ""
+        self.check_mode = False
+        self.diff_mode = False
+        self.round_trips = 0
+        self.warnings: list[str] = []
+        self.now = utc_now()
+
+    @abc.abstractmethod
+    def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
+        """Do the module's work with validated ``params``; return its result keys."""
+
+    def validate_params(self, params: dict[str, t.Any]) -> None:
+        """Checks the argument spec cannot express; raise ``ActionFailed``. Runs before the connection is used."""
+
+    def run_batch(self, batch: Batch) -> BatchResult:
+        """Send one batch: exactly one command over the connection, counted in ``round_trips``."""
+        if batch.ops:
+            self.round_trips += 1
+        return run_batch(self._connection, self.host, batch)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def run(self, tmp: str | None = None, task_vars: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
+        # ActionBase.run is not called: it would prepare a remote temporary directory, which the agent never needs.
+        del tmp
+        task_vars = task_vars or {}
+        self.host = str(task_vars.get("inventory_hostname") or getattr(self._play_context, "remote_addr", "") or "")
+        self.check_mode = bool(self._task.check_mode)
+        self.diff_mode = bool(self._task.diff)
+        self.round_trips = 0
+        self.warnings = []
+        self.now = utc_now()
+        result: dict[str, t.Any] = {"changed": False}
+
+        if self._task.async_val:
+            return self._finish(result | {"failed": True, "msg": f"{self._task.action} does not support async"})
+        try:
+            _validation, params = self.validate_argument_spec(
+                argument_spec=self.ARGUMENT_SPEC,
+                mutually_exclusive=self.MUTUALLY_EXCLUSIVE or None,
+                required_together=self.REQUIRED_TOGETHER or None,
+                required_if=self.REQUIRED_IF or None,
+                required_by=self.REQUIRED_BY or None,
+            )
+            self.validate_params(params)
+        except AnsibleActionFail as exc:
+            return self._finish(result | {"failed": True, "msg": f"Invalid arguments: {exc.message}"})
+        except ActionFailed as exc:
+            return self._finish(result | exc.result | {"failed": True, "msg": f"Invalid arguments: {exc.msg}"})
+
+        try:
+            result.update(self.run_task(params))
+        except ActionFailed as exc:
+            result.update(exc.result)
+            result.update(failed=True, msg=exc.msg)
+        except AnsibleConnectionFailure as exc:
+            result.update(unreachable=True, msg=f"{self.host}: {exc.message}")
+        except OperationError as exc:
+            result.update(failed=True, msg=exc.message, failed_operation=exc.op, error_type=exc.error_type)
+        except AgentError as exc:
+            result.update(failed=True, msg=exc.message)
+        if not self.diff_mode:
+            result.pop("diff", None)
+        return self._finish(result)
+
+    def _finish(self, result: dict[str, t.Any]) -> dict[str, t.Any]:
+        result["round_trips"] = self.round_trips
+        if self.warnings:
+            result["warnings"] = list(self.warnings)
+        return result

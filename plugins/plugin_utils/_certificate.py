@@ -1,0 +1,869 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Planner of rdpfix.rdp.certificate: which certificate the RDP listener uses, what is wrong with it, what to do.
+
+Pure functions and data: the read batch to send, the host state parsed from its results, the plan (findings, actions,
+before/after), the apply batch, and the verification of the re-read state. Nothing here touches a connection, so the
+whole decision logic is unit-tested with certificates built in the tests.
+
+Windows behaviour relied upon (sources in docs/modules/certificate.md):
+- The listener's certificate is reported by Win32_TSGeneralSetting (SSLCertificateSHA1Hash, hash type 1 self-signed,
+  2 GPO template, 3 custom). A registry value SSLCertificateSHA1Hash under the WinStation key means an administrator
+  pinned a certificate; Windows never writes it for its own self-signed certificate.
+- Removing the self-signed certificate from LocalMachine\\Remote Desktop and restarting SessionEnv (or TermService)
+  makes Windows create a new one within seconds, provided CertPropSvc, KeyIso, CryptSvc and SessionEnv run.
+- Restarting TermService drops every RDP session; restarting SessionEnv does not.
+- On an RD Connection Broker the pinned value must not be removed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import typing as t
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import summarize_certificate
+
+from . import _sddl
+from ._action import BackupSet
+from ._agent import Batch, BatchResult, OpResult
+
+WINSTATIONS_KEY = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations"
+PIN_VALUE_NAME = "SSLCertificateSHA1Hash"
+SELF_SIGNED_STORE = "Remote Desktop"
+PERSONAL_STORE = "My"
+# Services that must run for Windows to (re)create the self-signed certificate [AzEvent][InternalErr][Repair].
+PREREQUISITE_SERVICES = ("CertPropSvc", "KeyIso", "CryptSvc", "SessionEnv")
+RESTARTABLE_SERVICES = ("SessionEnv", "TermService")
+READ_SERVICES = (*PREREQUISITE_SERVICES, "TermService", "UmRdpService")
+# Sessions a TermService restart would end: logged-on users, whether active or disconnected. Session 0 (services)
+# is "Disconnected" on every host and the console's logon screen is "Connected" without a user: neither counts.
+DISRUPTED_SESSION_STATES = frozenset({"Active", "Disconnected"})
+USER_SESSION_STATES = frozenset({"Connected", "ConnectQuery", "Shadow"})
+
+HASH_TYPE_SOURCES = {1: "self_signed", 2: "gpo_template", 3: "pinned"}
+# Pin states after which the listener falls back to the self-signed certificate (events 1051, 1054, 1055).
+PIN_FALLBACK_STATES = frozenset({"missing", "wrong_eku", "no_private_key", "key_unreadable"})
+PIN_PROBLEM_STATES = PIN_FALLBACK_STATES | {"expired", "expiring", "not_yet_valid"}
+
+# After the restart the apply batch waits this long before re-reading; then up to VERIFY_POLLS read-only polls.
+SETTLE_MS = 3000
+POLL_MS = 5000
+VERIFY_POLLS = 2
+
+_THUMBPRINT_RE = re.compile(r"^[0-9A-F]{40}$")
+# Characters Windows' certificate dialog puts around a copied thumbprint (spaces, an invisible left-to-right mark).
+_THUMBPRINT_NOISE = re.compile(r"[\s:\u200e\u200f\ufeff]")
+
+
+class PlanError(ValueError):
+    """The requested change cannot be made safely; nothing has been touched."""
+
+
+def normalize_thumbprint(value: str) -> str:
+    """Upper-case hex without separators; raises PlanError with the offending value otherwise."""
+    cleaned = _THUMBPRINT_NOISE.sub("", value).upper()
+    if not _THUMBPRINT_RE.match(cleaned):
+        raise PlanError(f"{value!r} is not a certificate thumbprint (40 hexadecimal characters, SHA-1)")
+    return cleaned
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class CertificateOptions:
+    expiry_threshold_days: int = 30
+    regenerate_self_signed: bool = True
+    remove_missing_pin: bool = True
+    replacement_thumbprint: str | None = None
+    replace_when: str = "unusable"
+    restart_service: str = "SessionEnv"
+    start_stopped_services: bool = False
+    allow_session_disruption: bool = False
+    terminal_name: str = "RDP-Tcp"
+
+    @classmethod
+    def from_params(cls, params: dict[str, t.Any]) -> CertificateOptions:
+        """Build from validated module arguments; raises PlanError for values the argument spec cannot check."""
+        threshold = int(params.get("expiry_threshold_days", 30))
+        if not 0 <= threshold <= 3650:
+            raise PlanError(f"expiry_threshold_days must be between 0 and 3650, not {threshold}")
+        terminal_name = str(params.get("terminal_name") or "RDP-Tcp")
+        if not re.match(r"^[A-Za-z0-9#._-]{1,64}$", terminal_name):
+            raise PlanError(f"terminal_name {terminal_name!r} is not a WinStation name such as RDP-Tcp")
+        replacement = params.get("replacement_thumbprint")
+        replace_when = str(params.get("replace_when") or "unusable")
+        if replace_when == "always" and not replacement:
+            raise PlanError("replace_when=always needs replacement_thumbprint")
+        return cls(
+            expiry_threshold_days=threshold,
+            regenerate_self_signed=bool(params.get("regenerate_self_signed", True)),
+            remove_missing_pin=bool(params.get("remove_missing_pin", True)),
+            replacement_thumbprint=normalize_thumbprint(str(replacement)) if replacement else None,
+            replace_when=replace_when,
+            restart_service=str(params.get("restart_service") or "SessionEnv"),
+            start_stopped_services=bool(params.get("start_stopped_services", False)),
+            allow_session_disruption=bool(params.get("allow_session_disruption", False)),
+            terminal_name=terminal_name,
+        )
+
+    @property
+    def winstation_key(self) -> str:
+        return f"{WINSTATIONS_KEY}\\{self.terminal_name}"
+
+
+# ---------------------------------------------------------------------------------------------------- host state
+
+
+def key_readable_by_network_service(sddl: str) -> bool | None:
+    """Whether TermService's account (NETWORK SERVICE) may read a key file with this SDDL; None when unparseable."""
+    try:
+        descriptor = _sddl.parse(sddl)
+    except _sddl.SddlError:
+        return None
+    return _sddl.can_read(descriptor, _sddl.NETWORK_SERVICE_IDENTITIES)
+
+
+@dataclass(frozen=True)
+class StoredCertificate:
+    """One certificate of a LocalMachine store as the agent's cert.list reports it."""
+
+    store: str
+    thumbprint: str
+    der: bytes
+    has_private_key: bool
+    key: dict[str, t.Any] | None
+    summary: dict[str, t.Any] | None
+    parse_error: str | None = None
+
+    @classmethod
+    def from_agent(cls, store: str, item: dict[str, t.Any], now: datetime) -> StoredCertificate:
+        thumbprint = str(item.get("thumbprint") or "").upper()
+        der = b""
+        summary: dict[str, t.Any] | None = None
+        parse_error: str | None = None
+        try:
+            der = base64.b64decode(str(item.get("der_b64") or ""), validate=True)
+            summary = summarize_certificate(der, now)
+        except (binascii.Error, ValueError) as exc:  # CertificateParseError is a ValueError
+            parse_error = str(exc)
+        key = item.get("key")
+        return cls(
+            store=store,
+            thumbprint=thumbprint or (summary["thumbprint"] if summary else ""),
+            der=der,
+            has_private_key=bool(item.get("has_private_key")),
+            key=key if isinstance(key, dict) else None,
+            summary=summary,
+            parse_error=parse_error,
+        )
+
+    @property
+    def key_state(self) -> str:
+        """``readable``, ``unreadable`` (NETWORK SERVICE cannot read it), ``missing`` or ``unknown``."""
+        if not self.has_private_key:
+            return "missing"
+        if self.key is None:
+            return "unknown"
+        if not self.key.get("exists", True) or self.key.get("size") == 0:
+            return "missing"
+        sddl = self.key.get("sddl")
+        readable = key_readable_by_network_service(str(sddl)) if sddl else None
+        if readable is None:
+            return "unknown"
+        return "readable" if readable else "unreadable"
+
+    @property
+    def days_left(self) -> int | None:
+        return int(self.summary["days_left"]) if self.summary else None
+
+    def report(self) -> dict[str, t.Any]:
+        """The certificate as returned to the user (no DER, no key ACL)."""
+        described: dict[str, t.Any] = {"store": self.store, "thumbprint": self.thumbprint}
+        if self.summary:
+            described.update({name: value for name, value in self.summary.items() if name != "thumbprint"})
+        else:
+            described["parse_error"] = self.parse_error
+        described["has_private_key"] = self.has_private_key
+        described["key_state"] = self.key_state
+        described["key_readable"] = {"readable": True, "unreadable": False, "missing": False}.get(self.key_state)
+        if self.key:
+            described["key_path"] = self.key.get("path")
+        return described
+
+    def label(self) -> str:
+        if self.summary:
+            return f"{self.thumbprint} ({self.summary['subject']}, expires {self.summary['not_after']})"
+        return f"{self.thumbprint} (unreadable certificate)"
+
+
+@dataclass(frozen=True)
+class HostState:
+    hostname: str
+    fqdn: str | None
+    connection_broker: bool
+    program_data: str | None
+    listener_thumbprint: str | None
+    listener_hash_type: int | None
+    pinned_thumbprint: str | None
+    pinned_value: dict[str, t.Any] | None
+    self_signed: tuple[StoredCertificate, ...]
+    personal: tuple[StoredCertificate, ...]
+    services: dict[str, dict[str, t.Any]]
+    sessions: tuple[dict[str, t.Any], ...]
+    read_errors: tuple[str, ...] = ()
+
+    def find(self, thumbprint: str | None, stores: t.Iterable[str] = (PERSONAL_STORE, SELF_SIGNED_STORE)) -> (
+        StoredCertificate | None
+    ):
+        if not thumbprint:
+            return None
+        for store in stores:
+            for cert in self.personal if store == PERSONAL_STORE else self.self_signed:
+                if cert.thumbprint == thumbprint:
+                    return cert
+        return None
+
+
+@dataclass(frozen=True)
+class ReadIndex:
+    system: int
+    listener: int
+    registry: int
+    self_signed: int
+    personal: int
+    services: int
+    sessions: int
+
+
+@dataclass(frozen=True)
+class VerifyIndex:
+    listener: int
+    registry: int
+    self_signed: int
+
+
+def build_read_batch(options: CertificateOptions) -> tuple[Batch, ReadIndex]:
+    """The one read-only batch every run starts with (one round trip)."""
+    batch = Batch(on_error="continue")
+    index = ReadIndex(
+        system=batch.add("system.info"),
+        listener=batch.add("listener.get", terminal_name=options.terminal_name),
+        registry=batch.add("registry.get", path=options.winstation_key, names=[PIN_VALUE_NAME]),
+        self_signed=batch.add("cert.list", store=SELF_SIGNED_STORE),
+        personal=batch.add("cert.list", store=PERSONAL_STORE),
+        services=batch.add("service.get", names=list(READ_SERVICES)),
+        sessions=batch.add("session.list"),
+    )
+    return batch, index
+
+
+def add_verify_reads(batch: Batch, options: CertificateOptions) -> VerifyIndex:
+    return VerifyIndex(
+        listener=batch.add("listener.get", terminal_name=options.terminal_name),
+        registry=batch.add("registry.get", path=options.winstation_key, names=[PIN_VALUE_NAME]),
+        self_signed=batch.add("cert.list", store=SELF_SIGNED_STORE),
+    )
+
+
+def _error_text(result: OpResult) -> str:
+    if result.skipped:
+        return f"{result.op}: not run"
+    return f"{result.op}: {result.error_type or 'Failed'}: {result.error_message or ''}".rstrip(": ")
+
+
+def _pin_from_registry(data: dict[str, t.Any]) -> tuple[str | None, dict[str, t.Any] | None]:
+    value = (data.get("values") or {}).get(PIN_VALUE_NAME)
+    if not isinstance(value, dict) or value.get("value") in (None, ""):
+        return None, None
+    raw = value["value"]
+    text = "".join(f"{byte:02X}" for byte in raw) if isinstance(raw, list) else str(raw)
+    return _THUMBPRINT_NOISE.sub("", text).upper(), value
+
+
+def _certificates(store: str, data: dict[str, t.Any], now: datetime) -> tuple[StoredCertificate, ...]:
+    items = data.get("certificates") or []
+    return tuple(StoredCertificate.from_agent(store, item, now) for item in items if isinstance(item, dict))
+
+
+def parse_state(result: BatchResult, index: ReadIndex, now: datetime) -> HostState:
+    """The host's state from the read batch; operations that failed are listed in ``read_errors``."""
+    errors = [_error_text(item) for item in result.results if not item.ok]
+
+    def data(position: int) -> dict[str, t.Any]:
+        item = result[position]
+        return item.data if item.ok else {}
+
+    system = data(index.system)
+    listener = data(index.listener)
+    pinned, pinned_value = _pin_from_registry(data(index.registry))
+    listener_hash = listener.get("ssl_certificate_sha1_hash")
+    hash_type = listener.get("ssl_certificate_sha1_hash_type")
+    services = data(index.services).get("services") or {}
+    return HostState(
+        hostname=str(system.get("hostname") or result.host),
+        fqdn=system.get("fqdn"),
+        # Unknown broker role counts as a broker: the one thing never to do there is to remove the pin.
+        connection_broker=bool(system.get("connection_broker", not result[index.system].ok)),
+        program_data=system.get("program_data"),
+        listener_thumbprint=str(listener_hash).upper() if listener_hash else None,
+        listener_hash_type=int(hash_type) if isinstance(hash_type, int) else None,
+        pinned_thumbprint=pinned,
+        pinned_value=pinned_value,
+        self_signed=_certificates(SELF_SIGNED_STORE, data(index.self_signed), now),
+        personal=_certificates(PERSONAL_STORE, data(index.personal), now),
+        services={str(name): info for name, info in services.items() if isinstance(info, dict)},
+        sessions=tuple(item for item in data(index.sessions).get("sessions") or [] if isinstance(item, dict)),
+        read_errors=tuple(errors),
+    )
+
+
+def refresh_state(state: HostState, result: BatchResult, index: VerifyIndex, now: datetime) -> HostState:
+    """The state after the apply batch: the listener, the pin and the self-signed store re-read."""
+    listener = result.data(index.listener)
+    pinned, pinned_value = _pin_from_registry(result.data(index.registry))
+    listener_hash = listener.get("ssl_certificate_sha1_hash")
+    hash_type = listener.get("ssl_certificate_sha1_hash_type")
+    return replace(
+        state,
+        listener_thumbprint=str(listener_hash).upper() if listener_hash else None,
+        listener_hash_type=int(hash_type) if isinstance(hash_type, int) else None,
+        pinned_thumbprint=pinned,
+        pinned_value=pinned_value,
+        self_signed=_certificates(SELF_SIGNED_STORE, result.data(index.self_signed), now),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- assessment
+
+
+def certificate_problem(cert: StoredCertificate | None, threshold_days: int) -> str | None:
+    """Why ``cert`` cannot serve the listener well: a pin state name, or None when it is fine."""
+    if cert is None:
+        return "missing"
+    if cert.summary is None:
+        return "unparseable"
+    if cert.summary["expired"]:
+        return "expired"
+    if cert.summary["not_yet_valid"]:
+        return "not_yet_valid"
+    if not cert.summary["server_auth"]:
+        return "wrong_eku"
+    key_state = cert.key_state
+    if key_state == "missing":
+        return "no_private_key"
+    if key_state == "unreadable":
+        return "key_unreadable"
+    if cert.summary["days_left"] <= threshold_days:
+        return "expiring"
+    return None
+
+
+def current_self_signed(state: HostState) -> StoredCertificate | None:
+    """The self-signed certificate the listener uses or falls back to: the one it names, else the newest."""
+    named = state.find(state.listener_thumbprint, (SELF_SIGNED_STORE,))
+    if named is not None:
+        return named
+    readable = [cert for cert in state.self_signed if cert.summary]
+    if not readable:
+        return state.self_signed[0] if state.self_signed else None
+    return max(readable, key=lambda cert: str(cert.summary["not_after"] if cert.summary else ""))
+
+
+def pin_state(state: HostState, threshold_days: int) -> str | None:
+    if not state.pinned_thumbprint:
+        return None
+    problem = certificate_problem(state.find(state.pinned_thumbprint, (PERSONAL_STORE,)), threshold_days)
+    return "unparseable_pin" if problem == "unparseable" else (problem or "ok")
+
+
+def listener_certificate(state: HostState, threshold_days: int) -> tuple[str, StoredCertificate | None]:
+    """Which certificate the listener presents to a new connection, and where it comes from."""
+    pin = pin_state(state, threshold_days)
+    if pin is not None and pin not in PIN_FALLBACK_STATES:
+        return "pinned", state.find(state.pinned_thumbprint, (PERSONAL_STORE,))
+    if state.listener_hash_type == 2:
+        return "gpo_template", state.find(state.listener_thumbprint)
+    cert = current_self_signed(state)
+    return ("self_signed" if cert is not None else "none"), cert
+
+
+def describe(state: HostState, threshold_days: int) -> dict[str, t.Any]:
+    """The ``certificate`` return value: the listener's certificate and where it comes from."""
+    source, cert = listener_certificate(state, threshold_days)
+    described: dict[str, t.Any] = cert.report() if cert else {"thumbprint": None}
+    described.update(
+        source=source,
+        pinned_thumbprint=state.pinned_thumbprint,
+        listener_thumbprint=state.listener_thumbprint,
+        listener_hash_type=state.listener_hash_type,
+    )
+    return described
+
+
+def diff_view(state: HostState, threshold_days: int) -> dict[str, t.Any]:
+    """The compact view shown by --diff."""
+    source, cert = listener_certificate(state, threshold_days)
+    return {
+        "source": source,
+        "thumbprint": cert.thumbprint if cert else None,
+        "subject": cert.summary["subject"] if cert and cert.summary else None,
+        "not_after": cert.summary["not_after"] if cert and cert.summary else None,
+        "pinned_thumbprint": state.pinned_thumbprint,
+        "self_signed_store": [cert.label() for cert in state.self_signed],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    severity: str  # error | warning | info
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "severity": self.severity, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Action:
+    id: str  # start_service | remove_certificate | remove_pin | set_pin | restart_service
+    description: str
+    details: dict[str, t.Any] = field(default_factory=dict)
+
+    def to_dict(self, status: str) -> dict[str, t.Any]:
+        return {"action": self.id, "description": self.description, "status": status, **self.details}
+
+
+@dataclass
+class CertificatePlan:
+    findings: list[Finding] = field(default_factory=list)
+    remove_certificates: list[StoredCertificate] = field(default_factory=list)
+    remove_pin: bool = False
+    set_pin: StoredCertificate | None = None
+    start_services: list[str] = field(default_factory=list)
+    restart_service: str | None = None
+    regenerate: bool = False
+    restart_pending: bool = False
+    pending: list[Action] = field(default_factory=list)
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.remove_certificates or self.remove_pin or self.set_pin or self.restart_service)
+
+    @property
+    def actions(self) -> list[Action]:
+        """What the apply batch does, in order."""
+        ordered = [Action("start_service", f"start {name}", {"service": name}) for name in self.start_services]
+        ordered += [
+            Action(
+                "remove_certificate",
+                f"remove the self-signed certificate {cert.label()} from LocalMachine\\{cert.store}",
+                {"store": cert.store, "thumbprint": cert.thumbprint},
+            )
+            for cert in self.remove_certificates
+        ]
+        if self.remove_pin:
+            ordered.append(Action("remove_pin", f"remove the registry value {PIN_VALUE_NAME} (the pinned thumbprint)"))
+        if self.set_pin is not None:
+            ordered.append(
+                Action(
+                    "set_pin",
+                    f"make the listener use {self.set_pin.label()} from LocalMachine\\My",
+                    {"thumbprint": self.set_pin.thumbprint},
+                )
+            )
+        if self.restart_service:
+            ordered.append(
+                Action("restart_service", f"restart {self.restart_service}", {"service": self.restart_service})
+            )
+        return ordered
+
+    def errors(self) -> list[Finding]:
+        return [finding for finding in self.findings if finding.severity == "error"]
+
+
+def _service_status(state: HostState, name: str) -> tuple[bool, str, str]:
+    info = state.services.get(name) or {}
+    return bool(info.get("exists", bool(info))), str(info.get("status") or "Unknown"), str(info.get("start_type") or "")
+
+
+def disrupted_sessions(state: HostState) -> list[dict[str, t.Any]]:
+    return [
+        session
+        for session in state.sessions
+        if session.get("id") not in (0, "0")
+        and (
+            session.get("state") in DISRUPTED_SESSION_STATES
+            or (session.get("state") in USER_SESSION_STATES and session.get("user"))
+        )
+    ]
+
+
+def _problem_text(problem: str, cert: StoredCertificate | None, threshold_days: int) -> str:
+    days = cert.days_left if cert else None
+    return {
+        "missing": "is missing",
+        "unparseable": f"cannot be read ({cert.parse_error if cert else ''})",
+        "expired": f"expired {-(days or 0)} day(s) ago",
+        "not_yet_valid": "is not valid yet",
+        "wrong_eku": "lacks both the Server Authentication (1.3.6.1.5.5.7.3.1) and Remote Desktop Authentication EKUs",
+        "no_private_key": "has no private key",
+        "key_unreadable": "has a private key NETWORK SERVICE cannot read",
+        "expiring": f"expires in {days} day(s), within the {threshold_days}-day threshold",
+    }.get(problem, problem)
+
+
+def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
+    """Decide what to report and what to change. Raises PlanError when the user's request cannot be honoured."""
+    result = CertificatePlan()
+    threshold = options.expiry_threshold_days
+    findings = result.findings
+
+    if state.read_errors:
+        for error in state.read_errors:
+            findings.append(Finding("read_failed", "error", f"could not read the host's state: {error}"))
+        findings.append(
+            Finding("no_changes_on_partial_state", "warning", "nothing is changed while part of the state is unknown")
+        )
+        return result
+
+    # --- the pinned certificate
+    pin = pin_state(state, threshold)
+    pinned_cert = state.find(state.pinned_thumbprint, (PERSONAL_STORE,))
+    pin_in_use = pin is not None
+    if pin is not None and pin != "ok":
+        findings.append(
+            Finding(
+                f"pinned_{pin}",
+                "warning" if pin == "expiring" else "error",
+                f"the pinned certificate {state.pinned_thumbprint} "
+                f"{_problem_text(pin, pinned_cert, threshold)}"
+                + (" (the listener falls back to the self-signed certificate)" if pin in PIN_FALLBACK_STATES else ""),
+            )
+        )
+
+    replacement_needed = bool(options.replacement_thumbprint) and (
+        (options.replace_when == "always" and state.pinned_thumbprint != options.replacement_thumbprint)
+        or (options.replace_when == "unusable" and pin in PIN_PROBLEM_STATES | {"unparseable_pin"})
+    )
+    if replacement_needed and options.replacement_thumbprint:
+        replacement = state.find(options.replacement_thumbprint, (PERSONAL_STORE,))
+        problem = certificate_problem(replacement, threshold)
+        if replacement is None or problem is not None:
+            raise PlanError(
+                f"replacement_thumbprint {options.replacement_thumbprint} cannot be used: the certificate "
+                f"{_problem_text(problem or 'missing', replacement, threshold)} in LocalMachine\\My"
+            )
+        names = {name.lower() for name in [*(replacement.summary or {}).get("sans", [])]}
+        if replacement.summary and replacement.summary.get("common_name"):
+            names.add(str(replacement.summary["common_name"]).lower())
+        host_names = {name.lower() for name in (state.hostname, state.fqdn) if name}
+        if not names & host_names:
+            findings.append(
+                Finding(
+                    "replacement_name_mismatch",
+                    "warning",
+                    f"the replacement certificate names {sorted(names)}, not {sorted(host_names)}: "
+                    "clients will warn about the name",
+                )
+            )
+        if state.connection_broker:
+            findings.append(
+                Finding(
+                    "connection_broker_pin",
+                    "warning",
+                    "this host is an RD Connection Broker: the RD deployment's certificate settings may set the "
+                    "listener's certificate again",
+                )
+            )
+        result.set_pin = replacement
+        pin_in_use = True
+    elif pin == "missing":
+        if state.connection_broker:
+            findings.append(
+                Finding(
+                    "connection_broker_pin",
+                    "error",
+                    "this host is an RD Connection Broker: the pinned value is never removed there; import the "
+                    "certificate into LocalMachine\\My or give replacement_thumbprint",
+                )
+            )
+        elif options.remove_missing_pin:
+            result.remove_pin = True
+            pin_in_use = False
+        else:
+            findings.append(
+                Finding("pin_kept", "info", "remove_missing_pin is false: the pinned value of a missing cert stays")
+            )
+    elif pin in PIN_FALLBACK_STATES:
+        pin_in_use = False  # the listener falls back to the self-signed certificate
+
+    # --- the self-signed certificate, when the listener uses it or falls back to it
+    template_in_use = not pin_in_use and state.listener_hash_type == 2
+    if template_in_use:
+        template_cert = state.find(state.listener_thumbprint)
+        problem = certificate_problem(template_cert, threshold)
+        if problem:
+            findings.append(
+                Finding(
+                    f"template_{problem}",
+                    "warning" if problem == "expiring" else "error",
+                    f"the certificate from the Group Policy template {_problem_text(problem, template_cert, threshold)}"
+                    "; it is renewed by autoenrollment (certutil -pulse), not by this module",
+                )
+            )
+    if not pin_in_use and not template_in_use:
+        _plan_self_signed(state, options, result)
+
+    # --- restart: needed to make Windows create the self-signed certificate or re-read the removed pin
+    if result.regenerate or result.remove_pin:
+        _plan_restart(state, options, result)
+
+    if not pin_in_use and not template_in_use and not result.regenerate:
+        _suggest_available_certificate(state, threshold, findings)
+    return result
+
+
+def _plan_self_signed(state: HostState, options: CertificateOptions, result: CertificatePlan) -> None:
+    threshold = options.expiry_threshold_days
+    current = current_self_signed(state)
+    problem = certificate_problem(current, threshold)
+    if problem in (None, "wrong_eku"):
+        return  # Windows' own certificate always carries Server Authentication; nothing to regenerate
+    if problem == "not_yet_valid":
+        result.findings.append(
+            Finding(
+                "self_signed_not_yet_valid",
+                "error",
+                f"the self-signed certificate {current.label() if current else ''} is not valid yet: check the clock",
+            )
+        )
+        return
+    if problem == "key_unreadable":
+        result.findings.append(
+            Finding(
+                "self_signed_key_unreadable",
+                "error",
+                f"the self-signed certificate {current.label() if current else ''} has a private key NETWORK SERVICE "
+                "cannot read; Windows does not replace a valid certificate for that, repair the key's permissions "
+                "(rdpfix.rdp.machinekeys)",
+            )
+        )
+        return
+    result.findings.append(
+        Finding(
+            f"self_signed_{problem}",
+            "warning" if problem == "expiring" else "error",
+            f"the self-signed certificate {current.label() + ' ' if current else ''}"
+            f"{_problem_text(problem, current, threshold)}",
+        )
+    )
+    if not options.regenerate_self_signed:
+        result.findings.append(Finding("regeneration_disabled", "info", "regenerate_self_signed is false"))
+        return
+    blockers: list[str] = []
+    for name in dict.fromkeys((*PREREQUISITE_SERVICES, options.restart_service)):
+        exists, status, start_type = _service_status(state, name)
+        if exists and status == "Running":
+            continue
+        if not exists:
+            blockers.append(f"{name} does not exist")
+        elif start_type == "Disabled":
+            blockers.append(f"{name} is disabled")
+        elif name == options.restart_service:
+            continue  # restarting a stopped service starts it: that is the requested operation
+        elif options.start_stopped_services:
+            result.start_services.append(name)
+        else:
+            blockers.append(f"{name} is {status} (set start_stopped_services to start it)")
+    if blockers:
+        result.start_services.clear()
+        result.findings.append(
+            Finding(
+                "regeneration_blocked",
+                "error",
+                "Windows cannot create a new self-signed certificate: " + "; ".join(blockers),
+            )
+        )
+        return
+    # Bad certificates are removed so Windows creates a new one; the store's valid certificates stay.
+    result.remove_certificates = [
+        cert
+        for cert in state.self_signed
+        if certificate_problem(cert, threshold) in ("unparseable", "expired", "expiring", "no_private_key")
+    ]
+    result.regenerate = True
+
+
+def _plan_restart(state: HostState, options: CertificateOptions, result: CertificatePlan) -> None:
+    service = options.restart_service
+    sessions = disrupted_sessions(state) if service == "TermService" else []
+    result.restart_service = service
+    if sessions and not options.allow_session_disruption:
+        users = ", ".join(f"{session.get('user') or '?'} ({session.get('state')})" for session in sessions)
+        # A replacement pin needs no restart and still goes ahead; everything else waits for the restart.
+        result.pending = [action for action in result.actions if action.id != "set_pin"]
+        result.restart_pending = True
+        result.findings.append(
+            Finding(
+                "restart_pending",
+                "warning",
+                f"restarting TermService would end {len(sessions)} RDP session(s): {users}. Nothing was changed; "
+                "set allow_session_disruption to proceed, or use restart_service=SessionEnv, which keeps sessions",
+            )
+        )
+        result.remove_certificates = []
+        result.remove_pin = False
+        result.start_services = []
+        result.regenerate = False
+        result.restart_service = None
+
+
+def _suggest_available_certificate(state: HostState, threshold: int, findings: list[Finding]) -> None:
+    host_names = {name.lower() for name in (state.hostname, state.fqdn) if name}
+    for cert in state.personal:
+        if certificate_problem(cert, threshold) is not None or not cert.summary or cert.summary["self_signed"]:
+            continue
+        names = {str(name).lower() for name in cert.summary["sans"]} | {str(cert.summary["common_name"]).lower()}
+        if names & host_names:
+            findings.append(
+                Finding(
+                    "ca_certificate_available",
+                    "info",
+                    f"LocalMachine\\My holds {cert.label()}, issued by {cert.summary['issuer']}, usable by the "
+                    "listener: set replacement_thumbprint and replace_when=always to use it",
+                )
+            )
+            return
+
+
+# ---------------------------------------------------------------------------------------------------- apply
+
+
+@dataclass(frozen=True)
+class ApplyIndex:
+    manifest: int  # the last backup operation: a failure up to here means nothing was changed
+    actions: list[tuple[int, Action]]
+    verify: VerifyIndex
+
+
+def build_apply_batch(
+    state: HostState, options: CertificateOptions, result: CertificatePlan, backup: BackupSet
+) -> tuple[Batch, ApplyIndex]:
+    """Backup, manifest, changes, restart, settle, re-read: one ``on_error: stop`` batch (one round trip)."""
+    batch = Batch(on_error="stop")
+    backup.planned_actions = [action.description for action in result.actions]
+    backup.begin(batch)
+    for cert in result.remove_certificates:
+        backup.save_content(
+            batch,
+            f"{cert.thumbprint}.cer",
+            cert.der,
+            "certificate",
+            store=cert.store,
+            thumbprint=cert.thumbprint,
+            has_private_key=cert.has_private_key,
+        )
+        key_path = (cert.key or {}).get("path")
+        if cert.key_state in ("readable", "unreadable", "unknown") and key_path:
+            backup.save_file_copy(
+                batch, str(key_path), f"{cert.thumbprint}.key", "private_key_file", thumbprint=cert.thumbprint
+            )
+    if result.remove_pin or result.set_pin is not None:
+        backup.record(
+            "registry_value",
+            path=options.winstation_key,
+            name=PIN_VALUE_NAME,
+            previous=state.pinned_value,  # None: the value did not exist
+        )
+    manifest = backup.finish(batch)
+
+    positions: list[tuple[int, Action]] = []
+    for action in result.actions:
+        if action.id == "start_service":
+            positions.append((batch.add("service.start", name=action.details["service"]), action))
+        elif action.id == "remove_certificate":
+            index = batch.add("cert.remove", store=action.details["store"], thumbprint=action.details["thumbprint"])
+            positions.append((index, action))
+        elif action.id == "remove_pin":
+            positions.append((batch.add("registry.remove", path=options.winstation_key, name=PIN_VALUE_NAME), action))
+        elif action.id == "set_pin":
+            index = batch.add(
+                "listener.set_certificate", thumbprint=action.details["thumbprint"], terminal_name=options.terminal_name
+            )
+            positions.append((index, action))
+        elif action.id == "restart_service":
+            # TermService has dependents (UmRdpService): they are restarted with it.
+            service = action.details["service"]
+            index = batch.add("service.restart", name=service, force=service == "TermService")
+            positions.append((index, action))
+    if result.restart_service:
+        batch.add("util.sleep", milliseconds=SETTLE_MS)
+    return batch, ApplyIndex(manifest=manifest, actions=positions, verify=add_verify_reads(batch, options))
+
+
+def build_poll_batch(options: CertificateOptions) -> tuple[Batch, VerifyIndex]:
+    batch = Batch(on_error="continue")
+    batch.add("util.sleep", milliseconds=POLL_MS)
+    return batch, add_verify_reads(batch, options)
+
+
+def verification_problems(before: HostState, after: HostState, options: CertificateOptions, done: CertificatePlan) -> (
+    list[str]
+):
+    """What the re-read state does not show yet; empty when the plan's effect is visible."""
+    problems: list[str] = []
+    if done.remove_pin and after.pinned_thumbprint:
+        problems.append(f"the registry still pins {after.pinned_thumbprint}")
+    if done.set_pin is not None and after.pinned_thumbprint != done.set_pin.thumbprint:
+        problems.append(f"the listener does not use {done.set_pin.thumbprint} (it pins {after.pinned_thumbprint})")
+    if done.regenerate:
+        removed = {cert.thumbprint for cert in done.remove_certificates}
+        fresh = [
+            cert
+            for cert in after.self_signed
+            if cert.thumbprint not in removed
+            and cert.summary is not None
+            and not cert.summary["expired"]
+            and cert.key_state != "missing"
+        ]
+        if not fresh:
+            problems.append("no new self-signed certificate in LocalMachine\\Remote Desktop yet")
+        elif after.listener_thumbprint not in {cert.thumbprint for cert in fresh}:
+            problems.append(
+                f"the listener reports {after.listener_thumbprint}, not the new self-signed certificate "
+                f"{fresh[0].thumbprint}"
+            )
+    return problems
+
+
+def predicted_view(state: HostState, options: CertificateOptions, result: CertificatePlan) -> dict[str, t.Any]:
+    """The --diff ``after`` of a check-mode run, or of a run whose restart is pending."""
+    view = diff_view(state, options.expiry_threshold_days)
+    if result.remove_pin:
+        view["pinned_thumbprint"] = None
+    if result.set_pin is not None:
+        cert = result.set_pin
+        view.update(
+            source="pinned",
+            thumbprint=cert.thumbprint,
+            subject=cert.summary["subject"] if cert.summary else None,
+            not_after=cert.summary["not_after"] if cert.summary else None,
+            pinned_thumbprint=cert.thumbprint,
+        )
+    if result.regenerate:
+        removed = {cert.thumbprint for cert in result.remove_certificates}
+        view["self_signed_store"] = [
+            *(cert.label() for cert in state.self_signed if cert.thumbprint not in removed),
+            "(new self-signed certificate created by Windows)",
+        ]
+        if result.set_pin is None:
+            view.update(source="self_signed", thumbprint="(new self-signed certificate)", subject=None, not_after=None)
+    return view
