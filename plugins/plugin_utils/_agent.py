@@ -45,6 +45,11 @@ READ_OPERATIONS: frozenset[str] = frozenset(
         "file.read",
         "dir.list",
         "util.sleep",
+        "dir.stat",
+        "event.query",
+        "firewall.rules.list",
+        "security_products.list",
+        "tls.cipher_suites.list",
     }
 )
 
@@ -61,6 +66,12 @@ WRITE_OPERATIONS: frozenset[str] = frozenset(
         "dir.create",
         "file.write",
         "file.copy",
+        "acl.set",
+        "file.move",
+        "dir.move",
+        "firewall.rule.set",
+        "firewall.rule.new",
+        "firewall.rule.remove",
     }
 )
 

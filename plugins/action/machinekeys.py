@@ -1,0 +1,209 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Action plugin of rdpfix.rdp.machinekeys: read, plan, back up, apply, verify, or undo a run (docs: modules/)."""
+
+from __future__ import annotations
+
+import typing as t
+
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _certificate as certificate
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
+    COMMON_ARGUMENT_SPEC,
+    ActionFailed,
+    BackupSet,
+    RdpfixAction,
+    backup_root,
+)
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import BatchResult
+
+
+class ActionModule(RdpfixAction):
+    MODULE_NAME = "machinekeys"
+    ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
+        **COMMON_ARGUMENT_SPEC,
+        "strategy": {"type": "str", "default": "permissions", "choices": list(mk.STRATEGIES)},
+        "state": {"type": "str", "default": "present", "choices": ["present", "restored"]},
+        "manifest_id": {"type": "str"},
+        "restart_service": {"type": "str", "default": "SessionEnv", "choices": list(certificate.RESTARTABLE_SERVICES)},
+        "start_stopped_services": {"type": "bool", "default": False},
+    }
+    REQUIRED_IF: t.ClassVar[list[t.Any]] = [("state", "restored", ["manifest_id"])]
+
+    options: mk.Options
+
+    def validate_params(self, params: dict[str, t.Any]) -> None:
+        try:
+            self.options = mk.Options.from_params(params)
+        except mk.PlanError as exc:
+            raise ActionFailed(str(exc)) from exc
+
+    # -------------------------------------------------------------------------------------------------- reading
+
+    def _read_state(self) -> mk.State:
+        """One round trip; a second only on a host whose ProgramData is not C:\\ProgramData."""
+        batch, index = mk.build_read_batch(self.options)
+        result = self.run_batch(batch)
+        system = result[index.cert.system]
+        program_data = str((system.data if system.ok else {}).get("program_data") or mk.DEFAULT_PROGRAM_DATA)
+        if program_data.casefold() != mk.DEFAULT_PROGRAM_DATA.casefold():
+            batch, index = mk.build_read_batch(self.options, program_data)
+            result = self.run_batch(batch)
+        return mk.parse_state(result, index, self.now, program_data)
+
+    # -------------------------------------------------------------------------------------------------- run
+
+    def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
+        state = self._read_state()
+        root = backup_root(params, state.program_data)
+        if self.options.state == "restored":
+            return self._restore(state, root)
+
+        decided = mk.plan(state, self.options)
+        before = mk.view(state)
+        result: dict[str, t.Any] = {
+            "changed": False,
+            "strategy": self.options.strategy,
+            "findings": decided.findings,
+            "machinekeys": before,
+            "before": before,
+            "backup": None,
+            "restart_pending": decided.restart_pending,
+        }
+        if decided.restart_pending:
+            self.warn(
+                next(item["title"] for item in decided.findings if item["id"] == "machinekeys.regeneration_pending")
+            )
+        if decided.unfixable:
+            message = f"{self.host}: " + "; ".join(decided.unfixable)
+            if not self.check_mode:
+                raise ActionFailed(message + "; nothing was changed", **result, actions=decided.actions())
+            self.warn(message)
+
+        actions = decided.actions()
+        if not decided.has_changes or self.check_mode:
+            result["actions"] = [action | {"status": "planned"} for action in actions]
+            result["after"] = mk.predicted_view(state, decided)
+            result["changed"] = decided.has_changes
+            result["diff"] = {"before": before, "after": result["after"]}
+            return result
+
+        backup = mk.new_backup(state.cert.hostname, root, self.now)
+        batch, index = mk.build_apply_batch(state, self.options, decided, backup)
+        applied = self.run_batch(batch)
+        result["backup"] = backup.summary()
+        self._raise_on_apply_failure(applied, index, backup, result)
+
+        result["changed"] = True
+        result["actions"] = [action | {"status": "done"} for action in actions]
+        after_state = mk.state_after(state, applied, index, self.now)
+        problems = self._verify(after_state, decided)
+        polls = 0
+        while problems and polls < certificate.VERIFY_POLLS and decided.regeneration is not None:
+            polls += 1
+            after_state = self._read_state()
+            problems = self._verify(after_state, decided)
+        result["after"] = mk.view(after_state)
+        result["machinekeys"] = result["after"]
+        result["diff"] = {"before": before, "after": result["after"]}
+        if problems:
+            raise ActionFailed(
+                f"{self.host}: the changes were made but the host does not show them yet: {'; '.join(problems)}. "
+                f"Everything changed is saved under backup manifest {backup.manifest_id} ({backup.directory}); "
+                "restore it with state=restored",
+                **result,
+            )
+        return result
+
+    def _verify(self, after: mk.State, decided: mk.Plan) -> list[str]:
+        problems = mk.remaining_problems(after)
+        if decided.regeneration is not None:
+            problems += certificate.verification_problems(
+                decided.regeneration.cert_state,
+                after.cert,
+                self.options.certificate_options(),
+                decided.regeneration.cert_plan,
+            )
+        return problems
+
+    def _raise_on_apply_failure(
+        self, applied: BatchResult, index: mk.ApplyIndex, backup: BackupSet, result: dict[str, t.Any]
+    ) -> None:
+        last_change = max(
+            [*index.changes, *(pos for pos, _a in (index.cert.actions if index.cert else []))], default=index.manifest
+        )
+        failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
+        if failed_at is None or failed_at > last_change:
+            return
+        failed = applied[failed_at]
+        error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}".rstrip(": ")
+        if failed_at <= index.manifest:
+            raise ActionFailed(
+                f"{self.host}: the backup could not be written to {backup.directory} ({error}); "
+                "nothing was changed on the host",
+                **result,
+            )
+        raise ActionFailed(
+            f"{self.host}: {error} after part of the repair was made. Everything changed is saved under backup "
+            f"manifest {backup.manifest_id} ({backup.directory}); put it back with state=restored "
+            f"manifest_id={backup.manifest_id}",
+            **result,
+        )
+
+    # -------------------------------------------------------------------------------------------------- restore
+
+    def _restore(self, state: mk.State, root: str) -> dict[str, t.Any]:
+        manifest_id = str(self.options.manifest_id)
+        batch, manifest_position, marker_position = mk.build_manifest_read(root, manifest_id)
+        read = self.run_batch(batch)
+        try:
+            manifest = mk.parse_manifest(read, manifest_position, manifest_id)
+        except mk.PlanError as exc:
+            raise ActionFailed(f"{self.host}: {exc}; nothing was changed") from exc
+        result: dict[str, t.Any] = {"changed": False, "restored": manifest_id, "before": mk.view(state), "backup": None}
+        marker = mk.already_restored(read, marker_position)
+        if marker is not None:
+            result["after"] = result["before"]
+            result["msg"] = f"{manifest_id} was already restored (by {marker.get('restored_by')})"
+            result["actions"] = []
+            return result
+        backup = BackupSet.create(self.MODULE_NAME, state.cert.hostname, root, self.now)
+        undo = mk.plan_restore(state, manifest, root, backup)
+        result["actions"] = [action | {"status": "planned" if self.check_mode else "done"} for action in undo.actions]
+        if self.check_mode:
+            result["changed"] = True
+            result["after"] = {"restored_from": manifest_id}
+            result["diff"] = {"before": result["before"], "after": result["after"]}
+            return result
+        apply_batch, manifest_index, store_index, cng_index = mk.build_restore_batch(
+            state, undo, manifest_id, root, backup
+        )
+        applied = self.run_batch(apply_batch)
+        result["backup"] = backup.summary()
+        failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
+        if failed_at is not None:
+            failed = applied[failed_at]
+            error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}"
+            if failed_at <= manifest_index:
+                raise ActionFailed(
+                    f"{self.host}: the backup could not be written to {backup.directory} ({error}); "
+                    "nothing was changed",
+                    **result,
+                )
+            raise ActionFailed(
+                f"{self.host}: the restore stopped: {error}. What it replaced is saved under {backup.manifest_id}",
+                **result,
+            )
+        after = mk.State(
+            cert=state.cert,
+            os_build=state.os_build,
+            machine_guid=state.machine_guid,
+            program_data=state.program_data,
+            store=mk.folder_from_result(applied, store_index, state.store.path),
+            cng_store=mk.folder_from_result(applied, cng_index, state.cng_store.path),
+            events=state.events,
+        )
+        result["changed"] = True
+        result["after"] = {"folder": mk.view(after)["folder"], "key_files": mk.view(after)["key_files"]}
+        result["diff"] = {"before": result["before"], "after": result["after"]}
+        return result

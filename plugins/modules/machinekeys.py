@@ -1,0 +1,126 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Documentation of rdpfix.rdp.machinekeys; the work is done by the action plugin of the same name."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: machinekeys
+short_description: Find and repair a broken MachineKeys store or RDP private key (cause of RDP error 0x904 / 0x7)
+version_added: "1.0.0"
+description:
+  - Inspects the C(MachineKeys) folder ACL against the Windows default, the private key file behind the RDP listener's
+    certificate (present, non-empty, owner SYSTEM, readable by NETWORK SERVICE, the entries Windows gives it on this OS
+    build), the CNG C(Keys) folder for KSP-backed certificates, other empty or unreadable key files (reported only),
+    and the Schannel 36870 and RemoteConnectionManager 1055/1057/1058 events.
+  - Reports each problem as a finding with its evidence (see the collection's docs/findings.md).
+  - Repairs with the least destructive O(strategy) that works. Only the RDP key file and the folder itself are ever
+    changed; NETWORK SERVICE is never granted anything on other keys (IIS, SQL Server, VPN...).
+  - Everything changed is saved first under the backup folder and listed in a manifest; O(state=restored) with the
+    manifest id puts it back exactly.
+  - A healthy host costs one WinRM command.
+options:
+  strategy:
+    description:
+      - V(permissions) restores the folder's default ACL and adds the missing entries to the RDP key file's ACL only.
+        It cannot repair a missing or empty key; the module then fails (or warns in check mode) and names
+        V(regenerate).
+      - V(regenerate) also restores the folder ACL, then moves the broken RDP key file and its certificate into the
+        backup and lets Windows create new ones (the same steps and safe restart as M(rdpfix.rdp.certificate)).
+        Only for the self-signed certificate. A CA-issued key must come back from its PFX.
+      - V(rename_store) is the well-known rename of the whole store, made safe. The old folder is moved whole into the
+        backup, a fresh folder with the default ACL is created, every key file except a broken RDP key is copied back
+        with its own ACL, and the RDP certificate is regenerated when its key was broken. Use it only when the folder
+        itself is beyond repair.
+    type: str
+    choices: [permissions, regenerate, rename_store]
+    default: permissions
+  state:
+    description:
+      - V(present) inspects and repairs. V(restored) undoes the run named by O(manifest_id); and what the undo replaces is
+        itself backed up under a new manifest. Restoring twice is a no-op.
+    type: str
+    choices: [present, restored]
+    default: present
+  manifest_id:
+    description: The RV(backup.manifest_id) of the run to undo. Required with O(state=restored).
+    type: str
+  restart_service:
+    description:
+      - Service restarted to make Windows create a new self-signed certificate (O(strategy=regenerate) and
+        O(strategy=rename_store)). C(SessionEnv) keeps RDP sessions, C(TermService) ends them and needs
+        O(allow_session_disruption).
+    type: str
+    choices: [SessionEnv, TermService]
+    default: SessionEnv
+  start_stopped_services:
+    description: Start stopped services Windows needs to create the certificate (CertPropSvc, KeyIso, CryptSvc).
+    type: bool
+    default: false
+extends_documentation_fragment:
+  - rdpfix.rdp.common
+notes:
+  - After a permissions repair no service is restarted; the listener opens its key for each new connection in the
+    collection's lab. Microsoft's article restarts TermService after the same repair; if connections still fail on a
+    real host, restart TermService in a maintenance window (UNCONFIRMED which one is needed).
+seealso:
+  - module: rdpfix.rdp.certificate
+author:
+  - rdpfix contributors
+"""
+
+EXAMPLES = r"""
+- name: Audit the key store (changes nothing)
+  rdpfix.rdp.machinekeys:
+  check_mode: true
+
+- name: Repair permissions (default strategy)
+  rdpfix.rdp.machinekeys:
+  register: keys
+
+- name: Regenerate a self-signed certificate whose key file is empty
+  rdpfix.rdp.machinekeys:
+    strategy: regenerate
+
+- name: Undo a previous run
+  rdpfix.rdp.machinekeys:
+    state: restored
+    manifest_id: "{{ keys.backup.manifest_id }}"
+"""
+
+RETURN = r"""
+findings:
+  description: What was found, each with id, severity, title, cause, evidence and fix.
+  returned: state=present
+  type: list
+  elements: dict
+machinekeys:
+  description: The folder (path, owner, sddl), the number of key files, and each RDP key (path, size, owner, sddl, problems).
+  returned: state=present
+  type: dict
+before:
+  description: The same view before the run.
+  returned: always
+  type: dict
+after:
+  description: The view after the run (predicted in check mode).
+  returned: success
+  type: dict
+actions:
+  description: What was done (status done) or would be done (status planned), in order.
+  returned: success
+  type: list
+  elements: dict
+backup:
+  description: The backup of this run (manifest_id, path, items), or null when nothing was changed.
+  returned: always
+  type: dict
+restart_pending:
+  description: A regeneration waits for a TermService restart that would end RDP sessions.
+  returned: state=present
+  type: bool
+round_trips:
+  description: WinRM commands used (1 on a healthy host).
+  returned: always
+  type: int
+"""

@@ -1,0 +1,34 @@
+"""A connection object that reaches a simulated host without sockets.
+
+Action-plugin tests hand it to ``_agent.run_batch`` in place of the winrm connection: the command line and stdin go
+through the same verification and dispatch as over WinRM, and ``winrm_commands`` counts the same way, so round-trip
+assertions hold for both.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from rdplab import bootstrap
+
+if t.TYPE_CHECKING:
+    from rdplab.model.host import WindowsHost
+
+
+class DirectConnection:
+    """``exec_command`` straight into a WindowsHost, as if one WinRM shell were open on it."""
+
+    def __init__(self, host: WindowsHost) -> None:
+        self.host = host
+        with host.lock:
+            # The winrm connection opens one shell per connection; do the same so the counters compare.
+            host.counters.winrm_shells += 1
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        with self.host.lock:
+            self.host.counters.winrm_commands += 1
+        outcome = bootstrap.execute(self.host, cmd, in_data or b"")
+        return outcome.rc, outcome.stdout, outcome.stderr
+
+    def close(self) -> None:
+        """Nothing to release; present so the object can stand in for a connection plugin."""

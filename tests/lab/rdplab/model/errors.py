@@ -1,0 +1,54 @@
+"""Errors raised inside the model.
+
+``OpError`` subclasses carry the agent protocol's error ``type`` so that ``run_batch`` can report them exactly as the
+PowerShell agent does. ``HostFileError`` is a configuration problem of a host or fleet file, reported before anything
+starts, naming the file and the field.
+"""
+
+from __future__ import annotations
+
+
+class OpError(Exception):
+    """An operation failed on the host; ``error_type`` is one of the protocol's error types."""
+
+    error_type = "Failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(OpError):
+    error_type = "NotFound"
+
+
+class AccessDenied(OpError):
+    error_type = "AccessDenied"
+
+
+class InvalidArgument(OpError):
+    error_type = "InvalidArgument"
+
+
+class DiskFull(OpError):
+    error_type = "DiskFull"
+
+
+class Unsupported(OpError):
+    error_type = "Unsupported"
+
+
+class Failed(OpError):
+    error_type = "Failed"
+
+
+# The error types a `fail_writes_under` fault may produce, by protocol name.
+WRITE_FAULT_ERRORS: dict[str, type[OpError]] = {"DiskFull": DiskFull, "AccessDenied": AccessDenied}
+
+
+class HostFileError(ValueError):
+    """A host or fleet file is invalid: the message names the file and the field."""
+
+
+class BatchError(ValueError):
+    """The batch document itself is malformed (the real agent would exit non-zero without a result document)."""

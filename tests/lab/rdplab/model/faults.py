@@ -1,0 +1,121 @@
+"""Faults injected at run time (`rdplab fault`, tests): each breaks one thing the way it breaks on real servers."""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Callable
+from datetime import timedelta
+
+from rdplab.model import listener
+from rdplab.model.certs import Certificate, build_certificate
+from rdplab.model.errors import WRITE_FAULT_ERRORS, OpError
+from rdplab.model.filesystem import validate_path
+from rdplab.model.sessions import WTS_STATES
+from rdplab.model.stores import RDP_STORE
+
+if t.TYPE_CHECKING:
+    from rdplab.model.host import WindowsHost
+
+FaultHandler = Callable[["WindowsHost", dict[str, t.Any]], None]
+
+
+def _param(params: dict[str, t.Any], name: str, kind: type, default: object = None) -> t.Any:
+    value = params.get(name, default)
+    if value is None or isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise ValueError(f"parameter {name!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def expire_selfsigned(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    """Replace each Remote Desktop certificate with a copy, same key and key file, that expired ``days_ago`` ago."""
+    days_ago = _param(params, "days_ago", int, 1)
+    certificates = host.stores.entries(RDP_STORE)
+    if not certificates:
+        raise ValueError("the Remote Desktop store is empty: nothing to expire")
+    now = host.clock().replace(second=0, microsecond=0)
+    for cert in certificates:
+        if cert.lab_key is None:
+            raise ValueError(f"certificate {cert.thumbprint} was not built by the lab and cannot be re-signed")
+        der = build_certificate(
+            label=f"{host.key_label}:expired:{cert.thumbprint}",
+            key=cert.lab_key,
+            subject_cn=cert.x509.subject.rfc4514_string().removeprefix("CN="),
+            sans=cert.sans,
+            ekus=cert.ekus,
+            not_before=now - timedelta(days=days_ago) - listener.SELFSIGNED_VALIDITY,
+            not_after=now - timedelta(days=days_ago),
+            issuer=None,
+        )
+        host.stores.remove(RDP_STORE, cert.thumbprint)
+        host.stores.add(RDP_STORE, Certificate(der=der, key_link=cert.key_link, lab_key=cert.lab_key))
+
+
+def remove_pinned_cert(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    """Delete the pinned certificate from LocalMachine\\My, leaving the registry pin (and the key file) behind."""
+    pinned = listener.pinned_thumbprint(host)
+    if pinned is None:
+        raise ValueError("no certificate is pinned (SSLCertificateSHA1Hash is not set)")
+    if not host.stores.remove("My", pinned):
+        raise ValueError(f"the pinned certificate {pinned} is already missing from LocalMachine\\My")
+
+
+def stop_service(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    name = _param(params, "name", str)
+    try:
+        host.stop_service(name)
+    except OpError as exc:
+        raise ValueError(exc.message) from None
+
+
+def fail_writes_under(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    """Every later write at or below ``path`` fails with ``error`` (DiskFull or AccessDenied), leaving nothing."""
+    error = _param(params, "error", str, "DiskFull")
+    if error not in WRITE_FAULT_ERRORS:
+        raise ValueError(f"parameter 'error' must be one of {sorted(WRITE_FAULT_ERRORS)}, got {error!r}")
+    try:
+        path = validate_path(params.get("path"))
+    except OpError as exc:
+        raise ValueError(exc.message) from None
+    host.filesystem.add_fault(path, error)
+
+
+def clear_write_faults(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    host.filesystem.faults.clear()
+
+
+def add_session(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    user = _param(params, "user", str)
+    state = _param(params, "state", str, "Active")
+    if state not in WTS_STATES:
+        raise ValueError(f"parameter 'state' must be one of {', '.join(WTS_STATES)}, got {state!r}")
+    host.sessions.add(user, state)
+
+
+def break_selfsigned_key(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    """Damage the Remote Desktop certificate's key file: ``mode`` delete | empty | deny_network_service."""
+    mode = _param(params, "mode", str, "deny_network_service")
+    cert = listener.selfsigned_certificate(host)
+    if cert is None or cert.key_link is None:
+        raise ValueError("the Remote Desktop store has no certificate with a key file")
+    entry = host.filesystem.get(cert.key_link.path)
+    if entry is None:
+        raise ValueError(f"the key file {cert.key_link.path} is already missing")
+    if mode == "delete":
+        del host.filesystem.entries[next(k for k, v in host.filesystem.entries.items() if v is entry)]
+    elif mode == "empty":
+        entry.content = b""
+    elif mode == "deny_network_service":
+        entry.sddl = "O:SYG:SYD:P(A;;FA;;;SY)(A;;FA;;;BA)"
+    else:
+        raise ValueError(f"parameter 'mode' must be delete, empty or deny_network_service, got {mode!r}")
+
+
+FAULTS: dict[str, FaultHandler] = {
+    "expire_selfsigned": expire_selfsigned,
+    "remove_pinned_cert": remove_pinned_cert,
+    "stop_service": stop_service,
+    "fail_writes_under": fail_writes_under,
+    "clear_write_faults": clear_write_faults,
+    "add_session": add_session,
+    "break_selfsigned_key": break_selfsigned_key,
+}

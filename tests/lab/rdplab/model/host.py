@@ -1,0 +1,283 @@
+"""WindowsHost: one simulated Windows server, the object the transport talks to."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rdplab.model import listener, schannel
+from rdplab.model.errors import BatchError, Failed, NotFound, OpError
+from rdplab.model.events import EventLog
+from rdplab.model.filesystem import FileSystem
+from rdplab.model.firewall import Firewall, rdp_blocked
+from rdplab.model.registry import Registry
+from rdplab.model.services import Service, Services
+from rdplab.model.sessions import Sessions
+from rdplab.model.stores import CertStores
+from rdplab.model.system import SystemInfo
+from rdplab.model.timeutil import Clock, iso, utc_now
+
+if t.TYPE_CHECKING:
+    from datetime import datetime
+
+    from rdplab.model.certs import LabCA
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class Counters:
+    winrm_shells: int = 0
+    winrm_commands: int = 0
+    writes: int = 0
+    rdp_connections: int = 0
+
+
+@dataclass
+class RdpView:
+    port: int
+    listening: bool
+    accepted_protocols: int
+    rdp_only: bool
+    failure: str | None
+    cert_pem: bytes | None
+    key_pem: bytes | None
+    tls_versions: list[str] = field(default_factory=lambda: ["TLSv1.2", "TLSv1.3"])
+
+
+class WindowsHost:
+    """The state of one simulated Windows server and the behaviours of Windows that the collection relies on."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        groups: list[str],
+        username: str,
+        password: str,
+        system: SystemInfo,
+        clock: Clock = utc_now,
+        key_label: str | None = None,
+        source: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.groups = groups
+        self.username = username
+        self.password = password
+        self.system = system
+        self.clock = clock
+        self.source = source
+        # Labels of cached keys; the host name keeps two hosts from sharing a key.
+        self.key_label = key_label or f"host:{name}"
+        self.registry = Registry()
+        self.stores = CertStores()
+        self.filesystem = FileSystem.windows_default()
+        self.services = Services.windows_default()
+        self.sessions = Sessions()
+        self.events = EventLog()
+        self.counters = Counters()
+        self.lock = threading.RLock()
+        self.selfsigned_generation = 0
+        self.faults: list[dict[str, object]] = []
+        self.firewall = Firewall.windows_default()
+        # Schannel's protocols and cipher suites as latched at boot (rdplab.model.schannel); None until first used.
+        self.schannel: schannel.SchannelState | None = None
+
+    # -- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: Path, *, ca: LabCA | None = None, now: datetime | None = None) -> WindowsHost:
+        """Load a host YAML file (see docs/lab.md); HostFileError names the file and the field on bad input."""
+        from rdplab.model.schema import load_host_file
+
+        return load_host_file(Path(path), ca=ca, now=now)
+
+    # -- the agent -----------------------------------------------------------------------------------------------
+
+    def run_batch(self, batch: dict[str, t.Any]) -> dict[str, t.Any]:
+        """Execute a batch as the agent does: {"v": 1, "results": [...]}, on_error honoured, writes counted."""
+        from rdplab.ops import OPS
+
+        if not isinstance(batch, dict) or batch.get("v") != PROTOCOL_VERSION:
+            raise BatchError(f"unsupported batch document (expected v={PROTOCOL_VERSION}): {batch!r:.200}")
+        operations = batch.get("ops")
+        on_error = batch.get("on_error", "stop")
+        if not isinstance(operations, list) or on_error not in ("stop", "continue"):
+            raise BatchError("a batch needs 'ops' (a list) and on_error 'stop' or 'continue'")
+        results: list[dict[str, t.Any]] = []
+        stopped = False
+        with self.lock:
+            for item in operations:
+                name = item.get("op") if isinstance(item, dict) else None
+                op_name = name if isinstance(name, str) else repr(name)
+                if stopped:
+                    results.append({"op": op_name, "ok": False, "skipped": True})
+                    continue
+                result = self._run_one(OPS, item, op_name)
+                results.append(result)
+                if not result["ok"] and on_error == "stop":
+                    stopped = True
+        return {"v": PROTOCOL_VERSION, "results": results}
+
+    def _run_one(self, ops: t.Mapping[str, t.Any], item: object, op_name: str) -> dict[str, t.Any]:
+        spec = ops.get(op_name)
+        if spec is None:
+            return _error(op_name, "Unsupported", f"unknown operation {op_name!r}")
+        args = item.get("args", {}) if isinstance(item, dict) else None
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            return _error(op_name, "InvalidArgument", "args must be an object")
+        try:
+            data = spec.func(self, args)
+        except OpError as exc:
+            return _error(op_name, exc.error_type, exc.message)
+        if spec.writes:
+            self.counters.writes += 1
+        return {"op": op_name, "ok": True, "data": data}
+
+    # -- services (used by operations and faults) ----------------------------------------------------------------
+
+    def service(self, name: str) -> Service:
+        found = self.services.get(name)
+        if found is None:
+            raise NotFound(f"Cannot find any service with service name '{name}'.")
+        return found
+
+    def stop_service(self, name: str) -> None:
+        service = self.service(name)
+        if service.status == "Stopped":
+            return
+        service.status = "Stopped"
+        if service.name == "TermService":
+            # Every remote session ends with TermService [RunCmd readmes].
+            self.sessions.drop_user_sessions()
+
+    def start_service(self, name: str) -> None:
+        service = self.service(name)
+        if service.status == "Running":
+            return
+        if service.start_type == "Disabled":
+            raise Failed(
+                f"Service '{service.name} ({service.name})' cannot be started due to the following error: Cannot "
+                f"start service {service.name} on computer '.'. The service is disabled."
+            )
+        service.status = "Running"
+        if service.name in ("SessionEnv", "TermService"):
+            listener.renew_selfsigned(self)
+
+    def restart_service(self, name: str, force: bool) -> None:
+        service = self.service(name)
+        running_dependents = [dep for dep in self.services.dependents(service.name) if dep.status == "Running"]
+        if running_dependents and not force:
+            raise Failed(
+                f"Cannot stop service '{service.name} ({service.name})' because it has dependent services. "
+                "It can only be stopped if the Force flag is set."
+            )
+        if service.start_type == "Disabled":
+            raise Failed(f"Cannot start service {service.name} on computer '.'. The service is disabled.")
+        for dependent in running_dependents:
+            self.stop_service(dependent.name)
+        self.stop_service(service.name)
+        self.start_service(service.name)
+        # Restart-Service -Force brings the dependents it stopped back up (UNCONFIRMED).
+        for dependent in running_dependents:
+            self.start_service(dependent.name)
+
+    # -- what RDP clients meet -----------------------------------------------------------------------------------
+
+    def rdp_view(self, connect: bool = True) -> RdpView:
+        """What a new RDP connection meets now. With ``connect`` (a real connection attempt) RCM's connection-time
+        events are logged and ``rdp_connections`` is counted; ``connect=False`` only looks."""
+        with self.lock:
+            if connect:
+                self.counters.rdp_connections += 1
+            port = listener.port_number(self)
+            listening = self.services.running("TermService") and not listener.deny_connections(self)
+            # A firewall block refuses the TCP connection before RDP starts.
+            listening = listening and not rdp_blocked(self, port)
+            protocols, rdp_only = listener.accepted_protocols(self)
+            if not listening or rdp_only:
+                return RdpView(port, listening, protocols, rdp_only, None, None, None)
+            credential = listener.choose_credential(self, log=connect)
+            cert = credential.certificate
+            failure = credential.failure or schannel.handshake_failure(self, schannel.key_type(cert))
+            return RdpView(
+                port=port,
+                listening=True,
+                accepted_protocols=protocols,
+                rdp_only=False,
+                failure=failure,
+                cert_pem=cert.pem if cert is not None and failure is None else None,
+                key_pem=credential.key_pem if failure is None else None,
+                tls_versions=schannel.tls_versions(self),
+            )
+
+    # -- faults --------------------------------------------------------------------------------------------------
+
+    def inject_fault(self, name: str, params: dict[str, t.Any]) -> None:
+        """Break the host at run time (see docs/lab.md, "Faults"); ValueError on an unknown fault or bad params."""
+        from rdplab.model.faults import FAULTS
+
+        handler = FAULTS.get(name)
+        if handler is None:
+            raise ValueError(f"unknown fault {name!r}; known faults: {', '.join(sorted(FAULTS))}")
+        with self.lock:
+            handler(self, dict(params or {}))
+            self.faults.append({"name": name, "params": dict(params or {})})
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, t.Any]:
+        """The complete state, JSON-able and in a stable order, so that before/after comparisons are exact."""
+        with self.lock:
+            return {
+                "name": self.name,
+                "groups": list(self.groups),
+                "system": self.system.to_json(),
+                "registry": self.registry.snapshot(),
+                "listener": {
+                    **listener.wmi_setting(self),
+                    "pinned": listener.pinned_thumbprint(self),
+                },
+                "certificates": self._certificates_snapshot(),
+                "files": self.filesystem.snapshot(),
+                "services": self.services.snapshot(),
+                "sessions": self.sessions.snapshot(),
+                "events": self.events.snapshot(),
+                "firewall": self.firewall.snapshot(),
+                "faults": list(self.faults),
+                "counters": asdict(self.counters),
+            }
+
+    def _certificates_snapshot(self) -> dict[str, t.Any]:
+        stores: dict[str, t.Any] = {}
+        for store_name in sorted(self.stores.stores, key=str.casefold):
+            entries = []
+            for cert in sorted(self.stores.entries(store_name), key=lambda c: c.thumbprint):
+                status = listener.key_status(self, cert)
+                entries.append(
+                    {
+                        "thumbprint": cert.thumbprint,
+                        "subject": cert.subject,
+                        "issuer": cert.issuer,
+                        "not_before": iso(cert.not_before),
+                        "not_after": iso(cert.not_after),
+                        "ekus": cert.ekus,
+                        "sans": cert.sans,
+                        "has_private_key": cert.key_link is not None,
+                        "key_path": cert.key_link.path if cert.key_link else None,
+                        "key_usable": status.usable,
+                    }
+                )
+            stores[store_name] = entries
+        return stores
+
+    def __repr__(self) -> str:
+        return f"WindowsHost({self.name!r})"
+
+
+def _error(op: str, error_type: str, message: str) -> dict[str, t.Any]:
+    return {"op": op, "ok": False, "error": {"type": error_type, "message": message}}

@@ -1,0 +1,133 @@
+"""dir.stat / acl.set / file.move / dir.move / event.query: the operations rdpfix.rdp.machinekeys added.
+
+They act on the model's file system and event log exactly as the PowerShell agent's entries of the same names act on
+Windows (docs/agent-protocol.md). A move is a rename on the same volume: bytes, owner and ACL travel unchanged, which is
+what lets a moved key file or a moved MachineKeys folder be put back byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import typing as t
+
+from rdplab.model import sddl as sddl_mod
+from rdplab.model.errors import InvalidArgument, NotFound
+from rdplab.model.filesystem import Entry, name_of, normalize, parent_of, validate_path
+from rdplab.ops import _args
+
+if t.TYPE_CHECKING:
+    from rdplab.model.host import WindowsHost
+
+
+def _stat_entry(entry: Entry) -> dict[str, t.Any]:
+    return {
+        "name": name_of(entry.path),
+        "is_dir": entry.is_dir,
+        "size": None if entry.is_dir else len(entry.content),
+        "owner": entry.owner,
+        "sddl": entry.sddl,
+    }
+
+
+def dir_stat(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A folder's owner and SDDL and those of each child, in one call (Get-Acl on the folder and each child)."""
+    path = validate_path(args.get("path"))
+    entry = host.filesystem.get(path)
+    if entry is None:
+        return {"exists": False, "owner": None, "sddl": None, "entries": []}
+    if not entry.is_dir:
+        raise InvalidArgument(f"the path is a file: {path}")
+    return {
+        "exists": True,
+        "owner": entry.owner,
+        "sddl": entry.sddl,
+        "entries": [_stat_entry(child) for child in host.filesystem.children(path)],
+    }
+
+
+def acl_set(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    path = validate_path(args.get("path"))
+    sddl = _args.string(args, "sddl")
+    if not sddl_mod.is_valid(sddl):
+        raise InvalidArgument(f"argument 'sddl' must be an SDDL string with owner and DACL, got {sddl!r}")
+    entry = host.filesystem.get(path)
+    if entry is None:
+        raise NotFound(f"Cannot find path '{path}' because it does not exist.")
+    previous = entry.sddl
+    host.filesystem.set_sddl(path, sddl)
+    return {"previous": previous}
+
+
+def _move(host: WindowsHost, source_path: str, dest_path: str, want_dir: bool) -> Entry:
+    source = host.filesystem.get(source_path)
+    if source is None:
+        raise NotFound(f"Cannot find path '{source_path}' because it does not exist.")
+    if source.is_dir != want_dir:
+        kind = "a directory" if source.is_dir else "a file"
+        raise InvalidArgument(f"{source_path} is {kind}")
+    if host.filesystem.exists(dest_path):
+        raise InvalidArgument(f"Cannot create '{dest_path}' because a file or directory with the same name exists.")
+    parent = parent_of(dest_path)
+    parent_entry = host.filesystem.get(parent) if parent else None
+    if parent_entry is None or not parent_entry.is_dir:
+        raise NotFound(f"Could not find a part of the path '{dest_path}'.")
+    # Both ends are written: a fault on either refuses the whole move, leaving everything where it was.
+    host.filesystem.check_writable(source_path)
+    host.filesystem.check_writable(dest_path)
+    old_key = normalize(source_path)
+    old_prefix_length = len(source.path)  # read before the loop renames the folder's own entry
+    moved: dict[str, Entry] = {}
+    for key in [key for key in host.filesystem.entries if key == old_key or key.startswith(old_key + "\\")]:
+        entry = host.filesystem.entries.pop(key)
+        suffix = entry.path[old_prefix_length:]
+        entry.path = dest_path + suffix
+        moved[normalize(entry.path)] = entry
+    host.filesystem.entries.update(moved)
+    return host.filesystem.entries[normalize(dest_path)]
+
+
+def file_move(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    entry = _move(host, validate_path(args.get("src")), validate_path(args.get("dest")), want_dir=False)
+    return {"size": len(entry.content), "sha256": hashlib.sha256(entry.content).hexdigest()}
+
+
+def dir_move(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    source_path = validate_path(args.get("src"))
+    dest_path = validate_path(args.get("dest"))
+    if normalize(dest_path).startswith(normalize(source_path) + "\\"):
+        raise InvalidArgument(f"cannot move {source_path} into itself")
+    _move(host, source_path, dest_path, want_dir=True)
+    return {"moved": True}
+
+
+def event_query(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Newest first, as Get-WinEvent returns them; no match is an empty list, not an error."""
+    log = _args.string(args, "log", default="System")
+    provider = args.get("provider")
+    if provider is not None and (not isinstance(provider, str) or not provider):
+        raise InvalidArgument(f"argument 'provider' must be a non-empty string, got {provider!r}")
+    ids = args.get("ids")
+    if ids is not None and (not isinstance(ids, list) or not all(isinstance(item, int) for item in ids)):
+        raise InvalidArgument(f"argument 'ids' must be a list of integers, got {ids!r}")
+    max_events = _args.integer(args, "max_events", 1, 1000) if "max_events" in args else 50
+    matching = [
+        event
+        for event in host.events.events
+        if event.log.casefold() == log.casefold()
+        and (provider is None or event.provider.casefold() == provider.casefold())
+        and (ids is None or event.id in ids)
+    ]
+    newest = sorted(matching, key=lambda event: event.time, reverse=True)[:max_events]
+    return {
+        "events": [
+            {
+                "log": event.log,
+                "provider": event.provider,
+                "id": event.id,
+                "level": event.level,
+                "time": event.to_json()["time"],
+                "message": event.message,
+            }
+            for event in newest
+        ]
+    }

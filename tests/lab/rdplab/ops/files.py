@@ -1,0 +1,87 @@
+"""file.stat / file.read / dir.list / dir.create / file.write / file.copy."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import typing as t
+
+from rdplab.model import sddl as sddl_mod
+from rdplab.model.errors import InvalidArgument, NotFound
+from rdplab.model.filesystem import name_of, validate_path
+
+if t.TYPE_CHECKING:
+    from rdplab.model.host import WindowsHost
+
+
+def file_stat(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    entry = host.filesystem.get(validate_path(args.get("path")))
+    if entry is None:
+        return {"exists": False, "is_dir": False, "size": None, "sha256": None, "owner": None, "sddl": None}
+    return {
+        "exists": True,
+        "is_dir": entry.is_dir,
+        "size": None if entry.is_dir else len(entry.content),
+        "sha256": None if entry.is_dir else entry.sha256,
+        "owner": entry.owner,
+        "sddl": entry.sddl,
+    }
+
+
+def file_read(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    path = validate_path(args.get("path"))
+    entry = host.filesystem.get(path)
+    if entry is None:
+        return {"exists": False, "content_b64": None}
+    if entry.is_dir:
+        raise InvalidArgument(f"the path is a directory: {path}")
+    return {"exists": True, "content_b64": base64.b64encode(entry.content).decode("ascii")}
+
+
+def dir_list(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    path = validate_path(args.get("path"))
+    entry = host.filesystem.get(path)
+    if entry is None:
+        return {"exists": False, "entries": []}
+    if not entry.is_dir:
+        raise InvalidArgument(f"the path is a file: {path}")
+    entries = [
+        {"name": name_of(child.path), "is_dir": child.is_dir, "size": None if child.is_dir else len(child.content)}
+        for child in host.filesystem.children(path)
+    ]
+    return {"exists": True, "entries": entries}
+
+
+def dir_create(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    path = validate_path(args.get("path"))
+    sddl = args.get("sddl")
+    if sddl is not None and (not isinstance(sddl, str) or not sddl_mod.is_valid(sddl)):
+        raise InvalidArgument(f"argument 'sddl' must be an SDDL string with owner and DACL, got {sddl!r}")
+    return {"created": host.filesystem.make_dirs(path, sddl)}
+
+
+def file_write(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    path = validate_path(args.get("path"))
+    try:
+        encoded = args.get("content_b64")
+        if not isinstance(encoded, str):
+            raise InvalidArgument(f"argument 'content_b64' must be a base64 string, got {encoded!r}")
+        content = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument("content_b64 is not valid base64") from None
+    entry = host.filesystem.write(path, content)
+    return {"size": len(entry.content), "sha256": hashlib.sha256(entry.content).hexdigest()}
+
+
+def file_copy(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    source_path = validate_path(args.get("src"))
+    dest_path = validate_path(args.get("dest"))
+    source = host.filesystem.get(source_path)
+    if source is None:
+        raise NotFound(f"Cannot find path '{source_path}' because it does not exist.")
+    if source.is_dir:
+        raise InvalidArgument(f"file.copy copies files; {source_path} is a directory")
+    # Copy-Item gives the copy the ACL inherited at the destination, not the source's.
+    entry = host.filesystem.write(dest_path, source.content)
+    return {"size": len(entry.content), "sha256": hashlib.sha256(entry.content).hexdigest()}

@@ -1,0 +1,20 @@
+"""system.info and util.sleep."""
+
+from __future__ import annotations
+
+import typing as t
+
+from rdplab.ops import _args
+
+if t.TYPE_CHECKING:
+    from rdplab.model.host import WindowsHost
+
+
+def system_info(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    return host.system.to_json()
+
+
+def util_sleep(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    # The lab does not wait: its Windows behaviours (certificate renewal...) complete at once, and tests stay fast.
+    milliseconds = _args.integer(args, "milliseconds", 0, 60000)
+    return {"slept_ms": milliseconds}

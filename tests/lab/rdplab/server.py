@@ -1,0 +1,358 @@
+"""One process serving a whole simulated fleet: per host WinRM (HTTP 5985, HTTPS 5986) and RDP, plus a control API.
+
+Each host gets its own loopback address (network.10, .11, ... in fleet order), so Ansible addresses it exactly like a
+real server on the default ports. The control API (JSON over HTTP on network.1:5999) is what ``rdplab state``,
+``reset``, ``fault`` and ``down`` talk to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import typing as t
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from rdplab.rdp import RdpEndpoint
+from rdplab.winrm import (
+    HostSlot,
+    WinRMServer,
+    self_signed_certificate,
+    server_tls_context,
+)
+
+if t.TYPE_CHECKING:
+    from rdplab.model.host import WindowsHost
+
+LOG = logging.getLogger("rdplab.server")
+
+WINRM_HTTP_PORT = 5985
+WINRM_HTTPS_PORT = 5986
+CONTROL_PORT = 5999
+FIRST_HOST_OCTET = 10
+STATE_FILE = "state.json"
+LOG_FILE = "lab.log"
+
+
+class LabError(Exception):
+    """A clear, user-facing failure (bad arguments, port in use, no lab running)."""
+
+
+def host_address(network: str, index: int) -> str:
+    return f"{network}.{FIRST_HOST_OCTET + index}"
+
+
+def control_address(network: str) -> str:
+    return f"{network}.1"
+
+
+def validate_network(network: str) -> str:
+    parts = network.split(".")
+    if len(parts) != 3 or parts[0] != "127" or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
+        raise LabError(
+            f"--network must be the first three octets of a loopback address such as 127.0.77, not {network!r}"
+        )
+    return network
+
+
+def load_hosts(paths: t.Sequence[Path]) -> list[WindowsHost]:
+    from rdplab.model.fleet import load_fleet
+
+    hosts: list[WindowsHost] = load_fleet(list(paths))
+    if not hosts:
+        raise LabError("the fleet is empty: give host YAML files, directories of them, or fleet files")
+    names = [host.name for host in hosts]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise LabError(f"host names must be unique in a fleet: {', '.join(duplicates)}")
+    if len(hosts) > 245:
+        raise LabError("at most 245 hosts fit in one lab network")
+    return hosts
+
+
+def counters_dict(host: WindowsHost) -> dict[str, int]:
+    counters = host.counters
+    if dataclasses.is_dataclass(counters) and not isinstance(counters, type):
+        return {key: int(value) for key, value in dataclasses.asdict(counters).items()}
+    return {key: int(value) for key, value in vars(counters).items() if not key.startswith("_")}
+
+
+def reset_counters(host: WindowsHost) -> None:
+    reset = getattr(host.counters, "reset", None)
+    if callable(reset):
+        reset()
+        return
+    for key in counters_dict(host):
+        setattr(host.counters, key, 0)
+
+
+class HostRuntime:
+    """The listeners of one host."""
+
+    def __init__(self, address: str, host: WindowsHost) -> None:
+        self.slot = HostSlot(address, host)
+        cert_pem, key_pem = self_signed_certificate(host.name, [address])
+        self.http = WinRMServer(self.slot, WINRM_HTTP_PORT)
+        try:
+            self.https = WinRMServer(self.slot, WINRM_HTTPS_PORT, server_tls_context(cert_pem, key_pem))
+        except OSError:
+            self.http.server_close()
+            raise
+        self.rdp = RdpEndpoint(address, lambda: self.slot.host)
+        self.slot.on_change.append(self.rdp.sync)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.rdp.start()
+        for server in (self.http, self.https):
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        for server in (self.http, self.https):
+            server.shutdown()
+            server.server_close()
+        self.rdp.stop()
+
+    def describe(self) -> dict[str, t.Any]:
+        return {
+            "address": self.slot.address,
+            "winrm_http": WINRM_HTTP_PORT,
+            "winrm_https": WINRM_HTTPS_PORT,
+            "rdp_port": self.rdp.bound_port,
+        }
+
+
+class Lab:
+    """Every host's listeners and the control API, in this process."""
+
+    def __init__(self, host_files: t.Sequence[Path], network: str) -> None:
+        self.host_files = [Path(p) for p in host_files]
+        self.network = validate_network(network)
+        self.hosts = load_hosts(self.host_files)
+        self.runtimes: dict[str, HostRuntime] = {}
+        self.control: ThreadingHTTPServer | None = None
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Bind everything or nothing: a port already in use is an OSError naming it."""
+        try:
+            for index, host in enumerate(self.hosts):
+                address = host_address(self.network, index)
+                try:
+                    runtime = HostRuntime(address, host)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen for WinRM on {address}: {exc.strerror}") from exc
+                self.runtimes[host.name] = runtime
+                runtime.start()
+            self.control = _ControlServer(self, (control_address(self.network), CONTROL_PORT))
+        except BaseException:
+            self.stop()
+            raise
+        threading.Thread(target=self.control.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.shutdown()
+            self.control.server_close()
+            self.control = None
+        for runtime in self.runtimes.values():
+            runtime.stop()
+        self.runtimes.clear()
+        self.stopped.set()
+
+    def describe(self) -> dict[str, t.Any]:
+        return {name: runtime.describe() for name, runtime in self.runtimes.items()}
+
+    # --- what the control API exposes ---------------------------------------------------------------------------
+
+    def runtime(self, name: str) -> HostRuntime:
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            raise KeyError(f"no host {name!r} in the lab (hosts: {', '.join(self.runtimes)})")
+        return runtime
+
+    def state(self, name: str | None = None, zero_counters: bool = False) -> dict[str, t.Any]:
+        names = [name] if name else list(self.runtimes)
+        result: dict[str, t.Any] = {}
+        for host_name in names:
+            runtime = self.runtime(host_name)
+            host = runtime.slot.host
+            with host.lock:
+                result[host_name] = {
+                    **runtime.describe(),
+                    "counters": counters_dict(host),
+                    "snapshot": host.snapshot(),
+                }
+                if zero_counters:
+                    reset_counters(host)
+        return result
+
+    def zero_counters(self, name: str | None = None) -> None:
+        for host_name in [name] if name else list(self.runtimes):
+            host = self.runtime(host_name).slot.host
+            with host.lock:
+                reset_counters(host)
+
+    def reset(self) -> list[str]:
+        """Reload every host from its YAML: state and counters start over; addresses and listeners stay."""
+        with self._lock:
+            fresh = {host.name: host for host in load_hosts(self.host_files)}
+            if set(fresh) != set(self.runtimes):
+                raise LabError(
+                    "the host files now define other hosts than the running lab "
+                    f"({sorted(fresh)} instead of {sorted(self.runtimes)}): run `rdplab down` and `rdplab up`"
+                )
+            for name, runtime in self.runtimes.items():
+                runtime.slot.replace_host(fresh[name])
+            return list(self.runtimes)
+
+    def fault(self, name: str, fault: str, params: dict[str, t.Any]) -> None:
+        runtime = self.runtime(name)
+        host = runtime.slot.host
+        with host.lock:
+            host.inject_fault(fault, params)
+        runtime.slot.changed()
+
+
+class _ControlHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ControlServer
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        LOG.debug("control: " + format, *args)
+
+    def _json(self, status: int, document: t.Any) -> None:
+        payload = json.dumps(document, indent=None, sort_keys=False, default=str).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _body(self) -> dict[str, t.Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not length:
+            return {}
+        document = json.loads(self.rfile.read(length))
+        if not isinstance(document, dict):
+            raise ValueError("the request body must be a JSON object")
+        return document
+
+    def _dispatch(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        lab = self.server.lab
+        try:
+            body = self._body() if method == "POST" else {}
+            route = (method, url.path.rstrip("/") or "/")
+            if route == ("GET", "/health"):
+                self._json(200, {"ok": True, "pid": os.getpid(), "hosts": lab.describe()})
+            elif route == ("GET", "/state"):
+                zero = query.get("reset_counters", "") in ("1", "true", "yes")
+                self._json(200, lab.state(query.get("host") or None, zero_counters=zero))
+            elif route == ("POST", "/counters/reset"):
+                lab.zero_counters(body.get("host"))
+                self._json(200, {"ok": True})
+            elif route == ("POST", "/reset"):
+                self._json(200, {"reset": lab.reset()})
+            elif route == ("POST", "/fault"):
+                params = body.get("params") or {}
+                if not isinstance(params, dict):
+                    raise ValueError("params must be an object")
+                lab.fault(str(body["host"]), str(body["name"]), params)
+                self._json(200, {"ok": True})
+            elif route == ("POST", "/shutdown"):
+                self._json(200, {"ok": True})
+                # Answer first, then stop: the main thread of `serve` is waiting on this event.
+                threading.Thread(target=self.server.lab.stopped.set, daemon=True).start()
+            else:
+                self._json(404, {"error": f"no such control endpoint: {method} {url.path}"})
+        except KeyError as exc:
+            self._json(404, {"error": str(exc.args[0]) if exc.args else str(exc)})
+        except (ValueError, TypeError, LabError) as exc:
+            self._json(400, {"error": str(exc)})
+        except Exception as exc:
+            LOG.exception("control request failed")
+            self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+
+class _ControlServer(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, lab: Lab, address: tuple[str, int]) -> None:
+        self.lab = lab
+        try:
+            super().__init__(address, _ControlHandler)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot listen for the control API on {address[0]}:{address[1]}: {exc.strerror}"
+            ) from exc
+
+    def server_bind(self) -> None:
+        import socketserver
+
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+
+def write_state(state_dir: Path, lab: Lab) -> Path:
+    """state.json: what `rdplab state/down/...` need to find the running lab (written atomically)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "pid": os.getpid(),
+        "network": lab.network,
+        "control": f"{control_address(lab.network)}:{CONTROL_PORT}",
+        "log": str((state_dir / LOG_FILE).resolve()),
+        "host_files": [str(p.resolve()) for p in lab.host_files],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hosts": lab.describe(),
+    }
+    target = state_dir / STATE_FILE
+    temporary = state_dir / (STATE_FILE + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    temporary.replace(target)
+    return target
+
+
+def serve_forever(host_files: t.Sequence[Path], network: str, state_dir: Path) -> int:
+    """Run the lab in this process until SIGTERM/SIGINT or a shutdown request; 0 on a clean stop."""
+    import signal
+
+    lab = Lab(host_files, network)
+    lab.start()
+    LOG.info("lab serving %d host(s): %s", len(lab.runtimes), json.dumps(lab.describe()))
+    state_path = write_state(state_dir, lab)
+
+    def on_signal(signum: int, frame: object) -> None:
+        lab.stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not lab.stopped.wait(0.5):
+            pass
+    finally:
+        LOG.info("lab stopping")
+        lab.stop()
+        # Remove the state only if it is still ours (a later `up` may have replaced it).
+        try:
+            if json.loads(state_path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                state_path.unlink()
+        except (OSError, ValueError):
+            pass
+    return 0

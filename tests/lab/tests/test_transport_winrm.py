@@ -1,0 +1,375 @@
+"""The lab's WinRM endpoint, driven by pywinrm exactly as Ansible's winrm connection drives it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+import typing as t
+from pathlib import Path
+
+import pytest
+import requests
+import winrm
+from winrm.exceptions import InvalidCredentialsError, WinRMOperationTimeoutError, WSManFaultError
+from winrm.protocol import Protocol
+
+from rdplab import bootstrap
+from rdplab.direct import DirectConnection
+from rdplab.model.host import Counters, RdpView, WindowsHost
+from rdplab.server import HostRuntime
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+HOST_FILE = REPO_ROOT / "tests" / "lab" / "hosts" / "healthy.yml"
+ADDRESS = "127.0.78.10"
+USER, PASSWORD = "rdpadmin", "Lab-Healthy-1!"
+# CRLF line endings and non-ASCII text: the script must survive the trip byte for byte.
+AGENT_SCRIPT = "param([string]$BatchJson)\r\n# agent for the transport tests: é ü 中\r\nWrite-Output '{}'\r\n"
+SYSTEM_INFO_BATCH: dict[str, t.Any] = {"v": 1, "on_error": "continue", "ops": [{"op": "system.info", "args": {}}]}
+TEST_KEY = "HKLM:\\SOFTWARE\\rdplab-transport-test"
+WRITE_BATCH: dict[str, t.Any] = {
+    "v": 1,
+    "on_error": "stop",
+    "ops": [{"op": "registry.set", "args": {"path": TEST_KEY, "name": "Marker", "type": "REG_DWORD", "value": 7}}],
+}
+
+
+def marker(host: WindowsHost) -> t.Any:
+    """The value WRITE_BATCH sets, read straight from the model (None while absent)."""
+    document = host.run_batch({"v": 1, "ops": [{"op": "registry.get", "args": {"path": TEST_KEY}}]})
+    return document["results"][0]["data"].get("values", {}).get("Marker")
+
+
+class FakeHost:
+    """Just what the transport touches, with a run_batch that answers system.info and records what it ran."""
+
+    def __init__(self, name: str = "web01") -> None:
+        self.name = name
+        self.groups = ["azure_vms"]
+        self.username, self.password = USER, PASSWORD
+        self.counters = Counters()
+        self.lock = threading.RLock()
+        self.batches: list[dict[str, t.Any]] = []
+
+    def run_batch(self, batch: dict[str, t.Any]) -> dict[str, t.Any]:
+        if batch.get("v") != 1:
+            raise ValueError("unsupported batch document")
+        self.batches.append(batch)
+        results = [
+            {"op": item["op"], "ok": True, "data": {"hostname": self.name.upper(), "echo": item.get("args")}}
+            for item in batch["ops"]
+        ]
+        return {"v": 1, "results": results}
+
+    def rdp_view(self, connect: bool = True) -> RdpView:
+        return RdpView(3389, False, 0, False, None, None, None)
+
+    def snapshot(self) -> dict[str, t.Any]:
+        return {"name": self.name}
+
+    def inject_fault(self, name: str, params: dict[str, t.Any]) -> None:
+        raise ValueError(name)
+
+
+@pytest.fixture
+def collection_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A checkout with the real agent runner and a known agent script; the lab is pointed at it."""
+    root = tmp_path / "collection"
+    utils = root / "plugins" / "plugin_utils"
+    utils.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "plugins" / "plugin_utils" / "_agent.py", utils / "_agent.py")
+    (utils / "_agent.ps1").write_bytes(AGENT_SCRIPT.encode("utf-8"))
+    monkeypatch.setenv(bootstrap.COLLECTION_ROOT_ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def agent(collection_root: Path) -> t.Any:
+    """The collection's _agent module (the same file the lab compares with)."""
+    return bootstrap.AGENT_SOURCE.module()
+
+
+def agent_stdin(batch: dict[str, t.Any], script: str = AGENT_SCRIPT) -> bytes:
+    # What _agent.build_stdin sends: the controller reads the .ps1 in text mode, so CRLF arrives as LF.
+    text_as_read = script.replace("\r\n", "\n")
+    return (json.dumps(batch, separators=(",", ":")) + "\n" + text_as_read).encode("utf-8")
+
+
+@pytest.fixture
+def host() -> WindowsHost:
+    return WindowsHost.from_file(HOST_FILE)
+
+
+@pytest.fixture
+def fake() -> FakeHost:
+    return FakeHost()
+
+
+@pytest.fixture
+def runtime(host: WindowsHost, collection_root: Path) -> t.Iterator[HostRuntime]:
+    lab_host = HostRuntime(ADDRESS, host)
+    lab_host.start()
+    try:
+        yield lab_host
+    finally:
+        lab_host.stop()
+
+
+def protocol(scheme: str = "https", password: str = PASSWORD) -> Protocol:
+    port = 5986 if scheme == "https" else 5985
+    return Protocol(
+        f"{scheme}://{ADDRESS}:{port}/wsman",
+        transport="basic",
+        username=USER,
+        password=password,
+        server_cert_validation="ignore",
+        operation_timeout_sec=2,
+        read_timeout_sec=4,
+    )
+
+
+def run_with_stdin(proto: Protocol, command_line: str, stdin: bytes) -> tuple[bytes, bytes, int]:
+    """What Ansible's winrm connection does for exec_command(cmd, in_data): Command, Send (End), Receive."""
+    shell_id = proto.open_shell(codepage=65001)
+    program, _, arguments = command_line.partition(" ")
+    command_id = proto.run_command(
+        shell_id, program, arguments.split(" ") if arguments else (), console_mode_stdin=False
+    )
+    proto.send_command_input(shell_id, command_id, stdin, end=True)
+    stdout, stderr, rc = proto.get_command_output(shell_id, command_id)
+    proto.cleanup_command(shell_id, command_id)
+    proto.close_shell(shell_id)
+    return stdout, stderr, rc
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_protocol_round_trip_of_an_agent_batch(
+    runtime: HostRuntime, host: WindowsHost, agent: t.Any, scheme: str
+) -> None:
+    stdout, stderr, rc = run_with_stdin(protocol(scheme), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))
+    assert (rc, stderr) == (0, b"")
+    assert json.loads(stdout) == host.run_batch(SYSTEM_INFO_BATCH)
+    # The controller's own parser accepts it.
+    result = agent.parse_output("healthy", rc, stdout, stderr, expected=1)
+    assert result.data(0)["hostname"] == "WEB01"
+
+
+def test_a_write_batch_changes_the_host_once(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
+    stdout, _, rc = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(WRITE_BATCH))
+    assert rc == 0
+    assert json.loads(stdout)["results"][0]["ok"] is True
+    assert marker(host) == {"type": "REG_DWORD", "value": 7}
+    assert host.counters.writes == 1
+
+
+def test_session_level_agent_batch_over_https(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
+    session = winrm.Session(
+        f"https://{ADDRESS}:5986/wsman", auth=(USER, PASSWORD), transport="basic", server_cert_validation="ignore"
+    )
+    stdout, _, rc = run_with_stdin(session.protocol, agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))
+    assert rc == 0
+    assert json.loads(stdout)["results"][0]["op"] == "system.info"
+
+
+def test_session_run_cmd_of_anything_else_is_refused(runtime: HostRuntime, host: WindowsHost) -> None:
+    session = winrm.Session(f"http://{ADDRESS}:5985/wsman", auth=(USER, PASSWORD), transport="basic")
+    response = session.run_cmd("ipconfig", ["/all"])
+    assert response.status_code == 1
+    assert b"only runs the rdpfix agent" in response.std_err
+    assert b"'ipconfig /all'" in response.std_err
+    assert host.counters.winrm_commands == 1
+
+
+def test_wrong_password_is_401(runtime: HostRuntime) -> None:
+    with pytest.raises(InvalidCredentialsError):
+        protocol("https", password="wrong").open_shell()
+    answer = requests.post(f"http://{ADDRESS}:5985/wsman", data=b"<x/>", timeout=5)
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"].startswith("Basic")
+
+
+def test_modified_agent_script_is_refused(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
+    tampered = AGENT_SCRIPT.replace("Write-Output", "Remove-Item C:\\ -Recurse; Write-Output")
+    stdout, stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(WRITE_BATCH, tampered))
+    assert rc == 1
+    assert stdout == b""
+    assert b"differs from the collection's _agent.ps1" in stderr
+    assert marker(host) is None
+    assert host.counters.writes == 0
+
+
+def test_agent_script_edits_on_disk_are_followed(
+    runtime: HostRuntime, host: WindowsHost, agent: t.Any, collection_root: Path
+) -> None:
+    new_script = AGENT_SCRIPT + "# a later revision\r\n"
+    ps1 = collection_root / "plugins" / "plugin_utils" / "_agent.ps1"
+    ps1.write_bytes(new_script.encode("utf-8"))
+    old = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH, AGENT_SCRIPT))
+    new = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH, new_script))
+    assert (old[2], new[2]) == (1, 0)
+
+
+def test_bootstrap_with_extra_argument_is_refused(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
+    _, stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command() + " -Foo", agent_stdin(WRITE_BATCH))
+    assert rc == 1
+    assert b"is not the agent bootstrap" in stderr
+    assert marker(host) is None
+
+
+def test_counters_count_each_shell_and_command_once(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
+    proto = protocol()
+    shell_id = proto.open_shell()
+    for command_line, stdin in [
+        (agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH)),
+        ("ipconfig", b""),
+        (agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH)),
+    ]:
+        program, _, arguments = command_line.partition(" ")
+        command_id = proto.run_command(shell_id, program, arguments.split(" ") if arguments else ())
+        if stdin:
+            proto.send_command_input(shell_id, command_id, stdin, end=True)
+        proto.get_command_output(shell_id, command_id)
+        proto.cleanup_command(shell_id, command_id)
+    proto.close_shell(shell_id)
+    assert (host.counters.winrm_shells, host.counters.winrm_commands, host.counters.writes) == (1, 3, 0)
+
+
+def test_stdin_in_several_chunks_and_output_over_several_receives(
+    fake: FakeHost, collection_root: Path, agent: t.Any
+) -> None:
+    # A batch larger than one envelope: Ansible sends stdin in 200,000-byte chunks, the output comes back in parts.
+    args = {"content_b64": "QUJD" * 100_000}
+    big = {"v": 1, "on_error": "stop", "ops": [{"op": "file.write", "args": args}]}
+    payload = agent_stdin(big)
+    runtime = HostRuntime(ADDRESS, fake)  # type: ignore[arg-type]
+    runtime.start()
+    try:
+        output, receives, rc = _chunked_round_trip(agent, payload)
+    finally:
+        runtime.stop()
+    assert receives > 1
+    assert rc == 0
+    assert json.loads(output)["results"][0]["data"]["echo"] == args
+
+
+def _chunked_round_trip(agent: t.Any, payload: bytes) -> tuple[bytes, int, int]:
+    proto = protocol()
+    shell_id = proto.open_shell(codepage=65001)
+    program, _, arguments = agent.bootstrap_command().partition(" ")
+    command_id = proto.run_command(shell_id, program, arguments.split(" "), console_mode_stdin=False)
+    chunks = [payload[i : i + 200_000] for i in range(0, len(payload), 200_000)]
+    for index, chunk in enumerate(chunks):
+        proto.send_command_input(shell_id, command_id, chunk, end=index == len(chunks) - 1)
+    receives = 0
+    output = b""
+    while True:
+        stdout, _, rc, done = proto.get_command_output_raw(shell_id, command_id)
+        receives += 1
+        output += stdout
+        if done:
+            break
+    assert len(chunks) == 3
+    return output, receives, rc
+
+
+def test_receive_before_stdin_is_closed_times_out_and_client_polls(
+    runtime: HostRuntime, host: WindowsHost, agent: t.Any
+) -> None:
+    proto = protocol()
+    shell_id = proto.open_shell()
+    program, _, arguments = agent.bootstrap_command().partition(" ")
+    command_id = proto.run_command(shell_id, program, arguments.split(" "))
+    payload = agent_stdin(SYSTEM_INFO_BATCH)
+    proto.send_command_input(shell_id, command_id, payload[:10], end=False)
+    with pytest.raises(WinRMOperationTimeoutError):
+        proto.get_command_output_raw(shell_id, command_id)
+    proto.send_command_input(shell_id, command_id, payload[10:], end=True)
+    stdout, _, rc = proto.get_command_output(shell_id, command_id)
+    assert rc == 0
+    assert json.loads(stdout)["v"] == 1
+
+
+def test_unknown_action_is_a_soap_fault(runtime: HostRuntime) -> None:
+    proto = protocol("http")
+    message = {
+        "env:Envelope": proto.build_wsman_header(
+            action="http://schemas.xmlsoap.org/ws/2004/09/transfer/Get",
+            resource_uri="http://schemas.microsoft.com/wbem/wsman/1/wmi/root/cimv2/Win32_Service",
+        )
+    }
+    import xmltodict
+
+    with pytest.raises(WSManFaultError) as caught:
+        proto.send_message(xmltodict.unparse(message))
+    assert caught.value.code == 500
+    assert "does not support the action" in caught.value.reason
+
+
+def test_unknown_shell_is_a_fault(runtime: HostRuntime) -> None:
+    with pytest.raises(WSManFaultError) as caught:
+        protocol().run_command("00000000-0000-0000-0000-000000000000", "ipconfig")
+    assert "shell was not found" in caught.value.reason
+
+
+def test_shells_are_independent_under_concurrency(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))[2])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert results == [0] * 8
+    assert (host.counters.winrm_shells, host.counters.winrm_commands) == (8, 8)
+
+
+# --- DirectConnection: the same checks without sockets ------------------------------------------------------------
+
+
+def test_direct_connection_runs_the_agent_and_counts_like_winrm(host: WindowsHost, agent: t.Any) -> None:
+    connection = DirectConnection(host)
+    batch = agent.Batch(on_error="continue")
+    batch.add("system.info")
+    # The collection's own runner, reading the agent script from the checkout the lab compares with.
+    result = agent.run_batch(connection, "healthy", batch)
+    assert result.data(0)["hostname"] == "WEB01"
+    assert (host.counters.winrm_shells, host.counters.winrm_commands) == (1, 1)
+
+
+def test_direct_connection_refuses_like_winrm(host: WindowsHost, agent: t.Any) -> None:
+    connection = DirectConnection(host)
+    encoded = base64.b64encode("ipconfig".encode("utf-16-le")).decode()
+    rc, stdout, stderr = connection.exec_command(agent.COMMAND_PREFIX + encoded)
+    assert (rc, stdout) == (1, b"")
+    assert b"only runs the rdpfix agent" in stderr
+    assert host.counters.winrm_commands == 1
+
+
+def test_invalid_batch_exits_non_zero(host: WindowsHost, agent: t.Any) -> None:
+    connection = DirectConnection(host)
+    stdin = b'{"v": 99, "ops": []}\n' + AGENT_SCRIPT.replace("\r\n", "\n").encode()
+    rc, stdout, stderr = connection.exec_command(agent.bootstrap_command(), in_data=stdin)
+    assert (rc, stdout) == (1, b"")
+    assert b"invalid batch" in stderr
+
+
+def test_default_collection_root_is_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(bootstrap.COLLECTION_ROOT_ENV, raising=False)
+    assert bootstrap.collection_root() == REPO_ROOT
+    assert (bootstrap.collection_root() / "galaxy.yml").exists()
+
+
+def test_missing_collection_is_a_refusal_naming_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(bootstrap.COLLECTION_ROOT_ENV, str(tmp_path))
+    outcome = bootstrap.execute(FakeHost(), "PowerShell -EncodedCommand AAAA", b"")  # type: ignore[arg-type]
+    assert outcome.rc == 1
+    assert b"cannot be loaded" in outcome.stderr
