@@ -1,0 +1,1835 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# The rdpfix agent: executes one batch of named, primitive operations on a Windows host and prints the result
+# document as one line of compressed JSON. The contract (operations, argument and data shapes, error types) is
+# docs/agent-protocol.md. The agent makes no decisions: every choice is made by the planners on the controller.
+#
+# Runs on Windows PowerShell 5.1 and PowerShell 7. This file must stay ASCII: Windows PowerShell 5.1 reads script
+# text without a BOM in the ANSI code page.
+
+param([string]$BatchJson)
+
+$ErrorActionPreference = 'Stop'
+# Progress records would reach the controller as CLIXML noise on stderr.
+$ProgressPreference = 'SilentlyContinue'
+
+$ProtocolVersion = 1
+
+# Windows PowerShell 5.1 ships an ETS member on System.Array that makes ConvertTo-Json write some arrays as
+# {"value": [...], "Count": n}. Removing that type data for this process restores plain JSON arrays.
+if ($PSVersionTable.PSVersion.Major -lt 6) {
+    try {
+        Remove-TypeData -TypeName System.Array -ErrorAction SilentlyContinue
+    }
+    catch {
+        $null = $_
+    }
+}
+
+# HRESULTs as the signed 32-bit values .NET reports in Exception.HResult.
+$HResultDiskFull = -2147024784        # 0x80070070 ERROR_DISK_FULL
+$HResultHandleDiskFull = -2147024857  # 0x80070027 ERROR_HANDLE_DISK_FULL
+$HResultAccessDenied = -2147024891    # 0x80070005 ERROR_ACCESS_DENIED
+$HResultFileNotFound = -2147024894    # 0x80070002 ERROR_FILE_NOT_FOUND
+$HResultPathNotFound = -2147024893    # 0x80070003 ERROR_PATH_NOT_FOUND
+
+$MaxSleepMilliseconds = 60000
+
+# WTS_CONNECTSTATE_CLASS, in enum order (learn.microsoft.com/windows/win32/api/wtsapi32/ne-wtsapi32-wts_connectstate_class).
+$SessionStates = @('Active', 'Connected', 'ConnectQuery', 'Shadow', 'Disconnected', 'Idle', 'Listen', 'Reset', 'Down', 'Init')
+
+# --------------------------------------------------------------------------------------------------------------------
+# Native helpers, compiled on first use only (Add-Type costs about a second on Windows PowerShell 5.1).
+# --------------------------------------------------------------------------------------------------------------------
+
+$NativeSource = @'
+using System;
+using System.Collections.Generic;
+using System.ComponentModel;
+using System.Runtime.InteropServices;
+
+namespace Rdpfix.Agent
+{
+    public sealed class SessionRecord
+    {
+        public int Id;
+        public int State;
+        public string Station;
+        public string User;
+        public string Domain;
+    }
+
+    public sealed class KeyProviderInfo
+    {
+        public string Container;
+        public string Provider;
+        public int ProviderType;
+        public int Flags;
+        public int KeySpec;
+    }
+
+    public static class NativeMethods
+    {
+        private const int WTSUserName = 5;
+        private const int WTSDomainName = 7;
+        private const int CERT_KEY_PROV_INFO_PROP_ID = 2;
+
+        [StructLayout(LayoutKind.Sequential)]
+        private struct WTS_SESSION_INFO
+        {
+            public int SessionId;
+            public IntPtr pWinStationName;
+            public int State;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        private struct CRYPT_KEY_PROV_INFO
+        {
+            public IntPtr pwszContainerName;
+            public IntPtr pwszProvName;
+            public int dwProvType;
+            public int dwFlags;
+            public int cProvParam;
+            public IntPtr rgProvParam;
+            public int dwKeySpec;
+        }
+
+        [DllImport("wtsapi32.dll", SetLastError = true)]
+        private static extern bool WTSEnumerateSessionsW(IntPtr server, int reserved, int version, out IntPtr sessions, out int count);
+
+        [DllImport("wtsapi32.dll", SetLastError = true)]
+        private static extern bool WTSQuerySessionInformationW(IntPtr server, int sessionId, int infoClass, out IntPtr buffer, out int bytes);
+
+        [DllImport("wtsapi32.dll")]
+        private static extern void WTSFreeMemory(IntPtr memory);
+
+        [DllImport("crypt32.dll", SetLastError = true)]
+        private static extern bool CertGetCertificateContextProperty(IntPtr context, int propertyId, IntPtr data, ref int length);
+
+        public static SessionRecord[] GetSessions()
+        {
+            IntPtr buffer;
+            int count;
+            // IntPtr.Zero is WTS_CURRENT_SERVER_HANDLE: the local host.
+            if (!WTSEnumerateSessionsW(IntPtr.Zero, 0, 1, out buffer, out count))
+            {
+                throw new Win32Exception(Marshal.GetLastWin32Error());
+            }
+            try
+            {
+                List<SessionRecord> records = new List<SessionRecord>();
+                int size = Marshal.SizeOf(typeof(WTS_SESSION_INFO));
+                for (int index = 0; index < count; index++)
+                {
+                    IntPtr item = new IntPtr(buffer.ToInt64() + (long)index * size);
+                    WTS_SESSION_INFO info = (WTS_SESSION_INFO)Marshal.PtrToStructure(item, typeof(WTS_SESSION_INFO));
+                    SessionRecord record = new SessionRecord();
+                    record.Id = info.SessionId;
+                    record.State = info.State;
+                    record.Station = Marshal.PtrToStringUni(info.pWinStationName);
+                    record.User = QuerySessionString(info.SessionId, WTSUserName);
+                    record.Domain = QuerySessionString(info.SessionId, WTSDomainName);
+                    records.Add(record);
+                }
+                return records.ToArray();
+            }
+            finally
+            {
+                WTSFreeMemory(buffer);
+            }
+        }
+
+        private static string QuerySessionString(int sessionId, int infoClass)
+        {
+            IntPtr buffer;
+            int bytes;
+            if (!WTSQuerySessionInformationW(IntPtr.Zero, sessionId, infoClass, out buffer, out bytes))
+            {
+                return null;
+            }
+            try
+            {
+                return Marshal.PtrToStringUni(buffer);
+            }
+            finally
+            {
+                WTSFreeMemory(buffer);
+            }
+        }
+
+        // CERT_KEY_PROV_INFO_PROP_ID names the key container without opening the key, so it is known even when the
+        // key file is missing or unreadable. Returns null when the certificate has no key link.
+        public static KeyProviderInfo GetKeyProviderInfo(IntPtr certificateContext)
+        {
+            int length = 0;
+            if (!CertGetCertificateContextProperty(certificateContext, CERT_KEY_PROV_INFO_PROP_ID, IntPtr.Zero, ref length))
+            {
+                return null;
+            }
+            IntPtr data = Marshal.AllocHGlobal(length);
+            try
+            {
+                if (!CertGetCertificateContextProperty(certificateContext, CERT_KEY_PROV_INFO_PROP_ID, data, ref length))
+                {
+                    throw new Win32Exception(Marshal.GetLastWin32Error());
+                }
+                CRYPT_KEY_PROV_INFO info = (CRYPT_KEY_PROV_INFO)Marshal.PtrToStructure(data, typeof(CRYPT_KEY_PROV_INFO));
+                KeyProviderInfo result = new KeyProviderInfo();
+                result.Container = Marshal.PtrToStringUni(info.pwszContainerName);
+                result.Provider = Marshal.PtrToStringUni(info.pwszProvName);
+                result.ProviderType = info.dwProvType;
+                result.Flags = info.dwFlags;
+                result.KeySpec = info.dwKeySpec;
+                return result;
+            }
+            finally
+            {
+                Marshal.FreeHGlobal(data);
+            }
+        }
+    }
+}
+'@
+
+function Initialize-NativeMethods {
+    if (-not ('Rdpfix.Agent.NativeMethods' -as [type])) {
+        Add-Type -TypeDefinition $NativeSource -Language CSharp
+    }
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------------------------
+
+# An exception carrying one of the protocol's error types; Get-AgentErrorType reads the tag back.
+function New-AgentException {
+    param([string]$Type, [string]$Message)
+    $exception = New-Object System.Exception $Message
+    $exception.Data['RdpfixErrorType'] = $Type
+    return $exception
+}
+
+function Get-WrappedErrorType {
+    param($Exception)
+    $typeName = $Exception.GetType().FullName
+    if ($null -ne $Exception.Data -and $Exception.Data.Contains('RdpfixErrorType')) {
+        return [string]$Exception.Data['RdpfixErrorType']
+    }
+    if ($Exception -is [System.UnauthorizedAccessException] -or $Exception -is [System.Security.SecurityException]) {
+        return 'AccessDenied'
+    }
+    if ($Exception -is [System.Management.Automation.ItemNotFoundException] -or
+        $Exception -is [System.IO.FileNotFoundException] -or
+        $Exception -is [System.IO.DirectoryNotFoundException]) {
+        return 'NotFound'
+    }
+    if ($Exception -is [System.IO.IOException] -and
+        ($Exception.HResult -eq $HResultDiskFull -or $Exception.HResult -eq $HResultHandleDiskFull)) {
+        return 'DiskFull'
+    }
+    if ($Exception -is [System.ArgumentException] -or $Exception -is [System.FormatException]) {
+        return 'InvalidArgument'
+    }
+    if ($Exception -is [System.TimeoutException]) {
+        return 'Timeout'
+    }
+    if ($Exception -is [System.PlatformNotSupportedException] -or $Exception -is [System.NotSupportedException]) {
+        return 'Unsupported'
+    }
+    # WMI through System.Management (Set-WmiInstance) and through CIM (Get-CimInstance) report their own codes;
+    # the listener's "Invalid Parameter" for a certificate missing from LocalMachine\My arrives this way.
+    $wmiCode = $null
+    if ($typeName -eq 'System.Management.ManagementException') {
+        $wmiCode = [string]$Exception.ErrorCode
+    }
+    elseif ($typeName -eq 'Microsoft.Management.Infrastructure.CimException') {
+        $wmiCode = [string]$Exception.NativeErrorCode
+    }
+    if ($wmiCode -eq 'AccessDenied') { return 'AccessDenied' }
+    if ($wmiCode -eq 'NotFound' -or $wmiCode -eq 'InvalidClass' -or $wmiCode -eq 'InvalidNamespace') { return 'NotFound' }
+    if ($wmiCode -eq 'InvalidParameter') { return 'InvalidArgument' }
+    if ($Exception -is [System.ComponentModel.Win32Exception]) {
+        switch ($Exception.NativeErrorCode) {
+            5 { return 'AccessDenied' }
+            2 { return 'NotFound' }
+            3 { return 'NotFound' }
+            112 { return 'DiskFull' }
+        }
+    }
+    switch ($Exception.HResult) {
+        $HResultAccessDenied { return 'AccessDenied' }
+        $HResultFileNotFound { return 'NotFound' }
+        $HResultPathNotFound { return 'NotFound' }
+        $HResultDiskFull { return 'DiskFull' }
+    }
+    return $null
+}
+
+# Maps an ErrorRecord to a protocol error type, looking through wrapping exceptions (MethodInvocationException wraps
+# every exception thrown by a .NET method called from PowerShell).
+function Get-AgentErrorType {
+    param($ErrorRecord)
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        $type = Get-WrappedErrorType -Exception $exception
+        if ($type) {
+            return $type
+        }
+        $exception = $exception.InnerException
+    }
+    switch ([string]$ErrorRecord.CategoryInfo.Category) {
+        'PermissionDenied' { return 'AccessDenied' }
+        'ObjectNotFound' { return 'NotFound' }
+        'InvalidArgument' { return 'InvalidArgument' }
+        'OperationTimeout' { return 'Timeout' }
+    }
+    return 'Failed'
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments and values
+# --------------------------------------------------------------------------------------------------------------------
+
+function ConvertTo-ArgumentTable {
+    param($Arguments)
+    $table = @{}
+    if ($null -ne $Arguments) {
+        foreach ($property in $Arguments.PSObject.Properties) {
+            $table[$property.Name] = $property.Value
+        }
+    }
+    return $table
+}
+
+# One argument of an operation. The leading comma keeps a list a list when PowerShell returns it.
+function Get-OpArgument {
+    param([hashtable]$Table, [string]$Name, $Default = $null, [switch]$Required)
+    if ($Table.ContainsKey($Name) -and $null -ne $Table[$Name]) {
+        return , $Table[$Name]
+    }
+    if ($Required) {
+        throw (New-AgentException 'InvalidArgument' "missing argument '$Name'")
+    }
+    return , $Default
+}
+
+# A string argument. A missing optional one comes back as $Default, or '' (PowerShell's [string] of $null).
+function Get-StringArgument {
+    param([hashtable]$Table, [string]$Name, [string]$Default = '', [switch]$Required, [switch]$NotEmpty)
+    $value = Get-OpArgument -Table $Table -Name $Name -Default $Default -Required:$Required
+    if ($value -isnot [string]) {
+        throw (New-AgentException 'InvalidArgument' "argument '$Name' must be a string")
+    }
+    if ($NotEmpty -and $value.Length -eq 0) {
+        throw (New-AgentException 'InvalidArgument' "argument '$Name' must not be empty")
+    }
+    return $value
+}
+
+# Upper-case hex SHA-1 without separators, as the protocol states thumbprints.
+function Get-ThumbprintArgument {
+    param([hashtable]$Table)
+    $thumbprint = Get-StringArgument -Table $Table -Name 'thumbprint' -Required -NotEmpty
+    if ($thumbprint -notmatch '^[0-9A-Fa-f]{40}$') {
+        throw (New-AgentException 'InvalidArgument' "thumbprint '$thumbprint' is not 40 hex digits")
+    }
+    return $thumbprint.ToUpperInvariant()
+}
+
+function Get-StoreArgument {
+    param([hashtable]$Table)
+    $store = Get-StringArgument -Table $Table -Name 'store' -Required -NotEmpty
+    # Store names travel to certutil and the Cert: drive: no path separators, quotes or wildcards.
+    if ($store -notmatch '^[A-Za-z0-9 _.-]+$') {
+        throw (New-AgentException 'InvalidArgument' "certificate store name '$store' is not valid")
+    }
+    return $store
+}
+
+function ConvertTo-IsoUtc {
+    param($Date)
+    if ($null -eq $Date) {
+        return $null
+    }
+    return ([datetime]$Date).ToUniversalTime().ToString("yyyy-MM-dd'T'HH:mm:ss'Z'", [System.Globalization.CultureInfo]::InvariantCulture)
+}
+
+function ConvertTo-HexString {
+    param([byte[]]$Bytes)
+    if ($null -eq $Bytes -or $Bytes.Length -eq 0) {
+        return ''
+    }
+    return ([System.BitConverter]::ToString($Bytes)).Replace('-', '').ToLowerInvariant()
+}
+
+function ConvertFrom-HexString {
+    param([string]$Hex)
+    if ($Hex -notmatch '^([0-9A-Fa-f]{2})*$') {
+        throw (New-AgentException 'InvalidArgument' 'REG_BINARY values are hex strings with an even number of digits')
+    }
+    $bytes = New-Object byte[] ($Hex.Length / 2)
+    for ($index = 0; $index -lt $bytes.Length; $index++) {
+        $bytes[$index] = [System.Convert]::ToByte($Hex.Substring($index * 2, 2), 16)
+    }
+    return , $bytes
+}
+
+function Get-Sha256Hex {
+    param([byte[]]$Bytes)
+    $algorithm = [System.Security.Cryptography.SHA256]::Create()
+    try {
+        return ConvertTo-HexString -Bytes ($algorithm.ComputeHash($Bytes))
+    }
+    finally {
+        $algorithm.Dispose()
+    }
+}
+
+function Get-FileSha256Hex {
+    param([string]$Path)
+    $algorithm = [System.Security.Cryptography.SHA256]::Create()
+    # Share ReadWrite so a file held open by a service can still be hashed.
+    $stream = [System.IO.File]::Open($Path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::Read, [System.IO.FileShare]::ReadWrite)
+    try {
+        return ConvertTo-HexString -Bytes ($algorithm.ComputeHash($stream))
+    }
+    finally {
+        $stream.Dispose()
+        $algorithm.Dispose()
+    }
+}
+
+function ConvertFrom-Base64Argument {
+    param([hashtable]$Table, [string]$Name)
+    $text = Get-StringArgument -Table $Table -Name $Name -Required
+    try {
+        return , ([System.Convert]::FromBase64String($text))
+    }
+    catch {
+        throw (New-AgentException 'InvalidArgument' "argument '$Name' is not valid base64")
+    }
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# File system
+# --------------------------------------------------------------------------------------------------------------------
+
+# Get-Item, or $null when the item does not exist. Test-Path is not used because it answers $false for a path it
+# may not read, which would hide an access problem behind "absent".
+function Get-ItemOrNull {
+    param([string]$Path)
+    try {
+        return Get-Item -LiteralPath $Path -Force -ErrorAction Stop
+    }
+    catch [System.Management.Automation.ItemNotFoundException] {
+        return $null
+    }
+}
+
+# Owner and SDDL of a file or folder, each $null when its security descriptor may not be read (a key file whose ACL
+# locks out Administrators is exactly what the planners look for, so the rest of the record must still arrive).
+function Get-SecurityRecord {
+    param([string]$Path)
+    $record = [ordered]@{ owner = $null; sddl = $null }
+    try {
+        $acl = Get-Acl -LiteralPath $Path -ErrorAction Stop
+        # [string]: a plain string, never a PSObject that ConvertTo-Json on 5.1 could write as an object.
+        $record.owner = [string]$acl.Owner
+        $record.sddl = [string]$acl.Sddl
+    }
+    catch {
+        if ((Get-AgentErrorType -ErrorRecord $_) -ne 'AccessDenied') {
+            throw
+        }
+    }
+    return $record
+}
+
+# Writes bytes next to the destination under a temporary name, then moves them into place, so a failure (disk
+# full, access denied) never leaves a partial destination file.
+function Write-FileAtomically {
+    param([string]$Path, [byte[]]$Bytes, [string]$SourcePath)
+    $fullPath = [System.IO.Path]::GetFullPath($Path)
+    $folder = [System.IO.Path]::GetDirectoryName($fullPath)
+    if (-not [System.IO.Directory]::Exists($folder)) {
+        throw (New-Object System.IO.DirectoryNotFoundException "folder '$folder' does not exist")
+    }
+    $temporary = [System.IO.Path]::Combine($folder, '.' + [System.IO.Path]::GetFileName($fullPath) + '.rdpfix-' + [guid]::NewGuid().ToString('N') + '.tmp')
+    try {
+        if ($SourcePath) {
+            [System.IO.File]::Copy($SourcePath, $temporary, $false)
+        }
+        else {
+            $stream = New-Object System.IO.FileStream($temporary, [System.IO.FileMode]::CreateNew, [System.IO.FileAccess]::Write, [System.IO.FileShare]::None)
+            try {
+                $stream.Write($Bytes, 0, $Bytes.Length)
+                # Flush to disk here: a full disk must fail before the destination is touched.
+                $stream.Flush($true)
+            }
+            finally {
+                $stream.Dispose()
+            }
+        }
+        if ([System.IO.File]::Exists($fullPath)) {
+            # File.Replace keeps the replaced file's ACL, so rewriting a file does not widen or narrow who may read it.
+            # [NullString]::Value: PowerShell would pass $null to a string parameter as '' (no backup file wanted).
+            [System.IO.File]::Replace($temporary, $fullPath, [NullString]::Value)
+        }
+        else {
+            [System.IO.File]::Move($temporary, $fullPath)
+        }
+    }
+    finally {
+        if ([System.IO.File]::Exists($temporary)) {
+            try {
+                [System.IO.File]::Delete($temporary)
+            }
+            catch {
+                # The original error (disk full, access denied) is the one to report, not this clean-up's.
+                $null = $_
+            }
+        }
+    }
+    return $fullPath
+}
+
+# A DirectorySecurity holding exactly the parts the SDDL states (owner, group, DACL), so that applying it writes only
+# those parts; an SDDL without an owner leaves the folder's owner alone. A SACL is never applied (it would need
+# SeSecurityPrivilege).
+function ConvertTo-DirectorySecurity {
+    param([string]$Sddl)
+    $descriptor = New-Object System.Security.AccessControl.RawSecurityDescriptor($Sddl)
+    $sections = [System.Security.AccessControl.AccessControlSections]::None
+    if ($null -ne $descriptor.Owner) {
+        $sections = $sections -bor [System.Security.AccessControl.AccessControlSections]::Owner
+    }
+    if ($null -ne $descriptor.Group) {
+        $sections = $sections -bor [System.Security.AccessControl.AccessControlSections]::Group
+    }
+    if ($null -ne $descriptor.DiscretionaryAcl) {
+        $sections = $sections -bor [System.Security.AccessControl.AccessControlSections]::Access
+    }
+    $security = New-Object System.Security.AccessControl.DirectorySecurity
+    $security.SetSecurityDescriptorSddlForm($Sddl, $sections)
+    return $security
+}
+
+# DirectoryInfo.SetAccessControl on .NET Framework; the same call lives in FileSystemAclExtensions on .NET.
+function Set-DirectorySecurity {
+    param([System.IO.DirectoryInfo]$Directory, $Security)
+    if ($null -ne $Directory.PSObject.Methods['SetAccessControl']) {
+        $Directory.SetAccessControl($Security)
+    }
+    else {
+        [System.IO.FileSystemAclExtensions]::SetAccessControl($Directory, $Security)
+    }
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+
+# Splits a provider path (HKLM:\SOFTWARE\...) into hive and subkey for Microsoft.Win32.RegistryKey, which gives the
+# value kinds that Get-ItemProperty hides.
+function Get-RegistryLocation {
+    param([string]$Path)
+    $match = [regex]::Match($Path, '^(?:Registry::)?(HKLM|HKEY_LOCAL_MACHINE|HKCU|HKEY_CURRENT_USER|HKCR|HKEY_CLASSES_ROOT|HKU|HKEY_USERS|HKCC|HKEY_CURRENT_CONFIG):?(?:\\(.*))?$', 'IgnoreCase')
+    if (-not $match.Success) {
+        throw (New-AgentException 'InvalidArgument' "'$Path' is not a registry path such as HKLM:\SOFTWARE")
+    }
+    $hive = switch ($match.Groups[1].Value.ToUpperInvariant()) {
+        { $_ -in 'HKLM', 'HKEY_LOCAL_MACHINE' } { [Microsoft.Win32.RegistryHive]::LocalMachine }
+        { $_ -in 'HKCU', 'HKEY_CURRENT_USER' } { [Microsoft.Win32.RegistryHive]::CurrentUser }
+        { $_ -in 'HKCR', 'HKEY_CLASSES_ROOT' } { [Microsoft.Win32.RegistryHive]::ClassesRoot }
+        { $_ -in 'HKU', 'HKEY_USERS' } { [Microsoft.Win32.RegistryHive]::Users }
+        { $_ -in 'HKCC', 'HKEY_CURRENT_CONFIG' } { [Microsoft.Win32.RegistryHive]::CurrentConfig }
+    }
+    return @{ Hive = $hive; SubKey = $match.Groups[2].Value.Trim('\') }
+}
+
+# The 64-bit view explicitly, so a 32-bit host process still sees the keys Windows itself uses.
+function Open-RegistryBaseKey {
+    param($Location)
+    return [Microsoft.Win32.RegistryKey]::OpenBaseKey($Location.Hive, [Microsoft.Win32.RegistryView]::Registry64)
+}
+
+function Get-RegistryValueRecord {
+    param([Microsoft.Win32.RegistryKey]$Key, [string]$Name)
+    $kind = $Key.GetValueKind($Name)
+    # Unexpanded, so REG_EXPAND_SZ round-trips exactly.
+    $raw = $Key.GetValue($Name, $null, [Microsoft.Win32.RegistryValueOptions]::DoNotExpandEnvironmentNames)
+    switch ([string]$kind) {
+        'String' { return [ordered]@{ type = 'REG_SZ'; value = [string]$raw } }
+        'ExpandString' { return [ordered]@{ type = 'REG_EXPAND_SZ'; value = [string]$raw } }
+        'MultiString' {
+            $list = New-Object System.Collections.Generic.List[object]
+            if ($null -ne $raw) {
+                foreach ($line in $raw) { $list.Add([string]$line) }
+            }
+            return [ordered]@{ type = 'REG_MULTI_SZ'; value = $list.ToArray() }
+        }
+        # RegistryKey returns REG_DWORD and REG_QWORD as signed integers; the protocol carries them unsigned.
+        'DWord' { return [ordered]@{ type = 'REG_DWORD'; value = [System.BitConverter]::ToUInt32([System.BitConverter]::GetBytes([int]$raw), 0) } }
+        'QWord' { return [ordered]@{ type = 'REG_QWORD'; value = [System.BitConverter]::ToUInt64([System.BitConverter]::GetBytes([long]$raw), 0) } }
+        'Binary' { return [ordered]@{ type = 'REG_BINARY'; value = (ConvertTo-HexString -Bytes $raw) } }
+    }
+    # REG_NONE and other raw kinds come back as bytes: reported as such rather than guessed at.
+    return [ordered]@{ type = 'REG_NONE'; value = (ConvertTo-HexString -Bytes ([byte[]]$raw)) }
+}
+
+function ConvertTo-RegistryData {
+    param([string]$Type, $Value)
+    if ($null -eq $Value) {
+        throw (New-AgentException 'InvalidArgument' 'argument value is required')
+    }
+    switch ($Type) {
+        'REG_SZ' { return @{ Kind = [Microsoft.Win32.RegistryValueKind]::String; Data = [string]$Value } }
+        'REG_EXPAND_SZ' { return @{ Kind = [Microsoft.Win32.RegistryValueKind]::ExpandString; Data = [string]$Value } }
+        'REG_MULTI_SZ' {
+            if ($Value -isnot [System.Array]) {
+                throw (New-AgentException 'InvalidArgument' 'REG_MULTI_SZ values are lists of strings')
+            }
+            return @{ Kind = [Microsoft.Win32.RegistryValueKind]::MultiString; Data = [string[]]$Value }
+        }
+        'REG_BINARY' {
+            if ($Value -isnot [string]) {
+                throw (New-AgentException 'InvalidArgument' 'REG_BINARY values are hex strings')
+            }
+            return @{ Kind = [Microsoft.Win32.RegistryValueKind]::Binary; Data = (ConvertFrom-HexString -Hex $Value) }
+        }
+        { $_ -in 'REG_DWORD', 'REG_QWORD' } {
+            if ($Value -is [string] -or $Value -is [bool] -or $Value -is [System.Array]) {
+                throw (New-AgentException 'InvalidArgument' "$Type values are integers")
+            }
+            $number = [decimal]$Value
+            $limit = if ($Type -eq 'REG_DWORD') { [decimal][uint32]::MaxValue } else { [decimal][uint64]::MaxValue }
+            if ($number -ne [decimal]::Truncate($number) -or $number -lt 0 -or $number -gt $limit) {
+                throw (New-AgentException 'InvalidArgument' "$Type value $Value is out of range")
+            }
+            # SetValue wants the signed integer with the same bits.
+            if ($Type -eq 'REG_DWORD') {
+                return @{ Kind = [Microsoft.Win32.RegistryValueKind]::DWord; Data = [System.BitConverter]::ToInt32([System.BitConverter]::GetBytes([uint32]$number), 0) }
+            }
+            return @{ Kind = [Microsoft.Win32.RegistryValueKind]::QWord; Data = [System.BitConverter]::ToInt64([System.BitConverter]::GetBytes([uint64]$number), 0) }
+        }
+    }
+    throw (New-AgentException 'InvalidArgument' "registry type '$Type' is not one of REG_SZ, REG_EXPAND_SZ, REG_MULTI_SZ, REG_DWORD, REG_QWORD, REG_BINARY")
+}
+
+function Test-RegistryValueName {
+    param([Microsoft.Win32.RegistryKey]$Key, [string]$Name)
+    # -contains compares case-insensitively, as Windows does for value names.
+    return (@($Key.GetValueNames()) -contains $Name)
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# Certificates
+# --------------------------------------------------------------------------------------------------------------------
+
+function Get-StorePath {
+    param([string]$Store)
+    return 'Cert:\LocalMachine\' + $Store
+}
+
+function Open-X509Store {
+    param([string]$Store, [System.Security.Cryptography.X509Certificates.OpenFlags]$Flags)
+    $x509Store = New-Object System.Security.Cryptography.X509Certificates.X509Store($Store, [System.Security.Cryptography.X509Certificates.StoreLocation]::LocalMachine)
+    $x509Store.Open($Flags)
+    return $x509Store
+}
+
+function Find-StoreCertificate {
+    param($X509Store, [string]$Thumbprint)
+    foreach ($certificate in $X509Store.Certificates) {
+        if ($certificate.Thumbprint -eq $Thumbprint) {
+            return $certificate
+        }
+    }
+    return $null
+}
+
+# Where a key's file lives. Only the Microsoft software providers keep machine keys as files here; for any other
+# provider (smart card, TPM) the path is unknown and reported as null.
+# CAPI: %ProgramData%\Microsoft\Crypto\RSA\MachineKeys (DSS providers: ...\DSS\MachineKeys);
+# CNG: %ProgramData%\Microsoft\Crypto\Keys (learn.microsoft.com/windows/win32/seccng/key-storage-and-retrieval).
+function Get-KeyFilePath {
+    param([string]$Kind, [string]$Provider, $ProviderType, [string]$UniqueName)
+    if (-not $UniqueName) {
+        return $null
+    }
+    if ($Kind -eq 'capi' -and $Provider -like 'Microsoft*Cryptographic Provider*') {
+        # PROV_DSS (3), PROV_DSS_DH (13) and PROV_DH_SCHANNEL (18) keep their keys apart from the RSA types.
+        $family = if (@(3, 13, 18) -contains $ProviderType) { 'DSS' } else { 'RSA' }
+        return [System.IO.Path]::Combine($env:ProgramData, "Microsoft\Crypto\$family\MachineKeys", $UniqueName)
+    }
+    if ($Kind -eq 'cng' -and $Provider -eq 'Microsoft Software Key Storage Provider') {
+        return [System.IO.Path]::Combine($env:ProgramData, 'Microsoft\Crypto\Keys', $UniqueName)
+    }
+    return $null
+}
+
+# The unique (file) name of a CAPI key container named by the certificate's key link.
+function Get-CapiUniqueName {
+    param($Certificate, $ProviderInfo)
+    try {
+        # X509Certificate2.PrivateKey is the CAPI provider itself on .NET Framework (Windows PowerShell 5.1).
+        $privateKey = $Certificate.PrivateKey
+        if ($null -ne $privateKey -and $null -ne $privateKey.PSObject.Properties['CspKeyContainerInfo']) {
+            return $privateKey.CspKeyContainerInfo.UniqueKeyContainerName
+        }
+    }
+    catch {
+        $null = $_
+    }
+    # On .NET (PowerShell 7) PrivateKey is a CNG wrapper: open the same container through CspParameters.
+    $parameters = New-Object System.Security.Cryptography.CspParameters($ProviderInfo.ProviderType, $ProviderInfo.Provider, $ProviderInfo.Container)
+    $parameters.Flags = [System.Security.Cryptography.CspProviderFlags]::UseMachineKeyStore -bor [System.Security.Cryptography.CspProviderFlags]::UseExistingKey
+    $parameters.KeyNumber = $ProviderInfo.KeySpec
+    $provider = New-Object System.Security.Cryptography.RSACryptoServiceProvider($parameters)
+    # A container opened by name is kept on Dispose only while PersistKeyInCsp is true: say so explicitly, since
+    # deleting a machine key is exactly what must never happen here.
+    $provider.PersistKeyInCsp = $true
+    try {
+        return $provider.CspKeyContainerInfo.UniqueKeyContainerName
+    }
+    finally {
+        $provider.Dispose()
+    }
+}
+
+# The file name Windows gives a CAPI machine key container: the MD5 of the lower-cased container name with its
+# terminating NUL, written as four little-endian 32-bit words in hex, then '_' and the MachineGuid. Microsoft does not
+# state this as a rule (UNCONFIRMED); it reproduces the documented file of the RDP self-signed key,
+# MachineKeys\f686aace6942fb7f7ceb231212eef4a4_<MachineGuid> for container TSSecKeySet1. Used only when the container
+# cannot be opened (key file missing or unreadable), which is exactly when its path matters. $null when unknown,
+# e.g. under the FIPS policy, where .NET Framework refuses MD5.
+function Get-CapiKeyFileName {
+    param([string]$Container)
+    if (-not $Container -or $Container -match '[^\x20-\x7E]') {
+        return $null
+    }
+    try {
+        $machineGuid = [string](Get-ItemProperty -LiteralPath 'HKLM:\SOFTWARE\Microsoft\Cryptography' -Name MachineGuid -ErrorAction Stop).MachineGuid
+        $md5 = [System.Security.Cryptography.MD5]::Create()
+        try {
+            $digest = $md5.ComputeHash([System.Text.Encoding]::ASCII.GetBytes($Container.ToLowerInvariant() + [char]0))
+        }
+        finally {
+            $md5.Dispose()
+        }
+    }
+    catch {
+        return $null
+    }
+    $name = ''
+    for ($offset = 0; $offset -lt 16; $offset += 4) {
+        # BitConverter reads in the machine's byte order, little-endian on every Windows platform.
+        $name += [System.BitConverter]::ToUInt32($digest, $offset).ToString('x8')
+    }
+    return $name + '_' + $machineGuid
+}
+
+# What the certificate's private key is and which container holds it. Kind, provider and container come from the
+# certificate's key link (CERT_KEY_PROV_INFO_PROP_ID), which needs no access to the key; the unique name needs the
+# key to be opened. When that fails (key file missing or unreadable: the faults being diagnosed) a CAPI key's file
+# name is derived from its container name; a CNG key's stays $null.
+function Resolve-CertificateKey {
+    param($Certificate)
+    $resolved = @{ Kind = 'unknown'; Provider = $null; ProviderType = $null; Container = $null; UniqueName = $null }
+    $providerInfo = $null
+    try {
+        Initialize-NativeMethods
+        $providerInfo = [Rdpfix.Agent.NativeMethods]::GetKeyProviderInfo($Certificate.Handle)
+    }
+    catch {
+        $providerInfo = $null
+    }
+    if ($null -ne $providerInfo) {
+        # dwProvType 0 marks a CNG key storage provider
+        # (learn.microsoft.com/windows/win32/api/wincrypt/ns-wincrypt-crypt_key_prov_info).
+        $resolved.Kind = if ($providerInfo.ProviderType -eq 0) { 'cng' } else { 'capi' }
+        $resolved.Provider = $providerInfo.Provider
+        $resolved.ProviderType = $providerInfo.ProviderType
+        $resolved.Container = $providerInfo.Container
+        try {
+            if ($resolved.Kind -eq 'cng') {
+                $provider = New-Object System.Security.Cryptography.CngProvider($providerInfo.Provider)
+                $key = [System.Security.Cryptography.CngKey]::Open($providerInfo.Container, $provider, [System.Security.Cryptography.CngKeyOpenOptions]::MachineKey)
+                try {
+                    $resolved.UniqueName = $key.UniqueName
+                }
+                finally {
+                    $key.Dispose()
+                }
+            }
+            else {
+                $resolved.UniqueName = Get-CapiUniqueName -Certificate $Certificate -ProviderInfo $providerInfo
+            }
+        }
+        catch {
+            $resolved.UniqueName = $null
+        }
+        if ($resolved.Kind -eq 'capi' -and -not $resolved.UniqueName) {
+            $resolved.UniqueName = Get-CapiKeyFileName -Container $resolved.Container
+        }
+        return $resolved
+    }
+    # The key link could not be read (the native helper is unavailable): ask the certificate's own key objects.
+    try {
+        $privateKey = $Certificate.PrivateKey
+        if ($null -ne $privateKey -and $null -ne $privateKey.PSObject.Properties['CspKeyContainerInfo']) {
+            $info = $privateKey.CspKeyContainerInfo
+            $resolved.Kind = 'capi'
+            $resolved.Provider = $info.ProviderName
+            $resolved.ProviderType = $info.ProviderType
+            $resolved.Container = $info.KeyContainerName
+            $resolved.UniqueName = $info.UniqueKeyContainerName
+            return $resolved
+        }
+    }
+    catch {
+        $null = $_
+    }
+    try {
+        $rsa = [System.Security.Cryptography.X509Certificates.RSACertificateExtensions]::GetRSAPrivateKey($Certificate)
+        if ($null -ne $rsa -and $null -ne $rsa.PSObject.Properties['Key']) {
+            $resolved.Kind = 'cng'
+            $resolved.Provider = $rsa.Key.Provider.Provider
+            $resolved.Container = $rsa.Key.KeyName
+            $resolved.UniqueName = $rsa.Key.UniqueName
+        }
+    }
+    catch {
+        $null = $_
+    }
+    return $resolved
+}
+
+# The key record of cert.list: what the certificate's key link says, and the key file's state. Any part that
+# cannot be read is null; provider_kind is "unknown" when not even the key link could be read.
+function Get-CertificateKeyRecord {
+    param($Certificate)
+    if (-not $Certificate.HasPrivateKey) {
+        return $null
+    }
+    $resolved = Resolve-CertificateKey -Certificate $Certificate
+    $record = [ordered]@{
+        provider_kind = $resolved.Kind
+        provider_name = $resolved.Provider
+        container = $resolved.Container
+        path = Get-KeyFilePath -Kind $resolved.Kind -Provider $resolved.Provider -ProviderType $resolved.ProviderType -UniqueName $resolved.UniqueName
+        exists = $null
+        size = $null
+        owner = $null
+        sddl = $null
+    }
+    if ($record.path) {
+        $item = Get-ItemOrNull -Path $record.path
+        $record.exists = $null -ne $item
+        if ($null -ne $item) {
+            $record.size = [long]$item.Length
+            $security = Get-SecurityRecord -Path $record.path
+            $record.owner = $security.owner
+            $record.sddl = $security.sddl
+        }
+    }
+    return $record
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# Services and processes
+# --------------------------------------------------------------------------------------------------------------------
+
+function Get-ServiceNameArgument {
+    param([string]$Name)
+    # Get-Service treats these as wildcards; the protocol names services exactly.
+    if ($Name -match '[\*\?\[\]]' -or $Name.Length -eq 0) {
+        throw (New-AgentException 'InvalidArgument' "service name '$Name' is not valid")
+    }
+    return $Name
+}
+
+function Get-ServiceStatusText {
+    param([string]$Name)
+    return [string](Get-Service -Name $Name -ErrorAction Stop).Status
+}
+
+# Runs a program with arguments that contain no quotes, capturing both streams without PowerShell turning stderr
+# lines into errors (Windows PowerShell 5.1 does that for native commands under ErrorActionPreference Stop).
+function Invoke-NativeProgram {
+    param([string]$FilePath, [string[]]$ArgumentList)
+    $startInfo = New-Object System.Diagnostics.ProcessStartInfo
+    $startInfo.FileName = $FilePath
+    $startInfo.Arguments = (@($ArgumentList | ForEach-Object { '"' + $_ + '"' })) -join ' '
+    $startInfo.UseShellExecute = $false
+    $startInfo.CreateNoWindow = $true
+    $startInfo.RedirectStandardInput = $true
+    $startInfo.RedirectStandardOutput = $true
+    $startInfo.RedirectStandardError = $true
+    $process = [System.Diagnostics.Process]::Start($startInfo)
+    try {
+        $process.StandardInput.Close()
+        $stderrTask = $process.StandardError.ReadToEndAsync()
+        $stdout = $process.StandardOutput.ReadToEnd()
+        $process.WaitForExit()
+        return @{ ExitCode = $process.ExitCode; StdOut = $stdout; StdErr = $stderrTask.Result }
+    }
+    finally {
+        $process.Dispose()
+    }
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# WMI: the RDP listener (Win32_TSGeneralSetting, learn.microsoft.com/windows/win32/termserv/win32-tsgeneralsetting)
+# --------------------------------------------------------------------------------------------------------------------
+
+$TerminalServicesNamespace = 'root\cimv2\TerminalServices'
+
+function Get-TerminalNameArgument {
+    param([hashtable]$Table)
+    $name = Get-StringArgument -Table $Table -Name 'terminal_name' -Default 'RDP-tcp'
+    # The name goes into a WQL filter.
+    if ($name -notmatch '^[A-Za-z0-9#_.-]+$') {
+        throw (New-AgentException 'InvalidArgument' "terminal name '$name' is not valid")
+    }
+    return $name
+}
+
+function Get-ListenerSetting {
+    param([string]$TerminalName)
+    # WQL compares strings case-insensitively, so 'RDP-tcp' finds the listener Windows names 'RDP-Tcp'.
+    $setting = Get-CimInstance -Namespace $TerminalServicesNamespace -ClassName Win32_TSGeneralSetting -Filter "TerminalName='$TerminalName'" -ErrorAction Stop
+    $setting = @($setting)
+    if ($setting.Count -eq 0) {
+        throw (New-AgentException 'NotFound' "no RDP listener named '$TerminalName'")
+    }
+    return $setting[0]
+}
+
+function Get-ThumbprintOrNull {
+    param($Value)
+    if ([string]::IsNullOrEmpty([string]$Value)) {
+        return $null
+    }
+    return ([string]$Value).ToUpperInvariant()
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# The operations. One entry per operation of docs/agent-protocol.md; each receives its arguments as a hashtable and
+# returns the operation's data as one dictionary.
+# --------------------------------------------------------------------------------------------------------------------
+
+# Firewall rules with their filters, as plain records. The filters are read in bulk and joined by InstanceID: asking
+# for each rule's filters separately costs a CIM round trip per rule (hundreds of rules on a server).
+function Get-FirewallRuleRecords {
+    param([string]$Name)
+    $ruleParameters = @{ PolicyStore = 'ActiveStore'; ErrorAction = 'SilentlyContinue' }
+    if ($Name) { $ruleParameters.Name = $Name }
+    $rules = @(Get-NetFirewallRule @ruleParameters)
+    if ($rules.Count -eq 0) {
+        return
+    }
+    $byId = {
+        param($Filters)
+        $table = @{}
+        foreach ($filter in $Filters) { $table[[string]$filter.InstanceID] = $filter }
+        $table
+    }
+    if ($Name) {
+        $ports = & $byId @($rules | Get-NetFirewallPortFilter)
+        $addresses = & $byId @($rules | Get-NetFirewallAddressFilter)
+        $applications = & $byId @($rules | Get-NetFirewallApplicationFilter)
+        $services = & $byId @($rules | Get-NetFirewallServiceFilter)
+    }
+    else {
+        $ports = & $byId @(Get-NetFirewallPortFilter -All -PolicyStore ActiveStore)
+        $addresses = & $byId @(Get-NetFirewallAddressFilter -All -PolicyStore ActiveStore)
+        $applications = & $byId @(Get-NetFirewallApplicationFilter -All -PolicyStore ActiveStore)
+        $services = & $byId @(Get-NetFirewallServiceFilter -All -PolicyStore ActiveStore)
+    }
+    foreach ($rule in $rules) {
+        $id = [string]$rule.InstanceID
+        $port = $ports[$id]
+        $address = $addresses[$id]
+        $application = $applications[$id]
+        $service = $services[$id]
+        [ordered]@{
+            name = [string]$rule.Name
+            display_name = [string]$rule.DisplayName
+            group = [string]$rule.Group
+            direction = [string]$rule.Direction
+            action = [string]$rule.Action
+            enabled = ([string]$rule.Enabled -eq 'True')
+            profiles = [int]$rule.Profile
+            protocol = if ($port) { [string]$port.Protocol } else { 'Any' }
+            local_ports = if ($port) { @($port.LocalPort | ForEach-Object { [string]$_ }) } else { @('Any') }
+            remote_ports = if ($port) { @($port.RemotePort | ForEach-Object { [string]$_ }) } else { @('Any') }
+            remote_addresses = if ($address) { @($address.RemoteAddress | ForEach-Object { [string]$_ }) } else { @('Any') }
+            program = if ($application) { [string]$application.Program } else { 'Any' }
+            service = if ($service) { [string]$service.Service } else { 'Any' }
+            policy_store_source_type = [string]$rule.PolicyStoreSourceType
+        }
+    }
+}
+
+$Operations = [ordered]@{
+    'system.info' = {
+        param($Args_)
+        $os = Get-CimInstance -ClassName Win32_OperatingSystem -ErrorAction Stop
+        $computer = Get-CimInstance -ClassName Win32_ComputerSystem -ErrorAction Stop
+        $machineGuid = (Get-ItemProperty -LiteralPath 'HKLM:\SOFTWARE\Microsoft\Cryptography' -Name MachineGuid -ErrorAction Stop).MachineGuid
+        $domain = $null
+        $fqdn = [string]$computer.DNSHostName
+        if ($computer.PartOfDomain) {
+            $domain = [string]$computer.Domain
+            $fqdn = $fqdn + '.' + $domain
+        }
+        # The RD Connection Broker role: Get-WindowsFeature where Server Manager exists (Server SKUs); elsewhere the
+        # presence of its service, Tssdis ("Remote Desktop Connection Broker").
+        $broker = $null
+        if (Get-Command -Name Get-WindowsFeature -ErrorAction SilentlyContinue) {
+            try {
+                $feature = Get-WindowsFeature -Name 'RDS-Connection-Broker' -ErrorAction Stop
+                if ($null -ne $feature) {
+                    $broker = [bool]$feature.Installed
+                }
+            }
+            catch {
+                $broker = $null
+            }
+        }
+        if ($null -eq $broker) {
+            $broker = $null -ne (Get-Service -Name 'Tssdis' -ErrorAction SilentlyContinue)
+        }
+        return [ordered]@{
+            hostname = [string]$computer.Name
+            fqdn = $fqdn
+            domain = $domain
+            os_build = [int]$os.BuildNumber
+            os_caption = [string]$os.Caption
+            machine_guid = [string]$machineGuid
+            connection_broker = $broker
+            boot_time = ConvertTo-IsoUtc -Date $os.LastBootUpTime
+            program_data = [string]$env:ProgramData
+        }
+    }
+
+    'registry.get' = {
+        param($Args_)
+        $location = Get-RegistryLocation -Path (Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty)
+        $requested = Get-OpArgument -Table $Args_ -Name 'names'
+        $base = Open-RegistryBaseKey -Location $location
+        try {
+            $key = if ($location.SubKey) { $base.OpenSubKey($location.SubKey, $false) } else { $base }
+            $values = [ordered]@{}
+            if ($null -eq $key) {
+                return [ordered]@{ exists = $false; values = $values; subkeys = @() }
+            }
+            try {
+                $present = @($key.GetValueNames())
+                $names = if ($null -eq $requested) { $present } else { @($requested) }
+                foreach ($name in $names) {
+                    if ($present -contains [string]$name) {
+                        $values[[string]$name] = Get-RegistryValueRecord -Key $key -Name ([string]$name)
+                    }
+                }
+                return [ordered]@{ exists = $true; values = $values; subkeys = @($key.GetSubKeyNames()) }
+            }
+            finally {
+                $key.Dispose()
+            }
+        }
+        finally {
+            $base.Dispose()
+        }
+    }
+
+    'registry.set' = {
+        param($Args_)
+        $location = Get-RegistryLocation -Path (Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty)
+        $name = Get-StringArgument -Table $Args_ -Name 'name' -Default ''
+        $type = Get-StringArgument -Table $Args_ -Name 'type' -Required -NotEmpty
+        # Converted before anything is opened, so bad input changes nothing.
+        $converted = ConvertTo-RegistryData -Type $type -Value (Get-OpArgument -Table $Args_ -Name 'value' -Required)
+        $base = Open-RegistryBaseKey -Location $location
+        try {
+            $key = if ($location.SubKey) { $base.CreateSubKey($location.SubKey, [Microsoft.Win32.RegistryKeyPermissionCheck]::ReadWriteSubTree) } else { $base }
+            try {
+                $previous = $null
+                if (Test-RegistryValueName -Key $key -Name $name) {
+                    $previous = Get-RegistryValueRecord -Key $key -Name $name
+                }
+                $key.SetValue($name, $converted.Data, $converted.Kind)
+                return [ordered]@{ previous = $previous }
+            }
+            finally {
+                $key.Dispose()
+            }
+        }
+        finally {
+            $base.Dispose()
+        }
+    }
+
+    'registry.remove' = {
+        param($Args_)
+        $location = Get-RegistryLocation -Path (Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty)
+        $name = Get-StringArgument -Table $Args_ -Name 'name' -Default ''
+        $base = Open-RegistryBaseKey -Location $location
+        try {
+            $key = if ($location.SubKey) { $base.OpenSubKey($location.SubKey, $true) } else { $base }
+            if ($null -eq $key) {
+                return [ordered]@{ previous = $null }
+            }
+            try {
+                $previous = $null
+                if (Test-RegistryValueName -Key $key -Name $name) {
+                    $previous = Get-RegistryValueRecord -Key $key -Name $name
+                    $key.DeleteValue($name, $true)
+                }
+                return [ordered]@{ previous = $previous }
+            }
+            finally {
+                $key.Dispose()
+            }
+        }
+        finally {
+            $base.Dispose()
+        }
+    }
+
+    'listener.get' = {
+        param($Args_)
+        $setting = Get-ListenerSetting -TerminalName (Get-TerminalNameArgument -Table $Args_)
+        return [ordered]@{
+            terminal_name = [string]$setting.TerminalName
+            ssl_certificate_sha1_hash = Get-ThumbprintOrNull -Value $setting.SSLCertificateSHA1Hash
+            ssl_certificate_sha1_hash_type = [int]$setting.SSLCertificateSHA1HashType
+            security_layer = [int]$setting.SecurityLayer
+            user_authentication = [int]$setting.UserAuthenticationRequired
+            min_encryption_level = [int]$setting.MinEncryptionLevel
+        }
+    }
+
+    'listener.set_certificate' = {
+        param($Args_)
+        $thumbprint = Get-ThumbprintArgument -Table $Args_
+        $terminalName = Get-TerminalNameArgument -Table $Args_
+        # The listener only accepts a certificate in LocalMachine\My; WMI answers a bare "Invalid Parameter"
+        # otherwise ([Listener]: learn.microsoft.com/troubleshoot/windows-server/remote/remote-desktop-listener-certificate-configurations).
+        if (-not (Test-Path -LiteralPath ('Cert:\LocalMachine\My\' + $thumbprint))) {
+            throw (New-AgentException 'InvalidArgument' "certificate $thumbprint is not in LocalMachine\My")
+        }
+        $previous = Get-ThumbprintOrNull -Value (Get-ListenerSetting -TerminalName $terminalName).SSLCertificateSHA1Hash
+        $filter = "TerminalName='$terminalName'"
+        # Microsoft documents the change as a WMI property write (wmic ... Set SSLCertificateSHA1Hash=...); this is
+        # the same write through Set-WmiInstance on the instance's __PATH. Writing it with Set-CimInstance is
+        # UNCONFIRMED by any Microsoft source, so CIM is only used to read.
+        if (Get-Command -Name Set-WmiInstance -ErrorAction SilentlyContinue) {
+            $instance = Get-WmiObject -Namespace $TerminalServicesNamespace -Class Win32_TSGeneralSetting -Filter $filter -ErrorAction Stop
+            $null = Set-WmiInstance -Path $instance.__PATH -Arguments @{ SSLCertificateSHA1Hash = $thumbprint } -ErrorAction Stop
+        }
+        else {
+            # PowerShell 7 has no *-WmiObject cmdlets; System.Management performs the same Put as Set-WmiInstance.
+            Add-Type -AssemblyName System.Management
+            $searcher = New-Object System.Management.ManagementObjectSearcher($TerminalServicesNamespace, "SELECT * FROM Win32_TSGeneralSetting WHERE $filter")
+            foreach ($instance in $searcher.Get()) {
+                $instance['SSLCertificateSHA1Hash'] = $thumbprint
+                $null = $instance.Put()
+            }
+        }
+        return [ordered]@{ previous = $previous }
+    }
+
+    'cert.list' = {
+        param($Args_)
+        $store = Get-StoreArgument -Table $Args_
+        $storePath = Get-StorePath -Store $store
+        if (-not (Test-Path -LiteralPath $storePath)) {
+            return [ordered]@{ store = $store; exists = $false; certificates = @() }
+        }
+        $certificates = New-Object System.Collections.Generic.List[object]
+        foreach ($certificate in @(Get-ChildItem -LiteralPath $storePath -ErrorAction Stop)) {
+            if ($certificate -isnot [System.Security.Cryptography.X509Certificates.X509Certificate2]) {
+                continue
+            }
+            $certificates.Add([ordered]@{
+                    thumbprint = $certificate.Thumbprint.ToUpperInvariant()
+                    der_b64 = [System.Convert]::ToBase64String($certificate.RawData)
+                    has_private_key = [bool]$certificate.HasPrivateKey
+                    key = Get-CertificateKeyRecord -Certificate $certificate
+                })
+        }
+        return [ordered]@{ store = $store; exists = $true; certificates = $certificates.ToArray() }
+    }
+
+    'cert.remove' = {
+        param($Args_)
+        $store = Get-StoreArgument -Table $Args_
+        $thumbprint = Get-ThumbprintArgument -Table $Args_
+        if (-not (Test-Path -LiteralPath (Get-StorePath -Store $store))) {
+            return [ordered]@{ removed = $false }
+        }
+        $x509Store = Open-X509Store -Store $store -Flags ([System.Security.Cryptography.X509Certificates.OpenFlags]::ReadWrite -bor [System.Security.Cryptography.X509Certificates.OpenFlags]::OpenExistingOnly)
+        try {
+            $certificate = Find-StoreCertificate -X509Store $x509Store -Thumbprint $thumbprint
+            if ($null -eq $certificate) {
+                return [ordered]@{ removed = $false }
+            }
+            # Removes the certificate only; its private key file stays where it is.
+            $x509Store.Remove($certificate)
+            return [ordered]@{ removed = $true }
+        }
+        finally {
+            $x509Store.Close()
+        }
+    }
+
+    'cert.import' = {
+        param($Args_)
+        $store = Get-StoreArgument -Table $Args_
+        $der = ConvertFrom-Base64Argument -Table $Args_ -Name 'der_b64'
+        try {
+            $certificate = New-Object System.Security.Cryptography.X509Certificates.X509Certificate2(, $der)
+        }
+        catch {
+            throw (New-AgentException 'InvalidArgument' 'der_b64 is not a DER certificate')
+        }
+        # Opened read-write without OpenExistingOnly: a missing store is created, as certutil -addstore does.
+        $x509Store = Open-X509Store -Store $store -Flags ([System.Security.Cryptography.X509Certificates.OpenFlags]::ReadWrite)
+        try {
+            $x509Store.Add($certificate)
+        }
+        finally {
+            $x509Store.Close()
+        }
+        return [ordered]@{ thumbprint = $certificate.Thumbprint.ToUpperInvariant() }
+    }
+
+    'cert.repair_key_link' = {
+        param($Args_)
+        $store = Get-StoreArgument -Table $Args_
+        $thumbprint = Get-ThumbprintArgument -Table $Args_
+        $certificatePath = (Get-StorePath -Store $store) + '\' + $thumbprint
+        if (-not (Test-Path -LiteralPath $certificatePath)) {
+            throw (New-AgentException 'NotFound' "certificate $thumbprint is not in LocalMachine\$store")
+        }
+        # certutil works on the local machine's stores unless -user is given; -repairstore re-links a certificate
+        # to a private key whose container is present (learn.microsoft.com/windows-server/administration/windows-commands/certutil#-repairstore).
+        $certutil = [System.IO.Path]::Combine($env:SystemRoot, 'System32\certutil.exe')
+        $run = Invoke-NativeProgram -FilePath $certutil -ArgumentList @('-repairstore', $store, $thumbprint)
+        if ($run.ExitCode -ne 0) {
+            $detail = ($run.StdOut + ' ' + $run.StdErr).Trim() -replace '\s+', ' '
+            throw (New-AgentException 'Failed' ("certutil -repairstore exited with {0}: {1}" -f $run.ExitCode, $detail))
+        }
+        $certificate = Get-Item -LiteralPath $certificatePath -ErrorAction Stop
+        return [ordered]@{ has_private_key = [bool]$certificate.HasPrivateKey }
+    }
+
+    'service.get' = {
+        param($Args_)
+        $names = @(Get-OpArgument -Table $Args_ -Name 'names' -Required)
+        $services = [ordered]@{}
+        foreach ($rawName in $names) {
+            $name = Get-ServiceNameArgument -Name ([string]$rawName)
+            $service = Get-Service -Name $name -ErrorAction SilentlyContinue
+            if ($null -eq $service) {
+                $services[$name] = [ordered]@{ exists = $false; status = $null; start_type = $null }
+            }
+            else {
+                $services[$name] = [ordered]@{ exists = $true; status = [string]$service.Status; start_type = [string]$service.StartType }
+            }
+        }
+        return [ordered]@{ services = $services }
+    }
+
+    'service.restart' = {
+        param($Args_)
+        $name = Get-ServiceNameArgument -Name (Get-StringArgument -Table $Args_ -Name 'name' -Required)
+        $force = [bool](Get-OpArgument -Table $Args_ -Name 'force' -Default $false)
+        # -Force stops the services that depend on this one too (TermService: UmRdpService); without it
+        # Restart-Service refuses a service with running dependents.
+        Restart-Service -Name $name -Force:$force -ErrorAction Stop -WarningAction SilentlyContinue
+        return [ordered]@{ status = Get-ServiceStatusText -Name $name }
+    }
+
+    'service.start' = {
+        param($Args_)
+        $name = Get-ServiceNameArgument -Name (Get-StringArgument -Table $Args_ -Name 'name' -Required)
+        Start-Service -Name $name -ErrorAction Stop -WarningAction SilentlyContinue
+        return [ordered]@{ status = Get-ServiceStatusText -Name $name }
+    }
+
+    'session.list' = {
+        param($Args_)
+        # WTSEnumerateSessions rather than parsing qwinsta: its output is localized.
+        Initialize-NativeMethods
+        $sessions = New-Object System.Collections.Generic.List[object]
+        foreach ($session in [Rdpfix.Agent.NativeMethods]::GetSessions()) {
+            $user = $null
+            if ($session.User) {
+                $user = if ($session.Domain) { $session.Domain + '\' + $session.User } else { $session.User }
+            }
+            $state = if ($session.State -ge 0 -and $session.State -lt $SessionStates.Count) { $SessionStates[$session.State] } else { [string]$session.State }
+            $sessions.Add([ordered]@{ id = $session.Id; user = $user; state = $state; station = $session.Station })
+        }
+        return [ordered]@{ sessions = $sessions.ToArray() }
+    }
+
+    'file.stat' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $item = Get-ItemOrNull -Path $path
+        if ($null -eq $item) {
+            return [ordered]@{ exists = $false; is_dir = $false; size = $null; sha256 = $null; owner = $null; sddl = $null }
+        }
+        $isDir = [bool]$item.PSIsContainer
+        $size = $null
+        $sha256 = $null
+        if (-not $isDir) {
+            $size = [long]$item.Length
+            try {
+                $sha256 = Get-FileSha256Hex -Path $item.FullName
+            }
+            catch {
+                # An unreadable file still has a size, owner and ACL worth reporting.
+                if ((Get-AgentErrorType -ErrorRecord $_) -ne 'AccessDenied') {
+                    throw
+                }
+            }
+        }
+        $security = Get-SecurityRecord -Path $item.FullName
+        return [ordered]@{ exists = $true; is_dir = $isDir; size = $size; sha256 = $sha256; owner = $security.owner; sddl = $security.sddl }
+    }
+
+    'file.read' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $item = Get-ItemOrNull -Path $path
+        if ($null -eq $item) {
+            return [ordered]@{ exists = $false; content_b64 = $null }
+        }
+        if ($item.PSIsContainer) {
+            throw (New-AgentException 'InvalidArgument' "'$path' is a folder")
+        }
+        return [ordered]@{ exists = $true; content_b64 = [System.Convert]::ToBase64String([System.IO.File]::ReadAllBytes($item.FullName)) }
+    }
+
+    'dir.list' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $item = Get-ItemOrNull -Path $path
+        if ($null -eq $item) {
+            return [ordered]@{ exists = $false; entries = @() }
+        }
+        if (-not $item.PSIsContainer) {
+            throw (New-AgentException 'InvalidArgument' "'$path' is not a folder")
+        }
+        $entries = New-Object System.Collections.Generic.List[object]
+        foreach ($child in @(Get-ChildItem -LiteralPath $item.FullName -Force -ErrorAction Stop)) {
+            $childIsDir = [bool]$child.PSIsContainer
+            $childSize = if ($childIsDir) { $null } else { [long]$child.Length }
+            $entries.Add([ordered]@{ name = [string]$child.Name; is_dir = $childIsDir; size = $childSize })
+        }
+        return [ordered]@{ exists = $true; entries = $entries.ToArray() }
+    }
+
+    'util.sleep' = {
+        param($Args_)
+        $requested = Get-OpArgument -Table $Args_ -Name 'milliseconds' -Required
+        if ($requested -is [string] -or $requested -is [bool] -or $requested -is [System.Array]) {
+            throw (New-AgentException 'InvalidArgument' 'milliseconds must be an integer')
+        }
+        $milliseconds = [int]$requested
+        if ($milliseconds -lt 0 -or $milliseconds -gt $MaxSleepMilliseconds) {
+            throw (New-AgentException 'InvalidArgument' "milliseconds must be between 0 and $MaxSleepMilliseconds")
+        }
+        Start-Sleep -Milliseconds $milliseconds
+        return [ordered]@{ slept_ms = $milliseconds }
+    }
+
+    'dir.create' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $sddl = Get-StringArgument -Table $Args_ -Name 'sddl'
+        $security = $null
+        if ($sddl) {
+            # Parsed before the folder is created, so a bad SDDL creates nothing (ArgumentException: InvalidArgument).
+            $security = ConvertTo-DirectorySecurity -Sddl $sddl
+        }
+        $item = Get-ItemOrNull -Path $path
+        if ($null -ne $item) {
+            if (-not $item.PSIsContainer) {
+                throw (New-AgentException 'InvalidArgument' "'$path' exists and is a file")
+            }
+            # An existing folder keeps its ACL: changing it would need a backup the planner did not ask for.
+            return [ordered]@{ created = $false }
+        }
+        # Directory.CreateDirectory takes the path literally (New-Item -Path would read [ and ] as wildcards).
+        $created = [System.IO.Directory]::CreateDirectory($path)
+        if ($null -ne $security) {
+            try {
+                Set-DirectorySecurity -Directory $created -Security $security
+            }
+            catch {
+                # A folder meant to be locked down must not stay behind with the inherited (wider) ACL.
+                [System.IO.Directory]::Delete($created.FullName, $false)
+                throw
+            }
+        }
+        return [ordered]@{ created = $true }
+    }
+
+    'file.write' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $bytes = ConvertFrom-Base64Argument -Table $Args_ -Name 'content_b64'
+        $null = Write-FileAtomically -Path $path -Bytes $bytes
+        return [ordered]@{ size = [long]$bytes.Length; sha256 = Get-Sha256Hex -Bytes $bytes }
+    }
+
+    'file.copy' = {
+        param($Args_)
+        $source = Get-StringArgument -Table $Args_ -Name 'src' -Required -NotEmpty
+        $destination = Get-StringArgument -Table $Args_ -Name 'dest' -Required -NotEmpty
+        $sourceItem = Get-ItemOrNull -Path $source
+        if ($null -eq $sourceItem) {
+            throw (New-AgentException 'NotFound' "'$source' does not exist")
+        }
+        if ($sourceItem.PSIsContainer) {
+            throw (New-AgentException 'InvalidArgument' "'$source' is a folder")
+        }
+        $written = Write-FileAtomically -Path $destination -SourcePath $sourceItem.FullName
+        return [ordered]@{ size = [long](Get-Item -LiteralPath $written -Force).Length; sha256 = Get-FileSha256Hex -Path $written }
+    }
+
+    # ---- rdpfix.rdp.machinekeys: folder ACLs in one call, ACL writes, same-volume moves, event queries ----
+
+    'dir.stat' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $item = Get-ItemOrNull -Path $path
+        if ($null -eq $item) {
+            return [ordered]@{ exists = $false; owner = $null; sddl = $null; entries = @() }
+        }
+        if (-not $item.PSIsContainer) {
+            throw (New-AgentException 'InvalidArgument' "'$path' is not a folder")
+        }
+        $folderSecurity = Get-SecurityRecord -Path $item.FullName
+        $entries = New-Object System.Collections.Generic.List[object]
+        foreach ($child in @(Get-ChildItem -LiteralPath $item.FullName -Force -ErrorAction Stop)) {
+            $childIsDir = [bool]$child.PSIsContainer
+            $childSize = if ($childIsDir) { $null } else { [long]$child.Length }
+            # A key file whose ACL locks out Administrators reports owner and sddl as null, not an error.
+            $childSecurity = Get-SecurityRecord -Path $child.FullName
+            $entries.Add([ordered]@{ name = $child.Name; is_dir = $childIsDir; size = $childSize; owner = $childSecurity.owner; sddl = $childSecurity.sddl })
+        }
+        return [ordered]@{ exists = $true; owner = $folderSecurity.owner; sddl = $folderSecurity.sddl; entries = $entries.ToArray() }
+    }
+
+    'event.query' = {
+        param($Args_)
+        $log = Get-StringArgument -Table $Args_ -Name 'log'
+        if (-not $log) { $log = 'System' }
+        $provider = Get-StringArgument -Table $Args_ -Name 'provider'
+        $ids = Get-OpArgument -Table $Args_ -Name 'ids'
+        $maxEvents = Get-OpArgument -Table $Args_ -Name 'max_events'
+        if ($null -eq $maxEvents) { $maxEvents = 50 }
+        if ($maxEvents -is [string] -or [int]$maxEvents -lt 1 -or [int]$maxEvents -gt 1000) {
+            throw (New-AgentException 'InvalidArgument' 'max_events must be an integer from 1 to 1000')
+        }
+        $filter = @{ LogName = $log }
+        if ($provider) { $filter['ProviderName'] = $provider }
+        if ($null -ne $ids) { $filter['Id'] = @($ids | ForEach-Object { [int]$_ }) }
+        $events = @()
+        try {
+            $events = @(Get-WinEvent -FilterHashtable $filter -MaxEvents ([int]$maxEvents) -ErrorAction Stop)
+        }
+        catch {
+            # Get-WinEvent reports "no events match" as an error; for the protocol it is an empty list.
+            if ($_.FullyQualifiedErrorId -notlike 'NoMatchingEventsFound*') {
+                throw
+            }
+        }
+        $records = New-Object System.Collections.Generic.List[object]
+        foreach ($found in $events) {
+            $records.Add([ordered]@{
+                    log = [string]$found.LogName
+                    provider = [string]$found.ProviderName
+                    id = [int]$found.Id
+                    level = [string]$found.LevelDisplayName
+                    time = ConvertTo-IsoUtc -Date $found.TimeCreated
+                    message = [string]$found.Message
+                })
+        }
+        return [ordered]@{ events = $records.ToArray() }
+    }
+
+    # ---- rdpfix.rdp.facts: several logs and channels since a time, with each event's named data ----
+
+    'events.query' = {
+        param($Args_)
+        $sinceText = Get-StringArgument -Table $Args_ -Name 'since' -Required -NotEmpty
+        $since = [datetime]::MinValue
+        $styles = [System.Globalization.DateTimeStyles]::AdjustToUniversal -bor [System.Globalization.DateTimeStyles]::AssumeUniversal
+        if (-not [datetime]::TryParse($sinceText, [System.Globalization.CultureInfo]::InvariantCulture, $styles, [ref]$since)) {
+            throw (New-AgentException 'InvalidArgument' "since must be an ISO 8601 time, not '$sinceText'")
+        }
+        $maxEvents = Get-OpArgument -Table $Args_ -Name 'max_events' -Default 100
+        if ($maxEvents -is [string] -or [int]$maxEvents -lt 1 -or [int]$maxEvents -gt 1000) {
+            throw (New-AgentException 'InvalidArgument' 'max_events must be an integer from 1 to 1000')
+        }
+        $queries = @(Get-OpArgument -Table $Args_ -Name 'queries' -Required)
+        $records = New-Object System.Collections.Generic.List[object]
+        $unavailable = New-Object System.Collections.Generic.List[object]
+        foreach ($query in $queries) {
+            $log = [string]$query.log
+            if (-not $log) {
+                throw (New-AgentException 'InvalidArgument' 'every query needs a log')
+            }
+            $filter = @{ LogName = $log; StartTime = $since.ToLocalTime() }
+            if ($null -ne $query.providers) { $filter['ProviderName'] = @($query.providers | ForEach-Object { [string]$_ }) }
+            if ($null -ne $query.ids) { $filter['Id'] = @($query.ids | ForEach-Object { [int]$_ }) }
+            $found = @()
+            try {
+                $found = @(Get-WinEvent -FilterHashtable $filter -MaxEvents ([int]$maxEvents) -ErrorAction Stop)
+            }
+            catch {
+                # No match is an empty list; a channel that does not exist on this build, or that this account may not
+                # read (Security), is reported and the other queries still run.
+                if ($_.FullyQualifiedErrorId -notlike 'NoMatchingEventsFound*') {
+                    $unavailable.Add([ordered]@{ log = $log; reason = [string]$_.Exception.Message })
+                }
+            }
+            foreach ($entry in $found) {
+                $data = [ordered]@{}
+                try {
+                    # Schannel puts the alert code and the error state in EventData, not only in the message text.
+                    $xml = [xml]$entry.ToXml()
+                    $position = 0
+                    foreach ($item in @($xml.Event.EventData.Data)) {
+                        if ($null -eq $item) { continue }
+                        if ($item -is [string]) {
+                            $data["param$position"] = $item
+                        }
+                        else {
+                            $name = if ($item.Name) { [string]$item.Name } else { "param$position" }
+                            $data[$name] = [string]$item.InnerText
+                        }
+                        $position++
+                    }
+                }
+                catch {
+                    $null = $_
+                }
+                $records.Add([ordered]@{
+                        log = [string]$entry.LogName
+                        provider = [string]$entry.ProviderName
+                        id = [int]$entry.Id
+                        level = [string]$entry.LevelDisplayName
+                        time = ConvertTo-IsoUtc -Date $entry.TimeCreated
+                        message = [string]$entry.Message
+                        data = $data
+                    })
+            }
+        }
+        $newest = @($records.ToArray() | Sort-Object -Property { $_.time } -Descending)
+        return [ordered]@{ events = $newest; unavailable = $unavailable.ToArray() }
+    }
+
+    'acl.set' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $sddl = Get-StringArgument -Table $Args_ -Name 'sddl' -Required -NotEmpty
+        # Parsed first, so a bad SDDL changes nothing (ArgumentException: InvalidArgument).
+        $descriptor = New-Object System.Security.AccessControl.RawSecurityDescriptor($sddl)
+        $item = Get-ItemOrNull -Path $path
+        if ($null -eq $item) {
+            throw (New-AgentException 'NotFound' "'$path' does not exist")
+        }
+        # An administrator may set any owner and DACL with SeRestorePrivilege and SeTakeOwnershipPrivilege, even on a
+        # key file whose ACL does not name Administrators; both are held but disabled by default in an elevated token.
+        if (-not ('Rdpfix.Agent.Privilege' -as [type])) {
+            Add-Type -Language CSharp -TypeDefinition @'
+namespace Rdpfix.Agent {
+    using System;
+    using System.Runtime.InteropServices;
+    public static class Privilege {
+        [StructLayout(LayoutKind.Sequential, Pack = 4)]
+        struct TokenPrivileges { public int Count; public long Luid; public int Attributes; }
+        [DllImport("advapi32.dll", SetLastError = true)]
+        static extern bool OpenProcessToken(IntPtr process, int access, out IntPtr token);
+        [DllImport("advapi32.dll", SetLastError = true, CharSet = CharSet.Unicode)]
+        static extern bool LookupPrivilegeValue(string system, string name, out long luid);
+        [DllImport("advapi32.dll", SetLastError = true)]
+        static extern bool AdjustTokenPrivileges(IntPtr token, bool disableAll, ref TokenPrivileges state, int length, IntPtr previous, IntPtr returned);
+        [DllImport("kernel32.dll")]
+        static extern IntPtr GetCurrentProcess();
+        [DllImport("kernel32.dll")]
+        static extern bool CloseHandle(IntPtr handle);
+        public static void Enable(string name) {
+            IntPtr token;
+            if (!OpenProcessToken(GetCurrentProcess(), 0x28, out token)) { return; }
+            try {
+                TokenPrivileges state = new TokenPrivileges();
+                state.Count = 1;
+                state.Attributes = 2;
+                if (LookupPrivilegeValue(null, name, out state.Luid)) {
+                    AdjustTokenPrivileges(token, false, ref state, 0, IntPtr.Zero, IntPtr.Zero);
+                }
+            } finally { CloseHandle(token); }
+        }
+    }
+}
+'@
+        }
+        [Rdpfix.Agent.Privilege]::Enable('SeRestorePrivilege')
+        [Rdpfix.Agent.Privilege]::Enable('SeTakeOwnershipPrivilege')
+        [Rdpfix.Agent.Privilege]::Enable('SeBackupPrivilege')
+        $previous = (Get-SecurityRecord -Path $item.FullName).sddl
+        if ($item.PSIsContainer) {
+            Set-DirectorySecurity -Directory $item -Security (ConvertTo-DirectorySecurity -Sddl $sddl)
+        }
+        else {
+            $sections = [System.Security.AccessControl.AccessControlSections]::Access
+            if ($null -ne $descriptor.Owner) { $sections = $sections -bor [System.Security.AccessControl.AccessControlSections]::Owner }
+            if ($null -ne $descriptor.Group) { $sections = $sections -bor [System.Security.AccessControl.AccessControlSections]::Group }
+            $security = New-Object System.Security.AccessControl.FileSecurity
+            $security.SetSecurityDescriptorSddlForm($sddl, $sections)
+            # FileInfo.SetAccessControl on .NET Framework; FileSystemAclExtensions on .NET (PowerShell 7).
+            if ($null -ne $item.PSObject.Methods['SetAccessControl']) {
+                $item.SetAccessControl($security)
+            }
+            else {
+                [System.IO.FileSystemAclExtensions]::SetAccessControl([System.IO.FileInfo]$item, $security)
+            }
+        }
+        return [ordered]@{ previous = $previous }
+    }
+
+    'file.move' = {
+        param($Args_)
+        $source = Get-StringArgument -Table $Args_ -Name 'src' -Required -NotEmpty
+        $destination = Get-StringArgument -Table $Args_ -Name 'dest' -Required -NotEmpty
+        $sourceItem = Get-ItemOrNull -Path $source
+        if ($null -eq $sourceItem) {
+            throw (New-AgentException 'NotFound' "'$source' does not exist")
+        }
+        if ($sourceItem.PSIsContainer) {
+            throw (New-AgentException 'InvalidArgument' "'$source' is a folder")
+        }
+        if ($null -ne (Get-ItemOrNull -Path $destination)) {
+            throw (New-AgentException 'InvalidArgument' "'$destination' already exists")
+        }
+        # Same volume: a rename, so bytes, owner and explicit ACL travel with the file.
+        [System.IO.File]::Move($sourceItem.FullName, $destination)
+        return [ordered]@{ size = [long](Get-Item -LiteralPath $destination -Force).Length; sha256 = Get-FileSha256Hex -Path $destination }
+    }
+
+    'dir.move' = {
+        param($Args_)
+        $source = Get-StringArgument -Table $Args_ -Name 'src' -Required -NotEmpty
+        $destination = Get-StringArgument -Table $Args_ -Name 'dest' -Required -NotEmpty
+        $sourceItem = Get-ItemOrNull -Path $source
+        if ($null -eq $sourceItem) {
+            throw (New-AgentException 'NotFound' "'$source' does not exist")
+        }
+        if (-not $sourceItem.PSIsContainer) {
+            throw (New-AgentException 'InvalidArgument' "'$source' is not a folder")
+        }
+        if ($null -ne (Get-ItemOrNull -Path $destination)) {
+            throw (New-AgentException 'InvalidArgument' "'$destination' already exists")
+        }
+        # Directory.Move renames within one volume and refuses to cross volumes, so nothing is ever half copied.
+        [System.IO.Directory]::Move($sourceItem.FullName, $destination)
+        return [ordered]@{ moved = $true }
+    }
+
+    'firewall.rules.list' = {
+        param($Args_)
+        return [ordered]@{
+            rules = @(Get-FirewallRuleRecords)
+            profiles = @(Get-NetFirewallProfile -PolicyStore ActiveStore | ForEach-Object {
+                    [ordered]@{
+                        name = [string]$_.Name
+                        enabled = ([string]$_.Enabled -eq 'True')
+                        default_inbound_action = [string]$_.DefaultInboundAction
+                        default_outbound_action = [string]$_.DefaultOutboundAction
+                    }
+                })
+            network_categories = @(Get-NetConnectionProfile -ErrorAction SilentlyContinue | ForEach-Object { [string]$_.NetworkCategory })
+        }
+    }
+
+    'firewall.rule.set' = {
+        param($Args_)
+        $name = Get-StringArgument -Table $Args_ -Name 'name' -Required
+        $previous = @(Get-FirewallRuleRecords -Name $name)
+        if ($previous.Count -eq 0) {
+            throw (New-AgentException 'NotFound' "no firewall rule has the Name '$name'")
+        }
+        $parameters = @{ Name = $name; ErrorAction = 'Stop' }
+        $enabled = Get-OpArgument -Table $Args_ -Name 'enabled'
+        if ($null -ne $enabled) { $parameters.Enabled = if ([bool]$enabled) { 'True' } else { 'False' } }
+        $profiles = Get-OpArgument -Table $Args_ -Name 'profiles'
+        if ($null -ne $profiles) { $parameters.Profile = [int]$profiles }
+        $localPorts = Get-OpArgument -Table $Args_ -Name 'local_ports'
+        if ($null -ne $localPorts) { $parameters.LocalPort = @($localPorts | ForEach-Object { [string]$_ }) }
+        $remoteAddresses = Get-OpArgument -Table $Args_ -Name 'remote_addresses'
+        if ($null -ne $remoteAddresses) { $parameters.RemoteAddress = @($remoteAddresses | ForEach-Object { [string]$_ }) }
+        $program = Get-StringArgument -Table $Args_ -Name 'program'
+        if ($program) { $parameters.Program = $program }
+        Set-NetFirewallRule @parameters
+        return [ordered]@{ previous = $previous[0] }
+    }
+
+    'firewall.rule.new' = {
+        param($Args_)
+        $name = Get-StringArgument -Table $Args_ -Name 'name' -Required
+        if (@(Get-NetFirewallRule -Name $name -ErrorAction SilentlyContinue).Count -gt 0) {
+            throw (New-AgentException 'InvalidArgument' "a firewall rule with the Name '$name' exists")
+        }
+        $parameters = @{
+            Name = $name
+            DisplayName = Get-StringArgument -Table $Args_ -Name 'display_name' -Required
+            Group = Get-StringArgument -Table $Args_ -Name 'group' -Required
+            Direction = Get-StringArgument -Table $Args_ -Name 'direction' -Required
+            Action = Get-StringArgument -Table $Args_ -Name 'action' -Required
+            Enabled = if ([bool](Get-OpArgument -Table $Args_ -Name 'enabled' -Required)) { 'True' } else { 'False' }
+            Profile = [int](Get-OpArgument -Table $Args_ -Name 'profiles' -Required)
+            Protocol = Get-StringArgument -Table $Args_ -Name 'protocol' -Required
+            RemoteAddress = @(Get-OpArgument -Table $Args_ -Name 'remote_addresses' -Required | ForEach-Object { [string]$_ })
+            Program = Get-StringArgument -Table $Args_ -Name 'program' -Required
+            Description = Get-StringArgument -Table $Args_ -Name 'description' -Default ''
+            ErrorAction = 'Stop'
+        }
+        $localPorts = Get-OpArgument -Table $Args_ -Name 'local_ports'
+        if ($null -ne $localPorts) { $parameters.LocalPort = @($localPorts | ForEach-Object { [string]$_ }) }
+        $service = Get-StringArgument -Table $Args_ -Name 'service'
+        if ($service) { $parameters.Service = $service }
+        $null = New-NetFirewallRule @parameters
+        return [ordered]@{ name = $name }
+    }
+
+    'firewall.rule.remove' = {
+        param($Args_)
+        $name = Get-StringArgument -Table $Args_ -Name 'name' -Required
+        $previous = @(Get-FirewallRuleRecords -Name $name)
+        if ($previous.Count -eq 0) {
+            return [ordered]@{ previous = $null }
+        }
+        Remove-NetFirewallRule -Name $name -ErrorAction Stop
+        return [ordered]@{ previous = $previous[0] }
+    }
+
+    'security_products.list' = {
+        param($Args_)
+        # root\SecurityCenter2 exists on client SKUs only; its absence is an answer, not an error.
+        $namespace = Get-CimInstance -Namespace 'root' -ClassName '__NAMESPACE' -Filter "Name='SecurityCenter2'" -ErrorAction SilentlyContinue
+        if ($null -eq $namespace) {
+            return [ordered]@{ available = $false; firewall = @(); antivirus = @() }
+        }
+        $read = {
+            param([string]$ClassName)
+            @(Get-CimInstance -Namespace 'root\SecurityCenter2' -ClassName $ClassName -ErrorAction SilentlyContinue | ForEach-Object {
+                    [ordered]@{ name = [string]$_.displayName; state = [long]$_.productState; path = [string]$_.pathToSignedProductExe }
+                })
+        }
+        return [ordered]@{ available = $true; firewall = @(& $read 'FirewallProduct'); antivirus = @(& $read 'AntiVirusProduct') }
+    }
+
+    'tls.cipher_suites.list' = {
+        param($Args_)
+        if ($null -eq (Get-Command -Name 'Get-TlsCipherSuite' -ErrorAction SilentlyContinue)) {
+            return [ordered]@{ available = $false; suites = @() }
+        }
+        $suites = @(Get-TlsCipherSuite | ForEach-Object {
+                [ordered]@{
+                    name = [string]$_.Name
+                    certificate = [string]$_.Certificate
+                    exchange = [string]$_.Exchange
+                    cipher = [string]$_.Cipher
+                    hash = [string]$_.Hash
+                    protocols = @($_.Protocols | ForEach-Object { [int]$_ })
+                }
+            })
+        return [ordered]@{ available = $true; suites = $suites }
+    }
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# The batch
+# --------------------------------------------------------------------------------------------------------------------
+
+function Invoke-AgentOperation {
+    param([string]$Name, $Arguments)
+    if (-not ($Operations.Keys -ccontains $Name)) {
+        throw (New-AgentException 'Unsupported' "unknown operation '$Name'")
+    }
+    $argumentTable = ConvertTo-ArgumentTable -Arguments $Arguments
+    # An operation returns one dictionary; anything a .NET call let slip into the output before it is dropped.
+    $output = @(& $Operations[$Name] $argumentTable)
+    if ($output.Count -eq 0) {
+        return [ordered]@{}
+    }
+    return $output[$output.Count - 1]
+}
+
+function Invoke-Batch {
+    param($Batch)
+    $onError = if ($null -eq $Batch.on_error) { 'stop' } else { [string]$Batch.on_error }
+    if ($onError -ne 'stop' -and $onError -ne 'continue') {
+        throw "on_error must be 'stop' or 'continue', not '$onError'"
+    }
+    $operations = if ($null -eq $Batch.ops) { @() } else { @($Batch.ops) }
+    $results = New-Object System.Collections.Generic.List[object]
+    $failed = $false
+    foreach ($operation in $operations) {
+        $name = [string]$operation.op
+        if ($failed -and $onError -eq 'stop') {
+            $results.Add([ordered]@{ op = $name; ok = $false; skipped = $true })
+            continue
+        }
+        try {
+            $data = Invoke-AgentOperation -Name $name -Arguments $operation.args
+            $results.Add([ordered]@{ op = $name; ok = $true; data = $data })
+        }
+        catch {
+            $failed = $true
+            $results.Add([ordered]@{
+                    op = $name
+                    ok = $false
+                    error = [ordered]@{ type = Get-AgentErrorType -ErrorRecord $_; message = [string]$_.Exception.Message }
+                })
+        }
+    }
+    return [ordered]@{ v = $ProtocolVersion; results = $results.ToArray() }
+}
+
+function Write-AgentOutput {
+    param([string]$Text)
+    try {
+        # UTF-8 without a BOM; fails harmlessly where there is no console.
+        [Console]::OutputEncoding = New-Object System.Text.UTF8Encoding($false)
+    }
+    catch {
+        $null = $_
+    }
+    [Console]::Out.Write($Text + "`n")
+    [Console]::Out.Flush()
+}
+
+try {
+    $batch = ConvertFrom-Json -InputObject $BatchJson
+    if ($null -eq $batch -or $batch.v -ne $ProtocolVersion) {
+        throw "unsupported batch: protocol version $ProtocolVersion expected"
+    }
+    $document = Invoke-Batch -Batch $batch
+    Write-AgentOutput -Text (ConvertTo-Json -InputObject $document -Depth 10 -Compress)
+}
+catch {
+    # No result document: the controller reports an agent failure with this text.
+    [Console]::Error.WriteLine('rdpfix agent: ' + $_.Exception.Message)
+    exit 1
+}
