@@ -47,6 +47,7 @@ READ_OPERATIONS: frozenset[str] = frozenset(
         "util.sleep",
         "dir.stat",
         "event.query",
+        "events.query",
         "firewall.rules.list",
         "security_products.list",
         "tls.cipher_suites.list",

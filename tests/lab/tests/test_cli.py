@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,11 +16,24 @@ import yaml
 from winrm.protocol import Protocol
 
 from rdplab import bootstrap
+from rdplab.winrm import port_free
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 HOSTS = REPO_ROOT / "tests" / "lab" / "hosts"
-NETWORK = "127.0.77"
 VENV_BIN = Path(sys.executable).parent
+
+
+def free_network(ports: tuple[int, ...] = (5985, 5986, 3389, 5999)) -> str:
+    """A random 127.a.b network whose .1, .10 and .11 have the ports free: concurrent test runs (xdist workers, two
+    engineers' pytest) must not meet on the same addresses."""
+    for _ in range(200):
+        network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
+        if all(port_free(f"{network}.{octet}", port) for octet in (1, 10, 11) for port in ports):
+            return network
+    raise RuntimeError("no free loopback network found")
+
+
+NETWORK = free_network()
 
 
 def rdplab(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -34,7 +48,7 @@ def rdplab(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[dict[str, Path]]:
-    """One lab for the module: two hosts on 127.0.77.x, stopped at the end whatever happens."""
+    """One lab for the module: two hosts on a free 127.a.b network, stopped at the end whatever happens."""
     base = tmp_path_factory.mktemp("lab")
     paths = {"state": base / "state", "inventory": base / "inventory" / "lab.yml"}
     rdplab(
@@ -140,7 +154,7 @@ def test_bad_fault_is_a_clear_error(lab: dict[str, Path]) -> None:
 
 def test_second_up_in_the_same_state_dir_is_refused(lab: dict[str, Path]) -> None:
     result = rdplab(
-        "up", "--network", "127.0.76", "--state-dir", str(lab["state"]), str(HOSTS / "healthy.yml"), check=False
+        "up", "--network", free_network(), "--state-dir", str(lab["state"]), str(HOSTS / "healthy.yml"), check=False
     )
     assert result.returncode == 1
     assert "already running" in result.stderr
@@ -169,7 +183,7 @@ def test_serve_dies_when_it_cannot_bind(lab: dict[str, Path], tmp_path: Path) ->
 def test_bad_host_file_is_reported_before_anything_starts(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yml"
     broken.write_text("name: broken\nsystem: {os_build: many}\n")
-    result = rdplab("up", "--network", "127.0.75", "--state-dir", str(tmp_path / "s"), str(broken), check=False)
+    result = rdplab("up", "--network", free_network(), "--state-dir", str(tmp_path / "s"), str(broken), check=False)
     assert result.returncode == 1
     assert "broken.yml" in result.stderr
     assert "Traceback" not in result.stderr
@@ -180,7 +194,7 @@ def test_down_cleans_up_after_a_dead_lab(tmp_path: Path) -> None:
     state_dir = tmp_path / "dead"
     state_dir.mkdir()
     # Above the kernel's default pid_max: no process has this pid, as after a crash of the lab.
-    (state_dir / "state.json").write_text(json.dumps({"pid": 2**22 + 12345, "control": "127.0.74.1:5999"}))
+    (state_dir / "state.json").write_text(json.dumps({"pid": 2**22 + 12345, "control": "127.0.0.255:1"}))
     result = rdplab("down", "--state-dir", str(state_dir))
     assert "already stopped" in result.stdout
     assert not (state_dir / "state.json").exists()
@@ -191,7 +205,8 @@ def test_down_cleans_up_after_a_dead_lab(tmp_path: Path) -> None:
 
 def test_up_state_down_cycle_leaves_nothing_behind(tmp_path: Path) -> None:
     state_dir = tmp_path / "cycle"
-    rdplab("up", "--network", "127.0.73", "--state-dir", str(state_dir), "--inventory", str(tmp_path / "inv.yml"),
+    network = free_network()
+    rdplab("up", "--network", network, "--state-dir", str(state_dir), "--inventory", str(tmp_path / "inv.yml"),
            str(HOSTS / "healthy.yml"))  # fmt: skip
     pid = json.loads((state_dir / "state.json").read_text())["pid"]
     assert Path(f"/proc/{pid}").exists()
@@ -199,4 +214,4 @@ def test_up_state_down_cycle_leaves_nothing_behind(tmp_path: Path) -> None:
     assert not (state_dir / "state.json").exists()
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.73.10", 5985), timeout=2)
+        socket.create_connection((f"{network}.10", 5985), timeout=2)

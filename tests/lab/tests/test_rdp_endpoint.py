@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import ssl
 import struct
@@ -17,9 +18,20 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from rdplab import rdp
 from rdplab.model.host import Counters, RdpView
-from rdplab.winrm import self_signed_certificate
+from rdplab.winrm import port_free, self_signed_certificate
 
-ADDRESS = "127.0.80.10"
+
+def free_network(ports: tuple[int, ...] = (5985, 5986, 3389, 5999)) -> str:
+    """A random 127.a.b network whose .1, .10 and .11 have the ports free: concurrent test runs (xdist workers, two
+    engineers' pytest) must not meet on the same addresses."""
+    for _ in range(200):
+        network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
+        if all(port_free(f"{network}.{octet}", port) for octet in (1, 10, 11) for port in ports):
+            return network
+    raise RuntimeError("no free loopback network found")
+
+
+ADDRESS = free_network() + ".10"
 PORT = 3389
 CERT_PEM, KEY_PEM = self_signed_certificate("web01.corp.example.com", [ADDRESS])
 CERT_DER = x509.load_pem_x509_certificate(CERT_PEM).public_bytes(Encoding.DER)

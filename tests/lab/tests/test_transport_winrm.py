@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import shutil
 import threading
 import typing as t
@@ -19,10 +20,10 @@ from rdplab import bootstrap
 from rdplab.direct import DirectConnection
 from rdplab.model.host import Counters, RdpView, WindowsHost
 from rdplab.server import HostRuntime
+from rdplab.winrm import port_free
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 HOST_FILE = REPO_ROOT / "tests" / "lab" / "hosts" / "healthy.yml"
-ADDRESS = "127.0.78.10"
 USER, PASSWORD = "rdpadmin", "Lab-Healthy-1!"
 # CRLF line endings and non-ASCII text: the script must survive the trip byte for byte.
 AGENT_SCRIPT = "param([string]$BatchJson)\r\n# agent for the transport tests: é ü 中\r\nWrite-Output '{}'\r\n"
@@ -39,6 +40,19 @@ def marker(host: WindowsHost) -> t.Any:
     """The value WRITE_BATCH sets, read straight from the model (None while absent)."""
     document = host.run_batch({"v": 1, "ops": [{"op": "registry.get", "args": {"path": TEST_KEY}}]})
     return document["results"][0]["data"].get("values", {}).get("Marker")
+
+
+def free_network(ports: tuple[int, ...] = (5985, 5986, 3389, 5999)) -> str:
+    """A random 127.a.b network whose .1, .10 and .11 have the ports free: concurrent test runs (xdist workers, two
+    engineers' pytest) must not meet on the same addresses."""
+    for _ in range(200):
+        network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
+        if all(port_free(f"{network}.{octet}", port) for octet in (1, 10, 11) for port in ports):
+            return network
+    raise RuntimeError("no free loopback network found")
+
+
+ADDRESS = free_network() + ".10"
 
 
 class FakeHost:

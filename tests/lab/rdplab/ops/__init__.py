@@ -10,7 +10,7 @@ import typing as t
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rdplab.ops import acl, certificates, files, firewall, listener, registry, services, sessions, system
+from rdplab.ops import acl, certificates, events, files, firewall, listener, registry, services, sessions, system
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -49,6 +49,8 @@ OPS: dict[str, OpSpec] = {
     # rdpfix.rdp.machinekeys
     "dir.stat": OpSpec(acl.dir_stat, writes=False),
     "event.query": OpSpec(acl.event_query, writes=False),
+    # rdpfix.rdp.facts
+    "events.query": OpSpec(events.events_query, writes=False),
     "acl.set": OpSpec(acl.acl_set, writes=True),
     "file.move": OpSpec(acl.file_move, writes=True),
     "dir.move": OpSpec(acl.dir_move, writes=True),

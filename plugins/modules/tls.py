@@ -1,0 +1,96 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# The code is the action plugin plugins/action/tls.py; this file holds its documentation.
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: tls
+short_description: Check and repair the TLS settings of the Remote Desktop listener
+version_added: 0.1.0
+description:
+  - Reports the Schannel server protocols (enabled or not, from C(SCHANNEL\Protocols\<protocol>\Server)), the
+    effective cipher-suite list (C(Get-TlsCipherSuite)) and whether any suite is usable with the listener
+    certificate's key type, the FIPS policy, and C(SecurityLayer), C(UserAuthentication), C(MinEncryptionLevel) with
+    their listener and policy values and which one wins (the policy value, when present).
+  - Enables TLS 1.2 (and TLS 1.3 on builds that have it, 20348 and later) for the Schannel server when they are off.
+    Undoes TLS 1.3 forced on for a build without it (Server 2019 resets TLS 1.3 ClientHellos then).
+  - Restores C(SecurityLayer=2) (TLS) where it is C(0), and C(UserAuthentication=1) (NLA) where it is C(0).
+  - Replaces the cipher-suite order policy with a list of AEAD suites only when the effective list is empty or has no
+    suite usable with the listener key.
+  - Never enables TLS 1.0/1.1 and never turns NLA off, unless O(legacy_protocols) or O(nla=disabled) ask for it; then
+    it warns. Weak protocols it finds enabled are reported, not changed.
+  - Schannel reads protocols and the cipher-suite policy at boot; the module returns RV(reboot_required) and never
+    reboots. The C(rdpfix.rdp.server) role reboots only when allowed to.
+  - Previous values are recorded in a backup manifest before anything is written. Check mode changes nothing.
+extends_documentation_fragment:
+  - rdpfix.rdp.common
+options:
+  enable_tls12:
+    description: Enable TLS 1.2 for the Schannel server when it is disabled.
+    type: bool
+    default: true
+  enable_tls13:
+    description: Enable TLS 1.3 for the Schannel server when it is disabled on a build that supports it.
+    type: bool
+    default: true
+  legacy_protocols:
+    description: Deprecated protocols to enable for old clients. Weakens security; the module warns.
+    type: list
+    elements: str
+    default: []
+    choices: [TLS 1.0, TLS 1.1]
+  restore_security_layer:
+    description: Set C(SecurityLayer) from C(0) (native RDP security) to C(2) (TLS).
+    type: bool
+    default: true
+  nla:
+    description:
+      - V(enabled) turns Network Level Authentication on where it is off; V(keep) only reports;
+        V(disabled) turns it off (weakens security; the module warns).
+    type: str
+    default: enabled
+    choices: [enabled, keep, disabled]
+  restore_cipher_suites:
+    description: Write a usable cipher-suite list when the effective one is empty or has nothing usable.
+    type: bool
+    default: true
+author: rdpfix maintainers
+"""
+
+EXAMPLES = r"""
+- name: Audit and repair the listener's TLS settings
+  rdpfix.rdp.tls:
+  register: tls
+
+- name: Reboot when Schannel changes need it
+  ansible.windows.win_reboot:
+  when: tls.reboot_required
+"""
+
+RETURN = r"""
+findings:
+  description: Findings (id, severity, title, cause, evidence, fix).
+  returned: always
+  type: list
+  elements: dict
+tls:
+  description: The report - protocols, cipher_suites (effective, policy, key_type, usable), fips, security_layer,
+    user_authentication, min_encryption_level (each with listener, policy, effective, source).
+  returned: always
+  type: dict
+reboot_required:
+  description: Whether a change only takes effect after a reboot.
+  returned: always
+  type: bool
+changes:
+  description: The registry changes made (or that would be made in check mode).
+  returned: always
+  type: list
+  elements: str
+backup:
+  description: The backup manifest with the previous values; null without changes.
+  returned: always
+  type: dict
+"""

@@ -1,0 +1,472 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Plan the TLS side of the RDP listener: Schannel server protocols, cipher suites, security layer and NLA.
+
+Pure: the action plugin reads the registry values and the effective cipher-suite list named here with one batch,
+calls ``plan_tls`` and applies the returned registry changes with another batch.
+
+Rules the plan follows (house rules, not tunables):
+- it only ever turns protocols *on*: TLS 1.2, TLS 1.3 where the build supports it, and TLS 1.0/1.1 only when the
+  user lists them in ``legacy_protocols`` (with a warning). Weak protocols it finds enabled are reported, not changed;
+- SecurityLayer and UserAuthentication only go up, unless the user explicitly asks for ``nla: disabled``;
+- the cipher-suite policy is replaced only when the effective list is empty or has no suite usable with the listener
+  certificate's key type.
+Schannel reads protocol keys and the cipher-suite policy at boot, so those changes set ``reboot_required``.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from dataclasses import dataclass, field
+
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import (
+    POLICY_KEY,
+    RegistryChange,
+    dword,
+    finding,
+)
+
+SCHANNEL_PROTOCOLS_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols"
+PROTOCOLS = ("SSL 2.0", "SSL 3.0", "TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3")
+WEAK_PROTOCOLS = ("SSL 2.0", "SSL 3.0", "TLS 1.0", "TLS 1.1")
+LEGACY_CHOICES = ("TLS 1.0", "TLS 1.1")
+# Windows Server 2022 (and Windows 11) is the first build whose Schannel speaks TLS 1.3; Server 2019 resets a TLS 1.3
+# ClientHello when TLS 1.3 is forced on.
+TLS13_MIN_BUILD = 20348
+
+LISTENER_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Terminal Server\WinStations\RDP-Tcp"
+CIPHER_POLICY_KEY = r"HKLM:\SOFTWARE\Policies\Microsoft\Cryptography\Configuration\SSL\00010002"
+CIPHER_POLICY_VALUE = "Functions"
+FIPS_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Lsa\FIPSAlgorithmPolicy"
+
+SECURITY_LAYER = "SecurityLayer"
+USER_AUTHENTICATION = "UserAuthentication"
+MIN_ENCRYPTION_LEVEL = "MinEncryptionLevel"
+SECURITY_LAYER_RDP = 0
+SECURITY_LAYER_NEGOTIATE = 1
+SECURITY_LAYER_TLS = 2
+NLA_CHOICES = ("enabled", "disabled", "keep")
+
+# Written only when the effective list is empty or unusable: AEAD suites only, all FIPS-approved, TLS 1.3 first.
+# Both RSA and ECDSA listener keys find a suite in it.
+RESTORED_CIPHER_SUITES = (
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256",
+)
+
+
+def protocol_key(protocol: str) -> str:
+    return f"{SCHANNEL_PROTOCOLS_KEY}\\{protocol}\\Server"
+
+
+def default_enabled(protocol: str, os_build: int) -> bool:
+    """Whether Schannel enables a server protocol when its key has no values.
+
+    SSL 2.0/3.0 are off on every supported build; TLS 1.0-1.2 are on (Server 2016-2022); TLS 1.3 from build 20348.
+    """
+    if protocol in ("SSL 2.0", "SSL 3.0"):
+        return False
+    if protocol == "TLS 1.3":
+        return os_build >= TLS13_MIN_BUILD
+    return True
+
+
+def protocol_enabled(protocol: str, values: dict[str, t.Any], os_build: int) -> bool:
+    """Whether the listener can negotiate ``protocol``: Enabled=0 turns it off, and so does DisabledByDefault=1
+    (a server protocol that is disabled by default is only used by applications that ask for it; RDP does not)."""
+    enabled = dword(values, "Enabled")
+    disabled_by_default = dword(values, "DisabledByDefault")
+    if enabled == 0 or disabled_by_default == 1:
+        return False
+    if enabled is not None:
+        return True
+    return default_enabled(protocol, os_build)
+
+
+def suite_protocols(name: str) -> tuple[str, ...]:
+    """TLS 1.3 suites name no key exchange and work only over TLS 1.3; the others are TLS 1.2 (or older) suites."""
+    if name.startswith(("TLS_AES_", "TLS_CHACHA20_")):
+        return ("TLS 1.3",)
+    return ("TLS 1.0", "TLS 1.1", "TLS 1.2")
+
+
+def suite_key_types(name: str) -> frozenset[str]:
+    """The listener key types a suite can authenticate with (TLS 1.3 suites: any, the signature is negotiated)."""
+    if name.startswith(("TLS_AES_", "TLS_CHACHA20_")):
+        return frozenset({"RSA", "EC"})
+    if "_ECDSA_" in name:
+        return frozenset({"EC"})
+    if name.startswith(("TLS_RSA_", "TLS_ECDHE_RSA_", "TLS_DHE_RSA_", "SSL_RSA_")):
+        return frozenset({"RSA"})
+    if "_DSS_" in name:
+        return frozenset({"DSA"})
+    return frozenset()
+
+
+def usable_suites(suites: t.Sequence[str], key_type: str | None, enabled_protocols: t.Collection[str]) -> list[str]:
+    """Suites a client could agree on with this listener: key type fits (unknown key: any) and a protocol is on."""
+    usable: list[str] = []
+    for name in suites:
+        if key_type is not None and key_type not in suite_key_types(name):
+            continue
+        if not any(protocol in enabled_protocols for protocol in suite_protocols(name)):
+            continue
+        usable.append(name)
+    return usable
+
+
+def validate(legacy_protocols: object, nla: object, bool_options: dict[str, object]) -> list[str]:
+    """Messages for invalid options (checked before any host is touched)."""
+    problems: list[str] = []
+    if not isinstance(legacy_protocols, list) or any(item not in LEGACY_CHOICES for item in legacy_protocols):
+        problems.append(f"legacy_protocols must be a list of {', '.join(LEGACY_CHOICES)}, got {legacy_protocols!r}")
+    if nla not in NLA_CHOICES:
+        problems.append(f"nla must be one of {', '.join(NLA_CHOICES)}, not {nla!r}")
+    for name, value in bool_options.items():
+        if not isinstance(value, bool):
+            problems.append(f"{name} must be true or false, not {value!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    enable_tls12: bool = True
+    enable_tls13: bool = True
+    legacy_protocols: tuple[str, ...] = ()
+    restore_security_layer: bool = True
+    nla: str = "enabled"
+    restore_cipher_suites: bool = True
+
+
+@dataclass(frozen=True)
+class TlsState:
+    """What the read batch found. ``protocols`` maps a protocol to its Server key's values ({} when absent);
+    ``cipher_suites`` is the effective list (Get-TlsCipherSuite) or None when the build cannot list it."""
+
+    os_build: int
+    protocols: dict[str, dict[str, t.Any]]
+    cipher_suites: list[str] | None
+    cipher_policy: dict[str, t.Any]
+    key_type: str | None
+    fips: dict[str, t.Any]
+    listener: dict[str, t.Any]
+    policy: dict[str, t.Any]
+
+
+@dataclass
+class TlsPlan:
+    findings: list[dict[str, t.Any]] = field(default_factory=list)
+    changes: list[RegistryChange] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    reboot_required: bool = False
+    report: dict[str, t.Any] = field(default_factory=dict)
+    before: dict[str, t.Any] = field(default_factory=dict)
+    after: dict[str, t.Any] = field(default_factory=dict)
+
+
+def _fix(options: dict[str, t.Any], description: str) -> dict[str, t.Any]:
+    return {"module": "rdpfix.rdp.tls", "options": options, "description": description}
+
+
+def _effective(listener: int | None, policy: int | None) -> dict[str, t.Any]:
+    """The policy value wins over the listener value when present."""
+    if policy is not None:
+        return {"listener": listener, "policy": policy, "effective": policy, "source": "policy"}
+    return {"listener": listener, "policy": None, "effective": listener, "source": "listener"}
+
+
+def _policy_suites(cipher_policy: dict[str, t.Any]) -> list[str] | None:
+    entry = cipher_policy.get(CIPHER_POLICY_VALUE)
+    if not isinstance(entry, dict):
+        return None
+    value = entry.get("value")
+    if isinstance(value, list):
+        return [str(item).strip() for item in value if str(item).strip()]
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return None
+
+
+def _enable_protocol(plan: TlsPlan, protocol: str, values: dict[str, t.Any]) -> None:
+    path = protocol_key(protocol)
+    if dword(values, "Enabled") != 1:
+        plan.changes.append(RegistryChange(path, "Enabled", "REG_DWORD", 1, values.get("Enabled")))
+    if dword(values, "DisabledByDefault") not in (None, 0):
+        plan.changes.append(RegistryChange(path, "DisabledByDefault", "REG_DWORD", 0, values.get("DisabledByDefault")))
+    plan.reboot_required = True
+
+
+def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
+    plan = TlsPlan()
+    build = state.os_build
+
+    # --- protocols ---------------------------------------------------------------------------------------------
+    enabled_before = {p: protocol_enabled(p, state.protocols.get(p, {}), build) for p in PROTOCOLS}
+    enabled_after = dict(enabled_before)
+
+    for protocol, option_on in (("TLS 1.2", options.enable_tls12), ("TLS 1.3", options.enable_tls13)):
+        if enabled_before[protocol]:
+            continue
+        if protocol == "TLS 1.3" and build < TLS13_MIN_BUILD:
+            continue
+        values = state.protocols.get(protocol, {})
+        severity = "critical" if protocol == "TLS 1.2" else "warning"
+        description = f"enable {protocol} for the Schannel server (Enabled=1, DisabledByDefault=0), then reboot"
+        plan.findings.append(
+            finding(
+                f"tls.{protocol.replace(' ', '').replace('.', '').lower()}_disabled",
+                severity,
+                f"{protocol} is disabled for the Schannel server",
+                "tls",
+                {"path": protocol_key(protocol), "values": values, "os_build": build},
+                _fix({"enable_" + protocol.replace(" ", "").replace(".", "").lower(): True}, description)
+                if option_on
+                else None,
+            )
+        )
+        if option_on:
+            _enable_protocol(plan, protocol, values)
+            enabled_after[protocol] = True
+
+    tls13_values = state.protocols.get("TLS 1.3", {})
+    if build < TLS13_MIN_BUILD and dword(tls13_values, "Enabled") not in (None, 0) and enabled_before["TLS 1.3"]:
+        # Forcing TLS 1.3 on a build without it makes the server reset TLS 1.3 ClientHellos: undo the forcing, which
+        # leaves TLS 1.3 exactly as unavailable as the build makes it, and nothing weaker is turned on.
+        plan.findings.append(
+            finding(
+                "tls.tls13_forced_unsupported",
+                "critical",
+                f"TLS 1.3 is forced on, but build {build} has no TLS 1.3 server support",
+                "tls",
+                {"path": protocol_key("TLS 1.3"), "values": tls13_values, "os_build": build},
+                _fix({}, "remove the TLS 1.3 Server Enabled value (build default), then reboot"),
+            )
+        )
+        plan.changes.append(RegistryChange(protocol_key("TLS 1.3"), "Enabled", None, None, tls13_values.get("Enabled")))
+        plan.reboot_required = True
+        enabled_after["TLS 1.3"] = False
+
+    for protocol in options.legacy_protocols:
+        if enabled_before[protocol]:
+            continue
+        _enable_protocol(plan, protocol, state.protocols.get(protocol, {}))
+        enabled_after[protocol] = True
+        plan.warnings.append(
+            f"{protocol} is being enabled for the Schannel server because legacy_protocols asks for it: it is a "
+            "deprecated protocol with known weaknesses; remove it again once the old clients are gone"
+        )
+
+    weak_on = [p for p in WEAK_PROTOCOLS if enabled_before[p] and p not in options.legacy_protocols]
+    if weak_on:
+        plan.findings.append(
+            finding(
+                "tls.weak_protocols_enabled",
+                "security",
+                f"Deprecated protocols are enabled for the Schannel server: {', '.join(weak_on)}",
+                "tls",
+                {"protocols": weak_on, "os_build": build},
+                None,
+            )
+        )
+
+    # --- cipher suites -----------------------------------------------------------------------------------------
+    policy_suites = _policy_suites(state.cipher_policy)
+    effective_suites = state.cipher_suites if state.cipher_suites is not None else policy_suites
+    on_after = [p for p, on in enabled_after.items() if on]
+    usable: list[str] | None = None
+    if effective_suites is not None:
+        usable = usable_suites(effective_suites, state.key_type, on_after)
+        if not usable:
+            empty = not effective_suites
+            title = (
+                "The effective cipher-suite list is empty"
+                if empty
+                else f"No enabled cipher suite works with the listener's {state.key_type or 'certificate'} key"
+            )
+            will_fix = options.restore_cipher_suites
+            plan.findings.append(
+                finding(
+                    "tls.cipher_suites_empty" if empty else "tls.cipher_suites_incompatible",
+                    "critical",
+                    title,
+                    "tls",
+                    {
+                        "effective": effective_suites,
+                        "policy": policy_suites,
+                        "key_type": state.key_type,
+                        "enabled_protocols": on_after,
+                    },
+                    _fix(
+                        {"restore_cipher_suites": True},
+                        "write a list of AEAD cipher suites to the cipher-suite order policy, then reboot",
+                    )
+                    if will_fix
+                    else None,
+                )
+            )
+            if will_fix:
+                previous = state.cipher_policy.get(CIPHER_POLICY_VALUE)
+                # Keep the value type Windows already uses there; the policy editor writes one comma-separated string.
+                as_list = isinstance(previous, dict) and previous.get("type") == "REG_MULTI_SZ"
+                plan.changes.append(
+                    RegistryChange(
+                        CIPHER_POLICY_KEY,
+                        CIPHER_POLICY_VALUE,
+                        "REG_MULTI_SZ" if as_list else "REG_SZ",
+                        list(RESTORED_CIPHER_SUITES) if as_list else ",".join(RESTORED_CIPHER_SUITES),
+                        previous,
+                    )
+                )
+                plan.reboot_required = True
+
+    # --- FIPS --------------------------------------------------------------------------------------------------
+    fips_on = dword(state.fips, "Enabled") == 1
+    if fips_on:
+        plan.findings.append(
+            finding(
+                "tls.fips_policy_enabled",
+                "info",
+                "The FIPS algorithm policy is on: only FIPS-approved suites and protocols are used",
+                "tls",
+                {"path": FIPS_KEY, "enabled": 1},
+                None,
+            )
+        )
+
+    # --- security layer and NLA ----------------------------------------------------------------------------------
+    layer = _effective(dword(state.listener, SECURITY_LAYER), dword(state.policy, SECURITY_LAYER))
+    nla = _effective(dword(state.listener, USER_AUTHENTICATION), dword(state.policy, USER_AUTHENTICATION))
+    encryption = _effective(dword(state.listener, MIN_ENCRYPTION_LEVEL), dword(state.policy, MIN_ENCRYPTION_LEVEL))
+    layer_after = dict(layer)
+    nla_after = dict(nla)
+
+    downgraded = [
+        (path, source, value)
+        for path, source, value in (
+            (LISTENER_KEY, "listener", layer["listener"]),
+            (POLICY_KEY, "policy", layer["policy"]),
+        )
+        if value == SECURITY_LAYER_RDP
+    ]
+    if downgraded:
+        fixing = options.restore_security_layer
+        plan.findings.append(
+            finding(
+                "tls.security_layer_rdp",
+                "security" if layer["effective"] == SECURITY_LAYER_RDP else "info",
+                "SecurityLayer is 0 (native RDP security, no TLS)"
+                + (
+                    ""
+                    if layer["effective"] == SECURITY_LAYER_RDP
+                    else f" in the {downgraded[0][1]} value, not in effect"
+                ),
+                "security_downgrade",
+                {"listener": layer["listener"], "policy": layer["policy"], "effective_from": layer["source"]},
+                _fix({"restore_security_layer": True}, "set SecurityLayer to 2 (TLS)") if fixing else None,
+            )
+        )
+        if fixing:
+            for path, source, _value in downgraded:
+                source_values = state.listener if source == "listener" else state.policy
+                plan.changes.append(
+                    RegistryChange(
+                        path, SECURITY_LAYER, "REG_DWORD", SECURITY_LAYER_TLS, source_values.get(SECURITY_LAYER)
+                    )
+                )
+                layer_after[source] = SECURITY_LAYER_TLS
+            layer_after["effective"] = (
+                layer_after["policy"] if layer_after["policy"] is not None else layer_after["listener"]
+            )
+    elif layer["effective"] == SECURITY_LAYER_NEGOTIATE:
+        plan.findings.append(
+            finding(
+                "tls.security_layer_negotiate",
+                "info",
+                "SecurityLayer is 1 (negotiate): a client that cannot do TLS falls back to native RDP security",
+                "security_downgrade",
+                {"listener": layer["listener"], "policy": layer["policy"], "effective_from": layer["source"]},
+                None,
+            )
+        )
+
+    nla_values = (("listener", LISTENER_KEY, state.listener), ("policy", POLICY_KEY, state.policy))
+    if options.nla == "enabled":
+        off = [(source, path, values) for source, path, values in nla_values if nla[source] == 0]
+        if off:
+            plan.findings.append(
+                finding(
+                    "tls.nla_disabled",
+                    "security" if nla["effective"] == 0 else "info",
+                    "Network Level Authentication is off"
+                    + ("" if nla["effective"] == 0 else " in a value not in effect"),
+                    "security_downgrade",
+                    {"listener": nla["listener"], "policy": nla["policy"], "effective_from": nla["source"]},
+                    _fix({"nla": "enabled"}, "set UserAuthentication to 1"),
+                )
+            )
+            for source, path, values in off:
+                plan.changes.append(
+                    RegistryChange(path, USER_AUTHENTICATION, "REG_DWORD", 1, values.get(USER_AUTHENTICATION))
+                )
+                nla_after[source] = 1
+    elif options.nla == "disabled":
+        on = [(source, path, values) for source, path, values in nla_values if nla[source] not in (None, 0)]
+        if nla["listener"] is None:
+            on.insert(0, ("listener", LISTENER_KEY, state.listener))
+        for source, path, values in on:
+            plan.changes.append(
+                RegistryChange(path, USER_AUTHENTICATION, "REG_DWORD", 0, values.get(USER_AUTHENTICATION))
+            )
+            nla_after[source] = 0
+        if on:
+            plan.warnings.append(
+                "Network Level Authentication is being turned off because nla=disabled asks for it: the server then "
+                "shows its logon screen to anyone who can reach it; turn it back on (nla: enabled) when done"
+            )
+    elif nla["effective"] == 0:
+        plan.findings.append(
+            finding(
+                "tls.nla_disabled",
+                "security",
+                "Network Level Authentication is off",
+                "security_downgrade",
+                {"listener": nla["listener"], "policy": nla["policy"], "effective_from": nla["source"]},
+                None,
+            )
+        )
+    nla_after["effective"] = nla_after["policy"] if nla_after["policy"] is not None else nla_after["listener"]
+
+    plan.report = {
+        "os_build": build,
+        "protocols": {p: {"enabled": enabled_before[p], "values": state.protocols.get(p, {})} for p in PROTOCOLS},
+        "cipher_suites": {
+            "effective": effective_suites,
+            "policy": policy_suites,
+            "key_type": state.key_type,
+            "usable": usable,
+        },
+        "fips": fips_on,
+        "security_layer": layer,
+        "user_authentication": nla,
+        "min_encryption_level": encryption,
+    }
+    plan.before = {
+        "protocols": {p: enabled_before[p] for p in PROTOCOLS},
+        "security_layer": layer["effective"],
+        "user_authentication": nla["effective"],
+        "cipher_policy": policy_suites,
+    }
+    restored = [c for c in plan.changes if c.path == CIPHER_POLICY_KEY]
+    plan.after = {
+        "protocols": {p: enabled_after[p] for p in PROTOCOLS},
+        "security_layer": layer_after["effective"],
+        "user_authentication": nla_after["effective"],
+        "cipher_policy": list(RESTORED_CIPHER_SUITES) if restored else policy_suites,
+    }
+    return plan

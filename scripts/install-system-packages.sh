@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite drives as real peers, pinned to exact versions so every machine
+# tests against the same servers. Idempotent and non-interactive; returns at once when everything is present.
+#
+#   xrdp                 a real RDP server (TLS / native RDP security layers) for the handshake module's tests
+#   freerdp2-shadow-x11  FreeRDP's shadow server (freerdp-shadow-cli): the real server that does CredSSP (NLA)
+#   xvfb                 a virtual X display, which the shadow server needs to have something to share
+#   nmap                 rdp-enum-encryption, the reference the handshake module's answers are compared with
+#   chromium             a real headless browser for the fleet report's HTML test (driven over its debugging pipe)
+#
+# Override a pin only on purpose, e.g. when the Debian mirror has moved on:  XRDP_VERSION=... make setup
+set -euo pipefail
+
+declare -A PINS=(
+  [xrdp]="${XRDP_VERSION:-0.9.21.1-1+deb12u2}"
+  [freerdp2-shadow-x11]="${FREERDP_VERSION:-2.11.7+dfsg1-6~deb12u1}"
+  [xvfb]="${XVFB_VERSION:-2:21.1.7-3+deb12u12}"
+  [nmap]="${NMAP_VERSION:-7.93+dfsg1-1}"
+  [chromium]="${CHROMIUM_VERSION:-156.0.8078.108-1~deb12u1}"
+)
+
+installed_version() {
+  dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null | awk '$3 == "installed" { print $4 }'
+}
+
+missing=()
+for package in "${!PINS[@]}"; do
+  wanted=${PINS[$package]}
+  have=$(installed_version "$package" || true)
+  if [[ -z "$have" ]]; then
+    missing+=("$package=$wanted")
+  elif [[ "$have" != "$wanted" ]]; then
+    # A different version is installed: install the pinned one (apt-get downgrades or upgrades as needed).
+    missing+=("$package=$wanted")
+  fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+
+if [[ $(id -u) -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1; then
+    exec sudo --preserve-env=XRDP_VERSION,FREERDP_VERSION,XVFB_VERSION,NMAP_VERSION,CHROMIUM_VERSION "$0" "$@"
+  fi
+  echo "install-system-packages: need root (or sudo) to install: ${missing[*]}" >&2
+  exit 1
+fi
+
+# Installing xrdp must not leave a server listening on every interface: the tests start their own instances on
+# loopback. Without systemd, invoke-rc.d asks policy-rc.d; a temporary "deny" keeps package scripts from
+# starting services, and is removed again unless the machine already had one.
+own_policy=""
+if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 0755 /usr/sbin/policy-rc.d
+  own_policy=/usr/sbin/policy-rc.d
+fi
+cleanup() { [[ -z "$own_policy" ]] || rm -f "$own_policy"; }
+trap cleanup EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+echo "install-system-packages: installing ${missing[*]}"
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}" >/dev/null
+
+# With systemd present, the package may have started and enabled the system-wide xrdp anyway; the tests
+# never need it.
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now xrdp xrdp-sesman >/dev/null 2>&1 || true
+fi
+echo "install-system-packages: done"

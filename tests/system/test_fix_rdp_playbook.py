@@ -1,0 +1,143 @@
+"""playbooks/fix_rdp.yml through Ansible's own winrm connection against the lab: audit, fix, rerun.
+
+These are the spine's end-to-end promises: check mode writes nothing and shows a diff, a real run repairs every host
+so a TLS handshake succeeds from outside, a second run changes nothing, round trips are few and counted, bad input is
+rejected before any host is contacted, and a host that refuses our credentials is reported unreachable.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+import pytest
+import yaml
+from conftest import Lab, PlaybookRun, run_playbook
+
+from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
+
+pytestmark = pytest.mark.system
+
+BROKEN = ["expired-selfsigned", "missing-selfsigned", "pinned-missing", "active-sessions"]
+HEALTHY = ["healthy"]
+CERT_TASK = "rdpfix.rdp.server : Ensure the RDP listener has a usable certificate"
+
+
+def tls_handshake_ok(lab: Lab, host: str) -> bool:
+    """What a client sees: does the host's RDP port complete a TLS handshake?"""
+    report = probe(lab.address(host), 3389, checks=["tcp", "negotiation", "tls"], tls_versions=["TLSv1.2"])
+    return bool(report["connectable"]) and bool((report["tls"] or {}).get("accepted_versions"))
+
+
+def writes(lab: Lab) -> dict[str, int]:
+    return {name: counters["writes"] for name, counters in lab.counters().items()}
+
+
+def commands(lab: Lab) -> dict[str, int]:
+    return {name: counters["winrm_commands"] for name, counters in lab.counters().items()}
+
+
+@pytest.fixture
+def fleet(lab_factory: t.Callable[..., Lab]) -> Lab:
+    return lab_factory(*HEALTHY, *BROKEN)
+
+
+def test_audit_fix_rerun(fleet: Lab) -> None:
+    before = {name: host for name, host in fleet.state().items()}
+    for host in ["expired-selfsigned", "missing-selfsigned"]:
+        assert not tls_handshake_ok(fleet, host), f"{host} should fail the handshake before the fix"
+
+    # 1. Audit: check mode reports what it would change, with a diff, and writes nothing.
+    fleet.reset_counters()
+    audit = run_playbook("playbooks/fix_rdp.yml", fleet.inventory, check=True, diff=True)
+    assert audit.rc == 0, audit.stdout + audit.stderr
+    assert writes(fleet) == dict.fromkeys(before, 0)
+    assert audit.changed_hosts() == set(BROKEN)
+    cert_results = audit.results(CERT_TASK)
+    assert cert_results["expired-selfsigned"]["changed"] is True
+    assert "diff" in cert_results["expired-selfsigned"], "--diff must show before/after"
+    assert cert_results["healthy"]["changed"] is False
+    state_after_audit = fleet.state()
+    for name in before:
+        for part in ("certificates", "registry", "files", "services", "sessions"):
+            assert state_after_audit[name]["snapshot"][part] == before[name]["snapshot"][part], (name, part)
+
+    # 2. Fix.
+    fleet.reset_counters()
+    fix = run_playbook("playbooks/fix_rdp.yml", fleet.inventory)
+    assert fix.rc == 0, fix.stdout + fix.stderr
+    assert fix.changed_hosts() == set(BROKEN)
+    for host in BROKEN + HEALTHY:
+        assert tls_handshake_ok(fleet, host), f"{host} must complete a TLS handshake after the fix"
+    results = fix.results(CERT_TASK)
+    for host in BROKEN:
+        assert results[host]["backup"]["manifest_id"], f"{host}: a change must leave a backup manifest"
+    # Round trips: one per module on a healthy host; the certificate repair adds exactly one apply batch.
+    assert results["healthy"]["round_trips"] == 1
+    assert results["expired-selfsigned"]["round_trips"] == 2
+    # Sessions survived: the default restart (SessionEnv) keeps them.
+    sessions = fleet.host("active-sessions")["snapshot"]["sessions"]
+    assert any(s["state"] == "Active" for s in sessions), sessions
+
+    # 3. Rerun: nothing left to change, nothing written, one command per module and host.
+    fleet.reset_counters()
+    rerun = run_playbook("playbooks/fix_rdp.yml", fleet.inventory)
+    assert rerun.rc == 0
+    assert rerun.changed_hosts() == set()
+    assert writes(fleet) == dict.fromkeys(before, 0)
+    modules_in_role = 2  # machinekeys, certificate
+    assert set(commands(fleet).values()) == {modules_in_role}
+
+
+def test_limit_to_a_group(fleet: Lab) -> None:
+    inventory = yaml.safe_load(fleet.inventory.read_text())
+    groups = inventory["all"]["children"]
+    assert "azure_vms" in groups, "the lab inventory carries the groups the host files declare"
+    members = set(groups["azure_vms"]["hosts"])
+    fleet.reset_counters()
+    run = run_playbook("playbooks/fix_rdp.yml", fleet.inventory, check=True, limit="azure_vms")
+    assert run.rc == 0
+    touched = {name for name, count in commands(fleet).items() if count}
+    assert touched == members
+
+
+def _assert_rejected_before_contact(run: PlaybookRun, lab: Lab, expected: str) -> None:
+    assert run.rc != 0
+    assert expected in run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    assert set(commands(lab).values()) == {0}, "bad input must fail before any host is contacted"
+
+
+def test_bad_role_variable_rejected_before_any_host(fleet: Lab) -> None:
+    fleet.reset_counters()
+    run = run_playbook(
+        "playbooks/fix_rdp.yml", fleet.inventory, extra_vars={"rdpfix_restart_service": "Spooler"}, json_output=False
+    )
+    _assert_rejected_before_contact(run, fleet, "rdpfix_restart_service")
+
+
+def test_bad_module_option_rejected_before_any_host(fleet: Lab, tmp_path: t.Any) -> None:
+    playbook = tmp_path / "bad.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "hosts": "windows",
+                    "gather_facts": False,
+                    "tasks": [{"name": "bad", "rdpfix.rdp.certificate": {"expiry_threshold_days": -3}}],
+                }
+            ]
+        )
+    )
+    fleet.reset_counters()
+    run = run_playbook(playbook, fleet.inventory, json_output=False)
+    _assert_rejected_before_contact(run, fleet, "expiry_threshold_days")
+
+
+def test_wrong_credentials_are_unreachable(fleet: Lab, tmp_path: t.Any) -> None:
+    inventory = yaml.safe_load(fleet.inventory.read_text())
+    inventory["all"]["children"]["windows"]["hosts"]["healthy"]["ansible_password"] = "wrong"
+    bad_inventory = tmp_path / "bad-inventory.yml"
+    bad_inventory.write_text(yaml.safe_dump(inventory))
+    run = run_playbook("playbooks/fix_rdp.yml", bad_inventory, limit="healthy")
+    assert run.rc != 0
+    assert run.stats["healthy"]["unreachable"] == 1

@@ -1,0 +1,222 @@
+"""The firewall, transport and TLS planners: pure functions over the values the read batches return."""
+
+from __future__ import annotations
+
+import typing as t
+
+import pytest
+
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _firewall, _tls, _transport
+
+
+def dword(value: int) -> dict[str, t.Any]:
+    return {"type": "REG_DWORD", "value": value}
+
+
+def rule(**fields: t.Any) -> dict[str, t.Any]:
+    base: dict[str, t.Any] = {
+        "name": "RemoteDesktop-UserMode-In-TCP",
+        "group": _firewall.RDP_GROUP,
+        "direction": "Inbound",
+        "action": "Allow",
+        "enabled": True,
+        "profiles": 0,
+        "protocol": "TCP",
+        "local_ports": ["3389"],
+        "remote_ports": ["Any"],
+        "remote_addresses": ["Any"],
+        "program": r"%SystemRoot%\system32\svchost.exe",
+        "service": "termservice",
+        "policy_store_source_type": "Local",
+    }
+    base.update(fields)
+    return base
+
+
+UDP = {"name": "RemoteDesktop-UserMode-In-UDP", "protocol": "UDP"}
+
+
+# -- transport ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "current", "wanted"), [("tcp_only", None, 1), ("udp_and_tcp", 1, 0), ("default", 1, None)]
+)
+def test_transport_plans_one_change_and_then_none(mode: str, current: int | None, wanted: int | None):
+    values = {} if current is None else {"SelectTransport": dword(current)}
+    plan = _transport.plan_transport(_transport.TransportState(server_policy=values), mode, ["server"])
+    assert [(c.name, c.value) for c in plan.changes] == [("SelectTransport", wanted)]
+    assert plan.restart_required == ["TermService"]
+    after = {} if wanted is None else {"SelectTransport": dword(wanted)}
+    assert not _transport.plan_transport(_transport.TransportState(server_policy=after), mode, ["server"]).changes
+
+
+def test_transport_rejects_unknown_options():
+    assert _transport.validate("udp_only", ["server"])
+    assert _transport.validate("tcp_only", ["laptop"])
+    assert not _transport.validate("tcp_only", ["server", "client"])
+
+
+# -- TLS ---------------------------------------------------------------------------------------------------------
+
+
+def tls_state(**overrides: t.Any) -> _tls.TlsState:
+    fields: dict[str, t.Any] = {
+        "os_build": 20348,
+        "protocols": {},
+        "cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"],
+        "cipher_policy": {},
+        "key_type": "RSA",
+        "fips": {},
+        "listener": {"SecurityLayer": dword(2), "UserAuthentication": dword(1)},
+        "policy": {},
+    }
+    fields.update(overrides)
+    return _tls.TlsState(**fields)
+
+
+def test_healthy_tls_plans_nothing():
+    plan = _tls.plan_tls(tls_state(), _tls.TlsOptions())
+    assert not plan.changes and not plan.reboot_required
+
+
+def test_disabled_tls12_is_enabled_and_needs_a_reboot():
+    state = tls_state(protocols={"TLS 1.2": {"Enabled": dword(0)}}, os_build=17763)
+    plan = _tls.plan_tls(state, _tls.TlsOptions())
+    assert [(c.path.rsplit("\\", 2)[-2], c.name, c.value) for c in plan.changes] == [("TLS 1.2", "Enabled", 1)]
+    assert plan.reboot_required
+    assert "tls.tls12_disabled" in {f["id"] for f in plan.findings}
+
+
+def test_weak_protocols_are_reported_never_enabled_without_being_asked():
+    plan = _tls.plan_tls(tls_state(os_build=17763), _tls.TlsOptions())
+    assert not any(c.path.endswith(("TLS 1.0\\Server", "TLS 1.1\\Server")) for c in plan.changes)
+    assert "tls.weak_protocols_enabled" in {f["id"] for f in plan.findings}
+    off = {"TLS 1.0": {"Enabled": dword(0)}}
+    asked = _tls.plan_tls(tls_state(protocols=off), _tls.TlsOptions(legacy_protocols=("TLS 1.0",)))
+    assert asked.changes and asked.warnings
+
+
+def test_policy_security_layer_wins_and_both_downgrades_are_restored():
+    state = tls_state(
+        listener={"SecurityLayer": dword(0), "UserAuthentication": dword(1)}, policy={"SecurityLayer": dword(0)}
+    )
+    plan = _tls.plan_tls(state, _tls.TlsOptions())
+    assert plan.report["security_layer"]["source"] == "policy"
+    assert sorted((c.path == _transport.POLICY_KEY, c.value) for c in plan.changes) == [(False, 2), (True, 2)]
+
+
+def test_nla_is_turned_off_only_when_asked_and_with_a_warning():
+    assert not _tls.plan_tls(tls_state(), _tls.TlsOptions(nla="keep")).changes
+    plan = _tls.plan_tls(tls_state(), _tls.TlsOptions(nla="disabled"))
+    assert [(c.name, c.value) for c in plan.changes] == [("UserAuthentication", 0)]
+    assert plan.warnings
+
+
+@pytest.mark.parametrize(
+    ("suites", "key_type", "broken"),
+    [
+        ([], "RSA", True),
+        (["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"], "RSA", True),
+        (["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"], "EC", False),
+        (["TLS_AES_256_GCM_SHA384"], "RSA", False),
+    ],
+)
+def test_cipher_list_is_restored_only_when_nothing_is_usable(suites: list[str], key_type: str, broken: bool):
+    plan = _tls.plan_tls(tls_state(cipher_suites=suites, key_type=key_type), _tls.TlsOptions())
+    assert bool(plan.changes) is broken
+    if broken:
+        written = plan.changes[0].value
+        assert _tls.usable_suites(written.split(","), key_type, ["TLS 1.2"])
+
+
+def test_tls13_on_a_build_without_it_is_unforced_not_enabled():
+    forced = {"TLS 1.3": {"Enabled": dword(1)}}
+    plan = _tls.plan_tls(tls_state(os_build=17763, protocols=forced), _tls.TlsOptions())
+    assert [(c.name, c.value) for c in plan.changes] == [("Enabled", None)]
+    assert not _tls.plan_tls(tls_state(os_build=17763), _tls.TlsOptions()).changes
+
+
+# -- firewall ----------------------------------------------------------------------------------------------------
+
+
+def plan(rules: list[dict[str, t.Any]], port: int = 3389, **options: t.Any) -> _firewall.FirewallPlan:
+    return _firewall.plan_firewall(rules, port, _firewall.FirewallOptions(**options))
+
+
+def test_enabled_builtin_rules_need_nothing():
+    assert not plan([rule(), rule(**UDP)]).changes
+
+
+def test_equivalent_spellings_compare_equal():
+    same = rule(local_ports=["3380-3390"], protocol="6", program=r"C:\Windows\System32\svchost.exe", profiles=7)
+    assert not plan([same, rule(**UDP)]).changes
+
+
+def test_disabled_rule_is_enabled_for_the_chosen_profiles_with_its_scope_kept():
+    scoped = rule(enabled=False, remote_addresses=["10.0.0.0/8"])
+    changes = plan([scoped, rule(**UDP)]).changes
+    assert [(c.kind, c.args) for c in changes] == [
+        ("firewall.rule.set", {"name": "RemoteDesktop-UserMode-In-TCP", "enabled": True, "profiles": 3})
+    ]
+
+
+def test_moved_port_gets_own_rules_with_the_builtin_scope():
+    changes = plan([rule(remote_addresses=["10.0.0.0/8"]), rule(**UDP)], port=3390).changes
+    assert {c.name for c in changes} == set(_firewall.OWN_RULES.values())
+    tcp = next(c for c in changes if c.name.endswith("TCP"))
+    assert tcp.args["local_ports"] == ["3390"] and tcp.args["remote_addresses"] == ["10.0.0.0/8"]
+
+
+def test_block_rule_is_found_and_disabled_only_when_asked():
+    rules = [rule(), rule(**UDP), rule(name="Block-3389", action="Block", program="Any", service="Any")]
+    reported = plan(rules)
+    assert not reported.changes and reported.findings[0]["id"] == "firewall.block_rule_tcp"
+    asked = plan(rules, disable_blocking_rules=True)
+    assert [(c.name, c.args.get("enabled")) for c in asked.changes] == [("Block-3389", False)]
+
+
+def test_block_rule_for_another_program_does_not_shadow_rdp():
+    other = rule(name="Block-App", action="Block", local_ports=["Any"], program=r"C:\app\app.exe", service="Any")
+    assert not plan([rule(), rule(**UDP), other]).findings
+
+
+def test_group_policy_rules_are_never_changed():
+    gpo = rule(name="GPO-Block", action="Block", policy_store_source_type="GroupPolicy")
+    result = plan([rule(), rule(**UDP), gpo], disable_blocking_rules=True)
+    assert not result.changes and result.findings[0]["fix"] is None
+
+
+def test_public_any_needs_consent():
+    with pytest.raises(_firewall.FirewallPlanError):
+        plan([rule(enabled=False), rule(**UDP)], profiles=("Public",))
+    allowed = plan([rule(enabled=False), rule(**UDP)], profiles=("Public",), allow_public_any=True)
+    assert allowed.changes and allowed.warnings
+
+
+def test_options_are_validated():
+    with pytest.raises(_firewall.FirewallOptionError):
+        _firewall.validate(_firewall.FirewallOptions(remote_addresses=("nope",)))
+    with pytest.raises(_firewall.FirewallOptionError):
+        _firewall.validate(_firewall.FirewallOptions(client_programs=("mstsc.exe",)))
+    _firewall.validate(_firewall.FirewallOptions(remote_addresses=("10.0.0.0/8", "LocalSubnet", "10.1.1.1-10.1.1.9")))
+
+
+def test_client_outbound_rule_and_third_party_firewall():
+    products = {
+        "available": True,
+        "firewall": [
+            {"name": "Contoso Firewall", "state": 0x061100},
+            {"name": "Windows Defender Firewall", "state": 0x061100},
+        ],
+    }
+    result = _firewall.plan_firewall(
+        [], 3389, _firewall.FirewallOptions(sides=("client",), client_programs=("mstsc",)), products
+    )
+    assert [c.name for c in result.changes] == ["rdpfix-RemoteDesktop-Client-Out-mstsc"]
+    assert [f["evidence"]["product"] for f in result.findings] == ["Contoso Firewall"]
+    created = dict(result.changes[0].args, profiles=7, enabled=True, policy_store_source_type="Local")
+    again = _firewall.plan_firewall(
+        [created], 3389, _firewall.FirewallOptions(sides=("client",), client_programs=("mstsc",)), products
+    )
+    assert not again.changes
