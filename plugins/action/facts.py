@@ -1,0 +1,124 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Action plugin of rdpfix.rdp.facts: one read batch, every planner, findings. Documented in modules/facts.py.
+
+It never writes: there is no apply batch, and check mode runs exactly the same reads.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import typing as t
+
+from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_names import is_ip_address, system_resolver
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _facts as facts
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import ActionFailed, RdpfixAction, iso_utc
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._firewall import PROFILE_BITS
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._tls import LEGACY_CHOICES, NLA_CHOICES
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import MODES, SIDES
+
+# A name lookup that hangs must not hold up the audit of a fleet.
+RESOLVE_TIMEOUT_S = 5.0
+
+
+def resolve(name: str, timeout: float = RESOLVE_TIMEOUT_S) -> tuple[list[str] | None, str | None]:
+    """(addresses, None) or (None, why not) for ``name``, from the controller, within ``timeout`` seconds."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(system_resolver, name).result(timeout=timeout), None
+    except concurrent.futures.TimeoutError:
+        return None, f"no answer within {timeout:g} s"
+    except (OSError, UnicodeError) as exc:
+        return None, str(exc.strerror if isinstance(exc, socket.gaierror) else exc)
+    finally:
+        pool.shutdown(wait=False)
+
+
+class ActionModule(RdpfixAction):
+    MODULE_NAME = "facts"
+    ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
+        "event_days": {"type": "int", "default": 7},
+        "max_events": {"type": "int", "default": 100},
+        "expiry_threshold_days": {"type": "int", "default": 30},
+        "restart_service": {"type": "str", "default": "SessionEnv", "choices": ["SessionEnv", "TermService"]},
+        "machinekeys_strategy": {"type": "str", "default": "permissions", "choices": list(mk.STRATEGIES)},
+        "firewall_profiles": {
+            "type": "list",
+            "elements": "str",
+            "default": ["Domain", "Private"],
+            "choices": list(PROFILE_BITS),
+        },
+        "transport_mode": {"type": "str", "default": "tcp_only", "choices": list(MODES)},
+        "transport_sides": {"type": "list", "elements": "str", "default": ["server"], "choices": list(SIDES)},
+        "tls_legacy_protocols": {"type": "list", "elements": "str", "default": [], "choices": list(LEGACY_CHOICES)},
+        "tls_nla": {"type": "str", "default": "enabled", "choices": list(NLA_CHOICES)},
+        "connect_name": {"type": "str"},
+    }
+
+    options: facts.FactsOptions
+
+    def validate_params(self, params: dict[str, t.Any]) -> None:
+        self.options = facts.FactsOptions(
+            event_days=params["event_days"],
+            max_events=params["max_events"],
+            expiry_threshold_days=params["expiry_threshold_days"],
+            restart_service=params["restart_service"],
+            machinekeys_strategy=params["machinekeys_strategy"],
+            firewall_profiles=tuple(dict.fromkeys(params["firewall_profiles"])),
+            transport_mode=params["transport_mode"],
+            transport_sides=tuple(dict.fromkeys(params["transport_sides"])),
+            tls_legacy_protocols=tuple(dict.fromkeys(params["tls_legacy_protocols"])),
+            tls_nla=params["tls_nla"],
+            connect_name=params["connect_name"],
+        )
+        try:
+            self.options.validate()
+        except facts.FactsOptionError as exc:
+            raise ActionFailed(str(exc)) from exc
+
+    def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
+        del params
+        read = facts.build_read_batch(self.options, self.now)
+        result = self.run_batch(read.merged.batch)
+        gathered = facts.evaluate(read, result, self.options, self.now)
+        address = self._address()
+        if self.options.connect_name:
+            gathered.findings += self._name_findings(self.options.connect_name, address, gathered.facts)
+            gathered.findings.sort(
+                key=lambda item: (facts.SEVERITY_ORDER.get(str(item.get("severity")), 9), str(item.get("id")))
+            )
+        overview = facts.summary(gathered.findings)
+        for item in gathered.findings:
+            if item.get("severity") == "critical":
+                self.warn(f"{item['title']} ({item['id']})")
+        return {
+            "changed": False,
+            "gathered_at": iso_utc(self.now),
+            "address": address,
+            "status": overview["status"],
+            "counts": overview["by_severity"],
+            "fixed_by": overview["fixed_by"],
+            "findings": gathered.findings,
+            "rdp": gathered.facts,
+            "ansible_facts": {"rdpfix_rdp": dict(gathered.facts, findings=gathered.findings)},
+        }
+
+    def _address(self) -> str:
+        """Where Ansible reaches the host: ``ansible_host``, else the inventory name."""
+        remote = getattr(self._play_context, "remote_addr", None)
+        return str(remote or self.host)
+
+    def _name_findings(self, name: str, address: str, gathered: dict[str, t.Any]) -> list[dict[str, t.Any]]:
+        resolved, error = (None, None) if is_ip_address(name) else resolve(name)
+        system = gathered.get("system") or {}
+        return facts.name_findings(
+            name,
+            address,
+            resolved,
+            error,
+            system.get("hostname"),
+            system.get("fqdn"),
+            gathered.get("certificate"),
+        )
