@@ -116,9 +116,9 @@ class ActionModule(RdpfixAction):
         return facts.name_findings(
             name,
             address,
-            resolved,
-            error,
-            system.get("hostname"),
-            system.get("fqdn"),
-            gathered.get("certificate"),
+            resolved=resolved,
+            resolve_error=error,
+            hostname=system.get("hostname"),
+            fqdn=system.get("fqdn"),
+            cert=gathered.get("certificate"),
         )

@@ -314,8 +314,10 @@ def _finding(kind: str, events: list[Event], since: str | None) -> dict[str, t.A
         if any(code in MISMATCH_ALERTS for code in codes):
             severity = "warning"
     if kind == "logon_failure":
-        types = Counter(LOGON_TYPES.get(event.data.get("LogonType", ""), event.data.get("LogonType") or "unknown")
-                        for event in events)
+        types = Counter(
+            LOGON_TYPES.get(event.data.get("LogonType", ""), event.data.get("LogonType") or "unknown")
+            for event in events
+        )
         evidence["logon_types"] = dict(types.most_common())
         sources = Counter(event.data.get("IpAddress") or "-" for event in events)
         evidence["source_addresses"] = dict(sources.most_common(10))

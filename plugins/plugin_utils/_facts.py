@@ -27,14 +27,34 @@ from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_names import (
     is_ip_address,
     same_host_name,
 )
-
-from . import _certificate as certificate
-from . import _events as events_mod
-from . import _machinekeys as mk
-from ._agent import Batch, BatchResult
-from ._firewall import DEFAULT_PORT, FirewallOptions, FirewallPlanError, plan_firewall
-from ._tls import CIPHER_POLICY_KEY, FIPS_KEY, LISTENER_KEY, PROTOCOLS, TlsOptions, TlsState, plan_tls, protocol_key
-from ._transport import CLIENT_POLICY_KEY, CLIENT_SETTING_KEY, POLICY_KEY, TransportState, finding, plan_transport
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _certificate as certificate
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _events as events_mod
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch, BatchResult
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._firewall import (
+    DEFAULT_PORT,
+    FirewallOptions,
+    FirewallPlanError,
+    plan_firewall,
+)
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._tls import (
+    CIPHER_POLICY_KEY,
+    FIPS_KEY,
+    LISTENER_KEY,
+    PROTOCOLS,
+    TlsOptions,
+    TlsState,
+    plan_tls,
+    protocol_key,
+)
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import (
+    CLIENT_POLICY_KEY,
+    CLIENT_SETTING_KEY,
+    POLICY_KEY,
+    TransportState,
+    finding,
+    plan_transport,
+)
 
 TERMINAL_SERVER_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Terminal Server"
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "security": 2, "info": 3}
@@ -155,7 +175,7 @@ _REGENERATION_TRIGGERS = frozenset(
 def certificate_findings(
     decided: certificate.CertificatePlan, state: certificate.HostState, threshold: int
 ) -> list[dict[str, t.Any]]:
-    """The certificate planner's findings in the shared shape; a fix exactly where the planner would change something."""
+    """The certificate planner's findings in the shared shape, with a fix where the planner changes something."""
     described = certificate.describe(state, threshold)
     description = "; ".join(action.description for action in decided.actions)
     found: list[dict[str, t.Any]] = []
@@ -483,6 +503,7 @@ def build_read_batch(options: FactsOptions, now: datetime, concerns: t.Sequence[
 def name_findings(
     connect_name: str,
     address: str | None,
+    *,
     resolved: list[str] | None,
     resolve_error: str | None,
     hostname: str | None,
@@ -646,7 +667,9 @@ def evaluate(
     event_facts = facts.get("events")
     if isinstance(event_facts, dict):
         parsed = event_facts.pop("_parsed", [])
-    assessment = events_mod.assess(parsed, [str(item["id"]) for item in findings], event_facts and event_facts.get("since"))
+    assessment = events_mod.assess(
+        parsed, [str(item["id"]) for item in findings], event_facts and event_facts.get("since")
+    )
     for item in findings:
         logged = assessment.evidence.get(str(item["id"]))
         if logged:

@@ -11,7 +11,7 @@ import typing as t
 
 import pytest
 import yaml
-from conftest import Lab, PlaybookRun, run_playbook
+from harness import Lab, PlaybookRun, run_playbook
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
 
@@ -42,7 +42,7 @@ def fleet(lab_factory: t.Callable[..., Lab]) -> Lab:
 
 
 def test_audit_fix_rerun(fleet: Lab) -> None:
-    before = {name: host for name, host in fleet.state().items()}
+    before = fleet.state()
     for host in ["expired-selfsigned", "missing-selfsigned"]:
         assert not tls_handshake_ok(fleet, host), f"{host} should fail the handshake before the fix"
 

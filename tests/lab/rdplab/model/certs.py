@@ -11,7 +11,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from cryptography import x509
@@ -206,8 +206,13 @@ class ParsedKeyFile:
     key: rsa.RSAPrivateKey
 
 
+@lru_cache(maxsize=1024)
 def parse_key_file(content: bytes) -> ParsedKeyFile | None:
-    """The key a key file holds, or None when it is empty, truncated or not a key (as CryptAcquireContext fails)."""
+    """The key a key file holds, or None when it is empty, truncated or not a key (as CryptAcquireContext fails).
+
+    Cached by content: loading an RSA key validates it (about 0.1 s), and the RDP endpoint looks at every host's view
+    several times a second; the result depends on the bytes alone and is immutable.
+    """
     if not content.startswith(KEY_FILE_MAGIC):
         return None
     lines = content[len(KEY_FILE_MAGIC) :].split(b"\n", 2)
