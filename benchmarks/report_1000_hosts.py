@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Render the fleet report for a synthetic fleet and print render time and file size per format.
 
     .venv/bin/python benchmarks/report_1000_hosts.py [--hosts 1000] [--repeat 5]
@@ -36,7 +35,7 @@ def main() -> None:
     )
     for fmt in FORMATS:
         timings = []
-        for _ in range(options.repeat):
+        for _repetition in range(options.repeat):
             started = time.perf_counter()
             text = render(report, fmt)
             timings.append(time.perf_counter() - started)

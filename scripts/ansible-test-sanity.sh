@@ -13,7 +13,7 @@ cache="$HOME/.ansible/test/cache"
 mkdir -p "$cache"
 # The pip version ansible-test pins for its venvs (e.g. pip='24.2' in python_requirements.py).
 reqs="$("$bin/python" -c 'import ansible_test._internal.python_requirements as r; print(r.__file__)')"
-for version in $(grep -oE "pip='[0-9.]+'" "$reqs" | cut -d"'" -f2 | sort -u); do
+while IFS= read -r version; do
   stand_in="$cache/get_pip_${version//./_}.py"
   [ -f "$stand_in" ] && continue
   cat > "$stand_in" <<'PY'
@@ -32,7 +32,7 @@ from pip._internal.cli.main import main  # noqa: E402
 args = [a for a in sys.argv[1:] if a not in ("--no-setuptools", "--no-wheel")]
 sys.exit(main(["install", *args]))
 PY
-done
+done < <(grep -oE "pip='[0-9.]+'" "$reqs" | cut -d"'" -f2 | sort -u)
 
 rm -rf "$work"
 mkdir -p "$dest"

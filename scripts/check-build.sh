@@ -11,7 +11,7 @@ printf '[defaults]\n' > "$tmp/ansible.cfg"
 export ANSIBLE_CONFIG="$tmp/ansible.cfg"
 ANSIBLE_CONFIG="$root/ansible.cfg" "$bin/ansible-galaxy" collection build --force --output-path "$tmp" . >/dev/null
 tarball=$(ls "$tmp"/rdpfix-rdp-*.tar.gz)
-unwanted=$(tar -tzf "$tarball" | grep -E '^(tests/lab/|\.venv/|\.cache/|\.lab/|inventory/lab|molecule/|scripts/|\.git/)' || true)
+unwanted=$(tar -tzf "$tarball" | grep -E '^(tests/lab/|\.venv/|\.cache/|\.lab/|\.hypothesis/|inventory/lab|molecule/|scripts/|benchmarks/|\.git/)' || true)
 if [ -n "$unwanted" ]; then
   echo "the collection tarball carries files it must leave out:"; echo "$unwanted" | head -20; exit 1
 fi
@@ -21,4 +21,4 @@ modules=$(ANSIBLE_COLLECTIONS_PATH="$tmp/installed" "$bin/ansible-doc" -l rdpfix
 for module in $modules; do
   ANSIBLE_COLLECTIONS_PATH="$tmp/installed" "$bin/ansible-doc" "$module" >/dev/null || { echo "ansible-doc cannot render $module"; exit 1; }
 done
-echo "built $(basename "$tarball"): $(tar -tzf "$tarball" | wc -l) files; ansible-doc renders: $(echo $modules | tr '\n' ' ')"
+echo "built $(basename "$tarball"): $(tar -tzf "$tarball" | wc -l) files; ansible-doc renders: $(echo "$modules" | tr '\n' ' ')"

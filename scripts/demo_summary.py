@@ -50,12 +50,14 @@ def main() -> int:
 
     state = lab_state(args.state_dir)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        views = dict(
-            zip(state, pool.map(lambda name: outside_view(state[name]["address"], state[name]["rdp_port"]), state))
-        )
+        outside_views = pool.map(lambda name: outside_view(state[name]["address"], state[name]["rdp_port"]), state)
+        views = dict(zip(state, outside_views, strict=True))
     before: dict[str, t.Any] = json.loads(Path(args.before).read_text()) if args.before else {}
 
-    header = f"{'host':<22} {'groups':<16} {'RDP from outside':<34} {'listener cert (days left)':<28} {'WinRM cmds':>10} {'writes':>7}"
+    header = (
+        f"{'host':<22} {'groups':<16} {'RDP from outside':<34} {'listener cert (days left)':<28} "
+        f"{'WinRM cmds':>10} {'writes':>7}"
+    )
     print(f"\n[{args.phase}]\n{header}\n{'-' * len(header)}")
     for name, host in state.items():
         view = views[name]

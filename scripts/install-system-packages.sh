@@ -7,6 +7,7 @@
 #   xvfb                 a virtual X display, which the shadow server needs to have something to share
 #   nmap                 rdp-enum-encryption, the reference the handshake module's answers are compared with
 #   chromium             a real headless browser for the fleet report's HTML test (driven over its debugging pipe)
+#   ShellCheck           the shell linter ansible-test sanity runs on the scripts (it skips the test without it)
 #
 # Override a pin only on purpose, e.g. when the Debian mirror has moved on:  XRDP_VERSION=... make setup
 set -euo pipefail
@@ -17,6 +18,7 @@ declare -A PINS=(
   [xvfb]="${XVFB_VERSION:-2:21.1.7-3+deb12u12}"
   [nmap]="${NMAP_VERSION:-7.93+dfsg1-1}"
   [chromium]="${CHROMIUM_VERSION:-156.0.8078.108-1~deb12u1}"
+  [shellcheck]="${SHELLCHECK_VERSION:-0.9.0-1}"
 )
 
 installed_version() {
@@ -41,7 +43,7 @@ fi
 
 if [[ $(id -u) -ne 0 ]]; then
   if command -v sudo >/dev/null 2>&1; then
-    exec sudo --preserve-env=XRDP_VERSION,FREERDP_VERSION,XVFB_VERSION,NMAP_VERSION,CHROMIUM_VERSION "$0" "$@"
+    exec sudo --preserve-env=XRDP_VERSION,FREERDP_VERSION,XVFB_VERSION,NMAP_VERSION,CHROMIUM_VERSION,SHELLCHECK_VERSION "$0" "$@"
   fi
   echo "install-system-packages: need root (or sudo) to install: ${missing[*]}" >&2
   exit 1

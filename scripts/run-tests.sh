@@ -3,7 +3,7 @@
 # problem; the exit code is non-zero when any stage failed.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
+cd "$root" || exit 1
 bin="$root/.venv/bin"
 export PATH="$bin:$PATH"
 export ANSIBLE_COLLECTIONS_PATH="$root/.cache/collections"

@@ -76,10 +76,10 @@ class ActionModule(RdpfixAction):
         except PlanError as exc:
             raise ActionFailed(f"{self.host}: {exc}; nothing was changed", **result, after=result["before"]) from exc
 
-        result["findings"] = [finding.to_dict() for finding in decided.findings]
+        result["findings"] = decided.findings
         result["restart_pending"] = decided.restart_pending
         if decided.restart_pending:
-            self.warn(next(f.message for f in decided.findings if f.id == "restart_pending"))
+            self.warn(next(f["title"] for f in decided.findings if f["id"] == "certificate.restart_pending"))
 
         if not decided.has_changes or self.check_mode:
             status = "planned" if self.check_mode else "pending"
@@ -121,7 +121,7 @@ class ActionModule(RdpfixAction):
             remaining = plan(after_state, options)
         except PlanError:
             remaining = CertificatePlan()
-        result["remaining_findings"] = [finding.to_dict() for finding in remaining.findings]
+        result["remaining_findings"] = remaining.findings
         return self._conclude(result, remaining, warn=True)
 
     def _reread(
@@ -136,13 +136,13 @@ class ActionModule(RdpfixAction):
     def _conclude(self, result: dict[str, t.Any], final: CertificatePlan, warn: bool) -> dict[str, t.Any]:
         """Set ``compliant`` from the plan of the state the run ends with, warn about what nothing fixes, add the diff.
 
-        ``warn`` is false for a check-mode run that would change things: its errors are the ones it would fix.
+        ``warn`` is false for a check-mode run that would change things: its problems are the ones it would fix.
         """
-        remaining_errors = final.errors()
-        result["compliant"] = not remaining_errors and not final.has_changes and not final.restart_pending
+        remaining_problems = final.problems()
+        result["compliant"] = not remaining_problems and not final.has_changes and not final.restart_pending
         if warn:
-            for finding in remaining_errors:
-                self.warn(f"{finding.message} ({finding.id})")
+            for item in remaining_problems:
+                self.warn(f"{item['title']} ({item['id']})")
         result["diff"] = {"before": result["before"], "after": result["after"]}
         return result
 

@@ -15,9 +15,10 @@ from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_names import is_ip
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _facts as facts
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import ActionFailed, RdpfixAction, iso_utc
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._findings import urgency
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._firewall import PROFILE_BITS
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._tls import LEGACY_CHOICES, NLA_CHOICES
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import MODES, SIDES
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import SIDES
 
 # A name lookup that hangs must not hold up the audit of a fleet.
 RESOLVE_TIMEOUT_S = 5.0
@@ -50,7 +51,7 @@ class ActionModule(RdpfixAction):
             "default": ["Domain", "Private"],
             "choices": list(PROFILE_BITS),
         },
-        "transport_mode": {"type": "str", "default": "tcp_only", "choices": list(MODES)},
+        "transport_mode": {"type": "str", "default": "tcp_only", "choices": list(facts.TRANSPORT_MODES)},
         "transport_sides": {"type": "list", "elements": "str", "default": ["server"], "choices": list(SIDES)},
         "tls_legacy_protocols": {"type": "list", "elements": "str", "default": [], "choices": list(LEGACY_CHOICES)},
         "tls_nla": {"type": "str", "default": "enabled", "choices": list(NLA_CHOICES)},
@@ -86,9 +87,7 @@ class ActionModule(RdpfixAction):
         address = self._address()
         if self.options.connect_name:
             gathered.findings += self._name_findings(self.options.connect_name, address, gathered.facts)
-            gathered.findings.sort(
-                key=lambda item: (facts.SEVERITY_ORDER.get(str(item.get("severity")), 9), str(item.get("id")))
-            )
+            gathered.findings.sort(key=urgency)
         overview = facts.summary(gathered.findings)
         for item in gathered.findings:
             if item.get("severity") == "critical":

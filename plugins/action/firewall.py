@@ -4,25 +4,12 @@
 
 from __future__ import annotations
 
+import functools
 import typing as t
 
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
-    COMMON_ARGUMENT_SPEC,
-    ActionFailed,
-    BackupSet,
-    RdpfixAction,
-    backup_root,
-)
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _firewall as firewall
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import COMMON_ARGUMENT_SPEC, ActionFailed, RdpfixAction
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._firewall import (
-    DEFAULT_PORT,
-    FirewallOptionError,
-    FirewallOptions,
-    FirewallPlanError,
-    plan_firewall,
-    validate,
-)
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._tls import LISTENER_KEY
 
 
 class ActionModule(RdpfixAction):
@@ -34,7 +21,7 @@ class ActionModule(RdpfixAction):
             "type": "list",
             "elements": "str",
             "default": ["Domain", "Private"],
-            "choices": ["Domain", "Private", "Public"],
+            "choices": list(firewall.PROFILE_BITS),
         },
         "remote_addresses": {"type": "list", "elements": "str"},
         "allow_public_any": {"type": "bool", "default": False},
@@ -43,11 +30,11 @@ class ActionModule(RdpfixAction):
         "client_programs": {"type": "list", "elements": "str", "default": []},
     }
 
-    options: FirewallOptions
+    options: firewall.FirewallOptions
 
     def validate_params(self, params: dict[str, t.Any]) -> None:
         addresses = params.get("remote_addresses")
-        self.options = FirewallOptions(
+        self.options = firewall.FirewallOptions(
             sides=tuple(params["sides"]),
             profiles=tuple(params["profiles"]),
             remote_addresses=None if addresses is None else tuple(addresses),
@@ -57,30 +44,21 @@ class ActionModule(RdpfixAction):
             client_programs=tuple(params["client_programs"]),
         )
         try:
-            validate(self.options)
-        except FirewallOptionError as exc:
+            firewall.validate(self.options)
+        except firewall.FirewallOptionError as exc:
             raise ActionFailed(str(exc)) from exc
 
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
         read = Batch(on_error="continue")
         system_index = read.add("system.info")
-        rules_index = read.add("firewall.rules.list")
-        port_index = read.add("registry.get", path=LISTENER_KEY, names=["PortNumber"])
-        products_index = read.add("security_products.list") if "client" in self.options.sides else None
+        reads = firewall.add_reads(read, self.options)
         found = self.run_batch(read)
-        system = found.data(system_index)
-        listing = found.data(rules_index)
-        port_value = found.data(port_index).get("values", {}).get("PortNumber") or {}
-        port = int(port_value.get("value") or DEFAULT_PORT)
-        products = found.data(products_index) if products_index is not None else None
         try:
-            plan = plan_firewall(listing.get("rules") or [], port, self.options, products)
-        except FirewallPlanError as exc:
+            plan = firewall.plan_state(firewall.state_from(found, reads), self.options)
+        except firewall.FirewallPlanError as exc:
             raise ActionFailed(f"{self.host}: {exc}; nothing was changed") from exc
         for warning in plan.warnings:
             self.warn(warning)
-        plan.report["profiles"] = listing.get("profiles")
-        plan.report["network_categories"] = listing.get("network_categories")
         result: dict[str, t.Any] = {
             "changed": bool(plan.changes),
             "findings": plan.findings,
@@ -91,28 +69,6 @@ class ActionModule(RdpfixAction):
         }
         if not plan.changes or self.check_mode:
             return result
-        backup = BackupSet.create(
-            self.MODULE_NAME,
-            str(system.get("hostname") or self.host),
-            backup_root(params, system.get("program_data")),
-            self.now,
-        )
-        apply = Batch(on_error="stop")
-        backup.begin(apply)
-        for change in plan.changes:
-            # The whole previous rule record: enough to put the rule back exactly as it was.
-            backup.record("firewall_rule", name=change.name, operation=change.kind, previous=change.previous)
-            backup.planned_actions.append(change.reason)
-        backup.finish(apply)
-        for change in plan.changes:
-            apply.add(change.kind, **change.args)
-        applied = self.run_batch(apply)
-        result["backup"] = backup.summary()
-        failures = [item for item in applied.results if not item.ok and not item.skipped]
-        if failures:
-            raise ActionFailed(
-                f"{self.host}: {failures[0].op} failed: {failures[0].error_type}: {failures[0].error_message}. "
-                f"Previous rules are recorded in backup manifest {backup.manifest_id}",
-                **result,
-            )
+        stage = functools.partial(firewall.stage_rule_changes, changes=plan.changes)
+        self.apply_with_backup(params, found.data(system_index), result, stage, "Previous rules")
         return result

@@ -42,12 +42,12 @@ class ActionModule(RdpfixAction):
 
     def _read_state(self) -> mk.State:
         """One round trip; a second only on a host whose ProgramData is not C:\\ProgramData."""
-        batch, index = mk.build_read_batch(self.options)
+        batch, index = mk.build_read_batch(self.options, self.now)
         result = self.run_batch(batch)
         system = result[index.cert.system]
         program_data = str((system.data if system.ok else {}).get("program_data") or mk.DEFAULT_PROGRAM_DATA)
         if program_data.casefold() != mk.DEFAULT_PROGRAM_DATA.casefold():
-            batch, index = mk.build_read_batch(self.options, program_data)
+            batch, index = mk.build_read_batch(self.options, self.now, program_data)
             result = self.run_batch(batch)
         return mk.parse_state(result, index, self.now, program_data)
 

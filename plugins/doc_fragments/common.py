@@ -12,7 +12,7 @@ options:
     description:
       - Allow a step that ends active or disconnected RDP sessions, such as a restart of C(TermService).
       - When V(false) and such a step is needed, nothing that depends on it is changed; the module returns
-        RV(restart_pending=true), C(changed=false) for that part, and a warning naming the sessions.
+        C(restart_pending=true), C(changed=false) for that part, and a warning naming the sessions.
     type: bool
     default: false
   backup_root:

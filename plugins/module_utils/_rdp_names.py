@@ -75,7 +75,7 @@ def certificate_matches(connect_name: str, common_name: str | None, sans: list[s
 
 def _dns_name_matches(wanted: str, pattern: str) -> bool:
     if pattern.startswith("*."):
-        head, _, rest = wanted.partition(".")
+        head, _dot, rest = wanted.partition(".")
         return bool(head) and rest == pattern[2:] and "." in pattern[2:]
     return wanted == pattern
 

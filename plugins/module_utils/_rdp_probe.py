@@ -188,7 +188,8 @@ class _Prober:
         return result
 
     def _connect(self) -> socket.socket:
-        assert self.target is not None  # only called after check_tcp found an open address
+        if self.target is None:  # only called after check_tcp found an open address
+            raise RuntimeError("no open address to connect to: check_tcp must succeed first")
         sock = connect_tcp(self.target.sockaddr, self.target.family, self.options.connect_timeout)
         sock.settimeout(self.options.read_timeout)
         return sock
@@ -348,7 +349,8 @@ class _Prober:
 
     # --- UDP -----------------------------------------------------------------------------------------
     def check_udp(self) -> dict[str, t.Any]:
-        assert self.target is not None
+        if self.target is None:  # like _connect: the UDP check follows a successful check_tcp
+            raise RuntimeError("no address to probe over UDP: check_tcp must succeed first")
         port = self.options.udp_port or self.options.port
         return probe_udp((self.target.address, port), self.target.family, self.options.udp_timeout)
 

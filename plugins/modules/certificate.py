@@ -30,9 +30,10 @@ description:
     one batch that backs up, changes, restarts, waits 3 seconds and re-reads. If the new certificate is not visible
     yet, up to 2 more read-only polls (5 seconds apart) follow, so never more than 4."
 author:
-  - rdpfix maintainers
+  - rdpfix maintainers (@rdpfix)
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.attributes
 options:
   expiry_threshold_days:
     description:
@@ -144,7 +145,8 @@ changed:
   type: bool
 compliant:
   description:
-    - True when, at the end of the run, no problem of severity C(error) remains and nothing is pending.
+    - True when, at the end of the run, no finding of severity C(critical) or C(warning) remains and nothing is
+      pending.
       In check mode it describes the host as it is.
   returned: always
   type: bool
@@ -262,17 +264,32 @@ findings:
   contains:
     id:
       description: >-
-        Stable identifier, such as C(self_signed_expired), C(self_signed_expiring), C(self_signed_missing),
-        C(self_signed_no_private_key), C(self_signed_key_unreadable), C(pinned_missing), C(pinned_expired),
-        C(pinned_wrong_eku), C(pinned_no_private_key), C(connection_broker_pin), C(regeneration_blocked),
-        C(restart_pending), C(ca_certificate_available), C(read_failed).
+        Stable identifier, such as C(certificate.self_signed_expired), C(certificate.self_signed_expiring),
+        C(certificate.self_signed_missing), C(certificate.self_signed_no_private_key),
+        C(certificate.self_signed_key_unreadable), C(certificate.pinned_missing), C(certificate.pinned_expired),
+        C(certificate.pinned_wrong_eku), C(certificate.pinned_no_private_key), C(certificate.connection_broker_pin),
+        C(certificate.regeneration_blocked), C(certificate.restart_pending), C(certificate.ca_certificate_available),
+        C(certificate.read_failed).
       type: str
     severity:
-      description: V(error), V(warning) or V(info).
+      description: >-
+        V(critical) (the self-signed certificate cannot be used: RDP fails now), V(warning) (expiring, or a pinned or
+        template certificate that cannot be used), V(security) or V(info).
       type: str
-    message:
+    title:
       description: What was found, in words.
       type: str
+    cause:
+      description: The cause family, V(certificate).
+      type: str
+    evidence:
+      description: The listener's certificate as seen (source, thumbprint, subject, expiry, key state, pin).
+      type: dict
+    fix:
+      description: >-
+        C(module), C(options) and C(description) of the change this run makes (in check mode: would make) that repairs
+        the finding, or null.
+      type: dict
 remaining_findings:
   description: The findings of the state re-read after the changes (empty when everything was fixed).
   returned: when changes were made

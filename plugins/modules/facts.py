@@ -45,35 +45,38 @@ options:
     default: SessionEnv
     choices: [SessionEnv, TermService]
   machinekeys_strategy:
-    description: The MachineKeys repair strategy the fix run uses (as M(rdpfix.rdp.machinekeys) O(strategy)).
+    description: The MachineKeys repair strategy the fix run uses (O(rdpfix.rdp.machinekeys#module:strategy)).
     type: str
     default: permissions
     choices: [permissions, regenerate, rename_store]
   firewall_profiles:
-    description: The firewall profiles RDP should be allowed on (as M(rdpfix.rdp.firewall) O(profiles)).
+    description: The firewall profiles RDP should be allowed on (O(rdpfix.rdp.firewall#module:profiles)).
     type: list
     elements: str
     default: [Domain, Private]
     choices: [Domain, Private, Public]
   transport_mode:
-    description: The transport policy wanted (as M(rdpfix.rdp.transport) O(mode)).
+    description:
+      - The transport policy wanted (O(rdpfix.rdp.transport#module:mode)).
+      - V(keep) does not judge the transport policy (the values are still reported under RV(rdp.transport)), as the
+        C(rdpfix.rdp.server) role leaves it alone with its default C(rdpfix_transport_mode=keep).
     type: str
     default: tcp_only
-    choices: [tcp_only, udp_and_tcp, default]
+    choices: [keep, tcp_only, udp_and_tcp, default]
   transport_sides:
-    description: Which transport policies to check (as M(rdpfix.rdp.transport) O(sides)).
+    description: Which transport policies to check (O(rdpfix.rdp.transport#module:sides)).
     type: list
     elements: str
     default: [server]
     choices: [server, client]
   tls_legacy_protocols:
-    description: Deprecated protocols the fix run is asked to keep enabled (as M(rdpfix.rdp.tls) O(legacy_protocols)).
+    description: Deprecated protocols the fix run is asked to keep enabled (O(rdpfix.rdp.tls#module:legacy_protocols)).
     type: list
     elements: str
     default: []
     choices: ["TLS 1.0", "TLS 1.1"]
   tls_nla:
-    description: The NLA setting wanted (as M(rdpfix.rdp.tls) O(nla)).
+    description: The NLA setting wanted (O(rdpfix.rdp.tls#module:nla)).
     type: str
     default: enabled
     choices: [enabled, disabled, keep]
@@ -84,6 +87,8 @@ options:
         host's own name, or is not in the listener certificate's names.
       - Omitted, no name checks are made.
     type: str
+extends_documentation_fragment:
+  - rdpfix.rdp.attributes
 attributes:
   check_mode:
     support: full
@@ -97,13 +102,13 @@ notes:
     sending one small PowerShell agent; nothing is copied to the host. One WinRM command per host; a second only on a
     host whose ProgramData folder is not C(C:\ProgramData) (the MachineKeys folder is read again where it really is).
   - The Security log (event 4625) needs an account allowed to read it; when it cannot be read the other logs are still
-    reported and RV(rdp.events.unavailable) says why.
+    reported and C(events.unavailable) in RV(rdp) says why.
   - Write the fleet report from the registered results with M(rdpfix.rdp.fleet_report); C(playbooks/audit_rdp.yml)
     does both.
 seealso:
   - module: rdpfix.rdp.fleet_report
   - module: rdpfix.rdp.handshake
-author: rdpfix maintainers
+author: rdpfix maintainers (@rdpfix)
 """
 
 EXAMPLES = r"""

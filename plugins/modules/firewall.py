@@ -27,6 +27,7 @@ description:
     expanded), so a second run changes nothing. Each changed rule is saved whole in a backup manifest first.
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.attributes
 options:
   sides:
     description: Server (inbound) and/or client (outbound) rules.
@@ -63,7 +64,7 @@ options:
     type: list
     elements: str
     default: []
-author: rdpfix maintainers
+author: rdpfix maintainers (@rdpfix)
 """
 
 EXAMPLES = r"""

@@ -11,23 +11,23 @@ module: fleet_report
 short_description: Write the Remote Desktop fleet report (HTML, JSON, JUnit XML) on the controller
 version_added: "0.1.0"
 description:
-  - Collects, from C(hostvars), the result that a facts task registered on every host of the play, and writes one
+  - "Collects, from C(hostvars), the result that a facts task registered on every host of the play, and writes one
     fleet report on the controller: a self-contained HTML page (sortable and filterable host table, status colours,
     each finding expandable with its evidence and fix, a chart of causes across the fleet), a JSON document for tooling
-    and a JUnit XML file for CI systems and AWX.
-  - Run it once, on the controller, after the facts task - C(run_once: true) and C(delegate_to: localhost). It contacts
-    no host.
-  - A host whose facts task failed or could not reach it appears in the report with the status C(failed) or
+    and a JUnit XML file for CI systems and AWX."
+  - "Run it once, on the controller, after the facts task - C(run_once: true) and C(delegate_to: localhost). It contacts
+    no host."
+  - "A host whose facts task failed or could not reach it appears in the report with the status C(failed) or
     C(unreachable) and Ansible's message, provided the facts task ran with C(ignore_unreachable: true) and
     C(ignore_errors: true) and registered its result. A host that has no registered result at all (it dropped out of
-    the play before the facts task) is reported as C(failed).
+    the play before the facts task) is reported as C(failed)."
   - A host's status is C(critical) when any finding is critical, C(warning) when any finding is C(warning) or
     C(security), else C(ok).
   - The report files are replaced atomically, so a reader never sees half a report.
   - The HTML page loads nothing from the network. Its Content-Security-Policy allows only its own inline stylesheet and
     script (by hash), so hostile text from a host cannot run script or make the browser send a request.
 author:
-  - rdpfix maintainers
+  - rdpfix maintainers (@rdpfix)
 options:
   hosts:
     description:
@@ -85,6 +85,8 @@ options:
         C(fix_rdp.yml --check) and C(audit_rdp.yml) leave a report behind. Set C(false) to write nothing in check mode.
     type: bool
     default: true
+extends_documentation_fragment:
+  - rdpfix.rdp.attributes
 attributes:
   check_mode:
     support: full

@@ -28,7 +28,7 @@ description:
   - The protocol code is the collection's own (no third-party RDP library). The certificate summary needs the Python
     library C(cryptography) where the module runs; without it the certificate is reported by thumbprint only.
 author:
-  - rdpfix maintainers
+  - rdpfix maintainers (@rdpfix)
 options:
   host:
     description:
@@ -108,12 +108,17 @@ options:
     type: str
     choices: [never, critical, warning]
     default: never
+extends_documentation_fragment:
+  - rdpfix.rdp.attributes
 attributes:
   check_mode:
     support: full
     description: The module only reads; check mode runs the same probe.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
+    details: Runs where the task runs, usually the controller (C(delegate_to=localhost)); it only opens outgoing connections.
 notes:
   - Loopback and private addresses work like any other; the module opens only outgoing connections.
   - Native RDP security (no TLS) is reported but not explored further; its RC4 encryption levels are not enumerated.

@@ -59,6 +59,7 @@ options:
     default: false
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.attributes
 notes:
   - After a permissions repair no service is restarted; the listener opens its key for each new connection in the
     collection's lab. Microsoft's article restarts TermService after the same repair; if connections still fail on a
@@ -66,7 +67,7 @@ notes:
 seealso:
   - module: rdpfix.rdp.certificate
 author:
-  - rdpfix contributors
+  - rdpfix maintainers (@rdpfix)
 """
 
 EXAMPLES = r"""
@@ -112,9 +113,21 @@ actions:
   type: list
   elements: dict
 backup:
-  description: The backup of this run (manifest_id, path, items), or null when nothing was changed.
+  description: The backup of this run, or null when nothing was changed.
   returned: always
   type: dict
+  contains:
+    manifest_id:
+      description: Identifier of the backup; give it to O(manifest_id) with O(state=restored) to undo the run.
+      type: str
+      sample: 20261125T103000Z-machinekeys-1a2b
+    path:
+      description: Folder on the host holding the saved items and C(manifest.json).
+      type: str
+    items:
+      description: What was saved.
+      type: list
+      elements: dict
 restart_pending:
   description: A regeneration waits for a TermService restart that would end RDP sessions.
   returned: state=present

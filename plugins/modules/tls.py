@@ -26,6 +26,7 @@ description:
   - Previous values are recorded in a backup manifest before anything is written. Check mode changes nothing.
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.attributes
 options:
   enable_tls12:
     description: Enable TLS 1.2 for the Schannel server when it is disabled.
@@ -56,7 +57,7 @@ options:
     description: Write a usable cipher-suite list when the effective one is empty or has nothing usable.
     type: bool
     default: true
-author: rdpfix maintainers
+author: rdpfix maintainers (@rdpfix)
 """
 
 EXAMPLES = r"""

@@ -20,6 +20,7 @@ description:
   - Check mode changes nothing and reports what would change; C(--diff) shows the values before and after.
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.attributes
 options:
   mode:
     description:
@@ -34,7 +35,7 @@ options:
     elements: str
     default: [server]
     choices: [server, client]
-author: rdpfix maintainers
+author: rdpfix maintainers (@rdpfix)
 """
 
 EXAMPLES = r"""

@@ -16,6 +16,7 @@ import json
 import ntpath
 import secrets
 import typing as t
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -173,6 +174,46 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         if batch.ops:
             self.round_trips += 1
         return run_batch(self._connection, self.host, batch)
+
+    def apply_with_backup(
+        self,
+        params: dict[str, t.Any],
+        system: dict[str, t.Any],
+        result: dict[str, t.Any],
+        stage: Callable[[Batch, BackupSet], int],
+        saved: str,
+    ) -> BatchResult:
+        """Send one ``on_error: stop`` apply batch: the backup first, then the changes; sets ``result["backup"]``.
+
+        ``stage`` adds the backup (``begin``, the items, ``finish``) and then the changes to the batch, and returns the
+        position of the manifest write. ``system`` is ``system.info``'s data (host name and ProgramData for the
+        backup folder). A failed operation ends the task as failed with ``result``: before the manifest was written
+        nothing was changed; after it, the message names the manifest that holds ``saved`` (what was backed up).
+        """
+        backup = BackupSet.create(
+            self.MODULE_NAME,
+            str(system.get("hostname") or self.host),
+            backup_root(params, system.get("program_data")),
+            self.now,
+        )
+        batch = Batch(on_error="stop")
+        manifest = stage(batch, backup)
+        applied = self.run_batch(batch)
+        result["backup"] = backup.summary()
+        failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
+        if failed_at is not None:
+            failed = applied[failed_at]
+            error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}".rstrip(": ")
+            if failed_at <= manifest:
+                raise ActionFailed(
+                    f"{self.host}: the backup could not be written to {backup.directory} ({error}); "
+                    "nothing was changed on the host",
+                    **result,
+                )
+            raise ActionFailed(
+                f"{self.host}: {error}. {saved} are recorded in backup manifest {backup.manifest_id}", **result
+            )
+        return applied
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:

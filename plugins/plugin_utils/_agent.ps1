@@ -1404,7 +1404,7 @@ $Operations = [ordered]@{
         return [ordered]@{ size = [long](Get-Item -LiteralPath $written -Force).Length; sha256 = Get-FileSha256Hex -Path $written }
     }
 
-    # ---- rdpfix.rdp.machinekeys: folder ACLs in one call, ACL writes, same-volume moves, event queries ----
+    # ---- rdpfix.rdp.machinekeys: folder ACLs in one call, ACL writes, same-volume moves ----
 
     'dir.stat' = {
         param($Args_)
@@ -1426,44 +1426,6 @@ $Operations = [ordered]@{
             $entries.Add([ordered]@{ name = $child.Name; is_dir = $childIsDir; size = $childSize; owner = $childSecurity.owner; sddl = $childSecurity.sddl })
         }
         return [ordered]@{ exists = $true; owner = $folderSecurity.owner; sddl = $folderSecurity.sddl; entries = $entries.ToArray() }
-    }
-
-    'event.query' = {
-        param($Args_)
-        $log = Get-StringArgument -Table $Args_ -Name 'log'
-        if (-not $log) { $log = 'System' }
-        $provider = Get-StringArgument -Table $Args_ -Name 'provider'
-        $ids = Get-OpArgument -Table $Args_ -Name 'ids'
-        $maxEvents = Get-OpArgument -Table $Args_ -Name 'max_events'
-        if ($null -eq $maxEvents) { $maxEvents = 50 }
-        if ($maxEvents -is [string] -or [int]$maxEvents -lt 1 -or [int]$maxEvents -gt 1000) {
-            throw (New-AgentException 'InvalidArgument' 'max_events must be an integer from 1 to 1000')
-        }
-        $filter = @{ LogName = $log }
-        if ($provider) { $filter['ProviderName'] = $provider }
-        if ($null -ne $ids) { $filter['Id'] = @($ids | ForEach-Object { [int]$_ }) }
-        $events = @()
-        try {
-            $events = @(Get-WinEvent -FilterHashtable $filter -MaxEvents ([int]$maxEvents) -ErrorAction Stop)
-        }
-        catch {
-            # Get-WinEvent reports "no events match" as an error; for the protocol it is an empty list.
-            if ($_.FullyQualifiedErrorId -notlike 'NoMatchingEventsFound*') {
-                throw
-            }
-        }
-        $records = New-Object System.Collections.Generic.List[object]
-        foreach ($found in $events) {
-            $records.Add([ordered]@{
-                    log = [string]$found.LogName
-                    provider = [string]$found.ProviderName
-                    id = [int]$found.Id
-                    level = [string]$found.LevelDisplayName
-                    time = ConvertTo-IsoUtc -Date $found.TimeCreated
-                    message = [string]$found.Message
-                })
-        }
-        return [ordered]@{ events = $records.ToArray() }
     }
 
     # ---- rdpfix.rdp.facts: several logs and channels since a time, with each event's named data ----

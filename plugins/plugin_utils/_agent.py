@@ -46,7 +46,6 @@ READ_OPERATIONS: frozenset[str] = frozenset(
         "dir.list",
         "util.sleep",
         "dir.stat",
-        "event.query",
         "events.query",
         "firewall.rules.list",
         "security_products.list",

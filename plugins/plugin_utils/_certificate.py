@@ -30,6 +30,7 @@ from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import summarize_
 from . import _sddl
 from ._action import BackupSet
 from ._agent import Batch, BatchResult, OpResult
+from ._findings import finding, fix
 
 WINSTATIONS_KEY = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations"
 PIN_VALUE_NAME = "SSLCertificateSHA1Hash"
@@ -421,14 +422,21 @@ def diff_view(state: HostState, threshold_days: int) -> dict[str, t.Any]:
 # ---------------------------------------------------------------------------------------------------- plan
 
 
-@dataclass(frozen=True)
-class Finding:
-    id: str
-    severity: str  # error | warning | info
-    message: str
+# Severities (docs/findings.md): a self-signed certificate the listener cannot use breaks RDP now (critical: TermService
+# cannot build its TLS credential, the server closes the connection, 0x904 / 0x7). A pinned or template certificate
+# that cannot be used is a warning: the listener either falls back to the self-signed certificate or still presents it
+# and clients warn. Expiring is a warning; what only informs is info.
+# The self-signed problems a regeneration repairs.
+REGENERATION_TRIGGERS = frozenset(
+    f"self_signed_{problem}" for problem in ("expired", "expiring", "missing", "no_private_key", "unparseable")
+)
+# What each finding shows as evidence: the listener's certificate as ``describe`` reports it.
+EVIDENCE_FIELDS = ("source", "thumbprint", "subject", "not_after", "days_left", "key_state", "pinned_thumbprint")
 
-    def to_dict(self) -> dict[str, str]:
-        return {"id": self.id, "severity": self.severity, "message": self.message}
+
+def _finding(what: str, severity: str, message: str, **evidence: t.Any) -> dict[str, t.Any]:
+    """A finding of this planner: id ``certificate.<what>``, cause ``certificate``; ``plan`` adds evidence and fix."""
+    return finding(f"certificate.{what}", severity, message[:1].upper() + message[1:], "certificate", evidence, None)
 
 
 @dataclass(frozen=True)
@@ -443,7 +451,7 @@ class Action:
 
 @dataclass
 class CertificatePlan:
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[dict[str, t.Any]] = field(default_factory=list)
     remove_certificates: list[StoredCertificate] = field(default_factory=list)
     remove_pin: bool = False
     set_pin: StoredCertificate | None = None
@@ -485,8 +493,9 @@ class CertificatePlan:
             )
         return ordered
 
-    def errors(self) -> list[Finding]:
-        return [finding for finding in self.findings if finding.severity == "error"]
+    def problems(self) -> list[dict[str, t.Any]]:
+        """The findings that keep the host from being compliant: every critical and warning one."""
+        return [item for item in self.findings if item["severity"] in ("critical", "warning")]
 
 
 def _service_status(state: HostState, name: str) -> tuple[bool, str, str]:
@@ -521,18 +530,42 @@ def _problem_text(problem: str, cert: StoredCertificate | None, threshold_days: 
 
 
 def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
-    """Decide what to report and what to change. Raises PlanError when the user's request cannot be honoured."""
+    """Decide what to report and what to change. Raises PlanError when the user's request cannot be honoured.
+
+    Every finding shows the listener's certificate as evidence, and carries a fix when this plan's actions repair it.
+    """
+    if state.read_errors:
+        result = CertificatePlan()
+        result.findings.append(
+            _finding(
+                "read_failed",
+                "warning",
+                "part of the host's state could not be read; nothing is changed while it is unknown",
+                errors=list(state.read_errors),
+            )
+        )
+        return result
+    result = _decide(state, options)
+    described = describe(state, options.expiry_threshold_days)
+    evidence = {name: described.get(name) for name in EVIDENCE_FIELDS if name in described}
+    repair = fix("certificate", {}, "; ".join(action.description for action in result.actions))
+    for item in result.findings:
+        item["evidence"] = {**evidence, **item["evidence"]}
+        what = str(item["id"]).removeprefix("certificate.")
+        repaired = (
+            (result.regenerate and what in REGENERATION_TRIGGERS)
+            or (result.remove_pin and what == "pinned_missing")
+            or (result.set_pin is not None and what.startswith("pinned_"))
+        )
+        if repaired and result.has_changes:
+            item["fix"] = dict(repair)
+    return result
+
+
+def _decide(state: HostState, options: CertificateOptions) -> CertificatePlan:
     result = CertificatePlan()
     threshold = options.expiry_threshold_days
     findings = result.findings
-
-    if state.read_errors:
-        for error in state.read_errors:
-            findings.append(Finding("read_failed", "error", f"could not read the host's state: {error}"))
-        findings.append(
-            Finding("no_changes_on_partial_state", "warning", "nothing is changed while part of the state is unknown")
-        )
-        return result
 
     # --- the pinned certificate
     pin = pin_state(state, threshold)
@@ -540,9 +573,9 @@ def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
     pin_in_use = pin is not None
     if pin is not None and pin != "ok":
         findings.append(
-            Finding(
+            _finding(
                 f"pinned_{pin}",
-                "warning" if pin == "expiring" else "error",
+                "warning",
                 f"the pinned certificate {state.pinned_thumbprint} "
                 f"{_problem_text(pin, pinned_cert, threshold)}"
                 + (" (the listener falls back to the self-signed certificate)" if pin in PIN_FALLBACK_STATES else ""),
@@ -567,7 +600,7 @@ def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
         host_names = {name.lower() for name in (state.hostname, state.fqdn) if name}
         if not names & host_names:
             findings.append(
-                Finding(
+                _finding(
                     "replacement_name_mismatch",
                     "warning",
                     f"the replacement certificate names {sorted(names)}, not {sorted(host_names)}: "
@@ -576,7 +609,7 @@ def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
             )
         if state.connection_broker:
             findings.append(
-                Finding(
+                _finding(
                     "connection_broker_pin",
                     "warning",
                     "this host is an RD Connection Broker: the RD deployment's certificate settings may set the "
@@ -588,9 +621,9 @@ def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
     elif pin == "missing":
         if state.connection_broker:
             findings.append(
-                Finding(
+                _finding(
                     "connection_broker_pin",
-                    "error",
+                    "warning",
                     "this host is an RD Connection Broker: the pinned value is never removed there; import the "
                     "certificate into LocalMachine\\My or give replacement_thumbprint",
                 )
@@ -600,7 +633,7 @@ def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
             pin_in_use = False
         else:
             findings.append(
-                Finding("pin_kept", "info", "remove_missing_pin is false: the pinned value of a missing cert stays")
+                _finding("pin_kept", "info", "remove_missing_pin is false: the pinned value of a missing cert stays")
             )
     elif pin in PIN_FALLBACK_STATES:
         pin_in_use = False  # the listener falls back to the self-signed certificate
@@ -612,9 +645,9 @@ def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
         problem = certificate_problem(template_cert, threshold)
         if problem:
             findings.append(
-                Finding(
+                _finding(
                     f"template_{problem}",
-                    "warning" if problem == "expiring" else "error",
+                    "warning",
                     f"the certificate from the Group Policy template {_problem_text(problem, template_cert, threshold)}"
                     "; it is renewed by autoenrollment (certutil -pulse), not by this module",
                 )
@@ -639,18 +672,18 @@ def _plan_self_signed(state: HostState, options: CertificateOptions, result: Cer
         return  # Windows' own certificate always carries Server Authentication; nothing to regenerate
     if problem == "not_yet_valid":
         result.findings.append(
-            Finding(
+            _finding(
                 "self_signed_not_yet_valid",
-                "error",
+                "critical",
                 f"the self-signed certificate {current.label() if current else ''} is not valid yet: check the clock",
             )
         )
         return
     if problem == "key_unreadable":
         result.findings.append(
-            Finding(
+            _finding(
                 "self_signed_key_unreadable",
-                "error",
+                "critical",
                 f"the self-signed certificate {current.label() if current else ''} has a private key NETWORK SERVICE "
                 "cannot read; Windows does not replace a valid certificate for that, repair the key's permissions "
                 "(rdpfix.rdp.machinekeys)",
@@ -658,15 +691,15 @@ def _plan_self_signed(state: HostState, options: CertificateOptions, result: Cer
         )
         return
     result.findings.append(
-        Finding(
+        _finding(
             f"self_signed_{problem}",
-            "warning" if problem == "expiring" else "error",
+            "warning" if problem == "expiring" else "critical",
             f"the self-signed certificate {current.label() + ' ' if current else ''}"
             f"{_problem_text(problem, current, threshold)}",
         )
     )
     if not options.regenerate_self_signed:
-        result.findings.append(Finding("regeneration_disabled", "info", "regenerate_self_signed is false"))
+        result.findings.append(_finding("regeneration_disabled", "info", "regenerate_self_signed is false"))
         return
     blockers: list[str] = []
     for name in dict.fromkeys((*PREREQUISITE_SERVICES, options.restart_service)):
@@ -686,9 +719,10 @@ def _plan_self_signed(state: HostState, options: CertificateOptions, result: Cer
     if blockers:
         result.start_services.clear()
         result.findings.append(
-            Finding(
+            _finding(
                 "regeneration_blocked",
-                "error",
+                # As urgent as the problem the regeneration was for: an expiring certificate still works today.
+                "warning" if problem == "expiring" else "critical",
                 "Windows cannot create a new self-signed certificate: " + "; ".join(blockers),
             )
         )
@@ -712,7 +746,7 @@ def _plan_restart(state: HostState, options: CertificateOptions, result: Certifi
         result.pending = [action for action in result.actions if action.id != "set_pin"]
         result.restart_pending = True
         result.findings.append(
-            Finding(
+            _finding(
                 "restart_pending",
                 "warning",
                 f"restarting TermService would end {len(sessions)} RDP session(s): {users}. Nothing was changed; "
@@ -726,7 +760,7 @@ def _plan_restart(state: HostState, options: CertificateOptions, result: Certifi
         result.restart_service = None
 
 
-def _suggest_available_certificate(state: HostState, threshold: int, findings: list[Finding]) -> None:
+def _suggest_available_certificate(state: HostState, threshold: int, findings: list[dict[str, t.Any]]) -> None:
     host_names = {name.lower() for name in (state.hostname, state.fqdn) if name}
     for cert in state.personal:
         if certificate_problem(cert, threshold) is not None or not cert.summary or cert.summary["self_signed"]:
@@ -734,7 +768,7 @@ def _suggest_available_certificate(state: HostState, threshold: int, findings: l
         names = {str(name).lower() for name in cert.summary["sans"]} | {str(cert.summary["common_name"]).lower()}
         if names & host_names:
             findings.append(
-                Finding(
+                _finding(
                     "ca_certificate_available",
                     "info",
                     f"LocalMachine\\My holds {cert.label()}, issued by {cert.summary['issuer']}, usable by the "

@@ -22,6 +22,8 @@ import typing as t
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ._findings import finding
+
 SCHANNEL = "Schannel"
 RCM = "Microsoft-Windows-TerminalServices-RemoteConnectionManager"
 SECURITY_AUDITING = "Microsoft-Windows-Security-Auditing"
@@ -325,15 +327,8 @@ def _finding(kind: str, events: list[Event], since: str | None) -> dict[str, t.A
         evidence["status_codes"] = dict(statuses.most_common(10))
     evidence["events"] = [event.brief() for event in events[:EVIDENCE_EVENTS]]
     count = len(events)
-    return {
-        "id": finding_id,
-        "severity": severity,
-        "title": f"{title} ({count} time{'s' if count != 1 else ''}, last {events[0].time})",
-        "cause": cause,
-        "likely_cause": likely,
-        "evidence": evidence,
-        "fix": None,
-    }
+    titled = f"{title} ({count} time{'s' if count != 1 else ''}, last {events[0].time})"
+    return finding(finding_id, severity, titled, cause, evidence, None, likely_cause=likely)
 
 
 def explains(finding_id: str, kind: str) -> bool:

@@ -3,10 +3,11 @@
 """Planner side of rdpfix.rdp.facts: one read batch for every concern, and the findings of all of them.
 
 The audit must never disagree with the fixes, so nothing here judges a host by itself where a fixing module already
-does: each concern's own read builder and planner run on their share of one merged batch, with the options the fix
-would use, and their findings are reported as they are (the certificate planner's older finding shape is translated).
-What only the audit looks at - the event log, the services and switches that decide whether RDP listens at all, the
-name clients use - is judged here and in ``_events``; none of it has a fix, because no module changes it.
+does: each concern's planner adds its own reads to its share of one merged batch (the same ``add_reads`` /
+``build_read_batch`` its action plugin uses), parses them with its own ``state_from`` / ``parse_state``, and plans
+with the options the fix would use; its findings are reported as they are. What only the audit looks at - the event
+log, the services and switches that decide whether RDP listens at all, the name clients use - is judged here and in
+``_events``; none of it has a fix, because no module changes it.
 
 A concern is a pair of functions: ``reads(options)`` returns the concern's read batch and the positions it needs, and
 ``evaluate(result, positions, options, now)`` turns that batch's results into facts and findings. The merged batch
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from ansible_collections.rdpfix.rdp.plugins.action.tls import CERT_STORES, listener_key_type
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_names import (
     certificate_matches,
     is_ip_address,
@@ -29,35 +29,17 @@ from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_names import (
 )
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _certificate as certificate
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _events as events_mod
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _firewall as firewall
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _tls as tls
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _transport as transport
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch, BatchResult
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._firewall import (
-    DEFAULT_PORT,
-    FirewallOptions,
-    FirewallPlanError,
-    plan_firewall,
-)
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._tls import (
-    CIPHER_POLICY_KEY,
-    FIPS_KEY,
-    LISTENER_KEY,
-    PROTOCOLS,
-    TlsOptions,
-    TlsState,
-    plan_tls,
-    protocol_key,
-)
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import (
-    CLIENT_POLICY_KEY,
-    CLIENT_SETTING_KEY,
-    POLICY_KEY,
-    TransportState,
-    finding,
-    plan_transport,
-)
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._findings import SEVERITY_ORDER, finding, urgency
 
 TERMINAL_SERVER_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Terminal Server"
-SEVERITY_ORDER = {"critical": 0, "warning": 1, "security": 2, "info": 3}
+# The transport mode that leaves the policy alone (the role's default); the transport module has no such mode.
+KEEP = "keep"
+TRANSPORT_MODES = (KEEP, *transport.MODES)
 FIREWALL_SIDES = ("server", "client")
 
 
@@ -76,6 +58,7 @@ class FactsOptions:
     machinekeys_strategy: str = "permissions"
     firewall_profiles: tuple[str, ...] = ("Domain", "Private")
     firewall_sides: tuple[str, ...] = FIREWALL_SIDES
+    # keep: the transport policy is left alone, so it is reported but not judged (the role's default).
     transport_mode: str = "tcp_only"
     transport_sides: tuple[str, ...] = ("server",)
     tls_legacy_protocols: tuple[str, ...] = ()
@@ -106,11 +89,11 @@ class FactsOptions:
     def machinekeys_options(self) -> mk.Options:
         return mk.Options(strategy=self.machinekeys_strategy, restart_service=self.restart_service)
 
-    def firewall_options(self) -> FirewallOptions:
-        return FirewallOptions(sides=self.firewall_sides, profiles=self.firewall_profiles)
+    def firewall_options(self) -> firewall.FirewallOptions:
+        return firewall.FirewallOptions(sides=self.firewall_sides, profiles=self.firewall_profiles)
 
-    def tls_options(self) -> TlsOptions:
-        return TlsOptions(legacy_protocols=self.tls_legacy_protocols, nla=self.tls_nla)
+    def tls_options(self) -> tls.TlsOptions:
+        return tls.TlsOptions(legacy_protocols=self.tls_legacy_protocols, nla=self.tls_nla)
 
 
 @dataclass
@@ -138,87 +121,12 @@ def _ok(result: BatchResult, position: int) -> dict[str, t.Any]:
     return item.data if item.ok else {}
 
 
-def _values(result: BatchResult, position: int) -> dict[str, t.Any]:
-    values = _ok(result, position).get("values")
-    return values if isinstance(values, dict) else {}
-
-
-def _dword(values: dict[str, t.Any], name: str) -> int | None:
-    entry = values.get(name)
-    value = entry.get("value") if isinstance(entry, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-# ---------------------------------------------------------------------------------------------------- certificate
-
-# The certificate planner reports error/warning/info; what the error means for a client depends on the finding.
-_CERTIFICATE_SEVERITY: dict[str, str] = {
-    "self_signed_expired": "critical",
-    "self_signed_missing": "critical",
-    "self_signed_no_private_key": "critical",
-    "self_signed_unparseable": "critical",
-    "self_signed_key_unreadable": "critical",
-    "self_signed_not_yet_valid": "critical",
-    "regeneration_blocked": "critical",
-    # A pinned certificate that cannot be used makes the listener fall back to the self-signed one: RDP still works.
-    "pinned_missing": "warning",
-    "pinned_wrong_eku": "warning",
-    "pinned_no_private_key": "warning",
-    "pinned_key_unreadable": "warning",
-}
-_DROPPED_CERTIFICATE_FINDINGS = frozenset({"read_failed", "no_changes_on_partial_state"})
-_REGENERATION_TRIGGERS = frozenset(
-    {f"self_signed_{problem}" for problem in ("expired", "expiring", "missing", "no_private_key", "unparseable")}
-)
-
-
-def certificate_findings(
-    decided: certificate.CertificatePlan, state: certificate.HostState, threshold: int
-) -> list[dict[str, t.Any]]:
-    """The certificate planner's findings in the shared shape, with a fix where the planner changes something."""
-    described = certificate.describe(state, threshold)
-    description = "; ".join(action.description for action in decided.actions)
-    found: list[dict[str, t.Any]] = []
-    for item in decided.findings:
-        raw = t.cast(dict[str, t.Any], item.to_dict())
-        if "title" in raw:  # already in the shared shape
-            found.append(raw if "." in str(raw["id"]) else dict(raw, id=f"certificate.{raw['id']}"))
-            continue
-        if item.id in _DROPPED_CERTIFICATE_FINDINGS:
-            continue
-        severity = _CERTIFICATE_SEVERITY.get(item.id) or {"error": "critical"}.get(item.severity, item.severity)
-        fixed = (decided.regenerate and item.id in _REGENERATION_TRIGGERS) or (
-            decided.remove_pin and item.id == "pinned_missing"
-        )
-        fix = (
-            {"module": "rdpfix.rdp.certificate", "options": {}, "description": description}
-            if fixed and decided.has_changes
-            else None
-        )
-        evidence = {
-            name: described.get(name)
-            for name in ("source", "thumbprint", "subject", "not_after", "days_left", "key_state", "pinned_thumbprint")
-            if name in described
-        }
-        found.append(
-            {
-                "id": f"certificate.{item.id}",
-                "severity": severity,
-                "title": item.message[:1].upper() + item.message[1:],
-                "cause": "certificate",
-                "evidence": evidence,
-                "fix": fix,
-            }
-        )
-    return found
-
-
 # ---------------------------------------------------------------------------------------------------- machinekeys
 # The machinekeys read batch contains the certificate module's: both planners judge the same reads.
 
 
 def _machinekeys_reads(options: FactsOptions, now: datetime) -> tuple[Batch, Positions]:
-    batch, index = mk.build_read_batch(options.machinekeys_options())
+    batch, index = mk.build_read_batch(options.machinekeys_options(), now)
     return batch, {"index": index}
 
 
@@ -237,107 +145,69 @@ def _machinekeys_evaluate(result: BatchResult, positions: Positions, options: Fa
     outcome.facts["sessions"] = list(cert_state.sessions)
     outcome.facts["machinekeys"] = mk.view(state)
     if not cert_state.read_errors:
-        outcome.findings += certificate_findings(
-            certificate.plan(cert_state, options.certificate_options()), cert_state, threshold
-        )
+        outcome.findings += certificate.plan(cert_state, options.certificate_options()).findings
     if not state.read_errors:
         outcome.findings += mk.plan(state, options.machinekeys_options()).findings
     return outcome
 
 
 # ---------------------------------------------------------------------------------------------------- firewall
-# The same reads and the same planner call as plugins/action/firewall.py.
 
 
 def _firewall_reads(options: FactsOptions, now: datetime) -> tuple[Batch, Positions]:
     batch = Batch(on_error="continue")
-    positions: Positions = {
-        "rules": batch.add("firewall.rules.list"),
-        "port": batch.add("registry.get", path=LISTENER_KEY, names=["PortNumber"]),
-    }
-    if "client" in options.firewall_sides:
-        positions["products"] = batch.add("security_products.list")
-    return batch, positions
+    return batch, {"reads": firewall.add_reads(batch, options.firewall_options())}
 
 
 def _firewall_evaluate(result: BatchResult, positions: Positions, options: FactsOptions, now: datetime) -> Outcome:
-    listing = result.data(positions["rules"])
-    port = _dword(result.data(positions["port"]).get("values") or {}, "PortNumber") or DEFAULT_PORT
-    products = result.data(positions["products"]) if "products" in positions else None
+    state = firewall.state_from(result, positions["reads"])
     outcome = Outcome()
     try:
-        plan = plan_firewall(listing.get("rules") or [], port, options.firewall_options(), products)
-    except FirewallPlanError as exc:
+        plan = firewall.plan_state(state, options.firewall_options())
+    except firewall.FirewallPlanError as exc:
         outcome.findings.append(
             finding(
                 "firewall.plan_refused",
                 "warning",
                 f"The firewall repair needs consent: {exc}",
                 "firewall",
-                {"port": port, "profiles": list(options.firewall_profiles)},
+                {"port": state.port, "profiles": list(options.firewall_profiles)},
                 None,
             )
         )
         return outcome
-    outcome.facts["firewall"] = dict(
-        plan.report, profiles=listing.get("profiles"), network_categories=listing.get("network_categories")
-    )
+    outcome.facts["firewall"] = plan.report
     outcome.findings += plan.findings
     return outcome
 
 
 # ---------------------------------------------------------------------------------------------------- transport
-# The same reads and the same planner call as plugins/action/transport.py.
-
-_TRANSPORT_KEYS = (POLICY_KEY, CLIENT_POLICY_KEY, CLIENT_SETTING_KEY)
 
 
 def _transport_reads(options: FactsOptions, now: datetime) -> tuple[Batch, Positions]:
     batch = Batch(on_error="continue")
-    return batch, {key: batch.add("registry.get", path=key) for key in _TRANSPORT_KEYS}
+    return batch, {"reads": transport.add_reads(batch)}
 
 
 def _transport_evaluate(result: BatchResult, positions: Positions, options: FactsOptions, now: datetime) -> Outcome:
-    values = {key: result.data(positions[key]).get("values", {}) for key in _TRANSPORT_KEYS}
-    state = TransportState(values[POLICY_KEY], values[CLIENT_POLICY_KEY], values[CLIENT_SETTING_KEY])
-    plan = plan_transport(state, options.transport_mode, list(options.transport_sides))
+    state = transport.state_from(result, positions["reads"])
+    if options.transport_mode == KEEP:
+        # The fix leaves the policy alone, so the audit only shows it: a finding here would have no fix to match.
+        return Outcome({"transport": dict(transport.current_values(state), mode_checked=KEEP)})
+    plan = transport.plan_transport(state, options.transport_mode, list(options.transport_sides))
     return Outcome({"transport": dict(plan.before, mode_checked=options.transport_mode)}, list(plan.findings))
 
 
 # ---------------------------------------------------------------------------------------------------- tls
-# The same reads and the same planner call as plugins/action/tls.py.
-
-_TLS_KEYS = (CIPHER_POLICY_KEY, FIPS_KEY, LISTENER_KEY, POLICY_KEY)
 
 
 def _tls_reads(options: FactsOptions, now: datetime) -> tuple[Batch, Positions]:
     batch = Batch(on_error="continue")
-    positions: Positions = {
-        "system": batch.add("system.info"),
-        "protocols": {protocol: batch.add("registry.get", path=protocol_key(protocol)) for protocol in PROTOCOLS},
-        "keys": {key: batch.add("registry.get", path=key) for key in _TLS_KEYS},
-        "suites": batch.add("tls.cipher_suites.list"),
-        "listener": batch.add("listener.get"),
-        "stores": [batch.add("cert.list", store=store) for store in CERT_STORES],
-    }
-    return batch, positions
+    return batch, {"reads": tls.add_reads(batch)}
 
 
 def _tls_evaluate(result: BatchResult, positions: Positions, options: FactsOptions, now: datetime) -> Outcome:
-    system = result.data(positions["system"])
-    suites = result.data(positions["suites"])
-    values = {key: result.data(index).get("values", {}) for key, index in positions["keys"].items()}
-    state = TlsState(
-        os_build=int(system.get("os_build") or 0),
-        protocols={p: result.data(index).get("values", {}) for p, index in positions["protocols"].items()},
-        cipher_suites=[s["name"] for s in suites.get("suites", [])] if suites.get("available") else None,
-        cipher_policy=values[CIPHER_POLICY_KEY],
-        key_type=listener_key_type(result, positions["listener"], positions["stores"]),
-        fips=values[FIPS_KEY],
-        listener=values[LISTENER_KEY],
-        policy=values[POLICY_KEY],
-    )
-    plan = plan_tls(state, options.tls_options())
+    plan = tls.plan_tls(tls.state_from(result, positions["reads"]), options.tls_options())
     return Outcome({"tls": plan.report}, list(plan.findings))
 
 
@@ -349,8 +219,8 @@ def _listener_reads(options: FactsOptions, now: datetime) -> tuple[Batch, Positi
     batch = Batch(on_error="continue")
     positions: Positions = {
         "server": batch.add("registry.get", path=TERMINAL_SERVER_KEY, names=["fDenyTSConnections"]),
-        "policy": batch.add("registry.get", path=POLICY_KEY),
-        "listener": batch.add("registry.get", path=LISTENER_KEY),
+        "policy": batch.add("registry.get", path=transport.POLICY_KEY),
+        "listener": batch.add("registry.get", path=tls.LISTENER_KEY),
         "services": batch.add("service.get", names=list(certificate.READ_SERVICES)),
     }
     return batch, positions
@@ -361,10 +231,10 @@ def _listener_evaluate(result: BatchResult, positions: Positions, options: Facts
     policy = result.data(positions["policy"]).get("values", {})
     listener = result.data(positions["listener"]).get("values", {})
     services = result.data(positions["services"]).get("services") or {}
-    deny_policy = _dword(policy, "fDenyTSConnections")
-    deny_local = _dword(server, "fDenyTSConnections")
+    deny_policy = transport.dword(policy, "fDenyTSConnections")
+    deny_local = transport.dword(server, "fDenyTSConnections")
     deny = deny_policy if deny_policy is not None else deny_local
-    port = _dword(listener, "PortNumber") or DEFAULT_PORT
+    port = transport.dword(listener, "PortNumber") or firewall.DEFAULT_PORT
     outcome = Outcome()
     outcome.facts["remote_desktop"] = {
         "connections_allowed": deny != 1,
@@ -396,12 +266,12 @@ def _listener_evaluate(result: BatchResult, positions: Positions, options: Facts
                 None,
             )
         )
-    if port != DEFAULT_PORT:
+    if port != firewall.DEFAULT_PORT:
         outcome.findings.append(
             finding(
                 "service.nondefault_port",
                 "info",
-                f"The RDP listener uses port {port}, not {DEFAULT_PORT}: clients must connect to name:{port}",
+                f"The RDP listener uses port {port}, not {firewall.DEFAULT_PORT}: clients must connect to name:{port}",
                 "service",
                 {"port": port},
                 None,
@@ -681,7 +551,7 @@ def evaluate(
             if text:
                 item["likely_cause"] = text
     findings += assessment.findings
-    findings.sort(key=lambda item: (SEVERITY_ORDER.get(str(item.get("severity")), 9), str(item.get("id"))))
+    findings.sort(key=urgency)
     return Gathered(facts, findings)
 
 

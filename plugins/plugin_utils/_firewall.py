@@ -2,8 +2,9 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Plan Windows Firewall rules for RDP: the server's inbound rules and the client's outbound ones.
 
-Pure: the action plugin lists the rules (``firewall.rules.list``) and the listener port with one batch, calls
-``plan_firewall`` and applies the returned rule changes with another batch.
+Pure: ``add_reads`` puts the rule listing (``firewall.rules.list``), the listener port and, for the client side, the
+security products into a batch (the action plugin's and the audit's), ``state_from`` parses their results,
+``plan_state`` decides, and ``stage_rule_changes`` puts the backup and the rule changes into the apply batch.
 
 Rules are recognised by their Name (``RemoteDesktop-UserMode-In-TCP``) or group resource string
 (``@FirewallAPI.dll,-28752``), never by display text, which Windows localises. Windows evaluates rules as
@@ -21,7 +22,11 @@ import re
 import typing as t
 from dataclasses import dataclass, field
 
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import finding
+from ._action import BackupSet
+from ._agent import Batch, BatchResult
+from ._findings import finding, fix
+from ._tls import LISTENER_KEY
+from ._transport import dword
 
 DEFAULT_PORT = 3389
 RDP_GROUP = "@FirewallAPI.dll,-28752"
@@ -300,7 +305,7 @@ class FirewallPlan:
 
 
 def _fix(options: dict[str, t.Any], description: str) -> dict[str, t.Any]:
-    return {"module": "rdpfix.rdp.firewall", "options": options, "description": description}
+    return fix("firewall", options, description)
 
 
 def _covers(rule: Rule, protocol: str, port: int, mask: int) -> bool:
@@ -714,3 +719,65 @@ def plan_firewall(
     if "client" in options.sides:
         _plan_client(rules, options, products, plan)
     return plan
+
+
+# ---------------------------------------------------------------------------------------------------- reads and apply
+
+
+@dataclass(frozen=True)
+class FirewallReads:
+    """Where ``add_reads`` put each read in the batch; ``products`` only when the client side is judged."""
+
+    rules: int
+    port: int
+    products: int | None
+
+
+@dataclass(frozen=True)
+class FirewallState:
+    rules: list[dict[str, t.Any]]
+    port: int
+    products: dict[str, t.Any] | None
+    profiles: list[dict[str, t.Any]] | None
+    network_categories: list[str] | None
+
+
+def add_reads(batch: Batch, options: FirewallOptions) -> FirewallReads:
+    return FirewallReads(
+        rules=batch.add("firewall.rules.list"),
+        port=batch.add("registry.get", path=LISTENER_KEY, names=["PortNumber"]),
+        products=batch.add("security_products.list") if "client" in options.sides else None,
+    )
+
+
+def state_from(result: BatchResult, reads: FirewallReads) -> FirewallState:
+    """The state from the batch's results; a failed read raises OperationError (nothing is judged on a guess)."""
+    listing = result.data(reads.rules)
+    return FirewallState(
+        rules=list(listing.get("rules") or []),
+        port=dword(result.data(reads.port).get("values") or {}, "PortNumber") or DEFAULT_PORT,
+        products=result.data(reads.products) if reads.products is not None else None,
+        profiles=listing.get("profiles"),
+        network_categories=listing.get("network_categories"),
+    )
+
+
+def plan_state(state: FirewallState, options: FirewallOptions) -> FirewallPlan:
+    """``plan_firewall`` on a read state; the report also shows the profiles and the connected networks' categories."""
+    plan = plan_firewall(state.rules, state.port, options, state.products)
+    plan.report["profiles"] = state.profiles
+    plan.report["network_categories"] = state.network_categories
+    return plan
+
+
+def stage_rule_changes(batch: Batch, backup: BackupSet, changes: t.Sequence[RuleChange]) -> int:
+    """Every changed rule's whole previous record into the manifest (written first), then the changes; returns the
+    manifest's position. The previous record is enough to put a rule back exactly as it was."""
+    backup.begin(batch)
+    for change in changes:
+        backup.record("firewall_rule", name=change.name, operation=change.kind, previous=change.previous)
+        backup.planned_actions.append(change.reason)
+    manifest = backup.finish(batch)
+    for change in changes:
+        batch.add(change.kind, **change.args)
+    return manifest

@@ -26,9 +26,10 @@ import json
 import ntpath
 import typing as t
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from . import _certificate as certificate
+from . import _findings as findings
 from . import _sddl as sd
 from ._action import BackupSet
 from ._agent import Batch, BatchResult
@@ -43,12 +44,18 @@ DEFAULT_FOLDER_SDDL = "O:SYG:SYD:PAI(A;;0x12019f;;;WD)(A;;FA;;;BA)"
 # between 14393 and 17763 (semi-annual releases) are not documented: they are treated like 14393 (UNCONFIRMED).
 SESSIONENV_KEY_ACL_BUILD = 17763
 
-# Events that show a key access failure of the listener [AzEvent].
-EVENT_QUERIES: tuple[tuple[str, tuple[int, ...]], ...] = (
-    ("Schannel", (36870,)),
-    ("Microsoft-Windows-TerminalServices-RemoteConnectionManager", (1055, 1057, 1058)),
+# Events that show a key access failure of the listener [AzEvent], as ``events.query`` queries of the System log.
+EVENT_QUERIES: tuple[dict[str, t.Any], ...] = (
+    {"log": "System", "providers": ["Schannel"], "ids": [36870]},
+    {
+        "log": "System",
+        "providers": ["Microsoft-Windows-TerminalServices-RemoteConnectionManager"],
+        "ids": [1055, 1057, 1058],
+    },
 )
 EVENT_MAX = 20
+# The events are evidence only; key errors older than this say nothing about the key as it is now.
+EVENT_DAYS = 30
 MANIFEST_FILE = "manifest.json"
 RESTORED_MARKER = "restored.json"
 
@@ -167,10 +174,12 @@ class ReadIndex:
     cert_count: int
     store: int
     cng_store: int
-    events: list[int]
+    events: int
 
 
-def build_read_batch(options: Options, program_data: str = DEFAULT_PROGRAM_DATA) -> tuple[Batch, ReadIndex]:
+def build_read_batch(
+    options: Options, now: datetime, program_data: str = DEFAULT_PROGRAM_DATA
+) -> tuple[Batch, ReadIndex]:
     """The certificate module's read batch plus both key folders and the key access events: one round trip.
 
     The folders are read at ``program_data`` before ``system.info`` has said where ProgramData is; on the rare host
@@ -180,10 +189,8 @@ def build_read_batch(options: Options, program_data: str = DEFAULT_PROGRAM_DATA)
     cert_count = len(batch.ops)
     store = batch.add("dir.stat", path=machine_keys_path(program_data))
     cng_store = batch.add("dir.stat", path=cng_keys_path(program_data))
-    events = [
-        batch.add("event.query", log="System", provider=provider, ids=list(ids), max_events=EVENT_MAX)
-        for provider, ids in EVENT_QUERIES
-    ]
+    since = (now - timedelta(days=EVENT_DAYS)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    events = batch.add("events.query", since=since, queries=list(EVENT_QUERIES), max_events=EVENT_MAX)
     return batch, ReadIndex(cert_index, cert_count, store, cng_store, events)
 
 
@@ -224,12 +231,9 @@ def parse_state(result: BatchResult, index: ReadIndex, now: datetime, program_da
         item = result[position]
         if not item.ok:
             errors.append(f"{item.op}: {item.error_type or 'Failed'}: {item.error_message or ''}")
-    events: list[dict[str, t.Any]] = []
-    for position in index.events:
-        item = result[position]
-        # Events are evidence only: an unreadable log costs the evidence, not the repair.
-        if item.ok:
-            events.extend(event for event in item.data.get("events") or [] if isinstance(event, dict))
+    # Events are evidence only: an unreadable log costs the evidence, not the repair.
+    logged = result[index.events]
+    events = [event for event in (logged.data if logged.ok else {}).get("events") or [] if isinstance(event, dict)]
     build = system.get("os_build")
     return State(
         cert=cert_state,
@@ -376,19 +380,12 @@ def finding(
     evidence: dict[str, t.Any],
     fix: dict[str, t.Any] | None,
 ) -> dict[str, t.Any]:
-    """One finding in the shape of docs/findings.md."""
-    return {
-        "id": f"machinekeys.{finding_id}",
-        "severity": severity,
-        "title": title,
-        "cause": "machinekeys",
-        "evidence": evidence,
-        "fix": fix,
-    }
+    """A finding of this planner: its id under ``machinekeys.``, its cause family ``machinekeys``."""
+    return findings.finding(f"machinekeys.{finding_id}", severity, title, "machinekeys", evidence, fix)
 
 
 def _fix(strategy: str, description: str) -> dict[str, t.Any]:
-    return {"module": "rdpfix.rdp.machinekeys", "options": {"strategy": strategy}, "description": description}
+    return findings.fix("machinekeys", {"strategy": strategy}, description)
 
 
 @dataclass(frozen=True)
@@ -604,13 +601,15 @@ def _plan_regeneration(state: State, options: Options, key: RdpKey, result: Plan
     cert_plan = certificate.plan(cert_state, options.certificate_options())
     if cert_plan.restart_pending:
         result.restart_pending = True
-    blocked = [item for item in cert_plan.findings if item.id in ("regeneration_blocked", "restart_pending")]
+    stopped_by = ("certificate.regeneration_blocked", "certificate.restart_pending")
+    blocked = [item for item in cert_plan.findings if item["id"] in stopped_by]
     for item in blocked:
+        pending = item["id"] == "certificate.restart_pending"
         result.findings.append(
             finding(
-                f"regeneration_{'pending' if item.id == 'restart_pending' else 'blocked'}",
-                "warning" if item.id == "restart_pending" else "critical",
-                item.message,
+                f"regeneration_{'pending' if pending else 'blocked'}",
+                "warning" if pending else "critical",
+                item["title"],
                 {"thumbprint": key.cert.thumbprint},
                 None,
             )

@@ -2,8 +2,9 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Plan the TLS side of the RDP listener: Schannel server protocols, cipher suites, security layer and NLA.
 
-Pure: the action plugin reads the registry values and the effective cipher-suite list named here with one batch,
-calls ``plan_tls`` and applies the returned registry changes with another batch.
+Pure: ``add_reads`` puts the reads of the registry values, the effective cipher-suite list and the listener's
+certificate into a batch (the action plugin's and the audit's), ``state_from`` parses their results, ``plan_tls``
+decides, and the action applies the returned registry changes with another batch.
 
 Rules the plan follows (house rules, not tunables):
 - it only ever turns protocols *on*: TLS 1.2, TLS 1.3 where the build supports it, and TLS 1.0/1.1 only when the
@@ -16,15 +17,15 @@ Schannel reads protocol keys and the cipher-suite policy at boot, so those chang
 
 from __future__ import annotations
 
+import base64
 import typing as t
 from dataclasses import dataclass, field
 
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import (
-    POLICY_KEY,
-    RegistryChange,
-    dword,
-    finding,
-)
+from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import CertificateParseError, summarize_certificate
+
+from ._agent import Batch, BatchResult
+from ._findings import finding, fix
+from ._transport import POLICY_KEY, RegistryChange, dword
 
 SCHANNEL_PROTOCOLS_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols"
 PROTOCOLS = ("SSL 2.0", "SSL 3.0", "TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3")
@@ -38,6 +39,11 @@ LISTENER_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Terminal Server\WinStati
 CIPHER_POLICY_KEY = r"HKLM:\SOFTWARE\Policies\Microsoft\Cryptography\Configuration\SSL\00010002"
 CIPHER_POLICY_VALUE = "Functions"
 FIPS_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Lsa\FIPSAlgorithmPolicy"
+# Schannel reads its settings at boot and Windows keeps no record of a change waiting for one, so rdpfix writes the
+# boot time (system.info) during which it changed them: a later run that finds the same boot time knows the reboot is
+# still pending, even when that run has nothing left to change (first run without rdpfix_allow_reboot, second with).
+PENDING_KEY = r"HKLM:\SOFTWARE\rdpfix\rdp"
+PENDING_VALUE = "SchannelChangedDuringBoot"
 
 SECURITY_LAYER = "SecurityLayer"
 USER_AUTHENTICATION = "UserAuthentication"
@@ -157,6 +163,86 @@ class TlsState:
     fips: dict[str, t.Any]
     listener: dict[str, t.Any]
     policy: dict[str, t.Any]
+    # When the host last booted (system.info) and rdpfix's record of the boot during which it last changed a setting
+    # Schannel only reads at boot: equal means that change still waits for a reboot.
+    boot_time: str | None = None
+    pending_marker: dict[str, t.Any] | None = None  # {type, value} of PENDING_VALUE, None when absent
+
+    @property
+    def changed_during_boot(self) -> str | None:
+        value = self.pending_marker.get("value") if self.pending_marker else None
+        return value if isinstance(value, str) else None
+
+
+# The stores the listener's certificate can come from: a pinned or template certificate (My), the self-signed one.
+CERT_STORES = ("My", "Remote Desktop")
+# Registry keys read whole besides the protocol keys.
+TLS_KEYS = (CIPHER_POLICY_KEY, FIPS_KEY, LISTENER_KEY, POLICY_KEY, PENDING_KEY)
+
+
+@dataclass(frozen=True)
+class TlsReads:
+    """Where ``add_reads`` put each read in the batch."""
+
+    system: int
+    protocols: dict[str, int]
+    keys: dict[str, int]
+    suites: int
+    listener: int
+    stores: tuple[int, ...]
+
+
+def add_reads(batch: Batch) -> TlsReads:
+    return TlsReads(
+        system=batch.add("system.info"),
+        protocols={protocol: batch.add("registry.get", path=protocol_key(protocol)) for protocol in PROTOCOLS},
+        keys={key: batch.add("registry.get", path=key) for key in TLS_KEYS},
+        suites=batch.add("tls.cipher_suites.list"),
+        listener=batch.add("listener.get"),
+        stores=tuple(batch.add("cert.list", store=store) for store in CERT_STORES),
+    )
+
+
+def listener_key_type(result: BatchResult, listener: int, stores: t.Sequence[int]) -> str | None:
+    """The key type of the certificate the listener presents (the pinned one, else the self-signed one).
+
+    Only the cipher-suite check needs it, and that check treats an unknown key type as "any": a store or listener
+    read that failed costs precision, not the plan, so failures give None rather than an error.
+    """
+    listener_data = result[listener].data if result[listener].ok else {}
+    wanted = (listener_data.get("ssl_certificate_sha1_hash") or "").upper()
+    candidates: list[dict[str, t.Any]] = []
+    for position in stores:
+        if result[position].ok:
+            candidates.extend(result[position].data.get("certificates") or [])
+    chosen = next((c for c in candidates if str(c.get("thumbprint", "")).upper() == wanted), None) if wanted else None
+    if chosen is None:
+        chosen = next((c for c in candidates if c.get("has_private_key")), None)
+    if chosen is None:
+        return None
+    try:
+        return t.cast(str | None, summarize_certificate(base64.b64decode(chosen["der_b64"])).get("key_type"))
+    except (CertificateParseError, KeyError, ValueError):
+        return None
+
+
+def state_from(result: BatchResult, reads: TlsReads) -> TlsState:
+    """The state from the batch's results; a failed registry, system or suite read raises OperationError."""
+    system = result.data(reads.system)
+    suites = result.data(reads.suites)
+    values = {key: result.data(position).get("values") or {} for key, position in reads.keys.items()}
+    return TlsState(
+        os_build=int(system.get("os_build") or 0),
+        protocols={p: result.data(position).get("values") or {} for p, position in reads.protocols.items()},
+        cipher_suites=[s["name"] for s in suites.get("suites") or []] if suites.get("available") else None,
+        cipher_policy=values[CIPHER_POLICY_KEY],
+        key_type=listener_key_type(result, reads.listener, reads.stores),
+        fips=values[FIPS_KEY],
+        listener=values[LISTENER_KEY],
+        policy=values[POLICY_KEY],
+        boot_time=system.get("boot_time"),
+        pending_marker=values[PENDING_KEY].get(PENDING_VALUE),
+    )
 
 
 @dataclass
@@ -171,7 +257,7 @@ class TlsPlan:
 
 
 def _fix(options: dict[str, t.Any], description: str) -> dict[str, t.Any]:
-    return {"module": "rdpfix.rdp.tls", "options": options, "description": description}
+    return fix("tls", options, description)
 
 
 def _effective(listener: int | None, policy: int | None) -> dict[str, t.Any]:
@@ -441,6 +527,25 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
             )
         )
     nla_after["effective"] = nla_after["policy"] if nla_after["policy"] is not None else nla_after["listener"]
+
+    # --- a reboot still pending from an earlier run ---------------------------------------------------------------
+    if plan.reboot_required and state.boot_time:
+        if state.changed_during_boot != state.boot_time:
+            plan.changes.append(
+                RegistryChange(PENDING_KEY, PENDING_VALUE, "REG_SZ", state.boot_time, state.pending_marker)
+            )
+    elif state.boot_time and state.changed_during_boot == state.boot_time:
+        plan.reboot_required = True
+        plan.findings.append(
+            finding(
+                "tls.reboot_pending",
+                "warning",
+                "Schannel settings were changed since the last boot and take effect only after a reboot",
+                "tls",
+                {"path": PENDING_KEY, "changed_during_boot": state.changed_during_boot, "boot_time": state.boot_time},
+                None,
+            )
+        )
 
     plan.report = {
         "os_build": build,

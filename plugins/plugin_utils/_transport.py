@@ -2,18 +2,22 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Plan the RDP transport (UDP and TCP, or TCP only) for the server and the client policy.
 
-Pure: the action plugin reads the registry values named here with one batch, calls ``plan_transport`` and applies the
-returned registry changes with another batch. UDP problems never cause 0x904 themselves (the client silently stays on
-TCP), but UDP over VPNs and secure-access tunnels breaks sessions after they start: forcing TCP is a stability fix.
+Pure: ``add_reads`` puts the registry reads into a batch (the action plugin's and the audit's), ``state_from`` parses
+their results, ``plan_transport`` decides, and ``stage_registry_changes`` puts the backup and the changes into the apply
+batch. UDP problems never cause 0x904 themselves (the client silently stays on TCP), but UDP over VPNs and
+secure-access tunnels breaks sessions after they start: forcing TCP is a stability fix.
 
-Also home of ``RegistryChange`` and ``finding``, the small shapes the registry-based planners (this one and ``_tls``)
-share.
+Also home of ``RegistryChange``, the registry change the registry-based planners (this one and ``_tls``) share.
 """
 
 from __future__ import annotations
 
 import typing as t
 from dataclasses import dataclass, field
+
+from ._action import BackupSet
+from ._agent import Batch, BatchResult
+from ._findings import finding
 
 POLICY_KEY = r"HKLM:\SOFTWARE\Policies\Microsoft\Windows NT\Terminal Services"
 CLIENT_POLICY_KEY = POLICY_KEY + r"\Client"
@@ -34,18 +38,6 @@ SIDES = ("server", "client")
 
 # What the server service needs to pick up a new SelectTransport: TermService reads it when it starts.
 SERVER_RESTART_SERVICE = "TermService"
-
-
-def finding(  # noqa: PLR0917 - the six fields of docs/findings.md, in that order
-    finding_id: str,
-    severity: str,
-    title: str,
-    cause: str,
-    evidence: dict[str, t.Any],
-    fix: dict[str, t.Any] | None,
-) -> dict[str, t.Any]:
-    """One finding in the shape of docs/findings.md."""
-    return {"id": finding_id, "severity": severity, "title": title, "cause": cause, "evidence": evidence, "fix": fix}
 
 
 @dataclass(frozen=True)
@@ -70,6 +62,21 @@ class RegistryChange:
         return f"set {where} = {self.value!r} (was {before})"
 
 
+def stage_registry_changes(batch: Batch, backup: BackupSet, changes: t.Sequence[RegistryChange]) -> int:
+    """Every previous value into the manifest (written first), then the changes; returns the manifest's position."""
+    backup.begin(batch)
+    for change in changes:
+        backup.record("registry_value", path=change.path, name=change.name, previous=change.previous)
+        backup.planned_actions.append(change.describe())
+    manifest = backup.finish(batch)
+    for change in changes:
+        if change.removes:
+            batch.add("registry.remove", path=change.path, name=change.name)
+        else:
+            batch.add("registry.set", path=change.path, name=change.name, type=change.value_type, value=change.value)
+    return manifest
+
+
 def dword(values: dict[str, t.Any], name: str) -> int | None:
     """An integer registry value from a ``registry.get`` result's ``values``, None when absent or not an integer."""
     entry = values.get(name)
@@ -88,6 +95,35 @@ class TransportState:
     server_policy: dict[str, t.Any] = field(default_factory=dict)
     client_policy: dict[str, t.Any] = field(default_factory=dict)
     client_setting: dict[str, t.Any] = field(default_factory=dict)
+
+
+# Every key the planner looks at, read whole: the state and the audit show the values beside the ones it manages.
+TRANSPORT_KEYS = (POLICY_KEY, CLIENT_POLICY_KEY, CLIENT_SETTING_KEY)
+
+
+@dataclass(frozen=True)
+class TransportReads:
+    """Where ``add_reads`` put each key's ``registry.get`` in the batch."""
+
+    keys: dict[str, int]
+
+
+def add_reads(batch: Batch) -> TransportReads:
+    return TransportReads({key: batch.add("registry.get", path=key) for key in TRANSPORT_KEYS})
+
+
+def state_from(result: BatchResult, reads: TransportReads) -> TransportState:
+    """The state from the batch's results; a failed read raises OperationError (nothing is judged on a guess)."""
+    values = {key: result.data(position).get("values") or {} for key, position in reads.keys.items()}
+    return TransportState(values[POLICY_KEY], values[CLIENT_POLICY_KEY], values[CLIENT_SETTING_KEY])
+
+
+def current_values(state: TransportState) -> dict[str, int | None]:
+    """The values the planner manages, as they are (the shape of a plan's ``before`` for both sides)."""
+    return {
+        "server_select_transport": dword(state.server_policy, SELECT_TRANSPORT),
+        "client_disable_udp": dword(state.client_policy, CLIENT_DISABLE_UDP),
+    }
 
 
 @dataclass

@@ -7,9 +7,20 @@ import typing as t
 from pathlib import Path
 
 import pytest
-from harness import Lab, run_playbook
+import yaml
+from harness import FLEETS_DIR, Lab, run_playbook
 
 pytestmark = pytest.mark.system
+
+FACTS_TASK = "rdpfix.rdp.server : Gather Remote Desktop facts and findings (one WinRM command, read-only)"
+# The role's fixing tasks, by the module each runs (tasks/*.yml).
+ROLE_TASKS = {
+    "rdpfix.rdp.machinekeys": "rdpfix.rdp.server : Repair the MachineKeys store and the RDP listener's private key",
+    "rdpfix.rdp.certificate": "rdpfix.rdp.server : Ensure the RDP listener has a usable certificate",
+    "rdpfix.rdp.firewall": "rdpfix.rdp.server : Let RDP through Windows Firewall and report what blocks it",
+    "rdpfix.rdp.transport": "rdpfix.rdp.server : Set the RDP transport policy",
+    "rdpfix.rdp.tls": "rdpfix.rdp.server : Check and repair the listener's TLS settings",
+}
 
 
 def without_counters(state: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -37,7 +48,7 @@ def test_audit_reads_every_host_once_writes_nothing_and_reports(
     assert {name: (c["winrm_commands"], c["writes"]) for name, c in counters.items()} == dict.fromkeys(HOSTS, (1, 0))
     assert without_counters(lab.state()) == before
 
-    facts = run.results("Gather Remote Desktop facts and findings (one WinRM command, read-only)")
+    facts = run.results(FACTS_TASK)
     critical = {name: [f["id"] for f in r["findings"] if f["severity"] == "critical"] for name, r in facts.items()}
     assert critical["healthy"] == []
     assert "certificate.self_signed_expired" in critical["expired-selfsigned"]
@@ -75,3 +86,45 @@ def test_audit_with_the_handshake_probe(lab_factory: t.Callable[..., Lab], tmp_p
     assert (
         verdicts["healthy"] and verdicts["expired-selfsigned"] and verdicts["healthy"] != verdicts["expired-selfsigned"]
     )
+
+
+def demo_fleet_hosts() -> list[Path]:
+    fleet = yaml.safe_load((FLEETS_DIR / "demo.yml").read_text(encoding="utf-8"))
+    return [(FLEETS_DIR / item).resolve() for item in fleet["hosts"]]
+
+
+def test_audit_and_check_mode_agree_on_the_demo_fleet(lab_factory: t.Callable[..., Lab], tmp_path: Path) -> None:
+    """With the role's defaults, a finding with a fix is exactly a module that ``fix_rdp.yml --check`` would change."""
+    lab = lab_factory(*demo_fleet_hosts())
+    audit = run_playbook(
+        "playbooks/audit_rdp.yml", lab.inventory, extra_vars={"rdpfix_audit_report_dir": str(tmp_path)}
+    )
+    assert audit.rc == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    check = run_playbook("playbooks/fix_rdp.yml", lab.inventory, check=True, diff=True)
+    assert check.rc == 0, check.stdout[-3000:] + check.stderr[-3000:]
+
+    facts = audit.results(FACTS_TASK)
+    hosts = set(facts)
+    assert hosts == {path.stem for path in demo_fleet_hosts()}
+    assert not [name for name, result in facts.items() if result.get("failed") or result.get("unreachable")]
+    fixable = {
+        (name, item["fix"]["module"]) for name, result in facts.items() for item in result["findings"] if item["fix"]
+    }
+    would_change = {
+        (name, module)
+        for module, task in ROLE_TASKS.items()
+        for name, result in check.results(task).items()
+        if result.get("changed")
+    }
+    assert fixable == would_change
+    # Not a vacuous equality: the demo fleet's broken hosts need fixes, and check mode wrote nothing.
+    assert {name for name, _module in fixable} == check.changed_hosts() != set()
+    # The role leaves the transport policy alone by default, so neither side mentions it.
+    assert not [item["id"] for result in facts.values() for item in result["findings"] if item["cause"] == "transport"]
+
+    for name in ("healthy", "healthy-legacy"):
+        result = facts[name]
+        serious = [item["id"] for item in result["findings"] if item["severity"] in ("critical", "warning")]
+        assert result["status"] == "ok" or not serious, (name, serious)
+        assert not [item["id"] for item in result["findings"] if item["fix"]], name
+

@@ -1,12 +1,15 @@
 """Verify a converged fleet through the hosts themselves and from the outside.
 
-Inside: each module of the role runs against the host in check mode with the options converge used (the role's
-defaults, overridden by the inventory); nothing may be left to change and every host must be compliant. The
-certificate module says which certificate the listener uses; it must be valid well beyond the expiry threshold.
+Inside, through testinfra's ansible backend, in check mode and with the options converge used (the role's defaults,
+overridden by the inventory):
+- rdpfix.rdp.certificate must have nothing left to do and say the listener uses a certificate valid well beyond the
+  expiry threshold, with a readable private key;
+- rdpfix.rdp.facts runs every fixing module's planner in one read: no module may have anything left to fix and no
+  critical finding may remain. (Molecule's idempotence step already reran the role itself.)
 
-Outside: an RDP client's view. The probe connects to the listener's port (as the firewall module reports it), negotiates
-CredSSP/TLS and must complete a TLS handshake presenting the very certificate the host says it uses - the connection
-that failed with 0x904 / extended 0x7 before the fix.
+Outside: an RDP client's view. The probe connects to the listener's port (as the host reports it), negotiates CredSSP
+and must complete a TLS 1.2+ handshake presenting the very certificate the host says it uses - the connection that
+failed with 0x904 / extended 0x7 before the fix.
 
 Shared by the `default` (lab) and `windows` (real hosts) scenarios.
 """
@@ -19,7 +22,6 @@ import sys
 import typing as t
 from pathlib import Path
 
-import pytest
 import yaml
 
 if t.TYPE_CHECKING:
@@ -46,58 +48,59 @@ def role_options(host: Host) -> dict[str, t.Any]:
     return options
 
 
-def module_args(module: str, options: dict[str, t.Any]) -> dict[str, t.Any]:
-    """The arguments roles/server/tasks/<module>.yml passes, from the role options."""
-    if module == "machinekeys":
-        return {
-            "strategy": options["rdpfix_machinekeys_strategy"],
-            "restart_service": options["rdpfix_restart_service"],
-            "allow_session_disruption": options["rdpfix_allow_session_disruption"],
-        }
-    if module == "certificate":
-        args = {
-            "expiry_threshold_days": options["rdpfix_certificate_expiry_threshold_days"],
-            "replace_when": options["rdpfix_certificate_replace_when"],
-            "restart_service": options["rdpfix_restart_service"],
-            "start_stopped_services": options["rdpfix_start_stopped_services"],
-            "allow_session_disruption": options["rdpfix_allow_session_disruption"],
-        }
-        if options["rdpfix_certificate_replacement_thumbprint"]:
-            args["replacement_thumbprint"] = options["rdpfix_certificate_replacement_thumbprint"]
-        return args
-    if module == "firewall":
-        args = {
-            "profiles": options["rdpfix_firewall_profiles"],
-            "allow_public_any": options["rdpfix_firewall_allow_public_any"],
-            "disable_blocking_rules": options["rdpfix_firewall_disable_blocking_rules"],
-        }
-        if options["rdpfix_firewall_remote_addresses"]:
-            args["remote_addresses"] = options["rdpfix_firewall_remote_addresses"]
-        return args
-    if module == "tls":
-        return {"legacy_protocols": options["rdpfix_tls_legacy_protocols"], "nla": options["rdpfix_tls_nla"]}
-    raise AssertionError(f"no arguments known for {module}")
+def certificate_args(options: dict[str, t.Any]) -> dict[str, t.Any]:
+    """What roles/server/tasks/certificate.yml passes."""
+    args = {
+        "expiry_threshold_days": options["rdpfix_certificate_expiry_threshold_days"],
+        "replace_when": options["rdpfix_certificate_replace_when"],
+        "restart_service": options["rdpfix_restart_service"],
+        "start_stopped_services": options["rdpfix_start_stopped_services"],
+        "allow_session_disruption": options["rdpfix_allow_session_disruption"],
+    }
+    if options["rdpfix_certificate_replacement_thumbprint"]:
+        args["replacement_thumbprint"] = options["rdpfix_certificate_replacement_thumbprint"]
+    if options["rdpfix_backup_root"]:
+        args["backup_root"] = options["rdpfix_backup_root"]
+    return args
 
 
-# One check-mode run per host and module, shared by the tests below (each run is a WinRM round trip).
+def facts_args(options: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The facts module plans with the fixing modules' planners: give it the options the role ran them with."""
+    args = {
+        "expiry_threshold_days": options["rdpfix_certificate_expiry_threshold_days"],
+        "restart_service": options["rdpfix_restart_service"],
+        "machinekeys_strategy": options["rdpfix_machinekeys_strategy"],
+        "firewall_profiles": options["rdpfix_firewall_profiles"],
+        "tls_legacy_protocols": options["rdpfix_tls_legacy_protocols"],
+        "tls_nla": options["rdpfix_tls_nla"],
+        # Only the server side is the role's business; the events are not needed to judge the present state.
+        "transport_sides": ["server"],
+        "event_days": 1,
+        "max_events": 1,
+    }
+    if options["rdpfix_transport_mode"] != "keep":
+        args["transport_mode"] = options["rdpfix_transport_mode"]
+    return args
+
+
+# One check-mode run per host and module, shared by the tests below: each is an `ansible` run and a WinRM round trip.
 _results: dict[tuple[str, str], dict[str, t.Any]] = {}
 
 
 def check_mode(host: Host, module: str) -> dict[str, t.Any]:
     key = (host.backend.get_pytest_id(), module)
     if key not in _results:
-        args = json.dumps(module_args(module, role_options(host)))
-        _results[key] = host.ansible(f"rdpfix.rdp.{module}", args, check=True)
+        options = role_options(host)
+        args = certificate_args(options) if module == "certificate" else facts_args(options)
+        _results[key] = host.ansible(f"rdpfix.rdp.{module}", json.dumps(args), check=True)
     return _results[key]
 
 
-@pytest.mark.parametrize("module", ["machinekeys", "certificate", "firewall", "tls"])
-def test_nothing_left_to_change(host: Host, module: str) -> None:
-    result = check_mode(host, module)
-    problems = [f["title"] if "title" in f else f.get("message") for f in result.get("findings", [])]
-    assert result["changed"] is False, f"{module} would still change: {result.get('actions') or result.get('changes')}"
-    assert result["compliant"] is True, f"{module} is not compliant: {problems}"
-    assert result.get("restart_pending", False) is False
+def test_certificate_module_has_nothing_left_to_change(host: Host) -> None:
+    result = check_mode(host, "certificate")
+    assert result["changed"] is False, f"the certificate module would still act: {result['actions']}"
+    assert result["compliant"] is True, [finding.get("message") for finding in result["findings"]]
+    assert result["restart_pending"] is False
 
 
 def test_listener_certificate_is_valid(host: Host) -> None:
@@ -112,10 +115,21 @@ def test_listener_certificate_is_valid(host: Host) -> None:
     assert certificate["key_state"] == "readable"
 
 
+def test_no_module_has_anything_left_to_fix(host: Host) -> None:
+    """The facts module runs every fixing module's planner with the role's options in one read."""
+    result = check_mode(host, "facts")
+    fixed_by = set(result["fixed_by"])
+    if role_options(host)["rdpfix_transport_mode"] == "keep":
+        fixed_by.discard("rdpfix.rdp.transport")  # the role leaves the transport policy alone by default
+    critical = [finding["title"] for finding in result["findings"] if finding["severity"] == "critical"]
+    assert not fixed_by, [finding["title"] for finding in result["findings"] if finding.get("fix")]
+    assert not critical
+
+
 def test_rdp_client_completes_tls_handshake(host: Host) -> None:
     """The outside view: what an RDP client meets on the listener's port right now."""
     address = host.ansible.get_variables().get("ansible_host", host.backend.get_pytest_id())
-    port = check_mode(host, "firewall")["firewall"]["server"]["port"]
+    port = check_mode(host, "facts")["rdp"]["remote_desktop"]["port"]
     thumbprint = check_mode(host, "certificate")["certificate"]["thumbprint"]
 
     report = probe(
@@ -126,9 +140,9 @@ def test_rdp_client_completes_tls_handshake(host: Host) -> None:
         read_timeout=3.0,
     )
 
-    critical = [f["id"] for f in report["findings"] if f["severity"] == "critical"]
+    critical = [finding["id"] for finding in report["findings"] if finding["severity"] == "critical"]
     assert not critical, f"{address}:{port}: {critical}"
     assert report["verdict"] in CONNECTING_VERDICTS, report["verdict"]
     assert report["tls"]["negotiated"]["version"] in ("TLSv1.2", "TLSv1.3")
     assert report["tls"]["certificate"]["thumbprint"] == thumbprint
-    assert "handshake.certificate_thumbprint_mismatch" not in {f["id"] for f in report["findings"]}
+    assert "handshake.certificate_thumbprint_mismatch" not in {finding["id"] for finding in report["findings"]}

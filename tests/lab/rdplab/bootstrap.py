@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from rdplab.reboot import WinReboot
+
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
 
@@ -172,7 +174,7 @@ class RecogniserUnavailable(Exception):
     """A recogniser cannot decide (its reference files are missing)."""
 
 
-RECOGNISERS: list[Recogniser] = [AgentBootstrap()]
+RECOGNISERS: list[Recogniser] = [AgentBootstrap(), WinReboot()]
 
 
 def command_line_of(command: str, arguments: t.Sequence[str]) -> str:

@@ -300,7 +300,7 @@ def _der_read(data: bytes, offset: int) -> tuple[int, bytes, int]:
 
 def parse_ts_request(data: bytes) -> tuple[int, bytes | None]:
     """(version, first negoToken) of a TSRequest; unknown context tags are skipped."""
-    tag, body, _ = _der_read(data, 0)
+    tag, body, _end = _der_read(data, 0)
     if tag != 0x30:
         raise ProtocolViolation("a TSRequest is a DER SEQUENCE")
     version, token = 0, None
@@ -308,14 +308,14 @@ def parse_ts_request(data: bytes) -> tuple[int, bytes | None]:
     while offset < len(body):
         field_tag, content, offset = _der_read(body, offset)
         if field_tag == 0xA0:
-            _, raw, _ = _der_read(content, 0)
+            _tag, raw, _end = _der_read(content, 0)
             version = int.from_bytes(raw, "big")
         elif field_tag == 0xA1:
             # negoTokens: SEQUENCE OF SEQUENCE { [0] OCTET STRING }
-            _, items, _ = _der_read(content, 0)
-            _, item, _ = _der_read(items, 0)
-            _, wrapped, _ = _der_read(item, 0)
-            _, token, _ = _der_read(wrapped, 0)
+            _tag, items, _end = _der_read(content, 0)
+            _tag, item, _end = _der_read(items, 0)
+            _tag, wrapped, _end = _der_read(item, 0)
+            _tag, token, _end = _der_read(wrapped, 0)
     return version, token
 
 
@@ -500,10 +500,10 @@ class RdpEndpoint:
                 self._stop.wait(SYNC_INTERVAL)
                 continue
             try:
-                readable, _, _ = select.select([sock], [], [], SYNC_INTERVAL)
+                readable, _writable, _failed = select.select([sock], [], [], SYNC_INTERVAL)
                 if not readable:
                     continue
-                client, _ = sock.accept()
+                client, _peer = sock.accept()
             except (OSError, ValueError):
                 continue  # the socket was closed by a concurrent sync
             threading.Thread(target=self._serve, args=(client,), name=f"rdp-conn-{self.address}", daemon=True).start()

@@ -26,7 +26,7 @@ VENV_BIN = Path(sys.executable).parent
 def free_network(ports: tuple[int, ...] = (5985, 5986, 3389, 5999)) -> str:
     """A random 127.a.b network whose .1, .10 and .11 have the ports free: concurrent test runs (xdist workers, two
     engineers' pytest) must not meet on the same addresses."""
-    for _ in range(200):
+    for _attempt in range(200):
         network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
         if all(port_free(f"{network}.{octet}", port) for octet in (1, 10, 11) for port in ports):
             return network
@@ -105,7 +105,7 @@ def test_agent_batch_through_the_running_lab_counts_one_command(lab: dict[str, P
     batch = agent.Batch(on_error="continue")
     batch.add("system.info")
     shell_id = protocol.open_shell(codepage=65001)
-    program, _, arguments = agent.bootstrap_command().partition(" ")
+    program, _space, arguments = agent.bootstrap_command().partition(" ")
     command_id = protocol.run_command(shell_id, program, arguments.split(" "), console_mode_stdin=False)
     protocol.send_command_input(shell_id, command_id, agent.build_stdin(batch), end=True)
     stdout, stderr, rc = protocol.get_command_output(shell_id, command_id)

@@ -24,7 +24,7 @@ from rdplab.winrm import port_free, self_signed_certificate
 def free_network(ports: tuple[int, ...] = (5985, 5986, 3389, 5999)) -> str:
     """A random 127.a.b network whose .1, .10 and .11 have the ports free: concurrent test runs (xdist workers, two
     engineers' pytest) must not meet on the same addresses."""
-    for _ in range(200):
+    for _attempt in range(200):
         network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
         if all(port_free(f"{network}.{octet}", port) for octet in (1, 10, 11) for port in ports):
             return network
@@ -188,7 +188,7 @@ def test_tls_presents_the_views_certificate(endpoint: rdp.RdpEndpoint, host: Vie
 def test_tls_follows_a_certificate_change_per_connection(endpoint: rdp.RdpEndpoint, host: ViewHost) -> None:
     other_pem, other_key = self_signed_certificate("other", [ADDRESS])
     host.view = replace(HEALTHY, cert_pem=other_pem, key_pem=other_key)
-    sock, _ = x224_exchange(rdp.PROTOCOL_SSL)
+    sock, _confirm = x224_exchange(rdp.PROTOCOL_SSL)
     with client_context().wrap_socket(sock) as tls:
         presented = tls.getpeercert(binary_form=True)
     assert presented is not None
@@ -197,11 +197,11 @@ def test_tls_follows_a_certificate_change_per_connection(endpoint: rdp.RdpEndpoi
 
 def test_tls_versions_of_the_view_are_enforced(endpoint: rdp.RdpEndpoint, host: ViewHost) -> None:
     host.view = replace(HEALTHY, tls_versions=["TLSv1.2"])
-    sock, _ = x224_exchange(rdp.PROTOCOL_SSL)
+    sock, _confirm = x224_exchange(rdp.PROTOCOL_SSL)
     with pytest.raises((ssl.SSLError, ConnectionError)):
         client_context(ssl.TLSVersion.TLSv1_3).wrap_socket(sock).close()
     sock.close()
-    sock, _ = x224_exchange(rdp.PROTOCOL_SSL)
+    sock, _confirm = x224_exchange(rdp.PROTOCOL_SSL)
     with client_context().wrap_socket(sock) as tls:
         assert tls.version() == "TLSv1.2"
 
@@ -236,7 +236,7 @@ def test_view_turning_off_between_sync_and_accept_resets(host: ViewHost) -> None
         client = socket.create_connection((ADDRESS, PORT), timeout=2)
         host.view = replace(HEALTHY, listening=False)
         assert listener._sock is not None
-        server_side, _ = listener._sock.accept()
+        server_side, _peer = listener._sock.accept()
         assert listener.handle(server_side, host) == {"outcome": "refused"}  # type: ignore[arg-type]
         with pytest.raises(ConnectionResetError):
             client.recv(1)
@@ -264,7 +264,7 @@ NEGOTIATE_TS_REQUEST = bytes.fromhex(
 
 
 def av_pairs(challenge: bytes) -> dict[int, bytes]:
-    length, _, offset = struct.unpack("<HHI", challenge[40:48])
+    length, _max_length, offset = struct.unpack("<HHI", challenge[40:48])
     info = challenge[offset : offset + length]
     pairs: dict[int, bytes] = {}
     position = 0

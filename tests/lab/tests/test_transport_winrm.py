@@ -45,7 +45,7 @@ def marker(host: WindowsHost) -> t.Any:
 def free_network(ports: tuple[int, ...] = (5985, 5986, 3389, 5999)) -> str:
     """A random 127.a.b network whose .1, .10 and .11 have the ports free: concurrent test runs (xdist workers, two
     engineers' pytest) must not meet on the same addresses."""
-    for _ in range(200):
+    for _attempt in range(200):
         network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
         if all(port_free(f"{network}.{octet}", port) for octet in (1, 10, 11) for port in ports):
             return network
@@ -146,7 +146,7 @@ def protocol(scheme: str = "https", password: str = PASSWORD) -> Protocol:
 def run_with_stdin(proto: Protocol, command_line: str, stdin: bytes) -> tuple[bytes, bytes, int]:
     """What Ansible's winrm connection does for exec_command(cmd, in_data): Command, Send (End), Receive."""
     shell_id = proto.open_shell(codepage=65001)
-    program, _, arguments = command_line.partition(" ")
+    program, _space, arguments = command_line.partition(" ")
     command_id = proto.run_command(
         shell_id, program, arguments.split(" ") if arguments else (), console_mode_stdin=False
     )
@@ -170,7 +170,7 @@ def test_protocol_round_trip_of_an_agent_batch(
 
 
 def test_a_write_batch_changes_the_host_once(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
-    stdout, _, rc = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(WRITE_BATCH))
+    stdout, _stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(WRITE_BATCH))
     assert rc == 0
     assert json.loads(stdout)["results"][0]["ok"] is True
     assert marker(host) == {"type": "REG_DWORD", "value": 7}
@@ -181,7 +181,7 @@ def test_session_level_agent_batch_over_https(runtime: HostRuntime, host: Window
     session = winrm.Session(
         f"https://{ADDRESS}:5986/wsman", auth=(USER, PASSWORD), transport="basic", server_cert_validation="ignore"
     )
-    stdout, _, rc = run_with_stdin(session.protocol, agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))
+    stdout, _stderr, rc = run_with_stdin(session.protocol, agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))
     assert rc == 0
     assert json.loads(stdout)["results"][0]["op"] == "system.info"
 
@@ -225,7 +225,7 @@ def test_agent_script_edits_on_disk_are_followed(
 
 
 def test_bootstrap_with_extra_argument_is_refused(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
-    _, stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command() + " -Foo", agent_stdin(WRITE_BATCH))
+    _stdout, stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command() + " -Foo", agent_stdin(WRITE_BATCH))
     assert rc == 1
     assert b"is not the agent bootstrap" in stderr
     assert marker(host) is None
@@ -239,7 +239,7 @@ def test_counters_count_each_shell_and_command_once(runtime: HostRuntime, host: 
         ("ipconfig", b""),
         (agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH)),
     ]:
-        program, _, arguments = command_line.partition(" ")
+        program, _space, arguments = command_line.partition(" ")
         command_id = proto.run_command(shell_id, program, arguments.split(" ") if arguments else ())
         if stdin:
             proto.send_command_input(shell_id, command_id, stdin, end=True)
@@ -270,7 +270,7 @@ def test_stdin_in_several_chunks_and_output_over_several_receives(
 def _chunked_round_trip(agent: t.Any, payload: bytes) -> tuple[bytes, int, int]:
     proto = protocol()
     shell_id = proto.open_shell(codepage=65001)
-    program, _, arguments = agent.bootstrap_command().partition(" ")
+    program, _space, arguments = agent.bootstrap_command().partition(" ")
     command_id = proto.run_command(shell_id, program, arguments.split(" "), console_mode_stdin=False)
     chunks = [payload[i : i + 200_000] for i in range(0, len(payload), 200_000)]
     for index, chunk in enumerate(chunks):
@@ -278,7 +278,7 @@ def _chunked_round_trip(agent: t.Any, payload: bytes) -> tuple[bytes, int, int]:
     receives = 0
     output = b""
     while True:
-        stdout, _, rc, done = proto.get_command_output_raw(shell_id, command_id)
+        stdout, _stderr, rc, done = proto.get_command_output_raw(shell_id, command_id)
         receives += 1
         output += stdout
         if done:
@@ -292,14 +292,14 @@ def test_receive_before_stdin_is_closed_times_out_and_client_polls(
 ) -> None:
     proto = protocol()
     shell_id = proto.open_shell()
-    program, _, arguments = agent.bootstrap_command().partition(" ")
+    program, _space, arguments = agent.bootstrap_command().partition(" ")
     command_id = proto.run_command(shell_id, program, arguments.split(" "))
     payload = agent_stdin(SYSTEM_INFO_BATCH)
     proto.send_command_input(shell_id, command_id, payload[:10], end=False)
     with pytest.raises(WinRMOperationTimeoutError):
         proto.get_command_output_raw(shell_id, command_id)
     proto.send_command_input(shell_id, command_id, payload[10:], end=True)
-    stdout, _, rc = proto.get_command_output(shell_id, command_id)
+    stdout, _stderr, rc = proto.get_command_output(shell_id, command_id)
     assert rc == 0
     assert json.loads(stdout)["v"] == 1
 
@@ -336,7 +336,7 @@ def test_shells_are_independent_under_concurrency(runtime: HostRuntime, host: Wi
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=one) for _ in range(8)]
+    threads = [threading.Thread(target=one) for _client in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -218,7 +218,7 @@ def parse_key_file(content: bytes) -> ParsedKeyFile | None:
     lines = content[len(KEY_FILE_MAGIC) :].split(b"\n", 2)
     if len(lines) < 3 or not lines[0].startswith(b"container: ") or not lines[1].startswith(b"provider: "):
         return None
-    kind, _, name = lines[1][len(b"provider: ") :].decode("utf-8", "replace").partition("|")
+    kind, _bar, name = lines[1][len(b"provider: ") :].decode("utf-8", "replace").partition("|")
     try:
         key = serialization.load_pem_private_key(lines[2], password=None)
     except (ValueError, TypeError):

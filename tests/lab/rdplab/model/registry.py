@@ -55,7 +55,7 @@ def canonical_path(path: object) -> str:
     text = path.strip().replace("/", "\\")
     if text.lower().startswith("registry::"):
         text = text[len("registry::") :]
-    hive, _, rest = text.partition("\\")
+    hive, _backslash, rest = text.partition("\\")
     hive_name = _HIVES.get(hive.rstrip(":").upper())
     if hive_name is None:
         raise InvalidArgument(f"unsupported registry hive in {path!r} (use HKLM:\\...)")

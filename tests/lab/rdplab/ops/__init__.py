@@ -48,8 +48,7 @@ OPS: dict[str, OpSpec] = {
     "file.copy": OpSpec(files.file_copy, writes=True),
     # rdpfix.rdp.machinekeys
     "dir.stat": OpSpec(acl.dir_stat, writes=False),
-    "event.query": OpSpec(acl.event_query, writes=False),
-    # rdpfix.rdp.facts
+    # rdpfix.rdp.facts and rdpfix.rdp.machinekeys
     "events.query": OpSpec(events.events_query, writes=False),
     "acl.set": OpSpec(acl.acl_set, writes=True),
     "file.move": OpSpec(acl.file_move, writes=True),

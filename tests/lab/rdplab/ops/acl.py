@@ -1,6 +1,6 @@
-"""dir.stat / acl.set / file.move / dir.move / event.query: the operations rdpfix.rdp.machinekeys added.
+"""dir.stat / acl.set / file.move / dir.move: the operations rdpfix.rdp.machinekeys added.
 
-They act on the model's file system and event log exactly as the PowerShell agent's entries of the same names act on
+They act on the model's file system exactly as the PowerShell agent's entries of the same names act on
 Windows (docs/agent-protocol.md). A move is a rename on the same volume: bytes, owner and ACL travel unchanged, which is
 what lets a moved key file or a moved MachineKeys folder be put back byte-identical.
 """
@@ -98,36 +98,3 @@ def dir_move(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
         raise InvalidArgument(f"cannot move {source_path} into itself")
     _move(host, source_path, dest_path, want_dir=True)
     return {"moved": True}
-
-
-def event_query(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
-    """Newest first, as Get-WinEvent returns them; no match is an empty list, not an error."""
-    log = _args.string(args, "log", default="System")
-    provider = args.get("provider")
-    if provider is not None and (not isinstance(provider, str) or not provider):
-        raise InvalidArgument(f"argument 'provider' must be a non-empty string, got {provider!r}")
-    ids = args.get("ids")
-    if ids is not None and (not isinstance(ids, list) or not all(isinstance(item, int) for item in ids)):
-        raise InvalidArgument(f"argument 'ids' must be a list of integers, got {ids!r}")
-    max_events = _args.integer(args, "max_events", 1, 1000) if "max_events" in args else 50
-    matching = [
-        event
-        for event in host.events.events
-        if event.log.casefold() == log.casefold()
-        and (provider is None or event.provider.casefold() == provider.casefold())
-        and (ids is None or event.id in ids)
-    ]
-    newest = sorted(matching, key=lambda event: event.time, reverse=True)[:max_events]
-    return {
-        "events": [
-            {
-                "log": event.log,
-                "provider": event.provider,
-                "id": event.id,
-                "level": event.level,
-                "time": event.to_json()["time"],
-                "message": event.message,
-            }
-            for event in newest
-        ]
-    }

@@ -162,7 +162,7 @@ def test_stopped_key_isolation_blocks_regeneration() -> None:
     host.inject_fault("stop_service", {"name": "KeyIso"})
     result = run(host)
     assert result["changed"] is False and host.counters.writes == 0
-    assert any("KeyIso" in finding["message"] for finding in result["findings"])
+    assert any("KeyIso" in finding["title"] for finding in result["findings"])
     started = run(host, start_stopped_services=True)
     assert started["changed"] is True and started["compliant"] is True, started.get("msg")
 

@@ -84,7 +84,7 @@ def test_probe_against_a_peer_sending_random_bytes(answer: bytes, close_after: b
     def serve() -> None:
         while not stop.is_set():
             try:
-                client, _ = server.accept()
+                client, _peer = server.accept()
             except OSError:
                 continue
             with client:

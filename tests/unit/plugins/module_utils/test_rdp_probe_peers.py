@@ -50,7 +50,7 @@ class Peer:
     def _loop(self) -> None:
         while not self.stopped.is_set():
             try:
-                client, _ = self.sock.accept()
+                client, _peer = self.sock.accept()
             except TimeoutError:
                 continue
             except OSError:

@@ -57,7 +57,7 @@ class Sample(RdpfixAction):
             raise ActionFailed("batches must not be negative")
 
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
-        for _ in range(params["batches"]):
+        for _batch in range(params["batches"]):
             batch = Batch(on_error="continue")
             batch.add("system.info")
             result = self.run_batch(batch)

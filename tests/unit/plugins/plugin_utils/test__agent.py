@@ -209,7 +209,7 @@ def test_parse_output_refuses_a_malformed_result() -> None:
 
 @pytest.mark.parametrize("answered", [0, 1, 3])
 def test_parse_output_refuses_a_wrong_number_of_results(answered: int) -> None:
-    stdout = document(*[ok("system.info") for _ in range(answered)])
+    stdout = document(*[ok("system.info") for _answer in range(answered)])
     with pytest.raises(AgentError, match=f"answered {answered} operations of 2"):
         parse_output(HOST, 0, stdout, b"", expected=2)
 

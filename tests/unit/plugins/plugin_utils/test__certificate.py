@@ -14,7 +14,6 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import BackupSe
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import BatchResult, OpResult
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._certificate import (
     CertificateOptions,
-    Finding,
     HostState,
     PlanError,
     ReadIndex,
@@ -134,8 +133,10 @@ def state_of(options: CertificateOptions, **host: t.Any) -> HostState:
     return parse_state(result, index, NOW)
 
 
-def ids(findings: t.Iterable[Finding]) -> list[str]:
-    return [finding.id for finding in findings]
+def ids(findings: t.Iterable[dict[str, t.Any]]) -> list[str]:
+    """The findings' ids without the ``certificate.`` every one of them starts with."""
+    assert all(finding["id"].startswith("certificate.") for finding in findings)
+    return [finding["id"].removeprefix("certificate.") for finding in findings]
 
 
 OPTIONS = CertificateOptions()
@@ -172,7 +173,7 @@ def test_healthy_host_needs_nothing(cert_factory: t.Any) -> None:
     state = state_of(OPTIONS, rd=[agent_cert(der)])
     decided = plan(state, OPTIONS)
     assert not decided.has_changes
-    assert decided.errors() == []
+    assert decided.problems() == []
     report = describe(state, 30)
     assert report["source"] == "self_signed"
     assert report["thumbprint"] == thumbprint(der)
@@ -189,6 +190,16 @@ def test_expired_self_signed_is_removed_and_regenerated_with_sessionenv(cert_fac
     assert decided.restart_service == "SessionEnv"  # keeps alice's session: no pending restart
     assert not decided.restart_pending
     assert [action.id for action in decided.actions] == ["remove_certificate", "restart_service"]
+    # The shared finding shape (docs/findings.md): broken now is critical, and the fix names what the plan does.
+    (expired,) = decided.findings
+    assert expired["severity"] == "critical" and expired["cause"] == "certificate"
+    assert expired["title"].startswith("The self-signed certificate ") and "expired 10 day(s) ago" in expired["title"]
+    assert expired["evidence"]["thumbprint"] == thumbprint(der) and expired["evidence"]["days_left"] == -10
+    assert expired["fix"] == {
+        "module": "rdpfix.rdp.certificate",
+        "options": {},
+        "description": "; ".join(action.description for action in decided.actions),
+    }
 
 
 @pytest.mark.parametrize(("days_left", "threshold", "regenerate"), [(10, 30, True), (10, 9, False), (30, 30, True)])
@@ -198,6 +209,8 @@ def test_expiry_threshold(cert_factory: t.Any, days_left: t.Any, threshold: t.An
     decided = plan(state_of(options, rd=[agent_cert(der)]), options)
     assert decided.regenerate is regenerate
     assert ("self_signed_expiring" in ids(decided.findings)) is regenerate
+    # Expiring still works today: a warning, never critical.
+    assert {finding["severity"] for finding in decided.findings} <= {"warning"}
 
 
 def test_missing_self_signed_only_needs_the_restart() -> None:
@@ -218,7 +231,7 @@ def test_unreadable_key_is_reported_not_regenerated(cert_factory: t.Any) -> None
     der = cert_factory.make("WEB01", now=NOW, days_left=100)
     decided = plan(state_of(OPTIONS, rd=[agent_cert(der, key="unreadable")]), OPTIONS)
     assert ids(decided.findings) == ["self_signed_key_unreadable"]
-    assert "machinekeys" in decided.findings[0].message
+    assert "machinekeys" in decided.findings[0]["title"]
     assert not decided.has_changes
 
 
@@ -235,8 +248,9 @@ def test_stopped_prerequisite_blocks_regeneration(cert_factory: t.Any) -> None:
     der = cert_factory.make("WEB01", now=NOW, days_left=-1)
     decided = plan(state_of(OPTIONS, rd=[agent_cert(der)], services=services), OPTIONS)
     assert not decided.has_changes
-    blocked = next(finding for finding in decided.findings if finding.id == "regeneration_blocked")
-    assert "KeyIso is Stopped" in blocked.message
+    blocked = next(finding for finding in decided.findings if finding["id"] == "certificate.regeneration_blocked")
+    assert "KeyIso is Stopped" in blocked["title"]
+    assert blocked["severity"] == "critical" and blocked["fix"] is None
 
 
 def test_stopped_prerequisite_is_started_when_allowed(cert_factory: t.Any) -> None:
@@ -254,7 +268,7 @@ def test_disabled_prerequisite_is_never_started(cert_factory: t.Any) -> None:
     der = cert_factory.make("WEB01", now=NOW, days_left=-1)
     decided = plan(state_of(options, rd=[agent_cert(der)], services=services), options)
     assert not decided.has_changes
-    assert "CryptSvc is disabled" in decided.findings[-1].message
+    assert "CryptSvc is disabled" in decided.findings[-1]["title"]
 
 
 # -------------------------------------------------------------------------------------------- sessions
@@ -276,8 +290,10 @@ def test_termservice_restart_with_sessions_is_left_pending(cert_factory: t.Any) 
     assert decided.restart_pending
     assert not decided.has_changes  # removing the cert without the restart would leave the listener with none
     assert [action.id for action in decided.pending] == ["remove_certificate", "restart_service"]
-    pending = next(finding for finding in decided.findings if finding.id == "restart_pending")
-    assert "2 RDP session(s)" in pending.message and "alice (Active)" in pending.message
+    pending = next(finding for finding in decided.findings if finding["id"] == "certificate.restart_pending")
+    assert "2 RDP session(s)" in pending["title"] and "alice (Active)" in pending["title"]
+    # Nothing is changed, so nothing is offered as fixed by this run.
+    assert [finding["fix"] for finding in decided.findings] == [None] * len(decided.findings)
 
 
 def test_termservice_restart_allowed_to_disrupt_sessions(cert_factory: t.Any) -> None:
@@ -305,6 +321,8 @@ def test_missing_pin_is_removed_and_the_service_restarted(cert_factory: t.Any) -
     assert state.pinned_thumbprint == missing
     decided = plan(state, OPTIONS)
     assert ids(decided.findings) == ["pinned_missing"]
+    # The listener falls back to the self-signed certificate, so RDP works: a warning, fixed by this plan.
+    assert decided.findings[0]["severity"] == "warning" and decided.findings[0]["fix"] is not None
     assert decided.remove_pin and decided.restart_service == "SessionEnv"
     assert describe(state, 30)["source"] == "self_signed"  # the listener already falls back
 
@@ -313,7 +331,7 @@ def test_missing_pin_is_never_removed_on_a_connection_broker(cert_factory: t.Any
     rd_der = cert_factory.make("WEB01", now=NOW, days_left=150)
     decided = plan(state_of(OPTIONS, rd=[agent_cert(rd_der)], pin="AB" * 20, broker=True), OPTIONS)
     assert not decided.remove_pin and not decided.has_changes
-    assert "connection_broker_pin" in ids(decided.errors())
+    assert "connection_broker_pin" in ids(decided.problems())
 
 
 def test_unknown_broker_role_counts_as_broker(cert_factory: t.Any) -> None:
@@ -344,7 +362,7 @@ def test_unusable_pin_is_reported_only(cert_factory: t.Any, make_args: t.Any, ke
     rd_der = cert_factory.make("WEB01", now=NOW, days_left=150)
     state = state_of(OPTIONS, rd=[agent_cert(rd_der)], my=[agent_cert(pinned, key=key)], pin=thumbprint(pinned))
     decided = plan(state, OPTIONS)
-    assert finding in ids(decided.errors())
+    assert finding in ids(decided.problems())
     assert not decided.has_changes
 
 
@@ -401,7 +419,7 @@ def test_available_ca_certificate_is_suggested(cert_factory: t.Any) -> None:
     ca_der = cert_factory.make("web01.corp.example", now=NOW, ca_issued=True, days_left=365)
     decided = plan(state_of(OPTIONS, rd=[agent_cert(rd_der)], my=[agent_cert(ca_der)]), OPTIONS)
     assert ids(decided.findings) == ["ca_certificate_available"]
-    assert decided.findings[0].severity == "info"
+    assert decided.findings[0]["severity"] == "info"
 
 
 def test_gpo_template_certificate_is_reported_not_changed(cert_factory: t.Any) -> None:
@@ -418,7 +436,7 @@ def test_failed_read_means_no_change(cert_factory: t.Any) -> None:
     state = state_of(OPTIONS, rd=[agent_cert(der)], failing=["cert.list:My"])
     decided = plan(state, OPTIONS)
     assert not decided.has_changes
-    assert "read_failed" in ids(decided.errors())
+    assert "read_failed" in ids(decided.problems())
 
 
 def test_unparseable_certificate_in_the_store_is_regenerated() -> None:

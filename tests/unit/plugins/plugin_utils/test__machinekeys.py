@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _sddl as sd
+
+NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
 
 def test_expected_entries_follow_the_os_build() -> None:
@@ -40,13 +44,15 @@ def test_certificate_options_never_do_the_certificate_modules_work() -> None:
 
 
 def test_read_batch_is_one_batch_of_reads() -> None:
-    batch, index = mk.build_read_batch(mk.Options())
+    batch, index = mk.build_read_batch(mk.Options(), NOW)
     assert not batch.writes and batch.on_error == "continue"
     assert batch.ops[index.store] == {
         "op": "dir.stat",
         "args": {"path": "C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys"},
     }
-    assert {batch.ops[position]["args"]["provider"] for position in index.events} == {
+    events = batch.ops[index.events]
+    assert events["op"] == "events.query" and events["args"]["since"] == "2026-10-26T10:00:00Z"
+    assert {provider for query in events["args"]["queries"] for provider in query["providers"]} == {
         "Schannel",
         "Microsoft-Windows-TerminalServices-RemoteConnectionManager",
     }

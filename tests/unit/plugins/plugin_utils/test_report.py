@@ -102,13 +102,13 @@ def hostile_report() -> FleetReport:
 def test_hostile_host_data_stays_text() -> None:
     page = render_html(hostile_report())
     parsed = parse_page(page)
-    tags = {tag for tag, _ in parsed.tags}
+    tags = {tag for tag, _attributes in parsed.tags}
     assert tags <= ALLOWED_TAGS, tags - ALLOWED_TAGS
     for tag, attrs in parsed.tags:
         assert not [name for name in attrs if name.startswith("on")], (tag, attrs)
         assert "src" not in attrs and "href" not in attrs, (tag, attrs)
     # Exactly the renderer's own script, once; the hostile <script> is text.
-    assert [tag for tag, _ in parsed.tags].count("script") == 1
+    assert [tag for tag, _attributes in parsed.tags].count("script") == 1
     assert "".join(parsed.raw["script"]) == REPORT_JS
     text = "".join(parsed.text)
     assert HOSTILE_NAME in text
@@ -192,9 +192,9 @@ def test_cause_chart_counts_hosts_per_cause() -> None:
     summary = summarise(report)
     page = render_html(report)
     for cause, total in summary.hosts_by_cause().items():
-        bar = re.search(rf'<g class="bar" data-cause="{cause}">(.*?)</g>', page)
-        assert bar is not None, cause
-        assert bar.group(1).endswith(f'class="total">{total}</text>')
+        cause_bar = re.search(rf'<g class="bar" data-cause="{cause}">(.*?)</g>', page)
+        assert cause_bar is not None, cause
+        assert cause_bar.group(1).endswith(f'class="total">{total}</text>')
     expected = sum(1 for host in report.hosts if any(item.cause == "certificate" for item in host.findings))
     assert summary.hosts_by_cause()["certificate"] == expected
 
@@ -259,7 +259,7 @@ def test_any_text_renders_well_formed(name: str, evidence: str) -> None:
     report = FleetReport(name, "now", (host_from_result(name, evidence, {"findings": [item]}),))
     ET.fromstring(render_junit(report))
     parsed = parse_page(render_html(report))
-    assert {tag for tag, _ in parsed.tags} <= ALLOWED_TAGS
+    assert {tag for tag, _attributes in parsed.tags} <= ALLOWED_TAGS
     assert json.loads(render_json(report))["hosts"][0]["name"] == name
 
 
@@ -359,9 +359,10 @@ def test_to_plain_copies_subclasses_and_odd_values() -> None:
 
     plain = to_plain({TaggedStr("k"): (TaggedStr("v"), float("nan"), b"\xff", {1}, None, True, 2.5)})
     assert plain == {"k": ["v", "nan", "\ufffd", [1], None, True, 2.5]}
-    assert type(next(iter(t.cast(dict[str, t.Any], plain)))) is str
+    plain_key = next(iter(t.cast(dict[str, t.Any], plain)))
+    assert isinstance(plain_key, str) and not isinstance(plain_key, TaggedStr)
     deep: t.Any = []
-    for _ in range(70):
+    for _level in range(70):
         deep = [deep]
     with pytest.raises(ReportInputError):
         to_plain(deep)

@@ -1,0 +1,440 @@
+"""The roles end to end: playbooks/fix_rdp.yml (role rdpfix.rdp.server) over every ready host file, the reboot
+through ansible.windows.win_reboot, and the client role, all through Ansible's winrm connection against the lab.
+
+One lab holds every host file of tests/lab/hosts. It is audited (check mode), repaired, and repaired again; each
+step's lab state is kept so that the assertions below compare the real state of every host before and after:
+check mode writes nothing, every fault the role fixes by default is fixed (an RDP client completes a TLS 1.2
+handshake), the faults it must not fix by default are reported, a second run changes nothing, and no run ever leaves
+a host with a weaker setting than it found.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import typing as t
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import HOSTS_DIR, Lab, PlaybookRun, run_playbook, start_lab
+
+from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
+
+pytestmark = pytest.mark.system
+
+ALL_HOSTS = sorted(path.stem for path in HOSTS_DIR.glob("*.yml"))
+CLIENTS = [name for name in ALL_HOSTS if name.startswith("client-")]
+SERVERS = [name for name in ALL_HOSTS if name not in CLIENTS]
+SERVERS_ONLY = "all:!rdp_clients"
+
+# What an administrator opts into per host after reading the audit: these faults need a choice the role does not
+# make by default (regenerating a key destroys the old one; the transport policy is a site decision).
+OPT_INS: dict[str, dict[str, t.Any]] = {
+    "machinekeys-rdp-key-empty": {"rdpfix_machinekeys_strategy": "regenerate"},
+    "transport-udp-vpn": {"rdpfix_transport_mode": "tcp_only"},
+}
+# Faults the role reports but, by default, leaves alone (module documentation), with the finding that must say so.
+# The value says whether an RDP client still connects (the listener falls back to its self-signed certificate).
+REPORTED_ONLY: dict[str, tuple[str, str, bool]] = {
+    # host: (task summary key, finding id, still connects)
+    "firewall-block-rule": ("firewall", "firewall.block_rule_tcp", False),
+    "connection-broker": ("certificate", "certificate.pinned_missing", True),
+    "pinned-expired": ("certificate", "certificate.pinned_expired", True),
+    "pinned-wrong-eku": ("certificate", "certificate.pinned_wrong_eku", True),
+    "pinned-no-private-key": ("certificate", "certificate.pinned_no_private_key", True),
+}
+TASKS = {
+    "machinekeys": "rdpfix.rdp.server : Repair the MachineKeys store and the RDP listener's private key",
+    "certificate": "rdpfix.rdp.server : Ensure the RDP listener has a usable certificate",
+    "firewall": "rdpfix.rdp.server : Let RDP through Windows Firewall and report what blocks it",
+    "transport": "rdpfix.rdp.server : Set the RDP transport policy",
+    "tls": "rdpfix.rdp.server : Check and repair the listener's TLS settings",
+    "reboot": "rdpfix.rdp.server : Reboot so that Schannel changes take effect",
+    "pending": "rdpfix.rdp.server : Report a pending reboot",
+}
+CLIENT_TASKS = {
+    "firewall": "rdpfix.rdp.client : Check the client's firewall rules and security products",
+    "transport": "rdpfix.rdp.client : Set the client's RDP transport policy",
+}
+
+RDP_TCP = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp"
+POLICY = "HKLM:\\SOFTWARE\\Policies\\Microsoft\\Windows NT\\Terminal Services"
+SCHANNEL = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\SecurityProviders\\SCHANNEL\\Protocols"
+WEAK = ("SSL 2.0", "SSL 3.0", "TLS 1.0", "TLS 1.1")
+PUBLIC = 4
+
+
+# -- reading lab snapshots -----------------------------------------------------------------------------------------
+
+
+def reg_value(snapshot: dict[str, t.Any], path: str, name: str) -> t.Any:
+    """A registry value from a host snapshot (paths and names are case-insensitive, as on Windows)."""
+    for key_path, values in snapshot["registry"].items():
+        if key_path.casefold() == path.casefold():
+            for value_name, value in values.items():
+                if value_name.casefold() == name.casefold():
+                    return value["value"]
+    return None
+
+
+def weak_protocols_on(snapshot: dict[str, t.Any]) -> set[str]:
+    """SSL/TLS 1.0/1.1 the Schannel server would negotiate after a boot (registry, else the build default)."""
+    found = set()
+    for protocol in WEAK:
+        path = f"{SCHANNEL}\\{protocol}\\Server"
+        enabled, disabled_by_default = (
+            reg_value(snapshot, path, "Enabled"),
+            reg_value(snapshot, path, "DisabledByDefault"),
+        )
+        if enabled == 0 or disabled_by_default == 1:
+            continue
+        if enabled is not None or protocol.startswith("TLS"):
+            found.add(protocol)
+    return found
+
+
+def listener_values(snapshot: dict[str, t.Any], name: str) -> dict[str, int | None]:
+    """SecurityLayer or UserAuthentication: the RDP-Tcp value, the policy value, and the one in effect (policy wins)."""
+    listener, policy = reg_value(snapshot, RDP_TCP, name), reg_value(snapshot, POLICY, name)
+    return {"listener": listener, "policy": policy, "effective": policy if policy is not None else listener}
+
+
+def covers(outer: list[str], inner: list[str]) -> bool:
+    """Every address range of ``inner`` lies within ``outer`` (Any covers everything)."""
+    if any(item.lower() in ("any", "*") for item in outer):
+        return True
+    if any(item.lower() in ("any", "*") for item in inner):
+        return False
+    outer_nets = [ipaddress.ip_network(item, strict=False) for item in outer]
+    return all(any(ipaddress.ip_network(item, strict=False).subnet_of(net) for net in outer_nets) for item in inner)
+
+
+def rules(snapshot: dict[str, t.Any]) -> dict[str, dict[str, t.Any]]:
+    return {rule["name"]: rule for rule in snapshot["firewall"]["rules"]}
+
+
+def open_on_public_to_any(rule: dict[str, t.Any]) -> bool:
+    return (
+        rule["enabled"]
+        and rule["direction"] == "Inbound"
+        and rule["action"] == "Allow"
+        and (rule["profiles"] == 0 or bool(rule["profiles"] & PUBLIC))
+        and any(address.lower() in ("any", "*") for address in rule["remote_addresses"])
+    )
+
+
+def rdp_port(snapshot: dict[str, t.Any]) -> int:
+    return int(reg_value(snapshot, RDP_TCP, "PortNumber") or 3389)
+
+
+def connects(address: str, snapshot: dict[str, t.Any]) -> bool:
+    """What a current RDP client meets: TCP, X.224 negotiation and a TLS 1.2 handshake with the listener."""
+    report = probe(address, rdp_port(snapshot), checks=["tcp", "negotiation", "tls"], tls_versions=["TLSv1.2"])
+    # connectable also counts a connection after a certificate prompt (an expired or untrusted certificate).
+    return report["connectable"] is True and "TLSv1.2" in ((report["tls"] or {}).get("accepted_versions") or [])
+
+
+def addresses(lab: Lab) -> dict[str, str]:
+    return {name: state["address"] for name, state in lab.state().items()}
+
+
+def snapshots(lab: Lab) -> dict[str, dict[str, t.Any]]:
+    return {name: state["snapshot"] for name, state in lab.state().items()}
+
+
+def without(snapshot: dict[str, t.Any], *parts: str) -> dict[str, t.Any]:
+    return {key: value for key, value in snapshot.items() if key not in parts}
+
+
+def finding_ids(result: dict[str, t.Any]) -> set[str]:
+    return {item["id"] for item in result.get("findings") or []}
+
+
+# -- the fleet run -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FleetRuns:
+    lab: Lab
+    before: dict[str, dict[str, t.Any]]
+    check: PlaybookRun
+    after_check: dict[str, dict[str, t.Any]]
+    check_writes: dict[str, int]
+    apply: PlaybookRun
+    after_apply: dict[str, dict[str, t.Any]]
+    connects_before: dict[str, bool]
+    connects_after: dict[str, bool]
+    rerun: PlaybookRun
+    rerun_counters: dict[str, dict[str, int]]
+    after_rerun: dict[str, dict[str, t.Any]]
+    client_runs: dict[str, PlaybookRun] = field(default_factory=dict)
+    client_counters: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    after_client: dict[str, dict[str, t.Any]] = field(default_factory=dict)
+
+
+def with_opt_ins(lab: Lab) -> None:
+    """Write the per-host opt-ins into the lab's inventory as host variables."""
+    inventory = yaml.safe_load(lab.inventory.read_text())
+    hosts = inventory["all"]["children"]["windows"]["hosts"]
+    for host, variables in OPT_INS.items():
+        hosts[host].update(variables)
+    lab.inventory.write_text(yaml.safe_dump(inventory))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRuns]:
+    tmp = tmp_path_factory.mktemp("server-role")
+    lab = start_lab(tmp, [HOSTS_DIR / f"{name}.yml" for name in ALL_HOSTS])
+    apply_vars = {"rdpfix_allow_reboot": True}
+    client_playbook = tmp / "client.yml"
+    client_playbook.write_text(
+        yaml.safe_dump([{"hosts": "rdp_clients", "gather_facts": False, "roles": ["rdpfix.rdp.client"]}])
+    )
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            # Every host at once: the lab answers them all, and the run time stays that of one host.
+            patch.setitem(os.environ, "ANSIBLE_FORKS", str(len(ALL_HOSTS) + 1))
+            with_opt_ins(lab)
+            before = snapshots(lab)
+            address = addresses(lab)
+            connects_before = {name: connects(address[name], before[name]) for name in SERVERS}
+            lab.reset_counters()
+            check = run_playbook(
+                "playbooks/fix_rdp.yml", lab.inventory, check=True, diff=True, limit=SERVERS_ONLY, extra_vars=apply_vars
+            )
+            check_writes = {name: counters["writes"] for name, counters in lab.counters().items()}
+            after_check = snapshots(lab)
+            apply = run_playbook("playbooks/fix_rdp.yml", lab.inventory, limit=SERVERS_ONLY, extra_vars=apply_vars)
+            after_apply = snapshots(lab)
+            connects_after = {name: connects(address[name], after_apply[name]) for name in SERVERS}
+            lab.reset_counters()
+            rerun = run_playbook("playbooks/fix_rdp.yml", lab.inventory, limit=SERVERS_ONLY, extra_vars=apply_vars)
+            rerun_counters = lab.counters()
+            after_rerun = snapshots(lab)
+            runs = FleetRuns(
+                lab,
+                before,
+                check,
+                after_check,
+                check_writes,
+                apply,
+                after_apply,
+                connects_before,
+                connects_after,
+                rerun,
+                rerun_counters,
+                after_rerun,
+            )
+            for step, check_mode in (("check", True), ("apply", False), ("rerun", False)):
+                lab.reset_counters()
+                runs.client_runs[step] = run_playbook(client_playbook, lab.inventory, check=check_mode, diff=True)
+                runs.client_counters[step] = lab.counters()
+            runs.after_client = snapshots(lab)
+        yield runs
+    finally:
+        lab.down()
+
+
+def test_every_host_file_is_in_the_fleet(fleet: FleetRuns) -> None:
+    assert set(fleet.before) == set(ALL_HOSTS)
+    assert CLIENTS, "a client-SKU host file is part of the ready hosts"
+    assert {"combined-all", "combined-machinekeys-tls12", "combined-machinekeys-firewall"} <= set(ALL_HOSTS)
+
+
+def test_check_mode_writes_nothing_and_predicts_the_repair(fleet: FleetRuns) -> None:
+    assert fleet.check.rc == 0, fleet.check.stdout[-3000:] + fleet.check.stderr
+    assert fleet.check_writes == dict.fromkeys(ALL_HOSTS, 0)
+    for name in ALL_HOSTS:
+        before, after = fleet.before[name], fleet.after_check[name]
+        # Only the handshake check's own connections may leave RCM/Schannel connection-time events.
+        assert without(after, "counters", "events") == without(before, "counters", "events"), name
+        new_events = after["events"][len(before["events"]) :]
+        assert after["events"][: len(before["events"])] == before["events"], name
+        assert {event["provider"] for event in new_events} <= {
+            "Microsoft-Windows-TerminalServices-RemoteConnectionManager",
+            "Schannel",
+        }, name
+    # Check mode announces a reboot where the apply run will reboot, and reboots nothing itself.
+    assert fleet.check.results(TASKS["reboot"]).keys() == fleet.apply.results(TASKS["reboot"]).keys()
+    # What check mode says will change is what changes (the diff is shown).
+    assert fleet.check.changed_hosts() == fleet.apply.changed_hosts()
+    tls = fleet.check.results(TASKS["tls"])
+    assert all("diff" in result for result in tls.values())
+
+
+def test_every_fault_is_repaired_unless_the_role_only_reports_it(fleet: FleetRuns) -> None:
+    assert fleet.apply.rc == 0, fleet.apply.stdout[-3000:] + fleet.apply.stderr
+    broken_before = {name for name, ok in fleet.connects_before.items() if not ok}
+    # The ready hosts really are broken for a client (one cause or several), except the healthy ones and the faults
+    # that are not connection failures (policy, pinned certificates the listener falls back from).
+    assert {"combined-all", "combined-machinekeys-tls12", "combined-machinekeys-firewall"} <= broken_before
+    assert "healthy" not in broken_before
+    for name in SERVERS:
+        expected = REPORTED_ONLY[name][2] if name in REPORTED_ONLY else True
+        assert fleet.connects_after[name] is expected, f"{name}: connects={fleet.connects_after[name]}"
+
+
+def test_faults_left_by_default_are_reported_not_passed(fleet: FleetRuns) -> None:
+    for name, (task, finding, _connects) in REPORTED_ONLY.items():
+        result = fleet.apply.results(TASKS[task])[name]
+        assert finding in finding_ids(result), (name, finding_ids(result))
+        rerun = fleet.rerun.results(TASKS[task])[name]
+        assert finding in finding_ids(rerun), f"{name}: the finding must stay reported on every run"
+    block = rules(fleet.after_apply["firewall-block-rule"])["Block-Legacy-Admin-Ports"]
+    assert block["enabled"], "a block rule is disabled only with rdpfix_firewall_disable_blocking_rules"
+
+
+def test_security_settings_are_fixed_on_every_server(fleet: FleetRuns) -> None:
+    for name in SERVERS:
+        after = fleet.after_apply[name]
+        assert listener_values(after, "SecurityLayer")["effective"] in (None, 2), name
+        assert listener_values(after, "UserAuthentication")["effective"] in (None, 1), name
+    assert reg_value(fleet.after_apply["transport-udp-vpn"], POLICY, "SelectTransport") == 1
+    assert reg_value(fleet.after_apply["healthy"], POLICY, "SelectTransport") is None, "transport mode keep by default"
+
+
+def test_the_rerun_changes_nothing(fleet: FleetRuns) -> None:
+    assert fleet.rerun.rc == 0, fleet.rerun.stdout[-3000:] + fleet.rerun.stderr
+    assert fleet.rerun.changed_hosts() == set()
+    assert {name: counters["writes"] for name, counters in fleet.rerun_counters.items()} == dict.fromkeys(ALL_HOSTS, 0)
+    assert fleet.rerun.results(TASKS["reboot"]) == {} or all(
+        result.get("skipped") for result in fleet.rerun.results(TASKS["reboot"]).values()
+    )
+    for name in SERVERS:
+        assert fleet.after_rerun[name]["system"] == fleet.after_apply[name]["system"], f"{name} rebooted again"
+
+
+def test_only_hosts_with_schannel_changes_were_rebooted(fleet: FleetRuns) -> None:
+    tls = fleet.apply.results(TASKS["tls"])
+    needing = {name for name, result in tls.items() if result.get("reboot_required")}
+    assert {"tls-tls12-disabled", "combined-all", "combined-machinekeys-tls12"} <= needing
+    rebooted = {
+        name
+        for name in SERVERS
+        if fleet.after_apply[name]["system"]["boot_time"] != fleet.before[name]["system"]["boot_time"]
+    }
+    assert rebooted == needing
+    reboots = fleet.apply.results(TASKS["reboot"])
+    for name in needing:
+        assert reboots[name]["rebooted"] is True and not reboots[name].get("failed"), reboots[name]
+        events = [(event["provider"], event["id"]) for event in fleet.after_apply[name]["events"]]
+        assert ("User32", 1074) in events, name
+
+
+@pytest.mark.parametrize("step", ["after_check", "after_apply", "after_rerun", "after_client"])
+def test_no_run_leaves_a_weaker_setting_than_it_found(fleet: FleetRuns, step: str) -> None:
+    for name in ALL_HOSTS:
+        before, after = fleet.before[name], getattr(fleet, step)[name]
+        assert weak_protocols_on(after) <= weak_protocols_on(before), name
+        for setting in ("SecurityLayer", "UserAuthentication"):
+            old, new = listener_values(before, setting), listener_values(after, setting)
+            for where in ("listener", "policy", "effective"):
+                if old[where] is not None:
+                    assert new[where] is not None and new[where] >= old[where], (name, setting, where, old, new)
+        old_rules, new_rules = rules(before), rules(after)
+        for rule_name, rule in new_rules.items():
+            if rule["direction"] != "Inbound":
+                continue
+            if rule_name in old_rules:
+                assert covers(old_rules[rule_name]["remote_addresses"], rule["remote_addresses"]), (name, rule_name)
+            else:
+                # A rule the role created copies the built-in rule's scope, never wider.
+                builtin = old_rules.get(rule_name.replace("rdpfix-RemoteDesktop-In", "RemoteDesktop-UserMode-In"))
+                assert covers(builtin["remote_addresses"] if builtin else [], rule["remote_addresses"]), (
+                    name,
+                    rule_name,
+                )
+            if open_on_public_to_any(rule):
+                assert rule_name in old_rules and open_on_public_to_any(old_rules[rule_name]), (
+                    f"{name}: {rule_name} newly open to any address on the Public profile"
+                )
+
+
+def test_client_role_fixes_the_client_side_and_reports_the_rest(fleet: FleetRuns) -> None:
+    (client,) = CLIENTS
+    check, apply, rerun = (fleet.client_runs[step] for step in ("check", "apply", "rerun"))
+    for run in (check, apply, rerun):
+        assert run.rc == 0, run.stdout[-3000:] + run.stderr
+    assert fleet.client_counters["check"][client]["writes"] == 0
+    assert check.results(CLIENT_TASKS["firewall"])[client]["changed"] is True
+
+    firewall = apply.results(CLIENT_TASKS["firewall"])[client]
+    transport = apply.results(CLIENT_TASKS["transport"])[client]
+    assert firewall["changed"] and transport["changed"]
+    assert {"firewall.client_outbound_blocked", "firewall.client_third_party_firewall"} <= finding_ids(firewall)
+    assert "transport.client_legacy_setting" in finding_ids(transport)
+    after = fleet.after_client[client]
+    outbound = [
+        rule
+        for rule in rules(after).values()
+        if rule["direction"] == "Outbound"
+        and rule["action"] == "Allow"
+        and rule["enabled"]
+        and "mstsc.exe" in rule["program"].lower()
+    ]
+    assert outbound, "an outbound allow rule for mstsc.exe"
+    # Reported, not changed: the block rule (disable_blocking_rules is off) and the legacy per-machine setting.
+    assert rules(after)["Block-RDP-Out"]["enabled"]
+    assert reg_value(after, "HKLM:\\SOFTWARE\\Microsoft\\Terminal Server Client", "DisableUDPTransport") == 1
+    assert reg_value(after, POLICY + "\\Client", "fClientDisableUDP") == 1
+    # The client role never touches the server side of the workstation.
+    assert without(after["firewall"], "rules") == without(fleet.before[client]["firewall"], "rules")
+    inbound_before = {n: r for n, r in rules(fleet.before[client]).items() if r["direction"] == "Inbound"}
+    assert {n: r for n, r in rules(after).items() if r["direction"] == "Inbound"} == inbound_before
+    # Only the client ran: the servers saw no command from the client playbook.
+    assert all(
+        counters["winrm_commands"] == 0 for name, counters in fleet.client_counters["apply"].items() if name != client
+    )
+    assert rerun.changed_hosts() == set()
+    assert fleet.client_counters["rerun"][client]["writes"] == 0
+
+
+# -- the reboot, step by step --------------------------------------------------------------------------------------
+
+REBOOT_HOSTS = ["tls-tls12-disabled", "combined-machinekeys-tls12"]
+
+
+@pytest.fixture
+def reboot_lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = start_lab(tmp_path, [HOSTS_DIR / f"{name}.yml" for name in REBOOT_HOSTS])
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None:
+    lab = reboot_lab
+    before, address = snapshots(lab), addresses(lab)
+    assert not any(connects(address[name], before[name]) for name in REBOOT_HOSTS)
+
+    # Without permission: the registry is fixed, the reboot is reported as pending, Schannel still refuses TLS 1.2.
+    first = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": False})
+    assert first.rc == 0, first.stdout[-3000:] + first.stderr
+    assert set(first.results(TASKS["pending"])) == set(REBOOT_HOSTS)
+    assert all(first.results(TASKS["tls"])[name]["reboot_required"] for name in REBOOT_HOSTS)
+    assert all(result.get("skipped") for result in first.results(TASKS["reboot"]).values())
+    pending = snapshots(lab)
+    for name in REBOOT_HOSTS:
+        assert pending[name]["system"]["boot_time"] == before[name]["system"]["boot_time"]
+        assert not connects(address[name], pending[name]), f"{name}: Schannel must not use TLS 1.2 before a reboot"
+
+    # With permission: the next run still knows the reboot is pending, and win_reboot restarts the host.
+    second = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": True})
+    assert second.rc == 0, second.stdout[-3000:] + second.stderr
+    reboots = second.results(TASKS["reboot"])
+    after = snapshots(lab)
+    for name in REBOOT_HOSTS:
+        assert reboots[name].get("rebooted") is True, reboots[name]
+        assert after[name]["system"]["boot_time"] != before[name]["system"]["boot_time"]
+        assert connects(address[name], after[name]), f"{name} must accept TLS 1.2 after the reboot"
+
+    lab.reset_counters()
+    third = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": True})
+    assert third.rc == 0
+    assert third.changed_hosts() == set()
+    assert {name: c["writes"] for name, c in lab.counters().items()} == dict.fromkeys(REBOOT_HOSTS, 0)
+    assert snapshots(lab)[REBOOT_HOSTS[0]]["system"] == after[REBOOT_HOSTS[0]]["system"]
