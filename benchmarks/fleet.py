@@ -8,16 +8,23 @@ changed and hosts failed. With several --forks values the whole sequence runs on
 the host files in between. Measurements only: nothing here passes or fails on time.
 
 A lab network holds 245 hosts (<network>.10 to .254); larger fleets are spread over consecutive networks, one lab
-process each. Every lab started is stopped on exit, also after an error or Ctrl-C.
+process each. Every lab started is stopped on exit, also after an error, Ctrl-C, SIGTERM or SIGHUP: such a signal stops
+ansible-playbook and its workers, lets a lab that is starting finish starting, stops every lab and removes the scratch
+directory (a second Ctrl-C meanwhile is held, not acted on). The exit code is then 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
+import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +42,7 @@ PLAYBOOK = ROOT / "playbooks" / "fix_rdp.yml"
 FIRST_HOST_OCTET = 10
 HOSTS_PER_NETWORK = 255 - FIRST_HOST_OCTET
 # A mix of what a fleet looks like: mostly healthy, the usual causes of 0x904 / 0x7, and one host with active sessions
-# (its certificate repair waits for permission to end them, so it stays pending in every phase).
+# (an expired certificate renewed through SessionEnv, the role's default restart_service, which keeps the sessions).
 DEFAULT_TEMPLATES = (
     "healthy",
     "healthy",
@@ -52,6 +59,10 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("apply", ()),
     ("rerun", ()),
 )
+# Signals that end a run: each becomes a KeyboardInterrupt, so the run unwinds through the code that stops the labs.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# How long ansible-playbook gets to end after SIGTERM before its process group is killed.
+ANSIBLE_STOP_SECONDS = 10.0
 RECAP_LINE = re.compile(
     r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
     r"\s+failed=(?P<failed>\d+)"
@@ -62,11 +73,53 @@ class BenchmarkError(Exception):
     """A clear failure to report without a traceback."""
 
 
+class Interrupts:
+    """Turns STOP_SIGNALS into KeyboardInterrupt, except inside `held()`, which keeps one until its block ends.
+
+    Starting or stopping a lab is never cut in half: a lab process whose `rdplab up` was killed before it recorded
+    the lab would keep running with nothing left to stop it.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+
+    def handler(self, signum: int, _frame: object) -> None:
+        if self.depth:
+            self.pending = True
+            return
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def held(self) -> t.Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
+
+
 @dataclasses.dataclass
 class Lab:
     network: str
     state_dir: Path
     inventory: Path
+
+    def cpu_seconds(self) -> float:
+        """CPU time the lab process has used (user + system): the simulated hosts' share of the machine."""
+        try:
+            pid = json.loads((self.state_dir / "state.json").read_text(encoding="utf-8"))["pid"]
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, KeyError, IndexError):
+            return float("nan")
+        # utime and stime are fields 14 and 15 of /proc/<pid>/stat; after the command name, index 0 is field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass
@@ -74,13 +127,17 @@ class PhaseResult:
     forks: int
     phase: str
     wall_seconds: float
+    lab_cpu_seconds: float
+    ansible_cpu_seconds: float
     exit_code: int
     commands_per_host: list[int]
+    # Host file (the <stem> of <stem>-<n>) -> the WinRM commands of each of its copies.
+    commands_by_template: dict[str, list[int]]
     writes: int
     hosts_written: int
     hosts_changed: int
     hosts_failed: int
-    log: Path
+    log: Path | None
 
     def as_dict(self) -> dict[str, t.Any]:
         commands = self.commands_per_host
@@ -88,17 +145,23 @@ class PhaseResult:
             "forks": self.forks,
             "phase": self.phase,
             "wall_seconds": round(self.wall_seconds, 2),
+            # NaN (the lab's /proc entry was unreadable) is not JSON: null instead.
+            "lab_cpu_seconds": None if math.isnan(self.lab_cpu_seconds) else round(self.lab_cpu_seconds, 2),
+            "ansible_cpu_seconds": round(self.ansible_cpu_seconds, 2),
             "exit_code": self.exit_code,
             "winrm_commands_per_host": {
                 "min": min(commands),
                 "avg": round(statistics.fmean(commands), 2),
                 "max": max(commands),
             },
+            "winrm_commands_by_host_file": {
+                template: sorted(set(values)) for template, values in sorted(self.commands_by_template.items())
+            },
             "writes": self.writes,
             "hosts_written": self.hosts_written,
             "hosts_changed": self.hosts_changed,
             "hosts_failed": self.hosts_failed,
-            "log": str(self.log),
+            "log": None if self.log is None else str(self.log),
         }
 
 
@@ -146,9 +209,18 @@ def networks_from(first: str, count: int) -> list[str]:
 
 
 def rdplab(*args: str) -> str:
-    completed = subprocess.run(
-        [sys.executable, "-m", "rdplab.cli", *args], capture_output=True, text=True, check=False, cwd=ROOT
-    )
+    """Run one rdplab command to its end. In its own session, so a Ctrl-C at the terminal does not reach it, and with
+    signals held, so `up` always gets to record the lab it started (and `down` to stop it)."""
+    with INTERRUPTS.held():
+        completed = subprocess.run(
+            [sys.executable, "-m", "rdplab.cli", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     if completed.returncode != 0:
         raise BenchmarkError(f"rdplab {args[0]} failed: {completed.stderr.strip() or completed.stdout.strip()}")
     return completed.stdout
@@ -162,6 +234,8 @@ def start_labs(groups: list[list[Path]], networks: list[str], work: Path, labs: 
         group_dir.mkdir()
         for path in group:
             path.rename(group_dir / path.name)
+        # Known before it starts: stop_labs() then stops it whatever happens (`down` without a lab does nothing).
+        labs.append(lab)
         started = time.perf_counter()
         rdplab(
             "up",
@@ -173,16 +247,16 @@ def start_labs(groups: list[list[Path]], networks: list[str], work: Path, labs: 
             str(lab.inventory),
             str(group_dir),
         )
-        labs.append(lab)
         print(f"lab {network}: {len(group)} hosts up in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def stop_labs(labs: list[Lab]) -> None:
+    """Stop every lab, also when one of them cannot be stopped (that one is named)."""
     for lab in labs:
         try:
             rdplab("down", "--state-dir", str(lab.state_dir))
         except BenchmarkError as exc:
-            print(f"warning: {exc}", file=sys.stderr)
+            print(f"fleet.py: warning: lab {lab.network} may still be running: {exc}", file=sys.stderr)
 
 
 def counters(labs: list[Lab], reset: bool) -> dict[str, dict[str, int]]:
@@ -212,7 +286,47 @@ def recap(output: str) -> dict[str, dict[str, int]]:
     return hosts
 
 
-def run_phase(labs: list[Lab], forks: int, phase: str, extra: t.Sequence[str], log: Path) -> PhaseResult:
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stop_process_group(process: subprocess.Popen[str]) -> None:
+    """End a process started with start_new_session and everything it forked: SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, ANSIBLE_STOP_SECONDS), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.communicate(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_ansible(command: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """ansible-playbook in its own session: when the benchmark is interrupted, its workers are stopped with it."""
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        with INTERRUPTS.held():
+            stop_process_group(process)
+        raise
+    return process.returncode, stdout, stderr
+
+
+def run_phase(
+    labs: list[Lab], forks: int, phase: str, extra: t.Sequence[str], log: Path, *, keep_log: bool
+) -> PhaseResult:
     counters(labs, reset=True)
     command = [str(Path(sys.executable).parent / "ansible-playbook"), str(PLAYBOOK), "--forks", str(forks)]
     for lab in labs:
@@ -225,47 +339,86 @@ def run_phase(labs: list[Lab], forks: int, phase: str, extra: t.Sequence[str], l
         ANSIBLE_NOCOLOR="1",
         ANSIBLE_FORCE_COLOR="0",
     )
+    lab_cpu_before = sum(lab.cpu_seconds() for lab in labs)
+    ansible_cpu_before = _children_cpu_seconds()
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    returncode, stdout, stderr = run_ansible(command, env)
     wall = time.perf_counter() - started
-    log.write_text(completed.stdout + completed.stderr, encoding="utf-8")
+    # ansible-playbook and its workers (waited for by it, so counted in its children's usage when it ends).
+    ansible_cpu = _children_cpu_seconds() - ansible_cpu_before
+    lab_cpu = sum(lab.cpu_seconds() for lab in labs) - lab_cpu_before
+    log.write_text(stdout + stderr, encoding="utf-8")
 
     per_host = counters(labs, reset=False)
-    outcome = recap(completed.stdout)
+    outcome = recap(stdout)
     if not outcome:
-        tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-15:])
-        raise BenchmarkError(f"ansible-playbook ended with {completed.returncode} and no PLAY RECAP:\n{tail}")
+        tail = "\n".join((stdout + stderr).splitlines()[-15:])
+        raise BenchmarkError(f"ansible-playbook ended with {returncode} and no PLAY RECAP:\n{tail}")
     return PhaseResult(
         forks=forks,
         phase=phase,
         wall_seconds=wall,
-        exit_code=completed.returncode,
+        lab_cpu_seconds=lab_cpu,
+        ansible_cpu_seconds=ansible_cpu,
+        exit_code=returncode,
         commands_per_host=[host["winrm_commands"] for host in per_host.values()],
+        commands_by_template=by_template(per_host),
         writes=sum(host["writes"] for host in per_host.values()),
         hosts_written=sum(1 for host in per_host.values() if host["writes"]),
         hosts_changed=sum(1 for host in outcome.values() if host["changed"]),
         hosts_failed=sum(1 for host in outcome.values() if host["failed"] or host["unreachable"]),
-        log=log,
+        log=log if keep_log else None,
     )
+
+
+def by_template(per_host: dict[str, dict[str, int]]) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for name, host in per_host.items():
+        grouped.setdefault(name.rsplit("-", 1)[0], []).append(host["winrm_commands"])
+    return grouped
 
 
 def print_table(results: t.Sequence[PhaseResult], hosts: int) -> None:
     print()
-    print(f"{hosts} hosts")
+    print(f"{hosts} hosts. CPU s: ansible-playbook with its workers / the lab process. WinRM commands per host.")
     header = (
-        f"{'forks':>5}  {'phase':<22} {'wall s':>7} {'s/host':>7}  {'WinRM cmds/host min/avg/max':>27}  "
-        f"{'writes':>6} {'hosts written':>13} {'changed':>7} {'failed':>6}"
+        f"{'forks':>5}  {'phase':<22} {'wall s':>6} {'s/host':>6} {'CPU s ansible/lab':>17}  "
+        f"{'cmds min/avg/max':>16}  {'writes':>6} {'hosts written':>13} {'changed':>7} {'failed':>6}"
     )
     print(header)
     print("-" * len(header))
     for result in results:
         commands = result.commands_per_host
         spread = f"{min(commands)}/{statistics.fmean(commands):.2f}/{max(commands)}"
+        cpu = f"{result.ansible_cpu_seconds:.1f}/{result.lab_cpu_seconds:.1f}"
         print(
-            f"{result.forks:>5}  {result.phase:<22} {result.wall_seconds:>7.1f} {result.wall_seconds / hosts:>7.3f}  "
-            f"{spread:>27}  {result.writes:>6} {result.hosts_written:>13} {result.hosts_changed:>7} "
+            f"{result.forks:>5}  {result.phase:<22} {result.wall_seconds:>6.1f} {result.wall_seconds / hosts:>6.2f} "
+            f"{cpu:>17}  {spread:>16}  {result.writes:>6} {result.hosts_written:>13} {result.hosts_changed:>7} "
             f"{result.hosts_failed:>6}"
         )
+    print_commands_by_template(results)
+
+
+def print_commands_by_template(results: t.Sequence[PhaseResult]) -> None:
+    """WinRM commands per host of each host file and phase, over every --forks round (a-b: the copies differed)."""
+    phases = [phase for phase, _extra in PHASES]
+    cells: dict[str, dict[str, set[int]]] = {}
+    for result in results:
+        for template, values in result.commands_by_template.items():
+            cells.setdefault(template, {}).setdefault(result.phase, set()).update(values)
+    width = max([len("host file"), *(len(name) for name in cells)])
+    print()
+    print("WinRM commands per host, by host file")
+    header = f"{'host file':<{width}}  " + "  ".join(f"{phase.split()[0]:>6}" for phase in phases)
+    print(header)
+    print("-" * len(header))
+    for template in sorted(cells):
+        row = []
+        for phase in phases:
+            seen = cells[template].get(phase, set())
+            text = "-" if not seen else f"{min(seen)}" + (f"-{max(seen)}" if max(seen) != min(seen) else "")
+            row.append(f"{text:>6}")
+        print(f"{template:<{width}}  " + "  ".join(row))
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -300,50 +453,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(options: argparse.Namespace, labs: list[Lab], results: list[PhaseResult]) -> None:
+    """The whole benchmark; every lab it starts is in `labs` (for the caller to stop) before it starts."""
+    templates = [template_path(name) for name in (options.template or DEFAULT_TEMPLATES)]
+    lab_count = -(-options.hosts // HOSTS_PER_NETWORK)
+    networks = networks_from(options.network, lab_count)
+    work = Path(tempfile.mkdtemp(prefix="rdpfix-fleet-"))
+    try:
+        log_dir = options.keep_logs or work
+        log_dir.mkdir(parents=True, exist_ok=True)
+        groups = write_fleet(options.hosts, templates, work)
+        print(
+            f"fleet: {options.hosts} hosts from {len(set(templates))} host file(s): "
+            + ", ".join(sorted({p.stem for p in templates})),
+            flush=True,
+        )
+        start_labs(groups, networks, work, labs)
+        for round_index, forks in enumerate(options.forks):
+            if round_index:
+                for lab in labs:
+                    rdplab("reset", "--state-dir", str(lab.state_dir))
+            for phase_index, (phase, extra) in enumerate(PHASES):
+                log = log_dir / f"forks{forks}-{phase_index + 1}-{phase.split()[0]}.log"
+                result = run_phase(labs, forks, phase, extra, log, keep_log=options.keep_logs is not None)
+                results.append(result)
+                print(
+                    f"forks {forks:>3} {phase:<22} {result.wall_seconds:6.1f} s"
+                    + (f"  (ansible-playbook exit {result.exit_code})" if result.exit_code else ""),
+                    flush=True,
+                )
+    finally:
+        # Held: a second Ctrl-C must not leave a lab running or the scratch directory behind.
+        with INTERRUPTS.held():
+            stop_labs(labs)
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: t.Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     if options.hosts < 1:
         print("fleet.py: --hosts must be at least 1", file=sys.stderr)
         return 2
+    # Stopped by Ctrl-C, `kill` or a closed terminal: unwind through the code that stops the labs.
+    previous = {sig: signal.signal(sig, INTERRUPTS.handler) for sig in STOP_SIGNALS}
     labs: list[Lab] = []
     results: list[PhaseResult] = []
     try:
-        templates = [template_path(name) for name in (options.template or DEFAULT_TEMPLATES)]
-        lab_count = -(-options.hosts // HOSTS_PER_NETWORK)
-        networks = networks_from(options.network, lab_count)
-        with tempfile.TemporaryDirectory(prefix="rdpfix-fleet-") as scratch:
-            work = Path(scratch)
-            log_dir = options.keep_logs or work
-            log_dir.mkdir(parents=True, exist_ok=True)
-            groups = write_fleet(options.hosts, templates, work)
-            print(
-                f"fleet: {options.hosts} hosts from {len(set(templates))} host file(s): "
-                + ", ".join(sorted({p.stem for p in templates})),
-                flush=True,
-            )
-            try:
-                start_labs(groups, networks, work, labs)
-                for round_index, forks in enumerate(options.forks):
-                    if round_index:
-                        for lab in labs:
-                            rdplab("reset", "--state-dir", str(lab.state_dir))
-                    for phase_index, (phase, extra) in enumerate(PHASES):
-                        log = log_dir / f"forks{forks}-{phase_index + 1}-{phase.split()[0]}.log"
-                        result = run_phase(labs, forks, phase, extra, log)
-                        results.append(result)
-                        print(
-                            f"forks {forks:>3} {phase:<22} {result.wall_seconds:6.1f} s"
-                            + (f"  (ansible-playbook exit {result.exit_code})" if result.exit_code else ""),
-                            flush=True,
-                        )
-            finally:
-                stop_labs(labs)
+        run(options, labs, results)
     except BenchmarkError as exc:
         print(f"fleet.py: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fleet.py: interrupted; the labs were stopped", file=sys.stderr)
+        print(f"fleet.py: interrupted; {len(labs)} lab(s) stopped, scratch directory removed", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print_table(results, options.hosts)
     if options.json:
         try:

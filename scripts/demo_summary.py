@@ -38,6 +38,33 @@ def outside_view(address: str, port: int | None) -> dict[str, t.Any]:
     }
 
 
+def load_report(directory: str) -> dict[str, t.Any]:
+    return t.cast(dict[str, t.Any], json.loads((Path(directory) / "report.json").read_text(encoding="utf-8")))
+
+
+def print_report(directory: str, before_directory: str | None) -> None:
+    """The fleet report's verdict per host (before -> after when given) and the causes it counted across the fleet."""
+    report = load_report(directory)
+    earlier = {host["name"]: host for host in load_report(before_directory)["hosts"]} if before_directory else {}
+    summary = report["summary"]
+    print(f"\nfleet report: {Path(directory) / 'report.html'} (also report.json, report.junit.xml)")
+    statuses = ", ".join(f"{status} {count}" for status, count in summary["by_status"].items() if count)
+    causes = "; ".join(
+        f"{cause}: " + ", ".join(f"{count} {severity}" for severity, count in by_severity.items())
+        for cause, by_severity in sorted(summary["by_cause"].items())
+    )
+    print(f"hosts by status: {statuses}")
+    print(f"hosts per cause (by the most severe finding of that cause): {causes}")
+    header = f"{'host':<22} {'status':<22} findings (id)"
+    print(f"{header}\n{'-' * 100}")
+    for host in report["hosts"]:
+        status = host["status"]
+        if host["name"] in earlier and earlier[host["name"]]["status"] != status:
+            status = f"{earlier[host['name']]['status']} -> {status}"
+        ids = ", ".join(finding["id"] for finding in host["findings"]) or "-"
+        print(f"{host['name']:<22} {status:<22} {ids}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--state-dir", required=True)
@@ -45,6 +72,8 @@ def main() -> int:
     parser.add_argument("--phase", required=True)
     parser.add_argument("--save", help="write the outside view per host to this JSON file")
     parser.add_argument("--before", help="a file written with --save, to show before -> after")
+    parser.add_argument("--report", help="a fleet report directory (audit_rdp.yml) to summarise")
+    parser.add_argument("--report-before", help="an earlier report directory, to show status before -> after")
     parser.add_argument("--expect-no-writes", action="store_true", help="exit 1 if any host was written to")
     args = parser.parse_args()
 
@@ -72,6 +101,8 @@ def main() -> int:
             f"{name:<22} {groups:<16} {verdict:<34} {cert_text:<28} {counters['winrm_commands']:>10} "
             f"{counters['writes']:>7}"
         )
+    if args.report:
+        print_report(args.report, args.report_before)
     if args.save:
         Path(args.save).write_text(json.dumps(views, indent=2))
     if args.expect_no_writes:

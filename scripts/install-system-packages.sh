@@ -8,8 +8,12 @@
 #   nmap                 rdp-enum-encryption, the reference the handshake module's answers are compared with
 #   chromium             a real headless browser for the fleet report's HTML test (driven over its debugging pipe)
 #   ShellCheck           the shell linter ansible-test sanity runs on the scripts (it skips the test without it)
+#   mono-mcs             a C# compiler: the agent's embedded C# must compile as C# 5 (Windows PowerShell 5.1's Add-Type)
 #
-# Override a pin only on purpose, e.g. when the Debian mirror has moved on:  XRDP_VERSION=... make setup
+# Override a pin only on purpose:  XRDP_VERSION=... make setup
+# Debian's security archive keeps only the newest build of a package (Chromium moves every few weeks). When a pinned
+# version is no longer offered, the newest one is installed instead, with a warning that names both: the run goes on,
+# and the warning says which pin to bump.
 set -euo pipefail
 
 declare -A PINS=(
@@ -19,6 +23,7 @@ declare -A PINS=(
   [nmap]="${NMAP_VERSION:-7.93+dfsg1-1}"
   [chromium]="${CHROMIUM_VERSION:-156.0.8078.108-1~deb12u1}"
   [shellcheck]="${SHELLCHECK_VERSION:-0.9.0-1}"
+  [mono-mcs]="${MONO_MCS_VERSION:-6.8.0.105+dfsg-3.3+deb12u1}"
 )
 
 installed_version() {
@@ -43,7 +48,7 @@ fi
 
 if [[ $(id -u) -ne 0 ]]; then
   if command -v sudo >/dev/null 2>&1; then
-    exec sudo --preserve-env=XRDP_VERSION,FREERDP_VERSION,XVFB_VERSION,NMAP_VERSION,CHROMIUM_VERSION,SHELLCHECK_VERSION "$0" "$@"
+    exec sudo --preserve-env=XRDP_VERSION,FREERDP_VERSION,XVFB_VERSION,NMAP_VERSION,CHROMIUM_VERSION,SHELLCHECK_VERSION,MONO_MCS_VERSION "$0" "$@"
   fi
   echo "install-system-packages: need root (or sudo) to install: ${missing[*]}" >&2
   exit 1
@@ -62,8 +67,27 @@ cleanup() { [[ -z "$own_policy" ]] || rm -f "$own_policy"; }
 trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
-echo "install-system-packages: installing ${missing[*]}"
 apt-get update -qq
+resolved=()
+for spec in "${missing[@]}"; do
+  package=${spec%%=*} wanted=${spec#*=}
+  if apt-cache madison "$package" | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF -- "$wanted"; then
+    resolved+=("$spec")
+  else
+    candidate=$(apt-cache policy "$package" | awk '/Candidate:/ { print $2 }')
+    if [[ -z "$candidate" || "$candidate" == "(none)" ]]; then
+      echo "install-system-packages: $package is not offered by the configured Debian mirrors" >&2
+      exit 1
+    fi
+    echo "install-system-packages: WARNING: $package $wanted is no longer offered; installing $candidate (update the pin)" >&2
+    [[ "$(installed_version "$package" || true)" == "$candidate" ]] || resolved+=("$package=$candidate")
+  fi
+done
+if [[ ${#resolved[@]} -eq 0 ]]; then
+  exit 0
+fi
+missing=("${resolved[@]}")
+echo "install-system-packages: installing ${missing[*]}"
 apt-get install -y -qq --no-install-recommends \
   -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}" >/dev/null
 

@@ -58,7 +58,7 @@ options:
   transport_mode:
     description:
       - The transport policy wanted (O(rdpfix.rdp.transport#module:mode)).
-      - V(keep) does not judge the transport policy (the values are still reported under RV(rdp.transport)), as the
+      - V(keep) does not judge the transport policy (its values are still reported in RV(rdp)), as the
         C(rdpfix.rdp.server) role leaves it alone with its default C(rdpfix_transport_mode=keep).
     type: str
     default: tcp_only

@@ -159,8 +159,9 @@ class BatchResult:
 
 
 class _Connection(t.Protocol):
-    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
-        ...
+    def exec_command(
+        self, cmd: str, in_data: bytes | None = None, sudoable: bool = True
+    ) -> tuple[int, bytes, bytes]: ...
 
 
 def agent_script() -> str:
@@ -195,8 +196,10 @@ def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int
     if document is None:
         detail = stderr.decode("utf-8", errors="replace").strip() or text or "no output"
         raise AgentError(f"the rdpfix agent on {host} returned no result (rc={rc}): {detail[:2000]}")
-    if not isinstance(document, dict) or document.get("v") != PROTOCOL_VERSION or not isinstance(
-        document.get("results"), list
+    if (
+        not isinstance(document, dict)
+        or document.get("v") != PROTOCOL_VERSION
+        or not isinstance(document.get("results"), list)
     ):
         raise AgentError(f"the rdpfix agent on {host} returned an unexpected document: {text[:2000]}")
     results: list[OpResult] = []

@@ -218,9 +218,9 @@ class HostState:
     sessions: tuple[dict[str, t.Any], ...]
     read_errors: tuple[str, ...] = ()
 
-    def find(self, thumbprint: str | None, stores: t.Iterable[str] = (PERSONAL_STORE, SELF_SIGNED_STORE)) -> (
-        StoredCertificate | None
-    ):
+    def find(
+        self, thumbprint: str | None, stores: t.Iterable[str] = (PERSONAL_STORE, SELF_SIGNED_STORE)
+    ) -> StoredCertificate | None:
         if not thumbprint:
             return None
         for store in stores:
@@ -788,6 +788,19 @@ class ApplyIndex:
     verify: VerifyIndex
 
 
+def save_certificate(batch: Batch, backup: BackupSet, cert: StoredCertificate) -> int:
+    """Back up a certificate's DER (``<thumbprint>.cer``) with the store it came from; its key file is separate."""
+    return backup.save_content(
+        batch,
+        f"{cert.thumbprint}.cer",
+        cert.der,
+        "certificate",
+        store=cert.store,
+        thumbprint=cert.thumbprint,
+        has_private_key=cert.has_private_key,
+    )
+
+
 def build_apply_batch(
     state: HostState, options: CertificateOptions, result: CertificatePlan, backup: BackupSet
 ) -> tuple[Batch, ApplyIndex]:
@@ -796,15 +809,7 @@ def build_apply_batch(
     backup.planned_actions = [action.description for action in result.actions]
     backup.begin(batch)
     for cert in result.remove_certificates:
-        backup.save_content(
-            batch,
-            f"{cert.thumbprint}.cer",
-            cert.der,
-            "certificate",
-            store=cert.store,
-            thumbprint=cert.thumbprint,
-            has_private_key=cert.has_private_key,
-        )
+        save_certificate(batch, backup, cert)
         key_path = (cert.key or {}).get("path")
         if cert.key_state in ("readable", "unreadable", "unknown") and key_path:
             backup.save_file_copy(
@@ -849,9 +854,9 @@ def build_poll_batch(options: CertificateOptions) -> tuple[Batch, VerifyIndex]:
     return batch, add_verify_reads(batch, options)
 
 
-def verification_problems(before: HostState, after: HostState, options: CertificateOptions, done: CertificatePlan) -> (
-    list[str]
-):
+def verification_problems(
+    before: HostState, after: HostState, options: CertificateOptions, done: CertificatePlan
+) -> list[str]:
     """What the re-read state does not show yet; empty when the plan's effect is visible."""
     problems: list[str] = []
     if done.remove_pin and after.pinned_thumbprint:

@@ -1078,15 +1078,7 @@ def build_restore_batch(
     backup.record("restores", manifest_id=original_id)
     backup.begin(batch)
     for cert in restore.save_certificates:
-        backup.save_content(
-            batch,
-            f"{cert.thumbprint}.cer",
-            cert.der,
-            "certificate",
-            store=cert.store,
-            thumbprint=cert.thumbprint,
-            has_private_key=cert.has_private_key,
-        )
+        certificate.save_certificate(batch, backup, cert)
         backup.record(
             "rdp_certificate",
             store=cert.store,

@@ -127,4 +127,3 @@ def test_audit_and_check_mode_agree_on_the_demo_fleet(lab_factory: t.Callable[..
         serious = [item["id"] for item in result["findings"] if item["severity"] in ("critical", "warning")]
         assert result["status"] == "ok" or not serious, (name, serious)
         assert not [item["id"] for item in result["findings"] if item["fix"]], name
-

@@ -20,6 +20,12 @@ pytestmark = pytest.mark.system
 BROKEN = ["expired-selfsigned", "missing-selfsigned", "pinned-missing", "active-sessions"]
 HEALTHY = ["healthy"]
 CERT_TASK = "rdpfix.rdp.server : Ensure the RDP listener has a usable certificate"
+SUMMARY_TASK = "Show what was found and done"
+
+
+def summary(run: PlaybookRun, host: str) -> list[str]:
+    """The per-host summary the playbook prints last: one line per module, one indented line per finding."""
+    return t.cast(list[str], run.results(SUMMARY_TASK)[host]["msg"])
 
 
 def tls_handshake_ok(lab: Lab, host: str) -> bool:
@@ -56,6 +62,14 @@ def test_audit_fix_rerun(fleet: Lab) -> None:
     assert cert_results["expired-selfsigned"]["changed"] is True
     assert "diff" in cert_results["expired-selfsigned"], "--diff must show before/after"
     assert cert_results["healthy"]["changed"] is False
+    lines = summary(audit, "expired-selfsigned")
+    assert lines[0] == "machinekeys: ok"
+    certificate_line = next(line for line in lines if line.startswith("certificate:"))
+    assert certificate_line.startswith("certificate: changed (check mode: would change); listener presents self_signed")
+    assert any(line.startswith("  - [critical] The self-signed certificate") for line in lines), lines
+    assert "certificate: changed (check mode: would change); the listener has no certificate" in summary(
+        audit, "missing-selfsigned"
+    )
     state_after_audit = fleet.state()
     for name in before:
         for part in ("certificates", "registry", "files", "services", "sessions"):
@@ -84,8 +98,19 @@ def test_audit_fix_rerun(fleet: Lab) -> None:
     assert rerun.rc == 0
     assert rerun.changed_hosts() == set()
     assert writes(fleet) == dict.fromkeys(before, 0)
-    modules_in_role = 2  # machinekeys, certificate
+    modules_in_role = 4  # machinekeys, certificate, firewall, tls (transport: keep by default, skipped)
     assert set(commands(fleet).values()) == {modules_in_role}
+    assert [line.split(":")[0] for line in summary(rerun, "healthy") if not line.startswith(" ")] == [
+        "machinekeys",
+        "certificate",
+        "firewall",
+        "tls",
+    ]
+    assert all(
+        line.endswith(": ok") or line.startswith(("certificate: ok;", "  - "))
+        for host in BROKEN + HEALTHY
+        for line in summary(rerun, host)
+    )
 
 
 def test_limit_to_a_group(fleet: Lab) -> None:

@@ -163,8 +163,13 @@ class Lab:
             self.control.shutdown()
             self.control.server_close()
             self.control = None
-        for runtime in self.runtimes.values():
-            runtime.stop()
+        # Each runtime waits for its listeners' poll loops (a few tenths of a second): stopped one after the other, a
+        # fleet of 30 hosts took ten seconds to stop.
+        stoppers = [threading.Thread(target=runtime.stop, daemon=True) for runtime in self.runtimes.values()]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
         self.runtimes.clear()
         self.stopped.set()
 

@@ -28,8 +28,19 @@ DIRECTIONS = ("Inbound", "Outbound")
 ACTIONS = ("Allow", "Block")
 SOURCES = ("Local", "GroupPolicy")
 _KEYWORDS = frozenset(
-    {"localsubnet", "localsubnet4", "localsubnet6", "intranet", "intranetremoteaccess", "internet", "dns", "dhcp",
-     "wins", "defaultgateway", "playtodevice"}
+    {
+        "localsubnet",
+        "localsubnet4",
+        "localsubnet6",
+        "intranet",
+        "intranetremoteaccess",
+        "internet",
+        "dns",
+        "dhcp",
+        "wins",
+        "defaultgateway",
+        "playtodevice",
+    }
 )
 _ENVIRONMENT = {"%systemroot%": "c:\\windows", "%windir%": "c:\\windows", "%programfiles%": "c:\\program files"}
 
@@ -140,16 +151,30 @@ def builtin_rdp_rules() -> list[FirewallRule]:
     """The Remote Desktop group as Windows Server ships it (enabled on Azure images)."""
     return [
         FirewallRule(
-            "RemoteDesktop-UserMode-In-TCP", "Remote Desktop - User Mode (TCP-In)", RDP_GROUP, protocol="TCP",
-            local_ports=["3389"], program=SVCHOST, service="termservice",
+            "RemoteDesktop-UserMode-In-TCP",
+            "Remote Desktop - User Mode (TCP-In)",
+            RDP_GROUP,
+            protocol="TCP",
+            local_ports=["3389"],
+            program=SVCHOST,
+            service="termservice",
         ),
         FirewallRule(
-            "RemoteDesktop-UserMode-In-UDP", "Remote Desktop - User Mode (UDP-In)", RDP_GROUP, protocol="UDP",
-            local_ports=["3389"], program=SVCHOST, service="termservice",
+            "RemoteDesktop-UserMode-In-UDP",
+            "Remote Desktop - User Mode (UDP-In)",
+            RDP_GROUP,
+            protocol="UDP",
+            local_ports=["3389"],
+            program=SVCHOST,
+            service="termservice",
         ),
         FirewallRule(
-            "RemoteDesktop-Shadow-In-TCP", "Remote Desktop - Shadow (TCP-In)", RDP_GROUP, protocol="TCP",
-            local_ports=["Any"], program="%SystemRoot%\\system32\\RdpSa.exe",
+            "RemoteDesktop-Shadow-In-TCP",
+            "Remote Desktop - Shadow (TCP-In)",
+            RDP_GROUP,
+            protocol="TCP",
+            local_ports=["Any"],
+            program="%SystemRoot%\\system32\\RdpSa.exe",
         ),
     ]
 
@@ -221,8 +246,21 @@ def rdp_blocked(host: WindowsHost, port: int) -> bool:
 # -- host files --------------------------------------------------------------------------------------------------
 
 RULE_FIELDS = (
-    "name", "display_name", "group", "direction", "action", "enabled", "profiles", "protocol", "local_ports",
-    "remote_ports", "remote_addresses", "program", "service", "description", "source",
+    "name",
+    "display_name",
+    "group",
+    "direction",
+    "action",
+    "enabled",
+    "profiles",
+    "protocol",
+    "local_ports",
+    "remote_ports",
+    "remote_addresses",
+    "program",
+    "service",
+    "description",
+    "source",
 )
 SECTION_FIELDS = ("network_category", "profiles", "client_address", "rules", "remove_rules", "security_products")
 

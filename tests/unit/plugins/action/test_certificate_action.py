@@ -27,9 +27,17 @@ class ScriptedHost:
     util.sleep calls (0: at once), as Windows does within seconds.
     """
 
-    def __init__(self, factory: t.Any, *, rd_days: float | None = 150, pin: str | None = None, broker: bool = False,
-                 sessions: t.Sequence[dict[str, t.Any]] = (), regeneration_delay: int = 1,
-                 fail_op: str | None = None) -> None:
+    def __init__(
+        self,
+        factory: t.Any,
+        *,
+        rd_days: float | None = 150,
+        pin: str | None = None,
+        broker: bool = False,
+        sessions: t.Sequence[dict[str, t.Any]] = (),
+        regeneration_delay: int = 1,
+        fail_op: str | None = None,
+    ) -> None:
         self.factory = factory
         self.rd: list[dict[str, t.Any]] = [self.cert_entry(factory.make("WEB01", days_left=rd_days))] if rd_days else []
         self.my: list[dict[str, t.Any]] = []
@@ -76,8 +84,12 @@ class ScriptedHost:
 
     # read operations
     def op_system_info(self) -> dict[str, t.Any]:
-        return {"hostname": "WEB01", "fqdn": "web01.corp.example", "connection_broker": self.broker,
-                "program_data": "C:\\ProgramData"}
+        return {
+            "hostname": "WEB01",
+            "fqdn": "web01.corp.example",
+            "connection_broker": self.broker,
+            "program_data": "C:\\ProgramData",
+        }
 
     def op_listener_get(self, terminal_name: str) -> dict[str, t.Any]:
         if self.pin and any(cert["thumbprint"] == self.pin for cert in self.my):
@@ -171,7 +183,9 @@ def test_check_mode_reports_and_writes_nothing(cert_factory: t.Any) -> None:
     assert host.rd[0]["thumbprint"] == old
     assert result["changed"] is True and result["compliant"] is False
     assert [(a["action"], a["status"]) for a in result["actions"]] == [
-        ("remove_certificate", "planned"), ("restart_service", "planned")]
+        ("remove_certificate", "planned"),
+        ("restart_service", "planned"),
+    ]
     assert result["diff"]["before"]["thumbprint"] == old
     assert result["diff"]["after"]["thumbprint"] == "(new self-signed certificate)"
     assert result["backup"] is None
@@ -281,9 +295,13 @@ def test_missing_pin_removed_elsewhere(cert_factory: t.Any) -> None:
     assert "failed" not in result, result.get("msg")
     assert host.pin is None and host.commands == 2
     assert result["backup"]["items"] == [
-        {"kind": "registry_value", "name": "SSLCertificateSHA1Hash",
-         "path": "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp",
-         "previous": {"type": "REG_BINARY", "value": "ab" * 20}}]
+        {
+            "kind": "registry_value",
+            "name": "SSLCertificateSHA1Hash",
+            "path": "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp",
+            "previous": {"type": "REG_BINARY", "value": "ab" * 20},
+        }
+    ]
 
 
 class _Unreachable:
@@ -319,4 +337,7 @@ def test_documented_options_match_the_argument_spec() -> None:
     for name, spec in ActionModule.ARGUMENT_SPEC.items():
         doc = documented[name]
         assert (doc.get("type"), doc.get("default"), doc.get("choices")) == (
-            spec.get("type"), spec.get("default"), spec.get("choices")), name
+            spec.get("type"),
+            spec.get("default"),
+            spec.get("choices"),
+        ), name

@@ -100,8 +100,13 @@ def test_check_mode_flag_reaches_the_task() -> None:
 
 @pytest.mark.parametrize(
     ("args", "fragment"),
-    [({"batches": "many"}, "batches"), ({"mode": "loud"}, "mode"), ({"surprise": True}, "surprise"),
-     ({"batches": -1}, "must not be negative"), ({"allow_session_disruption": "perhaps"}, "allow_session_disruption")],
+    [
+        ({"batches": "many"}, "batches"),
+        ({"mode": "loud"}, "mode"),
+        ({"surprise": True}, "surprise"),
+        ({"batches": -1}, "must not be negative"),
+        ({"allow_session_disruption": "perhaps"}, "allow_session_disruption"),
+    ],
 )
 def test_invalid_arguments_fail_without_touching_the_connection(args: t.Any, fragment: t.Any) -> None:
     connection = EchoConnection()
@@ -113,8 +118,14 @@ def test_invalid_arguments_fail_without_touching_the_connection(args: t.Any, fra
 
 def test_action_failed_keeps_its_result_keys() -> None:
     result = run(EchoConnection(), mode="fail")
-    assert result == {"changed": False, "failed": True, "msg": "it broke", "manifest_id": "X", "round_trips": 1,
-                      "warnings": ["careful"]}
+    assert result == {
+        "changed": False,
+        "failed": True,
+        "msg": "it broke",
+        "manifest_id": "X",
+        "round_trips": 1,
+        "warnings": ["careful"],
+    }
 
 
 def test_operation_error_names_host_and_operation() -> None:
