@@ -24,9 +24,11 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._report import FORMATS,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hosts", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--hosts", type=int, default=1000, help="hosts in the synthetic fleet (default 1000)")
+    parser.add_argument("--repeat", type=int, default=5, help="renders per format; median and min (default 5)")
     options = parser.parse_args()
+    if options.hosts < 1 or options.repeat < 1:
+        parser.error("--hosts and --repeat must be at least 1")
     started = time.perf_counter()
     report = fleet(options.hosts)
     print(

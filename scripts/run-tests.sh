@@ -24,8 +24,12 @@ stage() {
 }
 
 stage "ruff" "$bin/ruff" check .
+stage "ruff format" "$bin/ruff" format --check plugins tests benchmarks scripts
+stage "changelog fragments" "$bin/antsibull-changelog" lint
 stage "mypy" "$bin/mypy" plugins tests/lab/rdplab
-stage "pytest" "$bin/python" -m pytest -p no:cacheprovider -q tests/unit tests/lab/tests tests/system
+# Unit and lab tests in two processes; the system tests one at a time (each starts labs, real servers, a browser).
+stage "pytest unit+lab" "$bin/python" -m pytest -p no:cacheprovider -q -n 2 tests/unit tests/lab/tests
+stage "pytest system" "$bin/python" -m pytest -p no:cacheprovider -q -rs tests/system
 stage "ansible-test sanity" scripts/ansible-test-sanity.sh
 stage "ansible-lint" "$bin/ansible-lint" --offline
 stage "collection build" scripts/check-build.sh

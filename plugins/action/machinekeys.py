@@ -40,9 +40,10 @@ class ActionModule(RdpfixAction):
 
     # -------------------------------------------------------------------------------------------------- reading
 
-    def _read_state(self) -> mk.State:
-        """One round trip; a second only on a host whose ProgramData is not C:\\ProgramData."""
-        batch, index = mk.build_read_batch(self.options, self.now)
+    def _read_state(self, wait_ms: int = 0) -> mk.State:
+        """One round trip; a second only on a host whose ProgramData is not C:\\ProgramData. ``wait_ms``: wait on
+        the host before reading (polls after a restart)."""
+        batch, index = mk.build_read_batch(self.options, self.now, wait_ms=wait_ms)
         result = self.run_batch(batch)
         system = result[index.cert.system]
         program_data = str((system.data if system.ok else {}).get("program_data") or mk.DEFAULT_PROGRAM_DATA)
@@ -101,7 +102,8 @@ class ActionModule(RdpfixAction):
         polls = 0
         while problems and polls < certificate.VERIFY_POLLS and decided.regeneration is not None:
             polls += 1
-            after_state = self._read_state()
+            # As the certificate module's polls: give Windows time to create the certificate before reading again.
+            after_state = self._read_state(wait_ms=certificate.POLL_MS)
             problems = self._verify(after_state, decided)
         result["after"] = mk.view(after_state)
         result["machinekeys"] = result["after"]

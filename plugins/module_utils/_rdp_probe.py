@@ -310,15 +310,23 @@ class _Prober:
             }
 
     # --- CredSSP -------------------------------------------------------------------------------------
-    def check_credssp(self, negotiation: dict[str, t.Any]) -> dict[str, t.Any]:
+    def check_credssp(
+        self, negotiation: dict[str, t.Any], tls_report: dict[str, t.Any] | None = None
+    ) -> dict[str, t.Any]:
         carrier = next((name for name in CREDSSP_CARRIERS if name in negotiation["accepted"]), None)
         if carrier is None:
             return {"status": "skipped", "detail": "the server did not select CredSSP (NLA)"}
+        # The newest TLS version the TLS trials saw accepted: a server that resets one version (TLS 1.3 forced on a
+        # build without it) is reported by those trials, and must not be mistaken here for a failing CredSSP provider.
+        accepted = (tls_report or {}).get("accepted_versions") or []
+        version = accepted[-1] if accepted else None
         watch = Stopwatch()
         result: dict[str, t.Any] = {"carrier": carrier}
+        if version is not None:
+            result["tls_version"] = version
         channel: tls.TlsChannel | None = None
         try:
-            channel, _session = self._open_tls(carrier, None)
+            channel, _session = self._open_tls(carrier, version)
             channel.sendall(credssp.build_tsrequest(ntlm.build_negotiate()))
             reply = credssp.parse_tsrequest(credssp.read_tsrequest(channel))
             received_at = datetime.datetime.now(UTC)
@@ -430,7 +438,7 @@ def run_probe(
                 if "tls" in wanted:
                     report["tls"] = prober.check_tls(negotiation)
                 if "credssp" in wanted:
-                    report["credssp"] = prober.check_credssp(negotiation)
+                    report["credssp"] = prober.check_credssp(negotiation, report["tls"])
             if "udp" in wanted:
                 report["udp"] = prober.check_udp()
         if "names" in wanted:

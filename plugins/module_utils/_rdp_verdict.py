@@ -50,6 +50,7 @@ CAUSES: dict[str, str] = {
     "tls_legacy_enabled": "security_downgrade",
     "tls_versions_untested": "client",
     "tls_version_dropped": "tls",
+    "tls13_reset": "tls",
     "certificate_unreadable": "certificate",
     "certificate_expired": "certificate",
     "certificate_not_yet_valid": "certificate",
@@ -89,6 +90,8 @@ FIX_HINTS: dict[str, str] = {
     "tls_no_common_version": "Enable TLS 1.2 for the Schannel server side and a cipher suite the certificate's key "
     "can use (rdpfix.rdp.tls).",
     "tls_legacy_only": "Enable TLS 1.2 for the Schannel server side (rdpfix.rdp.tls).",
+    "tls13_reset": "Remove the forced TLS 1.3 Schannel server setting on a build without TLS 1.3 (rdpfix.rdp.tls), "
+    "then reboot.",
     "certificate_expired": "Renew or regenerate the listener certificate (rdpfix.rdp.certificate).",
     "certificate_not_yet_valid": "Check the server's clock, or replace the certificate (rdpfix.rdp.certificate).",
     "certificate_no_server_auth": "Pin a certificate with the Server Authentication EKU (rdpfix.rdp.certificate).",
@@ -114,7 +117,7 @@ class Finding:
         return {
             "id": f"handshake.{self.name}",
             "severity": self.severity,
-            "title": self.title,
+            "title": self.title[:1].upper() + self.title[1:],  # a sentence, like every other finding's title
             "cause": CAUSES.get(self.name, "service"),
             "evidence": self.evidence,
             "fix": {"module": None, "options": {}, "description": hint} if hint else None,
@@ -464,6 +467,22 @@ def _tls_findings(tls_report: dict[str, t.Any], negotiation: dict[str, t.Any]) -
             )
         )
     dropped = {name: item for name, item in tested.items() if item.get("status") in CLOSED_STATUSES}
+    if accepted and "TLSv1.3" in dropped:
+        # What Server 2019 does with TLS 1.3 forced on: the reset is what a client that offers TLS 1.3 meets.
+        findings.append(
+            Finding(
+                "tls13_reset",
+                "warning",
+                "0x904/0x7",
+                "the server resets a ClientHello that offers TLS 1.3, while it accepts "
+                + ", ".join(sorted(accepted))
+                + ": clients that offer TLS 1.3 fail",
+                "Server 2019 has no TLS 1.3 server support; with TLS 1.3 forced on in the Schannel registry it resets "
+                "TLS 1.3 ClientHellos instead of negotiating an older version",
+                {"TLSv1.3": evidence["TLSv1.3"]},
+            )
+        )
+        dropped = {name: item for name, item in dropped.items() if name != "TLSv1.3"}
     if accepted and dropped:
         findings.append(
             Finding(

@@ -94,4 +94,8 @@ backup:
   description: The backup manifest with the previous values; null without changes.
   returned: always
   type: dict
+round_trips:
+  description: WinRM commands the task sent (1 when nothing changes or in check mode, 2 when it changed something).
+  returned: always
+  type: int
 """

@@ -248,9 +248,12 @@ class VerifyIndex:
     self_signed: int
 
 
-def build_read_batch(options: CertificateOptions) -> tuple[Batch, ReadIndex]:
-    """The one read-only batch every run starts with (one round trip)."""
+def build_read_batch(options: CertificateOptions, wait_ms: int = 0) -> tuple[Batch, ReadIndex]:
+    """The one read-only batch every run starts with (one round trip); ``wait_ms`` first waits on the host (a poll
+    after a restart gives Windows time to create the certificate)."""
     batch = Batch(on_error="continue")
+    if wait_ms:
+        batch.add("util.sleep", milliseconds=wait_ms)
     index = ReadIndex(
         system=batch.add("system.info"),
         listener=batch.add("listener.get", terminal_name=options.terminal_name),

@@ -74,7 +74,8 @@ MISMATCH_ALERTS = frozenset({40, 70, 71})
 # Windows' logon types as 4625 reports them.
 LOGON_TYPES = {"2": "interactive", "3": "network (NLA)", "7": "unlock", "10": "remote interactive (RDP)"}
 
-_ALERT_IN_MESSAGE = re.compile(r"alert code is (\d+)", re.IGNORECASE)
+# 36887 reads "The TLS protocol defined fatal alert code is N."; 36888 "... fatal error code is N." on some builds.
+_ALERT_IN_MESSAGE = re.compile(r"fatal (?:alert|error) code is (\d+)", re.IGNORECASE)
 EVIDENCE_EVENTS = 10
 
 
@@ -203,6 +204,7 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     "certificate_expiring": ("certificate.pinned_expiring", "certificate.self_signed_expiring"),
     "template_problem": ("certificate.template_",),
     "settings_reset": (),
+    # Only their protocol / cipher mismatch alerts (MISMATCH_ALERTS), see ALERT_MISMATCH_EXPLAINED_BY.
     "alert_received": (),
     "alert_sent": (),
     "logon_failure": (),
@@ -331,6 +333,11 @@ def _finding(kind: str, events: list[Event], since: str | None) -> dict[str, t.A
     return finding(finding_id, severity, titled, cause, evidence, None, likely_cause=likely)
 
 
+# A protocol_version / handshake_failure / insufficient_security alert is what a client meets on a server whose TLS
+# versions or cipher suites it cannot use: a current finding of that kind explains those alerts (and only those).
+ALERT_MISMATCH_EXPLAINED_BY = ("tls.tls12_disabled", "tls.tls13_forced_unsupported", "tls.cipher_suites_")
+
+
 def explains(finding_id: str, kind: str) -> bool:
     return any(finding_id.startswith(prefix) for prefix in EXPLAINED_BY.get(kind, ()))
 
@@ -351,7 +358,17 @@ def assess(events: t.Sequence[Event], current_ids: t.Iterable[str], since: str |
             by_kind.setdefault(kind, []).append(event)
     findings: list[dict[str, t.Any]] = []
     evidence: dict[str, list[dict[str, t.Any]]] = {}
-    for kind, kind_events in by_kind.items():
+    for kind, all_events in by_kind.items():
+        kind_events = all_events
+        if kind in ("alert_received", "alert_sent"):
+            mismatch = [event for event in all_events if alert_code(event) in MISMATCH_ALERTS]
+            by_mismatch = [finding_id for finding_id in ids if finding_id.startswith(ALERT_MISMATCH_EXPLAINED_BY)]
+            if mismatch and by_mismatch:
+                for finding_id in by_mismatch:
+                    evidence.setdefault(finding_id, []).extend(event.brief() for event in mismatch[:EVIDENCE_EVENTS])
+                kind_events = [event for event in all_events if alert_code(event) not in MISMATCH_ALERTS]
+                if not kind_events:
+                    continue
         explaining = [finding_id for finding_id in ids if explains(finding_id, kind)]
         for finding_id in explaining:
             evidence.setdefault(finding_id, []).extend(event.brief() for event in kind_events[:EVIDENCE_EVENTS])

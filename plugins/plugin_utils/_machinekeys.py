@@ -178,14 +178,14 @@ class ReadIndex:
 
 
 def build_read_batch(
-    options: Options, now: datetime, program_data: str = DEFAULT_PROGRAM_DATA
+    options: Options, now: datetime, program_data: str = DEFAULT_PROGRAM_DATA, wait_ms: int = 0
 ) -> tuple[Batch, ReadIndex]:
     """The certificate module's read batch plus both key folders and the key access events: one round trip.
 
     The folders are read at ``program_data`` before ``system.info`` has said where ProgramData is; on the rare host
     where it is elsewhere the action reads again with the right path.
     """
-    batch, cert_index = certificate.build_read_batch(options.certificate_options())
+    batch, cert_index = certificate.build_read_batch(options.certificate_options(), wait_ms)
     cert_count = len(batch.ops)
     store = batch.add("dir.stat", path=machine_keys_path(program_data))
     cng_store = batch.add("dir.stat", path=cng_keys_path(program_data))

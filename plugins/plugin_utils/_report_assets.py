@@ -41,7 +41,7 @@ table#hosts { border-collapse: collapse; width: 100%; }
 #hosts th[aria-sort="descending"]::after { content: " \\25BC"; }
 #hosts td.num { text-align: right; }
 #hosts td.host { font-weight: 600; overflow-wrap: anywhere; min-width: 9em; }
-#hosts td.when { white-space: nowrap; }
+#hosts td.when { font-size: 12px; }
 #hosts tr.st-critical td:first-child { border-left: 4px solid var(--critical); }
 #hosts tr.st-failed td:first-child { border-left: 4px solid var(--failed); }
 #hosts tr.st-unreachable td:first-child { border-left: 4px solid var(--unreachable); }
@@ -57,7 +57,9 @@ details.probe > summary { cursor: pointer; font-weight: 600; }
 details.probe.v-ok > summary { color: var(--ok); } details.probe.v-warning > summary { color: var(--warning); }
 details.probe.v-critical > summary { color: var(--critical); } details.probe.v-unknown > summary { color: #5b6670; }
 details.probe p { margin: 2px 0; max-width: 28em; }
-td.findings { min-width: 420px; width: 45%; }
+td.findings { min-width: 340px; width: 45%; overflow-wrap: anywhere; }
+#hosts td { overflow-wrap: break-word; }
+.status, .badge { white-space: nowrap; }
 details.finding { margin: 2px 0; }
 details.finding > summary { cursor: pointer; }
 details .body { margin: 4px 0 8px 16px; padding-left: 8px; border-left: 2px solid var(--line); }

@@ -368,6 +368,9 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
     usable: list[str] | None = None
     if effective_suites is not None:
         usable = usable_suites(effective_suites, state.key_type, on_after)
+        # Schannel loads the policy at boot: when the policy already lists usable suites (an earlier run, or someone
+        # else, wrote it since the last boot), writing it again changes nothing - the reboot is what is missing.
+        policy_usable = bool(policy_suites) and bool(usable_suites(policy_suites or [], state.key_type, on_after))
         if not usable:
             empty = not effective_suites
             title = (
@@ -375,7 +378,10 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
                 if empty
                 else f"No enabled cipher suite works with the listener's {state.key_type or 'certificate'} key"
             )
-            will_fix = options.restore_cipher_suites
+            if policy_usable:
+                title += "; the cipher-suite policy already lists usable suites, which Schannel loads at the next boot"
+                plan.reboot_required = True
+            will_fix = options.restore_cipher_suites and not policy_usable
             plan.findings.append(
                 finding(
                     "tls.cipher_suites_empty" if empty else "tls.cipher_suites_incompatible",

@@ -468,7 +468,7 @@ def test_client_role_fixes_the_client_side_and_reports_the_rest(fleet: FleetRuns
 
 # -- the reboot, step by step --------------------------------------------------------------------------------------
 
-REBOOT_HOSTS = ["tls-tls12-disabled", "combined-machinekeys-tls12"]
+REBOOT_HOSTS = ["tls-tls12-disabled", "combined-machinekeys-tls12", "tls-cipher-incompatible"]
 
 
 @pytest.fixture
@@ -493,10 +493,17 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
     assert set(first.results(TASKS["pending"])) == set(REBOOT_HOSTS)
     assert all(first.results(TASKS["tls"])[name]["reboot_required"] for name in REBOOT_HOSTS)
     assert all(result.get("skipped") for result in first.results(TASKS["reboot"]).values())
-    pending = snapshots(lab)
+    pending = snapshots(lab, zero_counters=True)
     for name in REBOOT_HOSTS:
         assert pending[name]["system"]["boot_time"] == before[name]["system"]["boot_time"]
         assert not connects(address[name], pending[name]), f"{name}: Schannel must not use TLS 1.2 before a reboot"
+
+    # Runs without permission in the meantime change nothing more: the reboot is what is missing, not a write.
+    waiting = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": False})
+    assert waiting.rc == 0, waiting.stdout[-3000:] + waiting.stderr
+    assert waiting.changed_hosts() == set()
+    assert set(waiting.results(TASKS["pending"])) == set(REBOOT_HOSTS)
+    assert counters(snapshots(lab, zero_counters=True)) == dict.fromkeys(REBOOT_HOSTS, 0)
 
     # With permission: the next run still knows the reboot is pending, and win_reboot restarts the host.
     second = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": True})

@@ -25,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from rdplab.model import schannel
+
 if t.TYPE_CHECKING:
     from rdplab.model.host import RdpView, WindowsHost
 
@@ -188,26 +190,35 @@ def read_tpkt(sock: socket.socket) -> bytes:
 
 
 class _TlsContexts:
-    """Server SSLContexts by certificate, key and TLS versions (building one per connection is wasteful)."""
+    """Server SSLContexts by certificate, key, TLS versions and suites (building one per connection is wasteful)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cache: dict[bytes, ssl.SSLContext] = {}
 
-    def get(self, cert_pem: bytes, key_pem: bytes, versions: t.Sequence[str]) -> ssl.SSLContext:
+    def get(
+        self, cert_pem: bytes, key_pem: bytes, versions: t.Sequence[str], suites: t.Sequence[str] | None = None
+    ) -> ssl.SSLContext:
+        """suites: OpenSSL names of the TLS 1.0-1.2 suites to offer; None for the TLS library's defaults."""
         known = sorted({TLS_VERSIONS[v] for v in versions if v in TLS_VERSIONS})
         if not known:
             raise ValueError(f"no TLS version the lab can serve among {list(versions)}")
-        digest = hashlib.sha256(cert_pem + b"\0" + key_pem + b"\0" + ",".join(map(str, known)).encode()).digest()
+        if suites is not None and not suites:
+            raise ValueError("no cipher suite to offer")
+        cipher_list = ":".join(suites) if suites is not None else "DEFAULT"
+        material = b"\0".join([cert_pem, key_pem, ",".join(map(str, known)).encode(), cipher_list.encode()])
+        digest = hashlib.sha256(material).digest()
         with self._lock:
             context = self._cache.get(digest)
             if context is None:
-                context = self._build(cert_pem, key_pem, known[0], known[-1])
+                context = self._build(cert_pem, key_pem, known[0], known[-1], cipher_list)
                 self._cache[digest] = context
             return context
 
     @staticmethod
-    def _build(cert_pem: bytes, key_pem: bytes, lowest: ssl.TLSVersion, highest: ssl.TLSVersion) -> ssl.SSLContext:
+    def _build(
+        cert_pem: bytes, key_pem: bytes, lowest: ssl.TLSVersion, highest: ssl.TLSVersion, cipher_list: str
+    ) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         with warnings.catch_warnings():
             # TLS 1.0/1.1 are deprecated in Python; the lab still serves them when a host model enables them.
@@ -215,7 +226,10 @@ class _TlsContexts:
             context.minimum_version = lowest
             context.maximum_version = highest
         if lowest < ssl.TLSVersion.TLSv1_2:
-            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+            # OpenSSL 3 refuses TLS 1.0/1.1 above security level 0.
+            cipher_list += ":@SECLEVEL=0"
+        if cipher_list != "DEFAULT":
+            context.set_ciphers(cipher_list)
         with tempfile.TemporaryDirectory(prefix="rdplab-rdp-") as directory:
             cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"
             cert_path.write_bytes(cert_pem)
@@ -226,6 +240,124 @@ class _TlsContexts:
 
 
 TLS_CONTEXTS = _TlsContexts()
+
+
+# --- the TLS ClientHello, read without consuming it ([RFC 8446] 4.1.2, 4.2.1; [RFC 5246] 7.4.1.2) ------------------
+
+TLS_HANDSHAKE_RECORD = 22
+TLS_ALERT_RECORD = 21
+CLIENT_HELLO = 1
+EXTENSION_SUPPORTED_VERSIONS = 0x002B
+TLS13 = 0x0304
+PROTOCOL_VERSIONS = {0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
+PEEK_INTERVAL = 0.01
+# Fatal alerts a client can send, by the reason OpenSSL reports for them on the server side (RFC 5246 7.2).
+ALERT_REASONS = {
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": 40,
+    "SSLV3_ALERT_BAD_CERTIFICATE": 42,
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": 43,
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": 44,
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": 45,
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": 46,
+    "TLSV1_ALERT_UNKNOWN_CA": 48,
+    "TLSV1_ALERT_ACCESS_DENIED": 49,
+    "TLSV1_ALERT_DECODE_ERROR": 50,
+    "TLSV1_ALERT_DECRYPT_ERROR": 51,
+    "TLSV1_ALERT_PROTOCOL_VERSION": 70,
+    "TLSV1_ALERT_INSUFFICIENT_SECURITY": 71,
+    "TLSV1_ALERT_INTERNAL_ERROR": 80,
+}
+
+
+def client_hello(data: bytes) -> bytes | None:
+    """The body of the ClientHello carried by the handshake records at the start of ``data``; None while it has not
+    fully arrived. ProtocolViolation when the client sends something else."""
+    payload = bytearray()
+    offset = 0
+    while True:
+        if len(data) < offset + 5:
+            return None
+        if data[offset] != TLS_HANDSHAKE_RECORD or data[offset + 1] != 3:
+            raise ProtocolViolation("the client did not start a TLS handshake")
+        length = struct.unpack(">H", data[offset + 3 : offset + 5])[0]
+        if len(data) < offset + 5 + length:
+            return None
+        payload += data[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+        if len(payload) >= 4:
+            if payload[0] != CLIENT_HELLO:
+                raise ProtocolViolation("the first TLS handshake message is not a ClientHello")
+            size = int.from_bytes(payload[1:4], "big")
+            if len(payload) >= 4 + size:
+                return bytes(payload[4 : 4 + size])
+
+
+def offered_versions(body: bytes) -> list[int]:
+    """The protocol versions a ClientHello offers: its supported_versions extension, else every version up to its
+    legacy_version (how TLS 1.2 and earlier clients say what they allow)."""
+    try:
+        legacy = struct.unpack(">H", body[0:2])[0]
+        position = 2 + 32  # legacy_version, random
+        position += 1 + body[position]  # legacy_session_id
+        position += 2 + struct.unpack(">H", body[position : position + 2])[0]  # cipher_suites
+        position += 1 + body[position]  # legacy_compression_methods
+        if position + 2 <= len(body):
+            end = position + 2 + struct.unpack(">H", body[position : position + 2])[0]
+            position += 2
+            while position + 4 <= end:
+                kind, size = struct.unpack(">HH", body[position : position + 4])
+                data = body[position + 4 : position + 4 + size]
+                if kind == EXTENSION_SUPPORTED_VERSIONS:
+                    return [struct.unpack(">H", data[i : i + 2])[0] for i in range(1, min(data[0], len(data) - 1), 2)]
+                position += 4 + size
+    except (IndexError, struct.error) as exc:
+        raise ProtocolViolation("truncated ClientHello") from exc
+    return [version for version in PROTOCOL_VERSIONS if version <= legacy]
+
+
+def peek_client_hello(sock: socket.socket, timeout: float = CLIENT_READ_TIMEOUT) -> bytes:
+    """Wait for the whole ClientHello and return its body, leaving every byte in the socket for the TLS server."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = sock.recv(65536, socket.MSG_PEEK)
+        if not data:
+            raise ProtocolViolation("the client closed the connection before its ClientHello")
+        body = client_hello(data)
+        if body is not None:
+            return body
+        if time.monotonic() > deadline:
+            raise ProtocolViolation("the ClientHello did not arrive in time")
+        # A peek returns at once while part of the hello is buffered: wait a little for the rest.
+        time.sleep(PEEK_INTERVAL)
+
+
+def best_common_version(offered: t.Sequence[int], served: t.Sequence[str]) -> str | None:
+    """The highest protocol both sides allow (what the handshake would have used), as the ssl module names it."""
+    common = sorted(code for code in set(offered) if PROTOCOL_VERSIONS.get(code) in served)
+    return PROTOCOL_VERSIONS[common[-1]] if common else None
+
+
+def tls_failure(exc: ssl.SSLError, hello_read: bool) -> dict[str, t.Any]:
+    """What a failed server-side handshake means for Schannel's events (rdplab.model.schannel), by OpenSSL's reason."""
+    reason = str(getattr(exc, "reason", "") or "")
+    if reason == "NO_SHARED_CIPHER":
+        return {"tls_failure": schannel.NO_COMMON_CIPHER}
+    if reason in ("UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "VERSION_TOO_HIGH"):
+        # The ClientHello's supported_versions left nothing in common: the server sent protocol_version.
+        return {"tls_failure": schannel.NO_COMMON_PROTOCOL}
+    if reason in ALERT_REASONS:
+        return {"tls_failure": schannel.ALERT_RECEIVED, "alert": ALERT_REASONS[reason]}
+    if reason == "WRONG_VERSION_NUMBER" and hello_read:
+        # After a proper ClientHello, the client's next record carries another version than the one the server
+        # chose: a client that offered no supported_versions (TLS 1.2 and older) refusing the older version it was
+        # answered with. Its record is the protocol_version alert OpenSSL cannot read under the wrong version.
+        return {"tls_failure": schannel.ALERT_RECEIVED, "alert": schannel.ALERT_PROTOCOL_VERSION}
+    return {}
+
+
+def fatal_alert(description: int, version: int = 0x0303) -> bytes:
+    """A TLS alert record: level fatal (2) and the description."""
+    return struct.pack(">BHHBB", TLS_ALERT_RECORD, version, 2, 2, description)
 
 
 # --- CredSSP / NTLM: the server's first answer, built by hand ([MS-CSSP] 2.2.1, [MS-NLMP] 2.2.1.2) ----------------
@@ -555,15 +687,34 @@ class RdpEndpoint:
             # Native RDP security (MCS, RSA key exchange) is not modelled: the lab stops after the confirm.
             client.close()
             return {**base, "outcome": "rdp_security"}
-        if view.failure == "reset_after_x224" or not view.cert_pem or not view.key_pem:
-            # Schannel cannot build the server credential: Windows resets as soon as the ClientHello arrives.
+        if view.failure == "reset_after_x224" or (view.failure is None and not (view.cert_pem and view.key_pem)):
+            # The certificate or its key cannot be used (RCM and Schannel logged why when the view was read):
+            # Windows resets as soon as the ClientHello arrives.
             with contextlib.suppress(OSError):
                 client.recv(1, socket.MSG_PEEK)
             _reset(client)
             return {**base, "outcome": "reset_after_x224"}
         try:
-            context = TLS_CONTEXTS.get(view.cert_pem, view.key_pem, view.tls_versions)
+            offered: list[int] | None = offered_versions(peek_client_hello(client))
+        except (ProtocolViolation, OSError):
+            offered = None  # no readable ClientHello: no TLS handshake started, so Schannel has nothing to log
+        if view.failure == schannel.NO_SERVER_PROTOCOL or not (view.cert_pem and view.key_pem):
+            # No protocol to build the server credential with: the ClientHello meets a reset, as above.
+            _reset(client)
+            return {**base, "outcome": "reset_after_x224", **({"tls_failure": view.failure} if offered else {})}
+        if view.failure == schannel.RESET_TLS13_CLIENT_HELLO and offered and TLS13 in offered:
+            # Server 2019 with TLS 1.3 forced on resets a ClientHello that offers TLS 1.3 (UNCONFIRMED by a cited
+            # page, see docs/lab.md); one that stops at TLS 1.2 carries on below with the protocols the server has.
+            _reset(client)
+            return {**base, "outcome": "reset_after_x224", "detail": "the ClientHello offers TLS 1.3"}
+        common = best_common_version(offered or [], view.tls_versions)
+        try:
+            context = TLS_CONTEXTS.get(view.cert_pem, view.key_pem, view.tls_versions, view.cipher_suites)
         except (ValueError, ssl.SSLError) as exc:
+            if view.failure == schannel.NO_USABLE_CIPHER_SUITE and offered:
+                # Not one suite the lab's TLS server could be given: answer the ClientHello as a server without a
+                # common suite (or version) does, with a fatal alert (lab choice, as the TLS library cannot).
+                return {**base, **self._refuse_handshake(client, offered, common), "tls_version_offered": common}
             with contextlib.suppress(OSError):
                 client.recv(1, socket.MSG_PEEK)
             _reset(client)
@@ -572,7 +723,8 @@ class RdpEndpoint:
             tls = context.wrap_socket(client, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             client.close()
-            return {**base, "outcome": "tls_failed", "detail": str(exc)}
+            meaning = tls_failure(exc, hello_read=bool(offered)) if isinstance(exc, ssl.SSLError) else {}
+            return {**base, "outcome": "tls_failed", "detail": str(exc), "tls_version_offered": common, **meaning}
         try:
             base["tls_version"] = tls.version()
             if selected in (PROTOCOL_HYBRID, PROTOCOL_HYBRID_EX):
@@ -581,6 +733,29 @@ class RdpEndpoint:
         finally:
             with contextlib.suppress(OSError):
                 tls.close()
+
+    @staticmethod
+    def _refuse_handshake(client: socket.socket, offered: t.Sequence[int], common: str | None) -> dict[str, t.Any]:
+        """Read the ClientHello, answer the fatal alert a server without a common protocol (70) or suite (40) sends,
+        and close; reading first makes the close a FIN, so the client reads the alert rather than a reset."""
+        if common is None:
+            alert, failure = schannel.ALERT_PROTOCOL_VERSION, schannel.NO_COMMON_PROTOCOL
+        else:
+            alert, failure = schannel.ALERT_HANDSHAKE_FAILURE, schannel.NO_COMMON_CIPHER
+        try:
+            client.recv(65536)
+            client.sendall(fatal_alert(alert, min(max(offered), 0x0303)))
+        except OSError as exc:
+            return {"outcome": "tls_failed", "detail": f"the client left first: {exc}"}
+        finally:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            client.close()
+        return {
+            "outcome": "tls_failed",
+            "detail": f"no cipher suite to offer: alert {alert} sent",
+            "tls_failure": failure,
+        }
 
     def _credssp(self, tls: ssl.SSLSocket, host: WindowsHost) -> dict[str, t.Any]:
         try:

@@ -6,7 +6,7 @@ kinds of PowerShell command through the connection's ``exec_command``, each wrap
 ``<script>; If (-not $?) { ... exit ... }``:
 
 - the boot-time query ``(Get-CimInstance ... Win32_OperatingSystem ...).LastBootUpTime.ToFileTime()``;
-- the reboot script: removes the LogonUI ``AutoLogonChecked`` key, runs ``shutdown.exe /r /t <delay> /c <msg>`` and
+- the reboot script: removes the ``Winlogon\\AutoLogonChecked`` key, runs ``shutdown.exe /r /t <delay> /c <msg>`` and
   prints ``{"stdout", "stderr", "rc"}`` as JSON;
 - ``shutdown.exe /a`` when shutdown.exe answered 1190 (a shutdown is already scheduled), before trying again;
 - the post-reboot test ``Get-Item -LiteralPath '<AutoLogonChecked key>' -ErrorAction Stop; 'success-<uuid4>'``.
@@ -18,7 +18,12 @@ recogniser reports that it cannot read the new source) instead of being accepted
 The emulated reboot follows what Windows does with ``shutdown /r /t N``: the command returns at once, the restart
 begins N seconds later. Until then the boot time is unchanged, so win_reboot's own loop waits and polls as it would
 against a real server. The restart itself is instantaneous in the lab (the WinRM endpoint never goes away, and shells
-opened before it keep working): boot time, services, sessions, Schannel and the LogonUI key all change at once.
+opened before it keep working): boot time, services, sessions, Schannel and the AutoLogonChecked key all change at
+once.
+
+The key is ``HKLM:\\SOFTWARE\\Microsoft\\Windows NT\\CurrentVersion\\Winlogon\\AutoLogonChecked``; the plugin
+keeps it in its constant ``_LOGON_UI_KEY`` because LogonUI creates it when it shows the logon prompt, which is how the
+plugin knows the host is back.
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ class WinRebootScripts:
     command_prefix: str  # "PowerShell ... -EncodedCommand " (then the base64)
     rc_suffix: str  # appended to every script before encoding
     boot_time_command: str
-    logon_ui_key: str
-    reboot_template: str  # four %s: test-command flag, LogonUI key, delay, quoted message
+    autologon_checked_key: str
+    reboot_template: str  # four %s: test-command flag, AutoLogonChecked key, delay, quoted message
     reboot_pattern: re.Pattern[str]
     test_pattern: re.Pattern[str]
     abort_command: str
@@ -91,7 +96,7 @@ class WinRebootScripts:
 class RebootRequest:
     """The parameters of one reboot script."""
 
-    remove_logon_ui_key: bool
+    remove_autologon_checked_key: bool
     delay_seconds: int
     message: str
 
@@ -174,7 +179,7 @@ def read_scripts(source: Path) -> WinRebootScripts:
         raise WinRebootSourceError(f"cannot read {source}: {exc}") from exc
     constants = _module_constants(tree)
     try:
-        logon_ui_key = constants["_LOGON_UI_KEY"]
+        autologon_checked_key = constants["_LOGON_UI_KEY"]
         boot_time_command = constants["_DEFAULT_BOOT_TIME_COMMAND"]
     except KeyError as exc:
         raise WinRebootSourceError(f"module constant {exc} not found") from exc
@@ -213,7 +218,7 @@ def read_scripts(source: Path) -> WinRebootScripts:
         re.escape(literal)
         + "(True|False)"
         + re.escape(flag_hole)
-        + re.escape(logon_ui_key)
+        + re.escape(autologon_checked_key)
         + re.escape(key_hole)
         + "([0-9]+)"
         + re.escape(delay_hole)
@@ -232,7 +237,7 @@ def read_scripts(source: Path) -> WinRebootScripts:
     test_pattern = re.compile(
         _fstring_pattern(
             _assignment(reboot_host, "test_command", ast.JoinedStr),
-            {"_LOGON_UI_KEY": re.escape(logon_ui_key), "expected_test_result": f"({marker})"},
+            {"_LOGON_UI_KEY": re.escape(autologon_checked_key), "expected_test_result": f"({marker})"},
             "the post-reboot test command",
         )
     )
@@ -249,7 +254,7 @@ def read_scripts(source: Path) -> WinRebootScripts:
         command_prefix=command_prefix,
         rc_suffix=rc_suffix,
         boot_time_command=boot_time_command,
-        logon_ui_key=logon_ui_key,
+        autologon_checked_key=autologon_checked_key,
         reboot_template=reboot_template,
         reboot_pattern=reboot_pattern,
         test_pattern=test_pattern,
@@ -320,7 +325,7 @@ def decode(scripts: WinRebootScripts, command_line: str) -> Decoded | None:
         return None
     flag, delay, quoted = match.groups()
     message = _unquote_pwsh(quoted)
-    if message is None or command != scripts.reboot_template % (flag, scripts.logon_ui_key, delay, quoted):
+    if message is None or command != scripts.reboot_template % (flag, scripts.autologon_checked_key, delay, quoted):
         return None
     if str(int(delay)) != delay:
         return None  # int() formatting never writes leading zeros
@@ -334,7 +339,7 @@ def decode(scripts: WinRebootScripts, command_line: str) -> Decoded | None:
 class _Pending:
     timer: threading.Timer
     request: RebootRequest
-    logon_ui_key: str
+    autologon_checked_key: str
 
 
 _PENDING: weakref.WeakKeyDictionary[WindowsHost, _Pending] = weakref.WeakKeyDictionary()
@@ -355,7 +360,7 @@ def complete_pending(host: WindowsHost) -> bool:
     if found is None:
         return False
     found.timer.cancel()
-    restart(host, found.request, found.logon_ui_key)
+    restart(host, found.autologon_checked_key)
     return True
 
 
@@ -364,16 +369,16 @@ def filetime(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 10_000_000 + delta.microseconds * 10
 
 
-def restart(host: WindowsHost, request: RebootRequest | None = None, logon_ui_key: str | None = None) -> None:
+def restart(host: WindowsHost, autologon_checked_key: str | None = None) -> None:
     """The restart itself: what the host is like once it is back.
 
     Every service stops (TermService's stop ends every remote session), Schannel latches the registry's protocols and
     cipher suites, the boot time becomes now, then services start again: those that ran before, the automatic ones
     and TermService, never a disabled one; starting SessionEnv/TermService renews an expired self-signed certificate
-    as it does at any start. LogonUI then shows the logon screen and creates its volatile AutoLogonChecked key.
+    as it does at any start. LogonUI then shows the logon screen and creates the volatile AutoLogonChecked key.
     """
-    if logon_ui_key is None and isinstance(SCRIPTS, WinRebootScripts):
-        logon_ui_key = SCRIPTS.logon_ui_key
+    if autologon_checked_key is None and isinstance(SCRIPTS, WinRebootScripts):
+        autologon_checked_key = SCRIPTS.autologon_checked_key
     with host.lock:
         shutdown_at = host.clock()
         host.events.write(
@@ -391,15 +396,14 @@ def restart(host: WindowsHost, request: RebootRequest | None = None, logon_ui_ke
             wanted = service.name in was_running or service.start_type == "Automatic" or service.name in BOOT_STARTED
             if wanted and service.start_type != "Disabled":
                 host.start_service(service.name)
-        if logon_ui_key is not None:
-            host.registry.create_key(logon_ui_key)
+        if autologon_checked_key is not None:
+            host.registry.create_key(autologon_checked_key)
         host.events.write(
             EVENTLOG,
             6005,
             level="Information",
             time=host.system.boot_time,
             message="The Event log service was started.",
-            data={"comment": request.message} if request else {},
         )
 
 
@@ -407,7 +411,7 @@ def _restart_when_due(host: WindowsHost) -> None:
     with _PENDING_LOCK:
         found = _PENDING.pop(host, None)
     if found is not None:
-        restart(host, found.request, found.logon_ui_key)
+        restart(host, found.autologon_checked_key)
 
 
 def _outcome(rc: int, stdout: str = "", stderr: str = "") -> CommandOutcome:
@@ -423,15 +427,15 @@ def _shutdown_json(rc: int, stderr: str = "") -> str:
 
 def _schedule(scripts: WinRebootScripts, host: WindowsHost, request: RebootRequest) -> CommandOutcome:
     with host.lock:
-        if request.remove_logon_ui_key:
-            # Remove-Item -Force on a key without subkeys (LogonUI's key has none).
-            host.registry.keys.pop(canonical_path(scripts.logon_ui_key).casefold(), None)
+        if request.remove_autologon_checked_key:
+            # Remove-Item -Force on a key without subkeys (AutoLogonChecked has none).
+            host.registry.keys.pop(canonical_path(scripts.autologon_checked_key).casefold(), None)
         with _PENDING_LOCK:
             if host in _PENDING:
                 return _outcome(0, _shutdown_json(ERROR_SHUTDOWN_IN_PROGRESS, SHUTDOWN_IN_PROGRESS_TEXT))
             timer = threading.Timer(request.delay_seconds, _restart_when_due, args=(host,))
             timer.daemon = True
-            _PENDING[host] = _Pending(timer, request, scripts.logon_ui_key)
+            _PENDING[host] = _Pending(timer, request, scripts.autologon_checked_key)
         computer = host.system.hostname
         host.events.write(
             USER32,
@@ -471,15 +475,15 @@ def _boot_time(host: WindowsHost) -> CommandOutcome:
 def _test(scripts: WinRebootScripts, host: WindowsHost, command: str) -> CommandOutcome:
     match = scripts.test_pattern.fullmatch(command)
     marker = match.group(1) if match else ""
-    path = canonical_path(scripts.logon_ui_key)
+    path = canonical_path(scripts.autologon_checked_key)
     with host.lock:
         present = host.registry.key(path) is not None
     if not present:
         return _outcome(
             1,
             stderr=(
-                f"Get-Item : Cannot find path '{scripts.logon_ui_key}' because it does not exist.\r\n"
-                f"    + CategoryInfo          : ObjectNotFound: ({scripts.logon_ui_key}:String) [Get-Item], "
+                f"Get-Item : Cannot find path '{scripts.autologon_checked_key}' because it does not exist.\r\n"
+                f"    + CategoryInfo          : ObjectNotFound: ({scripts.autologon_checked_key}:String) [Get-Item], "
                 "ItemNotFoundException\r\n"
             ),
         )

@@ -119,15 +119,27 @@ def test_valid_cert_with_unreadable_key_is_not_renewed() -> None:
     view = host.rdp_view()
     assert view.failure == "reset_after_x224" and view.cert_pem is None and view.key_pem is None
     assert host.events.ids(SCHANNEL) == [36870]
-    assert rcm_ids(host) == [1057]
+    assert rcm_ids(host) == [1058]
 
 
-@pytest.mark.parametrize("mode", ["delete", "empty", "deny_network_service"])
-def test_unusable_key_resets_after_x224(mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "event_id", "status"),
+    [
+        ("delete", 1057, "Keyset does not exist"),
+        ("empty", 1057, "Keyset does not exist"),
+        # [AzEvent] pairs "Access is denied" with 1058, "Keyset does not exist" with 1057.
+        ("deny_network_service", 1058, "Access is denied"),
+    ],
+)
+def test_unusable_key_resets_after_x224_with_the_event_of_its_status(mode: str, event_id: int, status: str) -> None:
     host = load("healthy")
     assert host.rdp_view().failure is None
     host.inject_fault("break_selfsigned_key", {"mode": mode})
     assert host.rdp_view().failure == "reset_after_x224"
+    assert host.events.ids(SCHANNEL) == [36870]
+    [event] = [event for event in host.events.events if event.provider == RCM]
+    assert (event.id, event.data["status"]) == (event_id, status)
+    assert status in event.message
 
 
 def test_renewal_that_cannot_write_the_key_file_logs_and_changes_nothing() -> None:
@@ -279,6 +291,90 @@ def test_presented_key_matches_presented_cert() -> None:
     cert = x509.load_pem_x509_certificate(view.cert_pem)
     key = serialization.load_pem_private_key(view.key_pem, password=None)
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
+
+
+# -- Schannel --------------------------------------------------------------------------------------------------------
+
+SCHANNEL_PROTOCOLS = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\SecurityProviders\\SCHANNEL\\Protocols"
+CIPHER_POLICY = "HKLM:\\SOFTWARE\\Policies\\Microsoft\\Cryptography\\Configuration\\SSL\\00010002"
+ECDSA_ONLY = "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
+
+
+def _suite_names(host: WindowsHost) -> list[str]:
+    [result] = host.run_batch({"v": 1, "ops": [{"op": "tls.cipher_suites.list", "args": {}}]})["results"]
+    return [suite["name"] for suite in result["data"]["suites"]]
+
+
+def test_schannel_registry_changes_wait_for_the_reboot_even_before_a_first_look() -> None:
+    from rdplab import reboot
+
+    host = load("tls-tls12-disabled")
+    # Straight after loading, before anything has looked at Schannel: what rdpfix.rdp.tls writes for TLS 1.2, and
+    # a cipher-suite policy. Neither may count before the host restarts.
+    _set(host, f"{SCHANNEL_PROTOCOLS}\\TLS 1.2\\Server", "Enabled", 1)
+    _set(host, f"{SCHANNEL_PROTOCOLS}\\TLS 1.2\\Server", "DisabledByDefault", 0)
+    result = host.run_batch(
+        {
+            "v": 1,
+            "ops": [
+                {
+                    "op": "registry.set",
+                    "args": {"path": CIPHER_POLICY, "name": "Functions", "type": "REG_SZ", "value": ECDSA_ONLY},
+                }
+            ],
+        }
+    )
+    assert result["results"][0]["ok"]
+    default_suites = _suite_names(host)
+    assert default_suites != ECDSA_ONLY.split(",")
+    for _look in range(2):  # a read or a connection does not latch the new state either
+        view = host.rdp_view()
+        assert view.tls_versions == ["TLSv1", "TLSv1.1"] and view.failure is None
+        assert _suite_names(host) == default_suites
+    reboot.restart(host)
+    view = host.rdp_view(connect=False)
+    assert "TLSv1.2" in view.tls_versions
+    assert _suite_names(host) == ECDSA_ONLY.split(",")
+    assert view.failure == "no_usable_cipher_suite"  # the RSA key fits no suite of the new list
+
+
+def test_tls13_forced_on_2019_keeps_tls12_and_the_certificate() -> None:
+    view = load("tls-tls13-forced-2019").rdp_view(connect=False)
+    assert view.failure == "reset_tls13_client_hello"
+    assert view.tls_versions == ["TLSv1", "TLSv1.1", "TLSv1.2"]
+    assert view.cert_pem is not None and view.key_pem is not None
+
+
+def test_no_usable_suite_makes_the_server_offer_exactly_the_listed_suites() -> None:
+    view = load("tls-cipher-incompatible").rdp_view(connect=False)
+    assert view.failure == "no_usable_cipher_suite"
+    assert view.cipher_suites == ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256"]
+    assert view.cert_pem is not None and "TLSv1.3" not in view.tls_versions
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        ({"tls_failure": "no_server_protocol"}, [(36871, {"state": "10013"})]),
+        ({"tls_failure": "no_common_protocol"}, [(36888, {"AlertDesc": "70"})]),
+        (
+            {"tls_failure": "no_common_cipher", "tls_version_offered": "TLSv1.1"},
+            [(36874, {"protocol": "TLS 1.1"}), (36888, {"AlertDesc": "40"})],
+        ),
+        ({"tls_failure": "alert_received", "alert": 48}, [(36887, {"AlertDesc": "48"})]),
+        ({"outcome": "tls_established", "tls_version": "TLSv1.2"}, []),
+    ],
+)
+def test_failed_handshakes_log_schannel_events(
+    outcome: dict[str, object], expected: list[tuple[int, dict[str, str]]]
+) -> None:
+    host = load("healthy")
+    host.record_rdp_attempt(outcome)
+    assert [(event.id, event.data) for event in host.events.events] == expected
+    assert all(event.provider == SCHANNEL and event.level == "Error" for event in host.events.events)
+    if expected and "AlertDesc" in expected[-1][1]:
+        # The alert is in the message too, as Windows writes it.
+        assert f"code is {expected[-1][1]['AlertDesc']}." in host.events.events[-1].message
 
 
 # -- faults and snapshots --------------------------------------------------------------------------------------------

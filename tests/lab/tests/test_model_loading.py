@@ -113,6 +113,29 @@ def test_rdp_key_acl_depends_on_build(tmp_path: Path, build: int, expected_extra
         (MINIMAL + "files: [{path: relative.txt}]\n", "files[0].path", "absolute"),
         (MINIMAL + "system: {machine_guid: nope}\n", "system.machine_guid", "GUID"),
         (MINIMAL + "faults: [{name: melt}]\n", "faults[0]", "unknown fault"),
+        (MINIMAL + "firewall: {profiles: {Public: {enabld: false}}}\n", "firewall.profiles.Public.enabld", "unknown"),
+        (MINIMAL + "firewall: {profiles: {Public: {enabled: 'no'}}}\n", "firewall.profiles.Public.enabled", "true"),
+        (MINIMAL + "firewall: {profiles: {Work: {enabled: true}}}\n", "firewall.profiles.Work", "Domain"),
+        (MINIMAL + "firewall: {security_products: {firewal: []}}\n", "security_products.firewal", "unknown"),
+        (
+            MINIMAL + "firewall: {security_products: {antivirus: [{name: AV, state: on}]}}\n",
+            "security_products.antivirus[0].state",
+            "productState",
+        ),
+        (
+            MINIMAL + "firewall: {security_products: {firewall: [{name: FW, state: 1, vendor: x}]}}\n",
+            "security_products.firewall[0].vendor",
+            "unknown",
+        ),
+        (MINIMAL + "firewall: {rules: [{name: r, enabled: 'false'}]}\n", "firewall.rules[0].enabled", "true or false"),
+        (MINIMAL + "firewall: {rules: [{name: r, protocol: 6}]}\n", "firewall.rules[0].protocol", "TCP, UDP"),
+        (MINIMAL + "firewall: {rules: [{name: r, protocol: ICMP}]}\n", "firewall.rules[0].protocol", "ICMP"),
+        (MINIMAL + "firewall: {rules: [{name: r, profiles: true}]}\n", "firewall.rules[0].profiles", "0 (Any) to 7"),
+        (MINIMAL + "firewall: {rules: [{name: r, local_ports: [3389-]}]}\n", "rules[0].local_ports", "'3389-'"),
+        (MINIMAL + "firewall: {rules: [{name: r, remote_addresses: [10.0.0.0/33]}]}\n", "remote_addresses", "/33"),
+        (MINIMAL + "firewall: {rules: [{name: r, program: [a]}]}\n", "firewall.rules[0].program", "string"),
+        (MINIMAL + "firewall: {remove_rules: [No-Such-Rule]}\n", "firewall.remove_rules[0]", "No-Such-Rule"),
+        (MINIMAL + "firewall: {client_address: 5}\n", "firewall.client_address", "IP address"),
         ("name: 'bad name'\ncredentials: {username: u, password: p}\n", "name", "letters"),
         ("- just\n- a list\n", "(top level)", "mapping"),
         ("name: [unclosed\n", "not valid YAML", ""),
@@ -187,3 +210,20 @@ def test_different_hosts_get_different_keys() -> None:
     hosts = load_fleet([HOSTS / "healthy.yml", HOSTS / "expiring-selfsigned.yml"], now=NOW)
     keys = {host.stores.entries("Remote Desktop")[0].x509.public_key().public_numbers().n for host in hosts}  # type: ignore[union-attr]
     assert len(keys) == 2
+
+
+def test_firewall_section_values_are_loaded_as_typed(tmp_path: Path) -> None:
+    host = load_text(
+        tmp_path,
+        MINIMAL
+        + "firewall:\n"
+        + "  profiles: {Public: {enabled: false, default_inbound_action: Allow}}\n"
+        + "  remove_rules: [remotedesktop-shadow-in-tcp]\n"
+        + "  rules: [{name: Web, local_ports: [80, '8000-8080'], remote_addresses: [LocalSubnet, 10.1.0.0/16]}]\n"
+        + "  security_products: {firewall: [{name: FW, state: 266240}]}\n",
+    )
+    firewall = host.firewall
+    assert firewall.profiles_enabled["Public"] is False and firewall.default_inbound["Public"] == "Allow"
+    assert "remotedesktop-shadow-in-tcp" not in firewall.rules
+    assert firewall.get("Web").local_ports == ["80", "8000-8080"]
+    assert firewall.security_products == {"firewall": [{"name": "FW", "state": 266240, "path": ""}], "antivirus": []}

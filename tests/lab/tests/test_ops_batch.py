@@ -292,3 +292,42 @@ def test_registry_set_and_remove_return_previous_and_create_keys() -> None:
     assert results[3]["data"] == {"previous": {"type": "REG_SZ", "value": "x"}}
     assert results[4]["data"] == {"previous": None}
     assert results[5]["data"] == {"previous": None}
+
+
+def test_group_policy_rules_can_be_neither_changed_nor_removed_locally() -> None:
+    host = load()
+    policy_rule = {
+        "name": "GPO-RDP-In",
+        "display_name": "GPO RDP",
+        "group": "Corporate policy",
+        "direction": "Inbound",
+        "action": "Allow",
+        "protocol": "TCP",
+        "profiles": 0,
+        "remote_addresses": ["Any"],
+        "program": "Any",
+    }
+    assert host.run_batch(batch(("firewall.rule.new", policy_rule)))["results"][0]["ok"]
+    host.firewall.get("GPO-RDP-In").source = "GroupPolicy"  # what a GPO refresh would deliver
+    before = host.firewall.get("GPO-RDP-In").record()
+    results = host.run_batch(
+        batch(
+            ("firewall.rule.set", {"name": "GPO-RDP-In", "enabled": False}),
+            ("firewall.rule.remove", {"name": "gpo-rdp-in"}),
+            on_error="continue",
+        )
+    )["results"]
+    for result in results:
+        assert result["error"]["type"] == "InvalidArgument"
+        assert "GroupPolicy" in result["error"]["message"]
+    assert host.firewall.get("GPO-RDP-In").record() == before
+    # A local rule is still removed (by Name, case-insensitively), and removing it again answers null.
+    results = host.run_batch(
+        batch(
+            ("firewall.rule.remove", {"name": "remotedesktop-shadow-in-tcp"}),
+            ("firewall.rule.remove", {"name": "RemoteDesktop-Shadow-In-TCP"}),
+        )
+    )["results"]
+    assert results[0]["data"]["previous"]["name"] == "RemoteDesktop-Shadow-In-TCP"
+    assert results[1]["data"] == {"previous": None}
+    assert host.counters.writes == 3  # rule.new and the two removals; the refused operations count nothing

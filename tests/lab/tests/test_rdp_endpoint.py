@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import typing as t
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from rdplab import rdp
-from rdplab.model.host import Counters, RdpView
+from rdplab.model.host import Counters, RdpView, WindowsHost
 from rdplab.winrm import port_free, self_signed_certificate
 
 
@@ -320,8 +321,6 @@ HOSTS = Path(__file__).resolve().parents[1] / "hosts"
 
 
 def test_model_hosts_healthy_gets_tls_and_broken_key_gets_reset() -> None:
-    from rdplab.model.host import WindowsHost
-
     healthy = WindowsHost.from_file(HOSTS / "healthy.yml")
     broken = WindowsHost.from_file(HOSTS / "missing-selfsigned.yml")
     expected_pem = healthy.rdp_view(connect=False).cert_pem
@@ -349,3 +348,153 @@ def test_model_hosts_healthy_gets_tls_and_broken_key_gets_reset() -> None:
         assert wait_for(lambda: broken.counters.rdp_connections == 1)
     finally:
         listener.stop()
+
+
+# --- Schannel: what a TLS client meets, and the events Windows logs for it -------------------------------------------
+
+SCHANNEL_PROTOCOLS = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\SecurityProviders\\SCHANNEL\\Protocols"
+
+
+def client_hello_of(context: ssl.SSLContext) -> bytes:
+    """The ClientHello records a client context sends first (driven through memory BIOs, no socket)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def version_context(minimum: ssl.TLSVersion, maximum: ssl.TLSVersion) -> ssl.SSLContext:
+    """A client allowing exactly these versions, and offering old suites too (as a TLS 1.0 client needs them)."""
+    context = client_context()
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = minimum
+        context.maximum_version = maximum
+    return context
+
+
+def test_client_hello_versions_come_from_supported_versions_or_the_legacy_version() -> None:
+    modern = rdp.client_hello(client_hello_of(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)))
+    assert modern is not None
+    assert rdp.TLS13 in rdp.offered_versions(modern) and 0x0303 in rdp.offered_versions(modern)
+    # A client that stops at TLS 1.2 sends no supported_versions: every version up to its legacy_version.
+    legacy = rdp.client_hello(client_hello_of(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)))
+    assert legacy is not None
+    assert sorted(rdp.offered_versions(legacy)) == [0x0301, 0x0302, 0x0303]
+
+
+def test_a_client_hello_split_over_segments_is_waited_for() -> None:
+    records = client_hello_of(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
+    assert rdp.client_hello(records[:-1]) is None
+    with pytest.raises(rdp.ProtocolViolation):
+        rdp.client_hello(b"\x03\x00\x00\x13" + records)  # an RDP packet where the ClientHello belongs
+
+
+def model_host(name: str, registry: dict[str, dict[str, int]]) -> WindowsHost:
+    """A ready host, with Schannel protocol values (protocol -> name -> DWORD) set as if they were there at boot."""
+    from rdplab.model import schannel
+    from rdplab.model.registry import make_value
+
+    host = WindowsHost.from_file(HOSTS / f"{name}.yml")
+    for protocol, values in registry.items():
+        for value_name, value in values.items():
+            key = f"{SCHANNEL_PROTOCOLS}\\{protocol}\\Server"
+            host.registry.set(key, value_name, make_value("REG_DWORD", value))
+    schannel.reboot(host)
+    return host
+
+
+@pytest.fixture
+def serve() -> t.Iterator[t.Callable[[WindowsHost], WindowsHost]]:
+    """Serve a model host on the test address for the rest of the test."""
+    endpoints: list[rdp.RdpEndpoint] = []
+
+    def start(host: WindowsHost) -> WindowsHost:
+        listener = rdp.RdpEndpoint(ADDRESS, lambda: host)
+        listener.start()
+        endpoints.append(listener)
+        return host
+
+    yield start
+    for listener in endpoints:
+        listener.stop()
+
+
+def schannel_events(host: WindowsHost) -> list[tuple[int, dict[str, str]]]:
+    with host.lock:
+        return [(event.id, dict(event.data)) for event in host.events.events if event.provider == "Schannel"]
+
+
+def tls_attempt(context: ssl.SSLContext) -> str:
+    """The TLS version a client with this context gets through X.224 (SSL | HYBRID) and the handshake."""
+    sock, _confirm = x224_exchange(rdp.PROTOCOL_SSL | rdp.PROTOCOL_HYBRID | rdp.PROTOCOL_HYBRID_EX)
+    with context.wrap_socket(sock) as tls:
+        return str(tls.version())
+
+
+def test_tls13_forced_on_2019_resets_only_client_hellos_offering_tls13(
+    serve: t.Callable[[WindowsHost], WindowsHost],
+) -> None:
+    host = serve(WindowsHost.from_file(HOSTS / "tls-tls13-forced-2019.yml"))
+    with pytest.raises(ConnectionResetError):
+        tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
+    assert tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)) == "TLSv1.2"
+    assert wait_for(lambda: host.counters.rdp_connections == 2)
+    assert schannel_events(host) == []
+
+
+def test_no_protocol_in_common_logs_the_alert_sent_or_received(serve: t.Callable[[WindowsHost], WindowsHost]) -> None:
+    host = serve(WindowsHost.from_file(HOSTS / "tls-tls12-disabled.yml"))  # TLS 1.0 and 1.1 only
+    # Offering TLS 1.2 and 1.3 in supported_versions: nothing in common, the server sends protocol_version.
+    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+        tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
+    assert wait_for(lambda: schannel_events(host) == [(36888, {"AlertDesc": "70"})])
+    # A TLS 1.2-only client offers no supported_versions: it is answered with TLS 1.1, refuses it and sends
+    # protocol_version itself.
+    with pytest.raises(ssl.SSLError, match="UNSUPPORTED_PROTOCOL"):
+        tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2))
+    assert wait_for(lambda: len(schannel_events(host)) == 2)
+    assert schannel_events(host)[1] == (36887, {"AlertDesc": "70"})
+    # A client that still allows TLS 1.1 connects, and nothing is logged.
+    assert tls_attempt(version_context(ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_3)) == "TLSv1.1"
+    assert wait_for(lambda: host.counters.rdp_connections == 3)
+    assert len(schannel_events(host)) == 2
+
+
+def test_no_usable_cipher_suite_fails_the_handshake_with_36874(serve: t.Callable[[WindowsHost], WindowsHost]) -> None:
+    host = serve(WindowsHost.from_file(HOSTS / "tls-cipher-incompatible.yml"))  # ECDSA suites, RSA key
+    with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+        tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2))
+    assert wait_for(lambda: len(schannel_events(host)) == 2)
+    assert schannel_events(host) == [(36874, {"protocol": "TLS 1.2"}), (36888, {"AlertDesc": "40"})]
+
+
+def test_an_empty_cipher_suite_list_is_answered_with_handshake_failure(
+    serve: t.Callable[[WindowsHost], WindowsHost],
+) -> None:
+    from rdplab.model import schannel
+    from rdplab.model.registry import make_value
+
+    host = WindowsHost.from_file(HOSTS / "healthy.yml")
+    host.registry.set(schannel.CIPHER_POLICY_KEY, "Functions", make_value("REG_SZ", ""))
+    schannel.reboot(host)
+    serve(host)
+    with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+        tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
+    assert wait_for(lambda: len(schannel_events(host)) == 2)
+    assert schannel_events(host) == [(36874, {"protocol": "TLS 1.2"}), (36888, {"AlertDesc": "40"})]
+
+
+def test_no_server_protocol_at_all_resets_with_36871(serve: t.Callable[[WindowsHost], WindowsHost]) -> None:
+    off = {protocol: {"Enabled": 0} for protocol in ("TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3")}
+    host = serve(model_host("healthy", off))
+    # An X.224 exchange alone starts no TLS handshake: Schannel has nothing to log.
+    sock, _confirm = x224_exchange(rdp.PROTOCOL_SSL | rdp.PROTOCOL_HYBRID)
+    sock.close()
+    assert wait_for(lambda: host.counters.rdp_connections == 1)
+    with pytest.raises(ConnectionResetError):
+        tls_attempt(client_context())
+    assert wait_for(lambda: bool(schannel_events(host)))
+    assert schannel_events(host) == [(36871, {"state": "10013"})]

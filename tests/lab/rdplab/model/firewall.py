@@ -2,9 +2,9 @@
 
 Evaluation follows Windows: a rule applies when it is enabled, has the direction, covers the active profile, and its
 protocol, port, remote address and program/service filters match. A matching block rule beats every matching allow
-rule (allow-bypass rules are not modelled); without a matching rule the profile's default inbound action decides.
-Built-in Remote Desktop rules are identified by Name, as Windows does; their group is the resource string
-``@FirewallAPI.dll,-28752`` [windows-rdp-facts: Firewall].
+rule [MS-FASP] (allow-bypass rules are not modelled); without a matching rule the profile's default inbound action
+decides. Built-in Remote Desktop rules are identified by Name, as Windows does [AzInternal]; their group is the
+resource string ``@FirewallAPI.dll,-28752`` (UNCONFIRMED by a cited page, see docs/lab.md).
 """
 
 from __future__ import annotations
@@ -263,17 +263,151 @@ RULE_FIELDS = (
     "source",
 )
 SECTION_FIELDS = ("network_category", "profiles", "client_address", "rules", "remove_rules", "security_products")
+PROFILE_FIELDS = ("enabled", "default_inbound_action")
+PRODUCT_KINDS = ("firewall", "antivirus")
+PRODUCT_FIELDS = ("name", "state", "path")
+_RULE_STRINGS = ("display_name", "group", "program", "service", "description")
+_PROTOCOLS = ("TCP", "UDP", "ANY", "6", "17")
+
+Fail = t.Callable[[str, str], t.NoReturn]
 
 
-def load_section(host: WindowsHost, section: object, fail: t.Callable[[str, str], t.NoReturn]) -> None:
+def _unknown(mapping: dict[t.Any, t.Any], allowed: t.Sequence[str], where: str, fail: Fail) -> None:
+    unknown = sorted(str(key) for key in mapping if key not in allowed)
+    if unknown:
+        fail(f"{where}.{unknown[0]}", f"unknown field (allowed: {', '.join(allowed)})")
+
+
+def _valid_port(text: str) -> bool:
+    # Port keywords (RPC endpoint mapper, Teredo...) are not modelled: the evaluator would never match them.
+    if text.lower() in ("any", "*"):
+        return True
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if match is None:
+        return False
+    low, high = int(match[1]), int(match[2] or match[1])
+    return low <= high <= 65535
+
+
+def _valid_address(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("any", "*") or lowered in _KEYWORDS:
+        return True
+    try:
+        if "-" in text:
+            low, high = (ipaddress.ip_address(part) for part in text.split("-", 1))
+            return low.version == high.version
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _rule_field(key: str, given: object, where: str, fail: Fail) -> object:
+    """One rule field from a host file, checked for type and value the way Set-NetFirewallRule would refuse it."""
+    if key in ("local_ports", "remote_ports", "remote_addresses"):
+        items = given if isinstance(given, list) else [given]
+        # Ports may be written as YAML numbers; nothing else may be anything but a non-empty string.
+        if not items or not all(
+            (isinstance(item, str) and item) or (isinstance(item, int) and not isinstance(item, bool)) for item in items
+        ):
+            fail(where, f"expected a value or a list of values, got {given!r}")
+        texts = [str(item).strip() for item in items]
+        check = _valid_address if key == "remote_addresses" else _valid_port
+        bad = [text for text in texts if not check(text)]
+        if bad:
+            expected = (
+                "Any, an address, a network (CIDR), a range a-b or a keyword such as LocalSubnet"
+                if key == "remote_addresses"
+                else "Any, a port number or a range a-b"
+            )
+            fail(where, f"expected {expected}, got {bad[0]!r}")
+        return texts
+    if key == "enabled":
+        if not isinstance(given, bool):
+            fail(where, f"expected true or false, got {given!r}")
+        return given
+    if key == "profiles":
+        if isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= 7:
+            fail(where, f"expected a mask from 0 (Any) to 7, got {given!r}")
+        return given
+    if key == "protocol":
+        if not isinstance(given, str) or given.upper() not in _PROTOCOLS:
+            fail(where, f"expected TCP, UDP, Any, '6' or '17' (a string), got {given!r}")
+        return given
+    choices = {"direction": DIRECTIONS, "action": ACTIONS, "source": SOURCES}.get(key)
+    if choices is not None:
+        if given not in choices:
+            fail(where, f"expected one of {', '.join(choices)}, got {given!r}")
+        return given
+    # name, display_name, program and service must say something; group and description may be empty.
+    required = key in ("name", "display_name", "program", "service")
+    if not isinstance(given, str) or (required and not given):
+        fail(where, f"expected a {'non-empty ' if required else ''}string, got {given!r}")
+    return given
+
+
+def _load_profiles(firewall: Firewall, profiles: object, fail: Fail) -> None:
+    if profiles is None:
+        return
+    if not isinstance(profiles, dict):
+        fail("firewall.profiles", "expected a mapping of Domain/Private/Public")
+    for name, settings in profiles.items():
+        where = f"firewall.profiles.{name}"
+        if name not in PROFILE_BITS:
+            fail(where, "unknown profile (allowed: Domain, Private, Public)")
+        if not isinstance(settings, dict):
+            fail(where, "expected a mapping with enabled and/or default_inbound_action")
+        _unknown(settings, PROFILE_FIELDS, where, fail)
+        if "enabled" in settings:
+            if not isinstance(settings["enabled"], bool):
+                fail(f"{where}.enabled", f"expected true or false, got {settings['enabled']!r}")
+            firewall.profiles_enabled[name] = settings["enabled"]
+        if "default_inbound_action" in settings:
+            if settings["default_inbound_action"] not in ACTIONS:
+                fail(
+                    f"{where}.default_inbound_action",
+                    f"expected Allow or Block, got {settings['default_inbound_action']!r}",
+                )
+            firewall.default_inbound[name] = settings["default_inbound_action"]
+
+
+def _load_products(products: object, fail: Fail) -> dict[str, list[dict[str, t.Any]]]:
+    """root\\SecurityCenter2's products as security_products.list returns them: {name, state, path} each."""
+    where = "firewall.security_products"
+    if not isinstance(products, dict):
+        fail(where, "expected a mapping with firewall and antivirus lists")
+    _unknown(products, PRODUCT_KINDS, where, fail)
+    loaded: dict[str, list[dict[str, t.Any]]] = {}
+    for kind in PRODUCT_KINDS:
+        items = products.get(kind) or []
+        if not isinstance(items, list):
+            fail(f"{where}.{kind}", f"expected a list of products, got {items!r}")
+        loaded[kind] = []
+        for index, item in enumerate(items):
+            item_where = f"{where}.{kind}[{index}]"
+            if not isinstance(item, dict):
+                fail(item_where, "expected a mapping with name, state and path")
+            _unknown(item, PRODUCT_FIELDS, item_where, fail)
+            name, state, path = item.get("name"), item.get("state"), item.get("path", "")
+            if not isinstance(name, str) or not name:
+                fail(f"{item_where}.name", f"expected a non-empty string, got {name!r}")
+            # productState is a raw integer; the lab stores it as given and never interprets it.
+            if isinstance(state, bool) or not isinstance(state, int) or state < 0:
+                fail(f"{item_where}.state", f"expected the productState integer, got {state!r}")
+            if not isinstance(path, str):
+                fail(f"{item_where}.path", f"expected a string, got {path!r}")
+            loaded[kind].append({"name": name, "state": state, "path": path})
+    return loaded
+
+
+def load_section(host: WindowsHost, section: object, fail: Fail) -> None:
     """The ``firewall`` section of a host file; ``fail(where, problem)`` raises the loader's HostFileError."""
     if section is None:
         return
     if not isinstance(section, dict):
         fail("firewall", "expected a mapping")
-    unknown = sorted(str(key) for key in section if key not in SECTION_FIELDS)
-    if unknown:
-        fail(f"firewall.{unknown[0]}", f"unknown field (allowed: {', '.join(SECTION_FIELDS)})")
+    _unknown(section, SECTION_FIELDS, "firewall", fail)
     firewall = host.firewall
     category = section.get("network_category", firewall.network_category)
     if category not in CATEGORY_PROFILE:
@@ -281,47 +415,35 @@ def load_section(host: WindowsHost, section: object, fail: t.Callable[[str, str]
     firewall.network_category = category
     address = section.get("client_address", firewall.client_address)
     try:
+        # ip_address() would also take an integer: only the written form of an address is a valid entry.
+        if not isinstance(address, str):
+            raise ValueError(address)
         ipaddress.ip_address(address)
     except ValueError:
         fail("firewall.client_address", f"expected an IP address, got {address!r}")
     firewall.client_address = address
-    profiles = section.get("profiles") or {}
-    if not isinstance(profiles, dict):
-        fail("firewall.profiles", "expected a mapping of Domain/Private/Public")
-    for name, settings in profiles.items():
-        if name not in PROFILE_BITS or not isinstance(settings, dict):
-            fail(f"firewall.profiles.{name}", "expected Domain, Private or Public with enabled/default_inbound_action")
-        if "enabled" in settings:
-            firewall.profiles_enabled[name] = bool(settings["enabled"])
-        if "default_inbound_action" in settings:
-            if settings["default_inbound_action"] not in ACTIONS:
-                fail(f"firewall.profiles.{name}.default_inbound_action", "expected Allow or Block")
-            firewall.default_inbound[name] = settings["default_inbound_action"]
-    for name in section.get("remove_rules") or []:
-        firewall.rules.pop(str(name).casefold(), None)
-    for index, spec in enumerate(section.get("rules") or []):
+    _load_profiles(firewall, section.get("profiles"), fail)
+    removed = section.get("remove_rules") or []
+    if not isinstance(removed, list):
+        fail("firewall.remove_rules", f"expected a list of rule Names, got {removed!r}")
+    for index, name in enumerate(removed):
+        if not isinstance(name, str) or firewall.rules.pop(name.casefold(), None) is None:
+            fail(f"firewall.remove_rules[{index}]", f"no rule with the Name {name!r}")
+    rules = section.get("rules") or []
+    if not isinstance(rules, list):
+        fail("firewall.rules", f"expected a list of rules, got {type(rules).__name__}")
+    for index, spec in enumerate(rules):
         where = f"firewall.rules[{index}]"
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
             fail(where, "expected a mapping with at least a name")
-        unknown = sorted(str(key) for key in spec if key not in RULE_FIELDS)
-        if unknown:
-            fail(f"{where}.{unknown[0]}", f"unknown field (allowed: {', '.join(RULE_FIELDS)})")
+        _unknown(spec, RULE_FIELDS, where, fail)
+        # Check every field before touching the rule, so that a built-in rule is never left half changed.
+        values = {key: _rule_field(key, given, f"{where}.{key}", fail) for key, given in spec.items()}
         existing = firewall.rules.get(spec["name"].casefold())
-        rule = existing or FirewallRule(spec["name"], str(spec.get("display_name") or spec["name"]))
-        for key, given in spec.items():
-            if key in ("local_ports", "remote_ports", "remote_addresses"):
-                given = [str(item) for item in (given if isinstance(given, list) else [given])]  # noqa: PLW2901
-            setattr(rule, key, given)
-        if rule.direction not in DIRECTIONS or rule.action not in ACTIONS or rule.source not in SOURCES:
-            fail(where, "direction must be Inbound/Outbound, action Allow/Block, source Local/GroupPolicy")
-        if not isinstance(rule.profiles, int) or not 0 <= rule.profiles <= 7:
-            fail(f"{where}.profiles", "expected a mask from 0 (Any) to 7")
+        rule = existing or FirewallRule(spec["name"], str(values.get("display_name") or spec["name"]))
+        for key, value in values.items():
+            setattr(rule, key, value)
         firewall.rules[rule.name.casefold()] = rule
     products = section.get("security_products")
     if products is not None:
-        if not isinstance(products, dict):
-            fail("firewall.security_products", "expected a mapping with firewall and antivirus lists")
-        firewall.security_products = {
-            "firewall": list(products.get("firewall") or []),
-            "antivirus": list(products.get("antivirus") or []),
-        }
+        firewall.security_products = _load_products(products, fail)

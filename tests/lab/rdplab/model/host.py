@@ -45,6 +45,9 @@ class RdpView:
     cert_pem: bytes | None
     key_pem: bytes | None
     tls_versions: list[str] = field(default_factory=lambda: ["TLSv1.2", "TLSv1.3"])
+    # The suites (OpenSSL names) the TLS server offers; None: its TLS library's defaults. Set when Schannel has no
+    # usable suite, so that the handshake really fails for want of a common cipher.
+    cipher_suites: list[str] | None = None
 
 
 class WindowsHost:
@@ -82,8 +85,9 @@ class WindowsHost:
         self.selfsigned_generation = 0
         self.faults: list[dict[str, object]] = []
         self.firewall = Firewall.windows_default()
-        # Schannel's protocols and cipher suites as latched at boot (rdplab.model.schannel); None until first used.
-        self.schannel: schannel.SchannelState | None = None
+        # Schannel's protocols and cipher suites as latched at boot (rdplab.model.schannel): the build's defaults
+        # until a host file's registry is loaded (schema.build_host latches again) or the host reboots.
+        self.schannel: schannel.SchannelState = schannel.compute(self)
 
     # -- construction --------------------------------------------------------------------------------------------
 
@@ -204,16 +208,33 @@ class WindowsHost:
             credential = listener.choose_credential(self, log=connect)
             cert = credential.certificate
             failure = credential.failure or schannel.handshake_failure(self, schannel.key_type(cert))
+            versions = schannel.tls_versions(self)
+            suites = None
+            if failure == schannel.NO_USABLE_CIPHER_SUITE:
+                # Only TLS 1.0-1.2 suites can be named to the lab's TLS server, so it serves those versions only.
+                versions = [version for version in versions if version != "TLSv1.3"]
+                suites = schannel.offered_suites(self) if versions else []
+            # A certificate is presented unless the credential cannot be built at all.
+            presented = failure is None or failure in (
+                schannel.NO_USABLE_CIPHER_SUITE,
+                schannel.RESET_TLS13_CLIENT_HELLO,
+            )
             return RdpView(
                 port=port,
                 listening=True,
                 accepted_protocols=protocols,
                 rdp_only=False,
                 failure=failure,
-                cert_pem=cert.pem if cert is not None and failure is None else None,
-                key_pem=credential.key_pem if failure is None else None,
-                tls_versions=schannel.tls_versions(self),
+                cert_pem=cert.pem if cert is not None and presented else None,
+                key_pem=credential.key_pem if presented else None,
+                tls_versions=versions,
+                cipher_suites=suites,
             )
+
+    def record_rdp_attempt(self, outcome: dict[str, t.Any]) -> None:
+        """What the RDP endpoint met on one connection: Schannel logs the events of a failed TLS handshake."""
+        with self.lock:
+            schannel.log_handshake_failure(self, outcome)
 
     # -- faults --------------------------------------------------------------------------------------------------
 

@@ -42,6 +42,10 @@ SELFSIGNED_VALIDITY = timedelta(days=182)
 # RCM warns (1052) about a configured certificate that expires within this many days (threshold UNCONFIRMED).
 EXPIRY_WARNING_DAYS = 30
 
+# The status texts RCM's 1057/1058 carry for an unusable key [AzEvent].
+ACCESS_DENIED = "Access is denied"
+KEYSET_MISSING = "Keyset does not exist"
+
 HASH_TYPE_NOT_VALID = 0
 HASH_TYPE_SELF_SIGNED = 1
 HASH_TYPE_GPO = 2
@@ -85,14 +89,14 @@ def key_status(host: WindowsHost, cert: Certificate) -> KeyStatus:
         return KeyStatus(False, False, None, None, None, None, False, "the certificate has no private key")
     entry = host.filesystem.get(link.path)
     if entry is None or entry.is_dir:
-        return KeyStatus(True, False, None, None, None, None, False, "Keyset does not exist")
+        return KeyStatus(True, False, None, None, None, None, False, KEYSET_MISSING)
     parsed = parse_key_file(entry.content)
     readable = sddl_mod.network_service_can_read(entry.sddl)
     problem: str | None = None
     if not readable:
-        problem = "Access is denied"
+        problem = ACCESS_DENIED
     elif parsed is None or not cert.matches_key(parsed.key):
-        problem = "Keyset does not exist"
+        problem = KEYSET_MISSING
     return KeyStatus(True, True, len(entry.content), entry.owner, entry.sddl, parsed, readable, problem)
 
 
@@ -238,7 +242,7 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
             "Error",
             "The RD Session Host Server has failed to create a new self signed certificate to be used for RD Session "
             "Host Server authentication on SSL connections.",
-            status="Keyset does not exist",
+            status=KEYSET_MISSING,
         )
         return ListenerCredential(None, None, HASH_TYPE_NOT_VALID, "reset_after_x224")
     if selfsigned.expired(now):
@@ -267,10 +271,15 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
                 ),
                 data={"error_code": "0x8009030D", "state": "10001"},
             )
+        # [AzEvent] pairs the two statuses with two events: 1057 ("failed to create a new self signed certificate")
+        # with "Keyset does not exist", 1058 ("failed to replace the expired self signed certificate") with "Access
+        # is denied". The lab follows those pairs, whatever the certificate's age (UNCONFIRMED beyond the examples).
+        denied = status.problem == ACCESS_DENIED
+        action = "replace the expired" if denied else "create a new"
         event(
-            1057,
+            1058 if denied else 1057,
             "Error",
-            "The RD Session Host Server has failed to create a new self signed certificate to be used for RD Session "
+            f"The RD Session Host Server has failed to {action} self signed certificate to be used for RD Session "
             f"Host Server authentication on SSL connections. The relevant status code was {status.problem}.",
             status=status.problem or "",
         )

@@ -1,17 +1,21 @@
 """Schannel as the RDP listener meets it: server protocols and the cipher-suite list, both fixed at boot.
 
 Windows reads ``SCHANNEL\\Protocols\\<protocol>\\Server`` and the cipher-suite order policy when it starts
-[windows-rdp-facts: Schannel and TLS], so a registry change made now only counts after the next reboot: the lab
-latches the effective state the first time it is needed after the host file is loaded, and again on each emulated
-reboot (``rdplab.reboot``).
+[TLSReg][CipherOrder], so a registry change made now only counts after the next reboot. The lab latches the effective
+state when the host boots: when it is created, again once its host file has been loaded (the file describes the host
+as it booted), and on each emulated reboot (``rdplab.reboot``). Nothing else latches it, so no read and no connection
+can make a registry change count early.
 """
 
 from __future__ import annotations
 
+import re
 import typing as t
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from rdplab.model.events import SCHANNEL
 
 if t.TYPE_CHECKING:
     from rdplab.model.certs import Certificate
@@ -22,6 +26,21 @@ CIPHER_POLICY_KEY = "HKLM:\\SOFTWARE\\Policies\\Microsoft\\Cryptography\\Configu
 PROTOCOLS = ("SSL 2.0", "SSL 3.0", "TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3")
 OPENSSL_NAMES = {"TLS 1.0": "TLSv1", "TLS 1.1": "TLSv1.1", "TLS 1.2": "TLSv1.2", "TLS 1.3": "TLSv1.3"}
 TLS13_MIN_BUILD = 20348
+WINDOWS_NAMES = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
+
+# Why Schannel cannot serve a TLS connection, as RdpView.failure carries it (the certificate chain's own failure,
+# "reset_after_x224", comes first). Each is acted out by the RDP endpoint (rdplab.rdp).
+NO_SERVER_PROTOCOL = "no_server_protocol"  # no TLS protocol enabled: the credential cannot be created
+NO_USABLE_CIPHER_SUITE = "no_usable_cipher_suite"  # no suite in the list usable with the key and protocols
+RESET_TLS13_CLIENT_HELLO = "reset_tls13_client_hello"  # TLS 1.3 forced on a build without it
+
+# What the RDP endpoint saw when a handshake failed (its outcome's "tls_failure"), mapped to Schannel's events by
+# log_handshake_failure.
+NO_COMMON_PROTOCOL = "no_common_protocol"
+NO_COMMON_CIPHER = "no_common_cipher"
+ALERT_RECEIVED = "alert_received"
+ALERT_PROTOCOL_VERSION = 70
+ALERT_HANDSHAKE_FAILURE = 40
 
 # Get-TlsCipherSuite on Windows Server 2022 without a policy, shortened to the suites the tests care about. TLS 1.3
 # suites only exist on builds that speak TLS 1.3.
@@ -82,13 +101,12 @@ def compute(host: WindowsHost) -> SchannelState:
 
 
 def effective(host: WindowsHost) -> SchannelState:
-    """What Schannel uses now: latched at the first use after loading, and at each reboot."""
-    if host.schannel is None:
-        host.schannel = compute(host)
+    """What Schannel uses now: the state latched at the last boot."""
     return host.schannel
 
 
 def reboot(host: WindowsHost) -> None:
+    """Latch the registry's state, as Schannel does when Windows starts."""
     host.schannel = compute(host)
 
 
@@ -101,23 +119,66 @@ def _key_fits(suite: str, key_type: str) -> bool:
 
 
 def handshake_failure(host: WindowsHost, key_type: str | None) -> str | None:
-    """Why a TLS handshake with the listener fails, as the RDP endpoint acts it out, or None.
+    """Why Schannel cannot serve every TLS client of the listener, or None; the RDP endpoint acts each one out.
 
-    No TLS protocol (Schannel 36871) or no suite usable with the key (36874): Windows closes the connection after
-    the X.224 exchange. A forced TLS 1.3 on a build without it resets the modern ClientHello the same way.
+    - NO_SERVER_PROTOCOL: no TLS protocol at all, so no server credential (Schannel 36871, state 10013): the
+      connection is reset when the ClientHello arrives.
+    - NO_USABLE_CIPHER_SUITE: no suite of the list fits the key and the enabled protocols [Repair]: every handshake
+      fails with no cipher in common (36874, alert 40 sent).
+    - RESET_TLS13_CLIENT_HELLO: TLS 1.3 forced on a build without it: a ClientHello that offers TLS 1.3 is reset,
+      one that stops at TLS 1.2 gets the other enabled protocols.
     """
     state = effective(host)
     tls = [p for p in ("TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3") if p in state.protocols]
-    if not tls or state.tls13_forced_unsupported:
-        return "reset_after_x224"
+    if not tls:
+        return NO_SERVER_PROTOCOL
     older = any(protocol != "TLS 1.3" for protocol in tls)
     usable = [
         suite
         for suite in state.suites
         if (key_type is None or _key_fits(suite, key_type))
-        and (("TLS 1.3" in tls) if suite.startswith(("TLS_AES_", "TLS_CHACHA20_")) else older)
+        and (("TLS 1.3" in tls) if _is_tls13_suite(suite) else older)
     ]
-    return None if usable else "reset_after_x224"
+    if not usable:
+        return NO_USABLE_CIPHER_SUITE
+    return RESET_TLS13_CLIENT_HELLO if state.tls13_forced_unsupported else None
+
+
+def _is_tls13_suite(suite: str) -> bool:
+    return suite.startswith(("TLS_AES_", "TLS_CHACHA20_"))
+
+
+_SUITE = re.compile(
+    r"TLS_(ECDHE_ECDSA|ECDHE_RSA|DHE_RSA|DHE_DSS|RSA)_WITH_AES_(128|256)_(GCM|CBC)_(SHA|SHA256|SHA384)(?:_P(?:256|384|521))?"
+)
+_OPENSSL_KEY_EXCHANGE = {
+    "ECDHE_ECDSA": "ECDHE-ECDSA-",
+    "ECDHE_RSA": "ECDHE-RSA-",
+    "DHE_RSA": "DHE-RSA-",
+    "DHE_DSS": "DHE-DSS-",
+}
+
+
+def openssl_suite(suite: str) -> str | None:
+    """The OpenSSL name of a TLS 1.0-1.2 suite Windows names (TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 ->
+    ECDHE-RSA-AES256-GCM-SHA384), or None for a TLS 1.3 suite or one the lab cannot serve (3DES, RC4, NULL...)."""
+    match = _SUITE.fullmatch(suite)
+    if match is None:
+        return None
+    exchange, bits, mode, mac = match.groups()
+    # OpenSSL leaves the mode out of CBC names (and calls SHA-1 plain "SHA").
+    body = f"AES{bits}-GCM-{mac}" if mode == "GCM" else f"AES{bits}-{mac}"
+    return _OPENSSL_KEY_EXCHANGE.get(exchange, "") + body
+
+
+def offered_suites(host: WindowsHost) -> list[str]:
+    """The TLS 1.0-1.2 suites of the effective list the lab's TLS server can offer, by their OpenSSL names.
+
+    Used when no suite is usable: the lab's server then offers exactly these (none fits the key), so its TLS library
+    really fails the handshake with no shared cipher, as Schannel does.
+    """
+    names = (openssl_suite(suite) for suite in effective(host).suites if not _is_tls13_suite(suite))
+    return [name for name in names if name is not None]
 
 
 def tls_versions(host: WindowsHost) -> list[str]:
@@ -154,3 +215,54 @@ def key_type(cert: Certificate | None) -> str | None:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return "EC"
     return None
+
+
+# -- events of failed handshakes ----------------------------------------------------------------------------------
+
+# Event texts after those commonly seen on Windows (the "An TLS" of 36874 included); the exact texts and the data
+# names are UNCONFIRMED by a cited page (docs/lab.md, "Schannel and the listener's security settings").
+_CREDENTIAL_FAILED = (
+    "A fatal error occurred while creating a TLS server credential. The internal error state is {state}."
+)
+_NO_COMMON_CIPHER = (
+    "An {protocol} connection request was received from a remote client application, but none of the cipher suites "
+    "supported by the client application are supported by the server. The TLS connection request has failed."
+)
+_ALERT_SENT = (
+    "A fatal alert was generated and sent to the remote endpoint. This may result in termination of the connection. "
+    "The TLS protocol defined fatal error code is {alert}."
+)
+_ALERT_RECEIVED = (
+    "A fatal alert was received from the remote endpoint. The TLS protocol defined fatal alert code is {alert}."
+)
+# The internal state of 36871 when disabled protocols leave Schannel none to build the credential with (UNCONFIRMED
+# by a cited page, as the pairing of every event below with its failure).
+STATE_NO_PROTOCOL = "10013"
+
+
+def log_handshake_failure(host: WindowsHost, outcome: t.Mapping[str, t.Any]) -> None:
+    """Write the Schannel events Windows logs for the failure an RDP connection met (its ``tls_failure``).
+
+    No protocol at all: 36871 (state 10013). No protocol in common with the client: 36888, alert 70 sent. No cipher
+    suite in common: 36874, then 36888 with alert 40 sent. A fatal alert from the client: 36887 with its code.
+    """
+    failure = outcome.get("tls_failure")
+    now = host.clock()
+
+    def write(event_id: int, message: str, data: dict[str, str]) -> None:
+        host.events.write(SCHANNEL, event_id, level="Error", time=now, message=message, data=data)
+
+    def alert_sent(code: int) -> None:
+        write(36888, _ALERT_SENT.format(alert=code), {"AlertDesc": str(code)})
+
+    if failure == NO_SERVER_PROTOCOL:
+        write(36871, _CREDENTIAL_FAILED.format(state=STATE_NO_PROTOCOL), {"state": STATE_NO_PROTOCOL})
+    elif failure == NO_COMMON_PROTOCOL:
+        alert_sent(ALERT_PROTOCOL_VERSION)
+    elif failure == NO_COMMON_CIPHER:
+        protocol = WINDOWS_NAMES.get(str(outcome.get("tls_version_offered")), "TLS")
+        write(36874, _NO_COMMON_CIPHER.format(protocol=protocol), {"protocol": protocol})
+        alert_sent(ALERT_HANDSHAKE_FAILURE)
+    elif failure == ALERT_RECEIVED and isinstance(outcome.get("alert"), int):
+        alert = outcome["alert"]
+        write(36887, _ALERT_RECEIVED.format(alert=alert), {"AlertDesc": str(alert)})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from rdplab.model import firewall, listener
+from rdplab.model import firewall, listener, schannel
 from rdplab.model import sddl as sddl_mod
 from rdplab.model.certs import (
     CAPI_PROVIDER,
@@ -201,6 +201,8 @@ def build_host(document: object, source: Path, *, ca: LabCA | None = None, now: 
     _files(reader, host, doc.get("files"))
     _events(reader, host, doc.get("events"), anchor)
     firewall.load_section(host, doc.get("firewall"), reader.fail)
+    # The file describes the host as it booted: Schannel starts with the file's registry. Faults come after the boot.
+    schannel.reboot(host)
     for index, item in enumerate(reader.items(doc.get("faults"), "faults")):
         where = f"faults[{index}]"
         fault = reader.mapping(item, where, ("name", "params"))

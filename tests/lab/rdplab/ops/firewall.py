@@ -37,6 +37,13 @@ def _profiles(args: dict[str, t.Any], required: bool) -> int | None:
     return _args.integer(args, "profiles", 0, 7)
 
 
+def _refuse_policy_rule(rule: FirewallRule, what: str) -> None:
+    # A rule delivered by Group Policy lives in the GPO store: the local store cannot change or delete it, and the
+    # next policy refresh would bring it back anyway.
+    if rule.source != "Local":
+        raise InvalidArgument(f"the rule '{rule.name}' comes from {rule.source} and cannot be {what} here")
+
+
 def rule_set(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     rule = host.firewall.get(_args.string(args, "name"))
     # Validate everything before changing anything, as Set-NetFirewallRule does.
@@ -49,8 +56,7 @@ def rule_set(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     program = args.get("program")
     if program is not None and (not isinstance(program, str) or not program):
         raise InvalidArgument(f"argument 'program' must be a non-empty string, got {program!r}")
-    if rule.source != "Local":
-        raise InvalidArgument(f"the rule '{rule.name}' comes from {rule.source} and cannot be changed here")
+    _refuse_policy_rule(rule, "changed")
     previous = rule.record()
     if enabled is not None:
         rule.enabled = enabled
@@ -95,8 +101,12 @@ def rule_new(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
 
 def rule_remove(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     name = _args.string(args, "name")
-    rule = host.firewall.rules.pop(name.casefold(), None)
-    return {"previous": rule.record() if rule else None}
+    rule = host.firewall.rules.get(name.casefold())
+    if rule is None:
+        return {"previous": None}
+    _refuse_policy_rule(rule, "removed")
+    del host.firewall.rules[name.casefold()]
+    return {"previous": rule.record()}
 
 
 def security_products_list(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:

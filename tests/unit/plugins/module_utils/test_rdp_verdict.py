@@ -181,6 +181,21 @@ def test_untested_versions_do_not_count_as_refused() -> None:
     assert result["verdict"] == "connects"
 
 
+@pytest.mark.parametrize("closed", ["reset", "closed"])
+def test_a_reset_tls13_client_hello_is_a_0x904_warning_not_an_aside(closed: str) -> None:
+    tls = tls_section({"TLSv1.2": "accepted", "TLSv1.3": closed}, certificate())
+    result = assess(report(negotiation=HEALTHY_NEGOTIATION, tls=tls), Options())
+    (reset,) = [item for item in result["findings"] if item["id"] == "handshake.tls13_reset"]
+    assert (reset["severity"], reset["effect"], reset["cause"]) == ("warning", "0x904/0x7", "tls")
+    assert "rdpfix.rdp.tls" in reset["fix"]["description"]
+    assert "handshake.tls_version_dropped" not in ids(result)
+    assert result["verdict"] == "connects_with_warnings"
+    # Another version dropped beside it is still the informational aside.
+    both = tls_section({"TLSv1.1": "reset", "TLSv1.2": "accepted", "TLSv1.3": closed}, certificate())
+    found = ids(assess(report(negotiation=HEALTHY_NEGOTIATION, tls=both), Options()))
+    assert "handshake.tls13_reset" in found and "handshake.tls_version_dropped" in found
+
+
 def test_credssp_failure_is_critical_only_when_nla_is_required() -> None:
     broken = {"status": "closed", "detail": "closed"}
     required = assess(report(negotiation=HEALTHY_NEGOTIATION, credssp=broken), Options())

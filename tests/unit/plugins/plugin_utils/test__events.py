@@ -51,7 +51,10 @@ def test_alert_code_from_data_then_message() -> None:
     from_text = ev.Event.from_agent(
         event(ev.SCHANNEL, 36887, message="The TLS protocol defined fatal alert code is 48.")
     )
-    assert (ev.alert_code(from_data), ev.alert_code(from_text)) == (70, 48)
+    as_error = ev.Event.from_agent(
+        event(ev.SCHANNEL, 36888, message="The TLS protocol defined fatal error code is 40.")
+    )
+    assert (ev.alert_code(from_data), ev.alert_code(from_text), ev.alert_code(as_error)) == (70, 48, 40)
     assert from_data.brief()["alert"] == "70 protocol_version"
     assert ev.alert_code(ev.Event.from_agent(event(ev.SCHANNEL, 36870, data={"AlertDesc": "70"}))) is None
 
@@ -71,6 +74,20 @@ def test_assess_attaches_explained_events_and_reports_the_rest() -> None:
     assert [item["id"] for item in assessment.findings] == ["events.schannel_no_common_cipher"]
     only = assessment.findings[0]
     assert only["fix"] is None and only["evidence"]["count"] == 1 and only["cause"] == "tls"
+
+
+def test_mismatch_alerts_are_evidence_of_a_current_tls_finding_other_alerts_stay_findings() -> None:
+    mismatch = event(ev.SCHANNEL, 36888, data={"AlertDesc": "70"})
+    unknown_ca = event(ev.SCHANNEL, 36888, time="2026-11-25T09:00:00Z", data={"AlertDesc": "48"})
+    parsed = ev.parse_events([mismatch, unknown_ca])
+    with_finding = ev.assess(parsed, ["tls.tls12_disabled"])
+    assert [item["alert"] for item in with_finding.evidence["tls.tls12_disabled"]] == ["70 protocol_version"]
+    (alone,) = with_finding.findings
+    assert alone["id"] == "events.tls_alert_sent" and alone["evidence"]["alerts"] == {"48 unknown_ca": 1}
+    # Without a current TLS finding, both alerts are a finding of their own (the fault may have been repaired).
+    without = ev.assess(parsed, ["certificate.self_signed_expired"])
+    assert without.evidence == {}
+    assert [item["evidence"]["count"] for item in without.findings] == [2]
 
 
 def test_merged_batch_sends_each_operation_once_and_maps_back() -> None:

@@ -130,6 +130,24 @@ def test_cipher_list_is_restored_only_when_nothing_is_usable(suites: list[str], 
         assert _tls.usable_suites(written.split(","), key_type, ["TLS 1.2"])
 
 
+def test_a_restored_cipher_policy_waits_for_the_reboot_instead_of_being_written_again():
+    # The first run wrote the policy; Schannel still uses the old (ECDSA-only) list until the next boot.
+    first = _tls.plan_tls(
+        tls_state(cipher_suites=["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"], key_type="RSA"), _tls.TlsOptions()
+    )
+    (change,) = first.changes
+    written = {_tls.CIPHER_POLICY_VALUE: {"type": change.value_type, "value": change.value}}
+    again = _tls.plan_tls(
+        tls_state(cipher_suites=["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"], key_type="RSA", cipher_policy=written),
+        _tls.TlsOptions(),
+    )
+    assert again.changes == []
+    assert again.reboot_required
+    (incompatible,) = [f for f in again.findings if f["id"] == "tls.cipher_suites_incompatible"]
+    assert incompatible["fix"] is None
+    assert "next boot" in incompatible["title"]
+
+
 def test_tls13_on_a_build_without_it_is_unforced_not_enabled():
     forced = {"TLS 1.3": {"Enabled": dword(1)}}
     plan = _tls.plan_tls(tls_state(os_build=17763, protocols=forced), _tls.TlsOptions())

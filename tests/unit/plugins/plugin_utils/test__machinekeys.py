@@ -43,6 +43,17 @@ def test_certificate_options_never_do_the_certificate_modules_work() -> None:
     assert cert_options.allow_session_disruption is False
 
 
+def test_a_poll_waits_on_the_host_before_it_reads() -> None:
+    plain, plain_index = mk.build_read_batch(mk.Options(), NOW)
+    poll, poll_index = mk.build_read_batch(mk.Options(), NOW, wait_ms=5000)
+    assert poll.ops[0] == {"op": "util.sleep", "args": {"milliseconds": 5000}}
+    assert poll.ops[1:] == plain.ops and not poll.writes
+    # Every position the parser reads from moves by the one leading wait.
+    assert poll.ops[poll_index.store] == plain.ops[plain_index.store]
+    assert poll.ops[poll_index.cert.listener] == plain.ops[plain_index.cert.listener]
+    assert poll_index.cert_count == plain_index.cert_count + 1
+
+
 def test_read_batch_is_one_batch_of_reads() -> None:
     batch, index = mk.build_read_batch(mk.Options(), NOW)
     assert not batch.writes and batch.on_error == "continue"
