@@ -11,7 +11,7 @@ printf '[defaults]\n' > "$tmp/ansible.cfg"
 export ANSIBLE_CONFIG="$tmp/ansible.cfg"
 ANSIBLE_CONFIG="$root/ansible.cfg" "$bin/ansible-galaxy" collection build --force --output-path "$tmp" . >/dev/null
 tarball=$(ls "$tmp"/rdpfix-rdp-*.tar.gz)
-unwanted=$(tar -tzf "$tarball" | grep -E '^(tests/lab/|\.venv/|\.cache/|\.lab/|\.hypothesis/|inventory/lab|molecule/|scripts/|benchmarks/|\.git/)' || true)
+unwanted=$(tar -tzf "$tarball" | grep -E '^(tests/lab/|\.venv/|\.cache/|\.lab/|\.hypothesis/|inventory/lab|molecule/|scripts/|benchmarks/|build/|reports/|\.git/)' || true)
 if [ -n "$unwanted" ]; then
   echo "the collection tarball carries files it must leave out:"; echo "$unwanted" | head -20; exit 1
 fi

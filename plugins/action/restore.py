@@ -54,12 +54,11 @@ class ActionModule(RdpfixAction):
     # -------------------------------------------------------------------------------------------------- listing
 
     def _list(self, found: BatchResult, index: rs.DiscoveryIndex, root: str) -> dict[str, t.Any]:
-        ids = rs.listed_ids(found, index.listing) if index.listing is not None else []
         manifests: list[dict[str, t.Any]] = []
-        if ids:
-            batch, positions = rs.build_manifest_batch(root, ids)
-            read = self.run_batch(batch)
-            manifests = [rs.list_entry(read, positions[manifest_id], manifest_id, root) for manifest_id in ids]
+        if index.listing is not None:
+            # The discovery batch read every manifest already: a listing is one round trip.
+            read, positions = rs.listed_manifests(found, index.listing)
+            manifests = [rs.list_entry(read, where, manifest_id, root) for manifest_id, where in positions.items()]
         return {"changed": False, "backup_root": root, "manifests": manifests}
 
     # -------------------------------------------------------------------------------------------------- restoring

@@ -151,7 +151,7 @@ restart_required:
   type: list
   elements: str
 round_trips:
-  description: WinRM commands used (list 2, or 1 when there is no manifest; restore 2 + one per restored manifest).
+  description: WinRM commands used (list 1; restore 2 + one per restored manifest; an already restored manifest 1).
   returned: always
   type: int
 """

@@ -1335,6 +1335,51 @@ $Operations = [ordered]@{
         return [ordered]@{ exists = $true; entries = $entries.ToArray() }
     }
 
+    # Every direct subfolder of a folder, with the named files in each, in one operation: the restore module
+    # lists the backup manifests (folders whose names it does not know yet) in one round trip.
+    'dir.read_each' = {
+        param($Args_)
+        $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
+        $names = @(Get-OpArgument -Table $Args_ -Name 'names' -Required)
+        if ($names.Count -lt 1 -or $names.Count -gt 8) {
+            throw (New-AgentException 'InvalidArgument' 'names must list 1 to 8 file names')
+        }
+        foreach ($name in $names) {
+            if (-not ($name -is [string]) -or $name.Length -eq 0 -or $name.IndexOfAny([char[]]'\/:') -ge 0 -or $name -eq '.' -or $name -eq '..') {
+                throw (New-AgentException 'InvalidArgument' "names must be plain file names, got '$name'")
+            }
+        }
+        $item = Get-ItemOrNull -Path $path
+        if ($null -eq $item) {
+            return [ordered]@{ exists = $false; folders = @() }
+        }
+        if (-not $item.PSIsContainer) {
+            throw (New-AgentException 'InvalidArgument' "'$path' is not a folder")
+        }
+        $folders = New-Object System.Collections.Generic.List[object]
+        foreach ($child in @(Get-ChildItem -LiteralPath $item.FullName -Directory -Force -ErrorAction Stop | Sort-Object -Property Name)) {
+            $files = [ordered]@{}
+            $errors = [ordered]@{}
+            foreach ($name in $names) {
+                $filePath = Join-Path -Path $child.FullName -ChildPath $name
+                try {
+                    if (Test-Path -LiteralPath $filePath -PathType Leaf) {
+                        $files[$name] = [System.Convert]::ToBase64String([System.IO.File]::ReadAllBytes($filePath))
+                    }
+                    else {
+                        $files[$name] = $null
+                    }
+                }
+                catch {
+                    # One unreadable file does not hide the others: it is reported with its error.
+                    $errors[$name] = "$(Get-AgentErrorType -ErrorRecord $_): $($_.Exception.Message)"
+                }
+            }
+            $folders.Add([ordered]@{ name = [string]$child.Name; files = $files; errors = $errors })
+        }
+        return [ordered]@{ exists = $true; folders = $folders.ToArray() }
+    }
+
     'util.sleep' = {
         param($Args_)
         $requested = Get-OpArgument -Table $Args_ -Name 'milliseconds' -Required

@@ -44,6 +44,7 @@ READ_OPERATIONS: frozenset[str] = frozenset(
         "file.stat",
         "file.read",
         "dir.list",
+        "dir.read_each",
         "util.sleep",
         "dir.stat",
         "events.query",

@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from . import _certificate as certificate
 from . import _machinekeys as mk
 from ._action import BackupSet
-from ._agent import Batch, BatchResult
+from ._agent import Batch, BatchResult, OpResult
 from ._tls import CIPHER_POLICY_KEY, FIPS_KEY, SCHANNEL_PROTOCOLS_KEY
 from ._transport import POLICY_KEY, SELECT_TRANSPORT
 
@@ -252,7 +252,7 @@ def newest_first(manifests: t.Iterable[Manifest]) -> list[Manifest]:
 @dataclass(frozen=True)
 class DiscoveryIndex:
     system: int
-    listing: int | None  # dir.list of the backup root (listing only)
+    listing: int | None  # dir.read_each of the backup root: every manifest and marker (listing only)
     manifests: dict[str, tuple[int, int]]  # id -> (manifest.json, restored.json)
 
 
@@ -271,25 +271,32 @@ def build_discovery_batch(root: str, manifest_ids: t.Sequence[str]) -> tuple[Bat
     """Round trip 1: ``system.info`` and either the backup folder's listing (no ids) or the requested manifests."""
     batch = Batch(on_error="continue")
     system = batch.add("system.info")
-    listing = None if manifest_ids else batch.add("dir.list", path=root)
+    listing = None if manifest_ids else batch.add("dir.read_each", path=root, names=[MANIFEST_FILE, RESTORED_MARKER])
     return batch, DiscoveryIndex(system, listing, add_manifest_reads(batch, root, manifest_ids))
 
 
-def listed_ids(result: BatchResult, position: int) -> list[str]:
-    """The manifest folders in the backup folder's listing, newest first; a missing folder lists none."""
+def listed_manifests(result: BatchResult, position: int) -> tuple[BatchResult, dict[str, tuple[int, int]]]:
+    """The manifests the listing read (``dir.read_each``), newest first, as ``file.read`` results at positions, so
+    ``parse_manifest`` reads them as it reads requested ones. A file that could not be read keeps its error."""
     data = result.data(position)
-    names = [
-        str(entry.get("name"))
-        for entry in data.get("entries") or []
-        if isinstance(entry, dict) and entry.get("is_dir") and MANIFEST_ID_RE.match(str(entry.get("name") or ""))
-    ]
-    return sorted(names, reverse=True)
-
-
-def build_manifest_batch(root: str, manifest_ids: t.Sequence[str]) -> tuple[Batch, dict[str, tuple[int, int]]]:
-    """Round trip 2 of a listing: every listed manifest and its marker."""
-    batch = Batch(on_error="continue")
-    return batch, add_manifest_reads(batch, root, manifest_ids)
+    folders: dict[str, dict[str, t.Any]] = {}
+    for folder in data.get("folders") or []:
+        name = str(folder.get("name") or "") if isinstance(folder, dict) else ""
+        if MANIFEST_ID_RE.match(name):
+            folders[name] = folder
+    reads: list[OpResult] = []
+    positions: dict[str, tuple[int, int]] = {}
+    for name in sorted(folders, reverse=True):
+        files = folders[name].get("files") or {}
+        errors = folders[name].get("errors") or {}
+        positions[name] = (len(reads), len(reads) + 1)
+        for file_name in (MANIFEST_FILE, RESTORED_MARKER):
+            if file_name in errors:
+                reads.append(OpResult("file.read", False, error_type="ReadError", error_message=str(errors[file_name])))
+                continue
+            content = files.get(file_name)
+            reads.append(OpResult("file.read", True, {"exists": content is not None, "content_b64": content}))
+    return BatchResult(result.host, reads), positions
 
 
 def list_entry(result: BatchResult, positions: tuple[int, int], manifest_id: str, root: str) -> dict[str, t.Any]:

@@ -89,6 +89,8 @@ def test_unknown_operation_is_unsupported() -> None:
         ("dir.create", {"path": "C:\\ProgramData\\x", "sddl": "garbage"}),
         ("service.get", {}),
         ("service.restart", {"name": "TermService", "force": "yes"}),
+        ("dir.read_each", {"path": BACKUPS, "names": []}),
+        ("dir.read_each", {"path": BACKUPS, "names": ["..\\manifest.json"]}),
     ],
 )
 def test_bad_arguments_are_invalid_argument(op: str, args: dict[str, object]) -> None:
@@ -131,6 +133,8 @@ def _all_reads(host: WindowsHost) -> list[tuple[str, dict[str, object]]]:
         ("file.read", {"path": "C:\\nope.txt"}),
         ("dir.list", {"path": key_dir}),
         ("dir.list", {"path": "C:\\nope"}),
+        ("dir.read_each", {"path": "C:\\ProgramData\\Microsoft\\Crypto", "names": ["a.txt"]}),
+        ("dir.read_each", {"path": "C:\\nope", "names": ["a.txt"]}),
         ("util.sleep", {"milliseconds": 10}),
     ]
 
@@ -331,3 +335,32 @@ def test_group_policy_rules_can_be_neither_changed_nor_removed_locally() -> None
     assert results[0]["data"]["previous"]["name"] == "RemoteDesktop-Shadow-In-TCP"
     assert results[1]["data"] == {"previous": None}
     assert host.counters.writes == 3  # rule.new and the two removals; the refused operations count nothing
+
+
+def test_dir_read_each_reads_the_named_files_of_every_subfolder() -> None:
+    host = load()
+    writes = [
+        ("dir.create", {"path": f"{BACKUPS}\\20261125T103000Z-certificate-1a2b"}),
+        (
+            "file.write",
+            {"path": f"{BACKUPS}\\20261125T103000Z-certificate-1a2b\\manifest.json", "content_b64": b64(b"{}")},
+        ),
+        ("dir.create", {"path": f"{BACKUPS}\\empty"}),
+        ("file.write", {"path": f"{BACKUPS}\\stray.txt", "content_b64": b64(b"x")}),
+    ]
+    assert all(item["ok"] for item in host.run_batch(batch(*writes))["results"])
+    [result] = host.run_batch(batch(("dir.read_each", {"path": BACKUPS, "names": ["manifest.json", "restored.json"]})))[
+        "results"
+    ]
+    assert result["ok"], result
+    assert result["data"] == {
+        "exists": True,
+        "folders": [
+            {
+                "name": "20261125T103000Z-certificate-1a2b",
+                "files": {"manifest.json": b64(b"{}"), "restored.json": None},
+                "errors": {},
+            },
+            {"name": "empty", "files": {"manifest.json": None, "restored.json": None}, "errors": {}},
+        ],
+    }

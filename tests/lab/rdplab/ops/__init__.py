@@ -34,6 +34,7 @@ OPS: dict[str, OpSpec] = {
     "file.stat": OpSpec(files.file_stat, writes=False),
     "file.read": OpSpec(files.file_read, writes=False),
     "dir.list": OpSpec(files.dir_list, writes=False),
+    "dir.read_each": OpSpec(files.dir_read_each, writes=False),
     "util.sleep": OpSpec(system.util_sleep, writes=False),
     "registry.set": OpSpec(registry.registry_set, writes=True),
     "registry.remove": OpSpec(registry.registry_remove, writes=True),

@@ -1,4 +1,4 @@
-"""file.stat / file.read / dir.list / dir.create / file.write / file.copy."""
+"""file.stat / file.read / dir.list / dir.read_each / dir.create / file.write / file.copy."""
 
 from __future__ import annotations
 
@@ -51,6 +51,32 @@ def dir_list(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
         for child in host.filesystem.children(path)
     ]
     return {"exists": True, "entries": entries}
+
+
+def dir_read_each(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Every direct subfolder of ``path`` with the named files in it (base64, null when absent), by folder name."""
+    path = validate_path(args.get("path"))
+    names = args.get("names")
+    if not isinstance(names, list) or not 1 <= len(names) <= 8:
+        raise InvalidArgument(f"argument 'names' must list 1 to 8 file names, got {names!r}")
+    for name in names:
+        if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "\\/:"):
+            raise InvalidArgument(f"names must be plain file names, got {name!r}")
+    entry = host.filesystem.get(path)
+    if entry is None:
+        return {"exists": False, "folders": []}
+    if not entry.is_dir:
+        raise InvalidArgument(f"the path is a file: {path}")
+    folders = []
+    for child in sorted(host.filesystem.children(path), key=lambda item: name_of(item.path).casefold()):
+        if not child.is_dir:
+            continue
+        files: dict[str, str | None] = {}
+        for name in names:
+            found = host.filesystem.get(f"{child.path}\\{name}")
+            files[name] = None if found is None or found.is_dir else base64.b64encode(found.content).decode("ascii")
+        folders.append({"name": name_of(child.path), "files": files, "errors": {}})
+    return {"exists": True, "folders": folders}
 
 
 def dir_create(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -110,7 +110,8 @@ def test_anything_but_a_manifest_id_is_refused(value: str) -> None:
 def test_discovery_is_one_read_only_batch() -> None:
     batch, index = rs.build_discovery_batch(ROOT, ())
     assert not batch.writes and batch.on_error == "continue"
-    assert [op["op"] for op in batch.ops] == ["system.info", "dir.list"] and index.listing == 1
+    assert [op["op"] for op in batch.ops] == ["system.info", "dir.read_each"] and index.listing == 1
+    assert batch.ops[1]["args"] == {"path": ROOT, "names": ["manifest.json", "restored.json"]}
     batch, index = rs.build_discovery_batch(ROOT, (MANIFEST_ID,))
     assert index.listing is None
     assert [op["args"].get("path") for op in batch.ops[1:]] == [
@@ -205,17 +206,26 @@ def test_manifests_are_restored_newest_first_and_new_ones_sort_in_creation_order
     assert ids == sorted(ids) and len({manifest_id[:16] for manifest_id in ids}) == 3
 
 
-def test_the_listing_keeps_only_manifest_folders() -> None:
-    entries = [
-        {"name": "20261125T103000Z-certificate-1a2b", "is_dir": True},
-        {"name": "20261125T110000Z-restore-3c4d", "is_dir": True},
-        {"name": "notes.txt", "is_dir": False},
-        {"name": "old", "is_dir": True},
+def test_the_listing_keeps_only_manifest_folders_newest_first_with_their_files() -> None:
+    def b64(document: dict[str, t.Any]) -> str:
+        return base64.b64encode(json.dumps(document).encode()).decode()
+
+    older, newer = "20261125T103000Z-certificate-1a2b", "20261125T110000Z-restore-3c4d"
+    manifest = {"v": 1, "id": older, "module": "rdpfix.rdp.certificate", "items": [], "actions": ["remove"]}
+    folders = [
+        {"name": older, "files": {"manifest.json": b64(manifest), "restored.json": None}, "errors": {}},
+        {"name": newer, "files": {"restored.json": None}, "errors": {"manifest.json": "AccessDenied: denied"}},
+        {"name": "old", "files": {"manifest.json": None, "restored.json": None}, "errors": {}},
     ]
-    result = BatchResult("web01", [OpResult("dir.list", True, {"exists": True, "entries": entries})])
-    assert rs.listed_ids(result, 0) == ["20261125T110000Z-restore-3c4d", "20261125T103000Z-certificate-1a2b"]
-    empty = BatchResult("web01", [OpResult("dir.list", True, {"exists": False, "entries": []})])
-    assert rs.listed_ids(empty, 0) == []
+    result = BatchResult("web01", [OpResult("dir.read_each", True, {"exists": True, "folders": folders})])
+    read, positions = rs.listed_manifests(result, 0)
+    assert list(positions) == [newer, older]
+    listed = rs.parse_manifest(read, positions[older], older, ROOT)
+    assert (listed.module, listed.actions, listed.restored) == ("rdpfix.rdp.certificate", ("remove",), None)
+    with pytest.raises(rs.RestoreError, match="AccessDenied: denied"):
+        rs.parse_manifest(read, positions[newer], newer, ROOT)
+    empty = BatchResult("web01", [OpResult("dir.read_each", True, {"exists": False, "folders": []})])
+    assert rs.listed_manifests(empty, 0)[1] == {}
 
 
 # ---------------------------------------------------------------------------------------------------- state reads
