@@ -242,14 +242,17 @@ _EVENT_FINDINGS: dict[str, tuple[str, str, str, str, str]] = {
         "tls",
         "Clients ended TLS handshakes with fatal alerts",
         "Alert 46/48 means the client did not trust the certificate (normal for a self-signed one); 40/70/71 mean "
-        "the client and the server share no TLS version or cipher suite.",
+        "the client and the server share no TLS version or cipher suite. The server's own settings are usable now, "
+        "so these are old clients or scanners, rdpfix.rdp.handshake's one-version-at-a-time trials among them.",
     ),
     "alert_sent": (
         "events.tls_alert_sent",
         "info",
         "tls",
         "The server ended TLS handshakes with fatal alerts",
-        "Alert 40/70/71 means a client offered only versions or suites the server disabled.",
+        "Alert 40/70/71 means a client offered only versions or suites the server disabled. The server's own settings "
+        "are usable now, so these are old clients or scanners (rdpfix.rdp.handshake's one-version-at-a-time trials "
+        "leave them too): update such clients rather than weakening the server.",
     ),
     "selfsigned_not_created": (
         "events.selfsigned_not_created",
@@ -315,8 +318,6 @@ def _finding(kind: str, events: list[Event], since: str | None) -> dict[str, t.A
             f"{code} {TLS_ALERTS.get(code, 'unknown')}" if code is not None else "unknown": count
             for code, count in sorted(codes.items(), key=lambda item: (item[0] is None, item[0] or 0))
         }
-        if any(code in MISMATCH_ALERTS for code in codes):
-            severity = "warning"
     if kind == "logon_failure":
         types = Counter(
             LOGON_TYPES.get(event.data.get("LogonType", ""), event.data.get("LogonType") or "unknown")
