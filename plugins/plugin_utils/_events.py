@@ -204,9 +204,10 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     "certificate_expiring": ("certificate.pinned_expiring", "certificate.self_signed_expiring"),
     "template_problem": ("certificate.template_",),
     "settings_reset": (),
-    # Only their protocol / cipher mismatch alerts (MISMATCH_ALERTS), see ALERT_MISMATCH_EXPLAINED_BY.
-    "alert_received": (),
-    "alert_sent": (),
+    # Only their protocol / cipher mismatch alerts (MISMATCH_ALERTS): what a client meets on a server whose TLS
+    # versions or cipher suites it cannot use. Other alerts (an untrusted certificate...) stay findings of their own.
+    "alert_received": ("tls.tls12_disabled", "tls.tls13_forced_unsupported", "tls.cipher_suites_"),
+    "alert_sent": ("tls.tls12_disabled", "tls.tls13_forced_unsupported", "tls.cipher_suites_"),
     "logon_failure": (),
 }
 
@@ -334,13 +335,11 @@ def _finding(kind: str, events: list[Event], since: str | None) -> dict[str, t.A
     return finding(finding_id, severity, titled, cause, evidence, None, likely_cause=likely)
 
 
-# A protocol_version / handshake_failure / insufficient_security alert is what a client meets on a server whose TLS
-# versions or cipher suites it cannot use: a current finding of that kind explains those alerts (and only those).
-ALERT_MISMATCH_EXPLAINED_BY = ("tls.tls12_disabled", "tls.tls13_forced_unsupported", "tls.cipher_suites_")
-
-
-def explains(finding_id: str, kind: str) -> bool:
-    return any(finding_id.startswith(prefix) for prefix in EXPLAINED_BY.get(kind, ()))
+def explains(finding_id: str, event: Event) -> bool:
+    kind = event.kind
+    if kind in ("alert_received", "alert_sent") and alert_code(event) not in MISMATCH_ALERTS:
+        return False
+    return kind is not None and finding_id.startswith(EXPLAINED_BY.get(kind, ()))
 
 
 @dataclass
@@ -359,21 +358,18 @@ def assess(events: t.Sequence[Event], current_ids: t.Iterable[str], since: str |
             by_kind.setdefault(kind, []).append(event)
     findings: list[dict[str, t.Any]] = []
     evidence: dict[str, list[dict[str, t.Any]]] = {}
-    for kind, all_events in by_kind.items():
-        kind_events = all_events
-        if kind in ("alert_received", "alert_sent"):
-            mismatch = [event for event in all_events if alert_code(event) in MISMATCH_ALERTS]
-            by_mismatch = [finding_id for finding_id in ids if finding_id.startswith(ALERT_MISMATCH_EXPLAINED_BY)]
-            if mismatch and by_mismatch:
-                for finding_id in by_mismatch:
-                    evidence.setdefault(finding_id, []).extend(event.brief() for event in mismatch[:EVIDENCE_EVENTS])
-                kind_events = [event for event in all_events if alert_code(event) not in MISMATCH_ALERTS]
-                if not kind_events:
-                    continue
-        explaining = [finding_id for finding_id in ids if explains(finding_id, kind)]
-        for finding_id in explaining:
-            evidence.setdefault(finding_id, []).extend(event.brief() for event in kind_events[:EVIDENCE_EVENTS])
-        if not explaining:
-            findings.append(_finding(kind, kind_events, since))
+    for kind, kind_events in by_kind.items():
+        unexplained: list[Event] = []
+        explained: dict[str, list[Event]] = {}
+        for event in kind_events:
+            explaining = [finding_id for finding_id in ids if explains(finding_id, event)]
+            for finding_id in explaining:
+                explained.setdefault(finding_id, []).append(event)
+            if not explaining:
+                unexplained.append(event)
+        for finding_id, its_events in explained.items():
+            evidence.setdefault(finding_id, []).extend(event.brief() for event in its_events[:EVIDENCE_EVENTS])
+        if unexplained:
+            findings.append(_finding(kind, unexplained, since))
     findings.sort(key=lambda finding: str(finding["id"]))
     return EventAssessment(findings, evidence)

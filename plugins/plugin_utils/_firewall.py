@@ -32,6 +32,7 @@ DEFAULT_PORT = 3389
 RDP_GROUP = "@FirewallAPI.dll,-28752"
 BUILTIN_RULES = {"TCP": "RemoteDesktop-UserMode-In-TCP", "UDP": "RemoteDesktop-UserMode-In-UDP"}
 OWN_GROUP = "rdpfix"
+OWN_RULE_DESCRIPTION = "Created by rdpfix.rdp.firewall"
 OWN_RULES = {"TCP": "rdpfix-RemoteDesktop-In-TCP", "UDP": "rdpfix-RemoteDesktop-In-UDP"}
 OWN_CLIENT_RULE_PREFIX = "rdpfix-RemoteDesktop-Client-Out-"
 SVCHOST = r"%SystemRoot%\system32\svchost.exe"
@@ -359,7 +360,7 @@ def _new_rule_args(
         "local_ports": [str(port)] if port is not None else ["Any"],
         "remote_addresses": list(addresses),
         "program": program,
-        "description": "Created by rdpfix.rdp.firewall",
+        "description": OWN_RULE_DESCRIPTION,
     }
     if service is not None:
         args["service"] = service

@@ -41,6 +41,7 @@ from . import _certificate as certificate
 from . import _machinekeys as mk
 from ._action import BackupSet
 from ._agent import Batch, BatchResult, OpResult
+from ._firewall import OWN_GROUP, OWN_RULE_DESCRIPTION
 from ._tls import CIPHER_POLICY_KEY, FIPS_KEY, SCHANNEL_PROTOCOLS_KEY
 from ._transport import POLICY_KEY, SELECT_TRANSPORT
 
@@ -890,7 +891,7 @@ def _new_rule_args(record: dict[str, t.Any]) -> dict[str, t.Any]:
         "remote_addresses": list(record.get("remote_addresses") or ["Any"]),
         "program": str(record.get("program") or "Any"),
         # The rule record does not carry the description: rdpfix's own rules get theirs back, others a note.
-        "description": "Created by rdpfix.rdp.firewall" if group == "rdpfix" else "Re-created by rdpfix.rdp.restore",
+        "description": OWN_RULE_DESCRIPTION if group == OWN_GROUP else "Re-created by rdpfix.rdp.restore",
     }
     service = str(record.get("service") or "Any")
     if service.casefold() not in ("any", "*"):
