@@ -76,10 +76,13 @@ class ActionModule(RdpfixAction):
                 next(item["title"] for item in decided.findings if item["id"] == "machinekeys.regeneration_pending")
             )
         if decided.unfixable:
+            # A refusal is a refusal in check mode too: --check fails the host where the real run would.
             message = f"{self.host}: " + "; ".join(decided.unfixable)
-            if not self.check_mode:
-                raise ActionFailed(message + "; nothing was changed", **result, actions=decided.actions())
-            self.warn(message)
+            raise ActionFailed(
+                message + ("; nothing would be changed" if self.check_mode else "; nothing was changed"),
+                **result,
+                actions=decided.actions(),
+            )
 
         actions = decided.actions()
         if not decided.has_changes or self.check_mode:
@@ -118,7 +121,7 @@ class ActionModule(RdpfixAction):
         return result
 
     def _verify(self, after: mk.State, decided: mk.Plan) -> list[str]:
-        problems = mk.remaining_problems(after)
+        problems = mk.remaining_problems(after, self.options)
         if decided.regeneration is not None:
             problems += certificate.verification_problems(
                 decided.regeneration.cert_state,

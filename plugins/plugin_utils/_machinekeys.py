@@ -522,6 +522,17 @@ def _key_events(state: State) -> list[dict[str, t.Any]]:
     ]
 
 
+def leaves_to_certificate(key: RdpKey, options: Options) -> bool:
+    """A self-signed certificate whose key file is gone: rdpfix.rdp.certificate regenerates it by default.
+
+    With nothing to move aside, a regeneration is the certificate module's own (remove the certificate, restart
+    SessionEnv), so under ``permissions`` this module reports the key and neither repairs it nor refuses the run: a
+    refusal here would stop the role before the certificate module's repair. An empty file is different: it must be
+    moved aside before Windows can create the key again, which only ``regenerate`` (or ``rename_store``) does.
+    """
+    return key.role == "self_signed" and "missing" in key.problems and options.strategy == "permissions"
+
+
 def _key_findings(state: State, options: Options, key: RdpKey, result: Plan) -> None:
     role = key.role.replace("_", "-")
     primary = next((problem for problem in _KEY_TITLES if problem in key.problems), None)
@@ -544,13 +555,22 @@ def _key_findings(state: State, options: Options, key: RdpKey, result: Plan) -> 
         evidence["events"] = _key_events(state)
     severity = "critical" if key.broken else "warning"
     title = _KEY_TITLES[primary].format(role=role, thumb=key.cert.thumbprint)
+    left_to_certificate = leaves_to_certificate(key, options)
     if key.acl_repairable:
         fix = _fix(options.strategy, "add the missing entries to this key file's ACL only (and make SYSTEM its owner)")
+    elif left_to_certificate:
+        # No file to move aside: removing the certificate and restarting SessionEnv is all a regeneration needs, and
+        # that is what rdpfix.rdp.certificate does by default. Its finding carries the fix; this one says why.
+        title += "; rdpfix.rdp.certificate regenerates the certificate (its default), this module leaves it alone"
+        evidence["repaired_by"] = "rdpfix.rdp.certificate"
+        fix = None
     elif key.role == "self_signed":
         fix = _fix("regenerate", "move the key and its certificate into the backup; Windows creates new ones")
     else:
         fix = None  # a CA-issued certificate's key can only come back from its PFX
     result.findings.append(finding(f"rdp_key_{primary}", severity, title, evidence, fix))
+    if left_to_certificate:
+        return
 
     # An ACL repair is used whenever it suffices, except where the user chose to regenerate a broken self-signed key:
     # a usable key whose ACL only lacks entries is never regenerated, and a CA-issued key cannot be.
@@ -558,10 +578,10 @@ def _key_findings(state: State, options: Options, key: RdpKey, result: Plan) -> 
         _plan_key_acl(key, result)
         return
     if key.role != "self_signed":
-        result.unfixable.append(
-            f"the private key of the {key.role.replace('_', '-')} certificate {key.cert.thumbprint} is "
-            f"{primary.replace('_', ' ')}: "
-            "re-import the certificate with its private key (PFX); this module never regenerates a CA-issued key"
+        # Reported, not refused: the listener falls back to its self-signed certificate (1055), which the other
+        # modules keep repairing; only the certificate's owner can bring the key back (its PFX).
+        result.findings[-1]["title"] += (
+            "; re-import the certificate with its private key (PFX): this module never regenerates a CA-issued key"
         )
         return
     if options.strategy == "permissions":
@@ -694,6 +714,18 @@ def plan(state: State, options: Options) -> Plan:
     for key in keys:
         _key_findings(state, options, key, result)
     _other_key_findings(state, keys, result)
+    if result.unfixable:
+        # The run refuses (and changes nothing), in check mode too: the audit reports it where the run would fail.
+        result.findings.append(
+            finding(
+                "repair_refused",
+                "warning",
+                "rdpfix.rdp.machinekeys refuses to run on this host with strategy "
+                f"{options.strategy} and changes nothing: " + "; ".join(result.unfixable),
+                {"strategy": options.strategy, "reasons": list(result.unfixable)},
+                None,
+            )
+        )
     folder_wrong = any(item["id"] == "machinekeys.folder_acl" for item in result.findings)
     rdp_broken = any(key.broken for key in keys)
     if options.strategy == "rename_store" and state.store.exists and (folder_wrong or rdp_broken):
@@ -897,15 +929,16 @@ def state_after(state: State, result: BatchResult, index: ApplyIndex, now: datet
     )
 
 
-def remaining_problems(after: State) -> list[str]:
-    """What still looks wrong after an apply: each RDP key that is still broken, a folder still not default."""
+def remaining_problems(after: State, options: Options | None = None) -> list[str]:
+    """What still looks wrong after an apply: each RDP key that is still broken (but the ones this module leaves to
+    the certificate module), a folder still not default."""
     problems: list[str] = []
     if not after.store.exists:
         problems.append(f"{after.store.path} does not exist")
     elif after.store.sddl is None or not sd.equivalent(sd.parse(after.store.sddl), sd.parse(DEFAULT_FOLDER_SDDL)):
         problems.append(f"the ACL of {after.store.path} is not the default")
     for key in rdp_keys(after):
-        if key.broken:
+        if key.broken and not (options is not None and leaves_to_certificate(key, options)):
             problems.append(f"the RDP key {key.path} is still {', '.join(key.problems)}")
     return problems
 
