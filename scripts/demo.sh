@@ -26,7 +26,7 @@ python scripts/demo_summary.py --state-dir "$state_dir" --inventory "$inventory"
 
 banner "1. Fleet report before the fix: ansible-playbook playbooks/audit_rdp.yml (changes nothing)"
 rdplab state --state-dir "$state_dir" --reset-counters >/dev/null
-ansible-playbook -i "$inventory" playbooks/audit_rdp.yml -e rdpfix_audit_handshake=true \
+ansible-playbook -i "$inventory" playbooks/audit_rdp.yml -e rdpfix_server_audit_handshake=true \
   -e "rdpfix_audit_report_dir=$root/$report_dir/report-before"
 python scripts/demo_summary.py --state-dir "$state_dir" --inventory "$inventory" --phase report --expect-no-writes \
   --report "$report_dir/report-before"
@@ -49,7 +49,7 @@ python scripts/demo_summary.py --state-dir "$state_dir" --inventory "$inventory"
 
 banner "5. Fleet report after the fix: ansible-playbook playbooks/audit_rdp.yml"
 rdplab state --state-dir "$state_dir" --reset-counters >/dev/null
-ansible-playbook -i "$inventory" playbooks/audit_rdp.yml -e rdpfix_audit_handshake=true \
+ansible-playbook -i "$inventory" playbooks/audit_rdp.yml -e rdpfix_server_audit_handshake=true \
   -e "rdpfix_audit_report_dir=$root/$report_dir/report-after"
 python scripts/demo_summary.py --state-dir "$state_dir" --inventory "$inventory" --phase report --expect-no-writes \
   --report "$report_dir/report-after" --report-before "$report_dir/report-before"

@@ -12,14 +12,16 @@ from harness import FLEETS_DIR, Lab, run_playbook
 
 pytestmark = pytest.mark.system
 
-FACTS_TASK = "rdpfix.rdp.server : Gather Remote Desktop facts and findings (one WinRM command, read-only)"
+FACTS_TASK = "rdpfix.rdp.rdpfix_server : Gather Remote Desktop facts and findings (one WinRM command, read-only)"
 # The role's fixing tasks, by the module each runs (tasks/*.yml).
 ROLE_TASKS = {
-    "rdpfix.rdp.machinekeys": "rdpfix.rdp.server : Repair the MachineKeys store and the RDP listener's private key",
-    "rdpfix.rdp.certificate": "rdpfix.rdp.server : Ensure the RDP listener has a usable certificate",
-    "rdpfix.rdp.firewall": "rdpfix.rdp.server : Let RDP through Windows Firewall and report what blocks it",
-    "rdpfix.rdp.transport": "rdpfix.rdp.server : Set the RDP transport policy",
-    "rdpfix.rdp.tls": "rdpfix.rdp.server : Check and repair the listener's TLS settings",
+    "rdpfix.rdp.machinekeys": (
+        "rdpfix.rdp.rdpfix_server : Repair the MachineKeys store and the RDP listener's private key"
+    ),
+    "rdpfix.rdp.certificate": "rdpfix.rdp.rdpfix_server : Ensure the RDP listener has a usable certificate",
+    "rdpfix.rdp.firewall": "rdpfix.rdp.rdpfix_server : Let RDP through Windows Firewall and report what blocks it",
+    "rdpfix.rdp.transport": "rdpfix.rdp.rdpfix_server : Set the RDP transport policy",
+    "rdpfix.rdp.tls": "rdpfix.rdp.rdpfix_server : Check and repair the listener's TLS settings",
 }
 
 
@@ -78,7 +80,7 @@ def test_audit_with_the_handshake_probe(lab_factory: t.Callable[..., Lab], tmp_p
     run = run_playbook(
         "playbooks/audit_rdp.yml",
         lab.inventory,
-        extra_vars={"rdpfix_audit_report_dir": str(tmp_path / "r"), "rdpfix_audit_handshake": True},
+        extra_vars={"rdpfix_audit_report_dir": str(tmp_path / "r"), "rdpfix_server_audit_handshake": True},
     )
     assert run.rc == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.system
 
 BROKEN = ["expired-selfsigned", "missing-selfsigned", "pinned-missing", "active-sessions"]
 HEALTHY = ["healthy"]
-CERT_TASK = "rdpfix.rdp.server : Ensure the RDP listener has a usable certificate"
+CERT_TASK = "rdpfix.rdp.rdpfix_server : Ensure the RDP listener has a usable certificate"
 SUMMARY_TASK = "Show what was found and done"
 
 
@@ -135,9 +135,12 @@ def _assert_rejected_before_contact(run: PlaybookRun, lab: Lab, expected: str) -
 def test_bad_role_variable_rejected_before_any_host(fleet: Lab) -> None:
     fleet.reset_counters()
     run = run_playbook(
-        "playbooks/fix_rdp.yml", fleet.inventory, extra_vars={"rdpfix_restart_service": "Spooler"}, json_output=False
+        "playbooks/fix_rdp.yml",
+        fleet.inventory,
+        extra_vars={"rdpfix_server_restart_service": "Spooler"},
+        json_output=False,
     )
-    _assert_rejected_before_contact(run, fleet, "rdpfix_restart_service")
+    _assert_rejected_before_contact(run, fleet, "rdpfix_server_restart_service")
 
 
 def test_bad_module_option_rejected_before_any_host(fleet: Lab, tmp_path: t.Any) -> None:

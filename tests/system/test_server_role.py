@@ -1,4 +1,4 @@
-"""The roles end to end: playbooks/fix_rdp.yml (role rdpfix.rdp.server) over every ready host file, the reboot
+"""The roles end to end: playbooks/fix_rdp.yml (role rdpfix.rdp.rdpfix_server) over every ready host file, the reboot
 through ansible.windows.win_reboot, and the client role, all through Ansible's winrm connection against the lab.
 
 One lab holds every host file of tests/lab/hosts. It is audited (check mode), repaired, and repaired again; each
@@ -35,8 +35,8 @@ SERVERS_ONLY = "all:!rdp_clients"
 # What an administrator opts into per host after reading the audit: these faults need a choice the role does not
 # make by default (regenerating a key destroys the old one; the transport policy is a site decision).
 OPT_INS: dict[str, dict[str, t.Any]] = {
-    "machinekeys-rdp-key-empty": {"rdpfix_machinekeys_strategy": "regenerate"},
-    "transport-udp-vpn": {"rdpfix_transport_mode": "tcp_only"},
+    "machinekeys-rdp-key-empty": {"rdpfix_server_machinekeys_strategy": "regenerate"},
+    "transport-udp-vpn": {"rdpfix_server_transport_mode": "tcp_only"},
 }
 # Faults the role reports but, by default, leaves alone (module documentation), with the finding that must say so.
 # The value says whether an RDP client still connects (the listener falls back to its self-signed certificate).
@@ -49,15 +49,15 @@ REPORTED_ONLY: dict[str, tuple[str, str, bool]] = {
     "pinned-no-private-key": ("certificate", "certificate.pinned_no_private_key", True),
 }
 TASKS = {
-    "machinekeys": "rdpfix.rdp.server : Repair the MachineKeys store and the RDP listener's private key",
-    "certificate": "rdpfix.rdp.server : Ensure the RDP listener has a usable certificate",
-    "firewall": "rdpfix.rdp.server : Let RDP through Windows Firewall and report what blocks it",
-    "transport": "rdpfix.rdp.server : Set the RDP transport policy",
-    "tls": "rdpfix.rdp.server : Check and repair the listener's TLS settings",
-    "reboot": "rdpfix.rdp.server : Reboot so that Schannel changes take effect",
-    "pending": "rdpfix.rdp.server : Report a pending reboot",
+    "machinekeys": "rdpfix.rdp.rdpfix_server : Repair the MachineKeys store and the RDP listener's private key",
+    "certificate": "rdpfix.rdp.rdpfix_server : Ensure the RDP listener has a usable certificate",
+    "firewall": "rdpfix.rdp.rdpfix_server : Let RDP through Windows Firewall and report what blocks it",
+    "transport": "rdpfix.rdp.rdpfix_server : Set the RDP transport policy",
+    "tls": "rdpfix.rdp.rdpfix_server : Check and repair the listener's TLS settings",
+    "reboot": "rdpfix.rdp.rdpfix_server : Reboot so that Schannel changes take effect",
+    "pending": "rdpfix.rdp.rdpfix_server : Report a pending reboot",
 }
-# The module each fixing task of the role runs, and the audit's facts task (roles/server/tasks/audit.yml).
+# The module each fixing task of the role runs, and the audit's facts task (roles/rdpfix_server/tasks/audit.yml).
 MODULE_TASKS = {
     "rdpfix.rdp.machinekeys": TASKS["machinekeys"],
     "rdpfix.rdp.certificate": TASKS["certificate"],
@@ -65,8 +65,9 @@ MODULE_TASKS = {
     "rdpfix.rdp.transport": TASKS["transport"],
     "rdpfix.rdp.tls": TASKS["tls"],
 }
-# What the role's tasks run each module with, by default (roles/server/defaults, tasks/*.yml, and the module defaults
-# for options the role does not pass); OPT_INS change some per host. A fix whose options all agree is made by the role.
+# What the role's tasks run each module with, by default (roles/rdpfix_server/defaults, tasks/*.yml, and the module
+# defaults for options the role does not pass); OPT_INS change some per host. A fix whose options all agree is made by
+# the role.
 ROLE_MODULE_ARGS: dict[str, dict[str, t.Any]] = {
     "rdpfix.rdp.machinekeys": {"strategy": "permissions", "restart_service": "SessionEnv"},
     "rdpfix.rdp.certificate": {
@@ -91,8 +92,8 @@ ROLE_MODULE_ARGS: dict[str, dict[str, t.Any]] = {
     },
 }
 OPT_IN_ARGS = {
-    "rdpfix_machinekeys_strategy": ("rdpfix.rdp.machinekeys", "strategy"),
-    "rdpfix_transport_mode": ("rdpfix.rdp.transport", "mode"),
+    "rdpfix_server_machinekeys_strategy": ("rdpfix.rdp.machinekeys", "strategy"),
+    "rdpfix_server_transport_mode": ("rdpfix.rdp.transport", "mode"),
 }
 
 
@@ -106,10 +107,10 @@ def role_makes(host: str, fix: dict[str, t.Any]) -> bool:
     return all(args.get(option, "(not set)") == value for option, value in (fix["options"] or {}).items())
 
 
-FACTS_TASK = "rdpfix.rdp.server : Gather Remote Desktop facts and findings (one WinRM command, read-only)"
+FACTS_TASK = "rdpfix.rdp.rdpfix_server : Gather Remote Desktop facts and findings (one WinRM command, read-only)"
 CLIENT_TASKS = {
-    "firewall": "rdpfix.rdp.client : Check the client's firewall rules and security products",
-    "transport": "rdpfix.rdp.client : Set the client's RDP transport policy",
+    "firewall": "rdpfix.rdp.rdpfix_client : Check the client's firewall rules and security products",
+    "transport": "rdpfix.rdp.rdpfix_client : Set the client's RDP transport policy",
 }
 
 RDP_TCP = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp"
@@ -249,7 +250,12 @@ def write_site_playbook(path: Path) -> Path:
         yaml.safe_dump(
             [
                 {"import_playbook": str(ROOT / "playbooks" / "fix_rdp.yml")},
-                {"name": "Client side", "hosts": "rdp_clients", "gather_facts": False, "roles": ["rdpfix.rdp.client"]},
+                {
+                    "name": "Client side",
+                    "hosts": "rdp_clients",
+                    "gather_facts": False,
+                    "roles": ["rdpfix.rdp.rdpfix_client"],
+                },
             ],
             sort_keys=False,
         )
@@ -263,7 +269,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRuns]:
     lab = start_lab(tmp, [HOSTS_DIR / f"{name}.yml" for name in ALL_HOSTS])
     playbook = write_site_playbook(tmp / "site.yml")
     # fix_rdp.yml's plays target rdpfix_hosts: every server; the workstation only gets the client play.
-    variables = {"rdpfix_allow_reboot": True, "rdpfix_hosts": "windows:!rdp_clients"}
+    variables = {"rdpfix_server_allow_reboot": True, "rdpfix_hosts": "windows:!rdp_clients"}
     try:
         with pytest.MonkeyPatch.context() as patch:
             # Every host at once: the lab answers them all, and the run time stays that of one host.
@@ -361,7 +367,7 @@ def test_faults_left_by_default_are_reported_not_passed(fleet: FleetRuns) -> Non
         rerun = fleet.rerun.results(TASKS[task])[name]
         assert finding in finding_ids(rerun), f"{name}: the finding must stay reported on every run"
     block = rules(fleet.after_apply["firewall-block-rule"])["Block-Legacy-Admin-Ports"]
-    assert block["enabled"], "a block rule is disabled only with rdpfix_firewall_disable_blocking_rules"
+    assert block["enabled"], "a block rule is disabled only with rdpfix_server_firewall_disable_blocking_rules"
 
 
 def test_security_settings_are_fixed_on_every_server(fleet: FleetRuns) -> None:
@@ -488,7 +494,7 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
     assert not any(connects(address[name], before[name]) for name in REBOOT_HOSTS)
 
     # Without permission: the registry is fixed, the reboot is reported as pending, Schannel still refuses TLS 1.2.
-    first = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": False})
+    first = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_server_allow_reboot": False})
     assert first.rc == 0, first.stdout[-3000:] + first.stderr
     assert set(first.results(TASKS["pending"])) == set(REBOOT_HOSTS)
     assert all(first.results(TASKS["tls"])[name]["reboot_required"] for name in REBOOT_HOSTS)
@@ -499,14 +505,14 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
         assert not connects(address[name], pending[name]), f"{name}: Schannel must not use TLS 1.2 before a reboot"
 
     # Runs without permission in the meantime change nothing more: the reboot is what is missing, not a write.
-    waiting = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": False})
+    waiting = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_server_allow_reboot": False})
     assert waiting.rc == 0, waiting.stdout[-3000:] + waiting.stderr
     assert waiting.changed_hosts() == set()
     assert set(waiting.results(TASKS["pending"])) == set(REBOOT_HOSTS)
     assert counters(snapshots(lab, zero_counters=True)) == dict.fromkeys(REBOOT_HOSTS, 0)
 
     # With permission: the next run still knows the reboot is pending, and win_reboot restarts the host.
-    second = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": True})
+    second = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_server_allow_reboot": True})
     assert second.rc == 0, second.stdout[-3000:] + second.stderr
     reboots = second.results(TASKS["reboot"])
     after = snapshots(lab, zero_counters=True)
@@ -515,7 +521,7 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
         assert after[name]["system"]["boot_time"] != before[name]["system"]["boot_time"]
         assert connects(address[name], after[name]), f"{name} must accept TLS 1.2 after the reboot"
 
-    third = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_allow_reboot": True})
+    third = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_server_allow_reboot": True})
     assert third.rc == 0
     assert third.changed_hosts() == set()
     final = snapshots(lab)

@@ -27,7 +27,7 @@ import yaml
 if t.TYPE_CHECKING:
     from testinfra.host import Host
 
-ROLE_DEFAULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles" / "server" / "defaults" / "main.yml"
+ROLE_DEFAULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles" / "rdpfix_server" / "defaults" / "main.yml"
 
 # The probe lives in the collection; Molecule's environment points ANSIBLE_COLLECTIONS_PATH at the checkout.
 for collections_dir in reversed(os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep)):
@@ -49,37 +49,37 @@ def role_options(host: Host) -> dict[str, t.Any]:
 
 
 def certificate_args(options: dict[str, t.Any]) -> dict[str, t.Any]:
-    """What roles/server/tasks/certificate.yml passes."""
+    """What roles/rdpfix_server/tasks/certificate.yml passes."""
     args = {
-        "expiry_threshold_days": options["rdpfix_certificate_expiry_threshold_days"],
-        "replace_when": options["rdpfix_certificate_replace_when"],
-        "restart_service": options["rdpfix_restart_service"],
-        "start_stopped_services": options["rdpfix_start_stopped_services"],
-        "allow_session_disruption": options["rdpfix_allow_session_disruption"],
+        "expiry_threshold_days": options["rdpfix_server_certificate_expiry_threshold_days"],
+        "replace_when": options["rdpfix_server_certificate_replace_when"],
+        "restart_service": options["rdpfix_server_restart_service"],
+        "start_stopped_services": options["rdpfix_server_start_stopped_services"],
+        "allow_session_disruption": options["rdpfix_server_allow_session_disruption"],
     }
-    if options["rdpfix_certificate_replacement_thumbprint"]:
-        args["replacement_thumbprint"] = options["rdpfix_certificate_replacement_thumbprint"]
-    if options["rdpfix_backup_root"]:
-        args["backup_root"] = options["rdpfix_backup_root"]
+    if options["rdpfix_server_certificate_replacement_thumbprint"]:
+        args["replacement_thumbprint"] = options["rdpfix_server_certificate_replacement_thumbprint"]
+    if options["rdpfix_server_backup_root"]:
+        args["backup_root"] = options["rdpfix_server_backup_root"]
     return args
 
 
 def facts_args(options: dict[str, t.Any]) -> dict[str, t.Any]:
     """The facts module plans with the fixing modules' planners: give it the options the role ran them with."""
     args = {
-        "expiry_threshold_days": options["rdpfix_certificate_expiry_threshold_days"],
-        "restart_service": options["rdpfix_restart_service"],
-        "machinekeys_strategy": options["rdpfix_machinekeys_strategy"],
-        "firewall_profiles": options["rdpfix_firewall_profiles"],
-        "tls_legacy_protocols": options["rdpfix_tls_legacy_protocols"],
-        "tls_nla": options["rdpfix_tls_nla"],
+        "expiry_threshold_days": options["rdpfix_server_certificate_expiry_threshold_days"],
+        "restart_service": options["rdpfix_server_restart_service"],
+        "machinekeys_strategy": options["rdpfix_server_machinekeys_strategy"],
+        "firewall_profiles": options["rdpfix_server_firewall_profiles"],
+        "tls_legacy_protocols": options["rdpfix_server_tls_legacy_protocols"],
+        "tls_nla": options["rdpfix_server_tls_nla"],
         # Only the server side is the role's business; the events are not needed to judge the present state.
         "transport_sides": ["server"],
         "event_days": 1,
         "max_events": 1,
     }
-    if options["rdpfix_transport_mode"] != "keep":
-        args["transport_mode"] = options["rdpfix_transport_mode"]
+    if options["rdpfix_server_transport_mode"] != "keep":
+        args["transport_mode"] = options["rdpfix_server_transport_mode"]
     return args
 
 
@@ -105,7 +105,7 @@ def test_certificate_module_has_nothing_left_to_change(host: Host) -> None:
 
 def test_listener_certificate_is_valid(host: Host) -> None:
     result = check_mode(host, "certificate")
-    threshold = role_options(host)["rdpfix_certificate_expiry_threshold_days"]
+    threshold = role_options(host)["rdpfix_server_certificate_expiry_threshold_days"]
     certificate = result["certificate"]
     assert certificate["source"] in ("self_signed", "pinned"), certificate
     assert certificate["listener_thumbprint"] == certificate["thumbprint"]
@@ -119,7 +119,7 @@ def test_no_module_has_anything_left_to_fix(host: Host) -> None:
     """The facts module runs every fixing module's planner with the role's options in one read."""
     result = check_mode(host, "facts")
     fixed_by = set(result["fixed_by"])
-    if role_options(host)["rdpfix_transport_mode"] == "keep":
+    if role_options(host)["rdpfix_server_transport_mode"] == "keep":
         fixed_by.discard("rdpfix.rdp.transport")  # the role leaves the transport policy alone by default
     critical = [finding["title"] for finding in result["findings"] if finding["severity"] == "critical"]
     assert not fixed_by, [finding["title"] for finding in result["findings"] if finding.get("fix")]

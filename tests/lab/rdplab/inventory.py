@@ -35,7 +35,7 @@ def inventory_document(entries: t.Sequence[tuple[WindowsHost, str, int | None]])
             "ansible_password": host.password,
         }
         if rdp_port is not None:
-            host_vars["rdp_port"] = rdp_port
+            host_vars["rdpfix_server_rdp_port"] = rdp_port
         windows_hosts[host.name] = host_vars
         for group in host.groups:
             if group in ("all", "ungrouped", "windows"):

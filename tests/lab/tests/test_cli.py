@@ -87,7 +87,7 @@ def test_inventory_describes_the_fleet(lab: dict[str, Path]) -> None:
         "ansible_host": f"{NETWORK}.10",
         "ansible_user": "rdpadmin",
         "ansible_password": "Lab-Healthy-1!",
-        "rdp_port": 3389,
+        "rdpfix_server_rdp_port": 3389,
     }
     assert set(inventory["all"]["children"]["onprem"]["hosts"]) == {"healthy"}
     assert set(inventory["all"]["children"]["azure_vms"]["hosts"]) == {"missing-selfsigned"}
