@@ -55,6 +55,7 @@ class ActionModule(RdpfixAction):
         "transport_sides": {"type": "list", "elements": "str", "default": ["server"], "choices": list(SIDES)},
         "tls_legacy_protocols": {"type": "list", "elements": "str", "default": [], "choices": list(LEGACY_CHOICES)},
         "tls_nla": {"type": "str", "default": "enabled", "choices": list(NLA_CHOICES)},
+        "tls_override_policy": {"type": "bool", "default": False},
         "connect_name": {"type": "str"},
     }
 
@@ -72,6 +73,7 @@ class ActionModule(RdpfixAction):
             transport_sides=tuple(dict.fromkeys(params["transport_sides"])),
             tls_legacy_protocols=tuple(dict.fromkeys(params["tls_legacy_protocols"])),
             tls_nla=params["tls_nla"],
+            tls_override_policy=params["tls_override_policy"],
             connect_name=params["connect_name"],
         )
         try:

@@ -24,6 +24,7 @@ class ActionModule(RdpfixAction):
         "restore_security_layer": {"type": "bool", "default": True},
         "nla": {"type": "str", "default": "enabled", "choices": list(tls.NLA_CHOICES)},
         "restore_cipher_suites": {"type": "bool", "default": True},
+        "override_policy": {"type": "bool", "default": False},
     }
 
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -34,6 +35,7 @@ class ActionModule(RdpfixAction):
             restore_security_layer=params["restore_security_layer"],
             nla=params["nla"],
             restore_cipher_suites=params["restore_cipher_suites"],
+            override_policy=params["override_policy"],
         )
         read = Batch(on_error="continue")
         reads = tls.add_reads(read)

@@ -59,7 +59,7 @@ options:
     description:
       - The transport policy wanted (O(rdpfix.rdp.transport#module:mode)).
       - V(keep) does not judge the transport policy (its values are still reported in RV(rdp)), as the
-        C(rdpfix.rdp.server) role leaves it alone with its default C(rdpfix_transport_mode=keep).
+        C(rdpfix.rdp.rdpfix_server) role leaves it alone with its default C(rdpfix_server_transport_mode=keep).
     type: str
     default: tcp_only
     choices: [keep, tcp_only, udp_and_tcp, default]
@@ -80,6 +80,12 @@ options:
     type: str
     default: enabled
     choices: [enabled, disabled, keep]
+  tls_override_policy:
+    description:
+      - Whether the repair may write Group Policy values (O(rdpfix.rdp.tls#module:override_policy)). Without it, a
+        setting enforced by policy is reported as such and its fix names the option.
+    type: bool
+    default: false
   connect_name:
     description:
       - The name users type into their RDP client. When given, the controller resolves it and reports when it does not

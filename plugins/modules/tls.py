@@ -16,13 +16,20 @@ description:
     their listener and policy values and which one wins (the policy value, when present).
   - Enables TLS 1.2 (and TLS 1.3 on builds that have it, 20348 and later) for the Schannel server when they are off.
     Undoes TLS 1.3 forced on for a build without it (Server 2019 resets TLS 1.3 ClientHellos then).
-  - Restores C(SecurityLayer=2) (TLS) where it is C(0), and C(UserAuthentication=1) (NLA) where it is C(0).
+  - Restores C(SecurityLayer=2) (TLS) where it is C(0), and C(UserAuthentication=1) (NLA) where it is C(0), on the
+    listener (C(RDP-Tcp)).
   - Replaces the cipher-suite order policy with a list of AEAD suites only when the effective list is empty or has no
-    suite usable with the listener key.
+    suite usable with the listener key, and only with O(override_policy) (the value is a Group Policy value).
+  - Group Policy wins. A value under C(HKLM:\SOFTWARE\Policies) (C(SecurityLayer) and C(UserAuthentication) under
+    C(Microsoft\Windows NT\Terminal Services), the cipher-suite order under C(Microsoft\Cryptography\...\00010002))
+    is reported as enforced by policy (findings C(tls.security_layer_rdp_policy), C(tls.nla_disabled_policy),
+    C(tls.cipher_suites_*) with C(enforced_by_policy) in their evidence), with the note that a local change comes back
+    at the next Group Policy refresh while a GPO sets it. The module writes such a value only with
+    O(override_policy=true), and then warns; the lasting fix is the GPO.
   - Never enables TLS 1.0/1.1 and never turns NLA off, unless O(legacy_protocols) or O(nla=disabled) ask for it; then
     it warns. Weak protocols it finds enabled are reported, not changed.
   - Schannel reads protocols and the cipher-suite policy at boot; the module returns RV(reboot_required) and never
-    reboots. The C(rdpfix.rdp.server) role reboots only when allowed to.
+    reboots. The C(rdpfix.rdp.rdpfix_server) role reboots only when allowed to.
   - Previous values are recorded in a backup manifest before anything is written. Check mode changes nothing.
 extends_documentation_fragment:
   - rdpfix.rdp.common
@@ -54,9 +61,18 @@ options:
     default: enabled
     choices: [enabled, keep, disabled]
   restore_cipher_suites:
-    description: Write a usable cipher-suite list when the effective one is empty or has nothing usable.
+    description:
+      - Write a usable cipher-suite list when the effective one is empty or has nothing usable.
+      - The list is written to the cipher-suite order policy value, so this also needs O(override_policy=true).
     type: bool
     default: true
+  override_policy:
+    description:
+      - Write values that Group Policy owns (under C(HKLM:\SOFTWARE\Policies)) when a fix needs it. The module warns:
+        a GPO that sets the value puts its own back at the next policy refresh (about every 90 minutes, and at boot).
+      - Without it such values are only reported, with the fix naming this option.
+    type: bool
+    default: false
 author: rdpfix maintainers (@rdpfix)
 """
 

@@ -63,6 +63,8 @@ class FactsOptions:
     transport_sides: tuple[str, ...] = ("server",)
     tls_legacy_protocols: tuple[str, ...] = ()
     tls_nla: str = "enabled"
+    # Whether the tls repair may write Group Policy values (override_policy): judged the same way here.
+    tls_override_policy: bool = False
     connect_name: str | None = None
 
     def validate(self) -> None:
@@ -93,7 +95,9 @@ class FactsOptions:
         return firewall.FirewallOptions(sides=self.firewall_sides, profiles=self.firewall_profiles)
 
     def tls_options(self) -> tls.TlsOptions:
-        return tls.TlsOptions(legacy_protocols=self.tls_legacy_protocols, nla=self.tls_nla)
+        return tls.TlsOptions(
+            legacy_protocols=self.tls_legacy_protocols, nla=self.tls_nla, override_policy=self.tls_override_policy
+        )
 
 
 @dataclass
@@ -463,10 +467,30 @@ _LIKELY_CAUSES: tuple[tuple[str, str], ...] = (
         "firewall.client_",
         "A firewall on the client side (Windows Firewall rules or a third-party suite) stops the RDP client.",
     ),
+    (
+        "firewall.rdp_tcp_blocked_active_profile",
+        "The network the server is on has another category (often Public) than the profiles the Remote Desktop rules "
+        "allow; that profile's default inbound action blocks RDP.",
+    ),
+    (
+        "firewall.rdp_udp_blocked_active_profile",
+        "The network the server is on has another category (often Public) than the profiles the Remote Desktop rules "
+        "allow; that profile's default inbound action blocks RDP.",
+    ),
     ("firewall.", "Windows Firewall on the server does not let RDP in, or a block rule shadows the allow rules."),
     (
         "transport.",
         "UDP transport over VPNs and tunnels with a small MTU breaks sessions after they start; TCP only is stable.",
+    ),
+    (
+        "tls.security_layer_rdp_policy",
+        "A Group Policy (Require use of specific security layer) enforces native RDP security; it returns at every "
+        "policy refresh until the GPO changes.",
+    ),
+    (
+        "tls.nla_disabled_policy",
+        "A Group Policy (Require user authentication ... Network Level Authentication) turns NLA off; it returns at "
+        "every policy refresh until the GPO changes.",
     ),
     ("tls.security_layer", "A reset script (such as Azure's ResetRDPCert) switched the listener to native RDP."),
     ("tls.nla_disabled", "A troubleshooting step (such as Azure's DisableNLA) turned NLA off and left it off."),

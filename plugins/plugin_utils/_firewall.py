@@ -40,6 +40,8 @@ TERMSERVICE = "TermService"
 
 PROFILE_BITS = {"Domain": 1, "Private": 2, "Public": 4}
 ALL_PROFILES = 7
+# Get-NetConnectionProfile's NetworkCategory -> the firewall profile Windows applies to that network's interface.
+CATEGORY_PROFILE = {"DomainAuthenticated": "Domain", "Private": "Private", "Public": "Public"}
 # Presets for the client's outbound rules; any absolute path to an .exe is accepted as well.
 CLIENT_PROGRAMS = {
     "mstsc": r"%SystemRoot%\system32\mstsc.exe",
@@ -367,14 +369,126 @@ def _new_rule_args(
     return args
 
 
-def _plan_server(rules: list[Rule], port: int, options: FirewallOptions, plan: FirewallPlan) -> None:
+@dataclass(frozen=True)
+class ActiveProfile:
+    """A firewall profile in force on a connected network, with its settings (Get-NetFirewallProfile)."""
+
+    name: str
+    category: str
+    enabled: bool
+    default_inbound_action: str
+
+
+def active_profiles(
+    profiles: t.Sequence[dict[str, t.Any]] | None, network_categories: t.Sequence[str] | None
+) -> list[ActiveProfile]:
+    """The profiles Windows applies to the connected networks; empty when the host did not say (nothing is judged)."""
+    settings = {str(item.get("name")): item for item in profiles or [] if isinstance(item, dict)}
+    found: list[ActiveProfile] = []
+    for category in dict.fromkeys(network_categories or []):
+        name = CATEGORY_PROFILE.get(str(category))
+        if name is None or name in (item.name for item in found):
+            continue
+        profile = settings.get(name, {})
+        found.append(
+            ActiveProfile(
+                name=name,
+                category=str(category),
+                # Windows Firewall is on for a profile unless it says otherwise; the default inbound action is Block.
+                enabled=profile.get("enabled") is not False,
+                default_inbound_action=str(profile.get("default_inbound_action") or "Block"),
+            )
+        )
+    return found
+
+
+def _judge_active_profiles(
+    rules: list[Rule],
+    by_name: dict[str, Rule],
+    *,
+    protocol: str,
+    port: int,
+    options: FirewallOptions,
+    active: t.Sequence[ActiveProfile],
+    plan: FirewallPlan,
+) -> list[str]:
+    """Findings for active profiles outside ``profiles`` where RDP does not get in: the cause, and the fix options."""
+    mask = options.profile_mask
+    closed: list[str] = []
+    for profile in active:
+        bit = PROFILE_BITS[profile.name]
+        if bit & mask or not profile.enabled:
+            # A chosen profile is judged (and repaired) by the plan itself; a profile with the firewall off lets all in.
+            continue
+        allowing = [rule for rule in rules if _covers(rule, protocol, port, bit)]
+        if allowing or profile.default_inbound_action.lower() == "allow":
+            continue
+        closed.append(profile.name)
+        target = _target_rule(by_name, protocol, port) or by_name.get(BUILTIN_RULES[protocol])
+        limited_to = profile_names(target.profiles) if target is not None and target.enabled else []
+        wanted = [name for name in PROFILE_BITS if (mask | bit) & PROFILE_BITS[name]]
+        fix_options: dict[str, t.Any] = {"profiles": wanted}
+        scope = options.remote_addresses or (target.remote_addresses if target is not None else ("Any",))
+        consent = ""
+        if profile.name == "Public" and is_any(scope):
+            fix_options["allow_public_any"] = True
+            consent = "; the rule is open to any address, so also allow_public_any: true (or give remote_addresses)"
+        rules_text = (
+            f"the Remote Desktop rule {target.name!r} covers {', '.join(limited_to)} only"
+            if limited_to
+            else "no enabled rule allows it on any profile"
+        )
+        plan.findings.append(
+            finding(
+                f"firewall.rdp_{protocol.lower()}_blocked_active_profile",
+                "critical" if protocol == "TCP" else "warning",
+                f"RDP over {protocol} on port {port} is blocked on the active {profile.name} profile (network "
+                f"category {profile.category}): its default inbound action is {profile.default_inbound_action} and "
+                f"{rules_text}; rdpfix was asked for {', '.join(profile_names(mask))}",
+                "firewall",
+                {
+                    "port": port,
+                    "protocol": protocol,
+                    "active_profile": profile.name,
+                    "network_category": profile.category,
+                    "default_inbound_action": profile.default_inbound_action,
+                    "profiles": profile_names(mask),
+                    "rule": target.summary() if target is not None else None,
+                },
+                _fix(
+                    fix_options,
+                    f"add {profile.name} to profiles ({', '.join(wanted)}){consent}; or make the network "
+                    f"{'Private' if profile.name == 'Public' else 'Domain'} if that is what it is",
+                ),
+            )
+        )
+    return closed
+
+
+def _plan_server(
+    rules: list[Rule],
+    port: int,
+    options: FirewallOptions,
+    plan: FirewallPlan,
+    active: t.Sequence[ActiveProfile] = (),
+) -> None:
     mask = options.profile_mask
     by_name = {rule.name: rule for rule in rules}
     protocols = ("TCP", "UDP") if options.udp else ("TCP",)
-    report: dict[str, t.Any] = {"port": port, "profiles": profile_names(mask), "protocols": {}}
+    report: dict[str, t.Any] = {
+        "port": port,
+        "profiles": profile_names(mask),
+        "active_profiles": [profile.name for profile in active],
+        "protocols": {},
+    }
+    # Block rules matter on the chosen profiles and on the profiles in force on the host's networks.
+    active_mask = 0
+    for profile in active:
+        if profile.enabled:
+            active_mask |= PROFILE_BITS[profile.name]
 
     for protocol in protocols:
-        blockers = blocking_rules(rules, protocol, port, mask)
+        blockers = blocking_rules(rules, protocol, port, mask | active_mask)
         for blocker in blockers:
             can_disable = blocker.local_policy
             disabling = options.disable_blocking_rules and can_disable
@@ -416,6 +530,9 @@ def _plan_server(rules: list[Rule], port: int, options: FirewallOptions, plan: F
         report["protocols"][protocol] = {
             "allowed_by": [rule.name for rule in covering],
             "blocked_by": [rule.name for rule in blockers],
+            "closed_on_active_profiles": _judge_active_profiles(
+                rules, by_name, protocol=protocol, port=port, options=options, active=active, plan=plan
+            ),
         }
         # A rule that already lets RDP in on every chosen profile is enough, unless the user asks for a scope.
         if covering and options.remote_addresses is None:
@@ -711,12 +828,18 @@ def plan_firewall(
     port: int,
     options: FirewallOptions,
     products: dict[str, t.Any] | None = None,
+    active: t.Sequence[ActiveProfile] = (),
 ) -> FirewallPlan:
-    """Raises FirewallPlanError when the plan would need consent the options do not give (nothing is written)."""
+    """Raises FirewallPlanError when the plan would need consent the options do not give (nothing is written).
+
+    ``active``: the profiles in force on the host's networks (``active_profiles``). RDP is judged on them too: a
+    profile outside ``options.profiles`` whose default inbound action blocks RDP is reported with its cause and the
+    options that would open it; nothing is changed for it without those options.
+    """
     rules = [Rule.from_raw(raw) for raw in raw_rules]
     plan = FirewallPlan()
     if "server" in options.sides:
-        _plan_server(rules, port, options, plan)
+        _plan_server(rules, port, options, plan, active)
     if "client" in options.sides:
         _plan_client(rules, options, products, plan)
     return plan
@@ -765,7 +888,8 @@ def state_from(result: BatchResult, reads: FirewallReads) -> FirewallState:
 
 def plan_state(state: FirewallState, options: FirewallOptions) -> FirewallPlan:
     """``plan_firewall`` on a read state; the report also shows the profiles and the connected networks' categories."""
-    plan = plan_firewall(state.rules, state.port, options, state.products)
+    active = active_profiles(state.profiles, state.network_categories)
+    plan = plan_firewall(state.rules, state.port, options, state.products, active)
     plan.report["profiles"] = state.profiles
     plan.report["network_categories"] = state.network_categories
     return plan

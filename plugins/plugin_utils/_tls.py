@@ -11,7 +11,10 @@ Rules the plan follows (house rules, not tunables):
   user lists them in ``legacy_protocols`` (with a warning). Weak protocols it finds enabled are reported, not changed;
 - SecurityLayer and UserAuthentication only go up, unless the user explicitly asks for ``nla: disabled``;
 - the cipher-suite policy is replaced only when the effective list is empty or has no suite usable with the listener
-  certificate's key type.
+  certificate's key type;
+- Group Policy wins: values under ``HKLM:\\SOFTWARE\\Policies`` (SecurityLayer, UserAuthentication, the cipher-suite
+  order) are reported as enforced by policy, with the note that a local change comes back at the next policy
+  refresh, and written only when the user asks with ``override_policy`` (with a warning).
 Schannel reads protocol keys and the cipher-suite policy at boot, so those changes set ``reboot_required``.
 """
 
@@ -148,6 +151,8 @@ class TlsOptions:
     restore_security_layer: bool = True
     nla: str = "enabled"
     restore_cipher_suites: bool = True
+    # Write values under HKLM:\SOFTWARE\Policies (Group Policy's place): only when explicitly asked.
+    override_policy: bool = False
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,23 @@ class TlsPlan:
 
 def _fix(options: dict[str, t.Any], description: str) -> dict[str, t.Any]:
     return fix("tls", options, description)
+
+
+POLICY_REFRESH_NOTE = (
+    "a value changed here comes back at the next Group Policy refresh (every 90 minutes or so, and at boot) while a "
+    "GPO sets it: change the GPO, or run with override_policy: true to write it anyway until then"
+)
+
+
+def _policy_title(value_name: str, path: str) -> str:
+    return f"; enforced by Group Policy ({path}\\{value_name}): {POLICY_REFRESH_NOTE}"
+
+
+def _policy_warning(value_name: str, path: str, value: object) -> str:
+    return (
+        f"Writing the Group Policy value {path}\\{value_name} = {value} because override_policy asks for it: Group "
+        "Policy puts its own value back at the next refresh unless the GPO that sets it is changed"
+    )
 
 
 def _effective(listener: int | None, policy: int | None) -> dict[str, t.Any]:
@@ -378,10 +400,20 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
                 if empty
                 else f"No enabled cipher suite works with the listener's {state.key_type or 'certificate'} key"
             )
+            policy_set = CIPHER_POLICY_VALUE in state.cipher_policy
             if policy_usable:
                 title += "; the cipher-suite policy already lists usable suites, which Schannel loads at the next boot"
                 plan.reboot_required = True
-            will_fix = options.restore_cipher_suites and not policy_usable
+            elif policy_set:
+                title += _policy_title(CIPHER_POLICY_VALUE, CIPHER_POLICY_KEY)
+            else:
+                # The only fix rdpfix has writes the policy value: that, too, waits for an explicit override_policy.
+                title += (
+                    f"; the fix writes the cipher-suite order policy value ({CIPHER_POLICY_KEY}\\"
+                    f"{CIPHER_POLICY_VALUE}), which needs override_policy: true"
+                )
+            can_fix = options.restore_cipher_suites and not policy_usable
+            will_fix = can_fix and options.override_policy
             plan.findings.append(
                 finding(
                     "tls.cipher_suites_empty" if empty else "tls.cipher_suites_incompatible",
@@ -393,16 +425,21 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
                         "policy": policy_suites,
                         "key_type": state.key_type,
                         "enabled_protocols": on_after,
+                        "policy_path": CIPHER_POLICY_KEY,
+                        "enforced_by_policy": policy_set,
                     },
                     _fix(
-                        {"restore_cipher_suites": True},
+                        {"restore_cipher_suites": True, "override_policy": True},
                         "write a list of AEAD cipher suites to the cipher-suite order policy, then reboot",
                     )
-                    if will_fix
+                    if can_fix
                     else None,
                 )
             )
             if will_fix:
+                plan.warnings.append(
+                    _policy_warning(CIPHER_POLICY_VALUE, CIPHER_POLICY_KEY, "(a list of AEAD cipher suites)")
+                )
                 previous = state.cipher_policy.get(CIPHER_POLICY_VALUE)
                 # Keep the value type Windows already uses there; the policy editor writes one comma-separated string.
                 as_list = isinstance(previous, dict) and previous.get("type") == "REG_MULTI_SZ"
@@ -438,85 +475,136 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
     layer_after = dict(layer)
     nla_after = dict(nla)
 
-    downgraded = [
-        (path, source, value)
-        for path, source, value in (
-            (LISTENER_KEY, "listener", layer["listener"]),
-            (POLICY_KEY, "policy", layer["policy"]),
-        )
-        if value == SECURITY_LAYER_RDP
-    ]
-    if downgraded:
-        fixing = options.restore_security_layer
+    evidence_layer = {"listener": layer["listener"], "policy": layer["policy"], "effective_from": layer["source"]}
+    if layer["listener"] == SECURITY_LAYER_RDP:
+        in_effect = layer["source"] == "listener"
         plan.findings.append(
             finding(
                 "tls.security_layer_rdp",
-                "security" if layer["effective"] == SECURITY_LAYER_RDP else "info",
+                "security" if in_effect else "info",
                 "SecurityLayer is 0 (native RDP security, no TLS)"
-                + (
-                    ""
-                    if layer["effective"] == SECURITY_LAYER_RDP
-                    else f" in the {downgraded[0][1]} value, not in effect"
-                ),
+                + ("" if in_effect else " in the listener value, not in effect: the policy value wins"),
                 "security_downgrade",
-                {"listener": layer["listener"], "policy": layer["policy"], "effective_from": layer["source"]},
-                _fix({"restore_security_layer": True}, "set SecurityLayer to 2 (TLS)") if fixing else None,
+                evidence_layer,
+                _fix({"restore_security_layer": True}, "set SecurityLayer to 2 (TLS)")
+                if options.restore_security_layer
+                else None,
             )
         )
-        if fixing:
-            for path, source, _value in downgraded:
-                source_values = state.listener if source == "listener" else state.policy
-                plan.changes.append(
-                    RegistryChange(
-                        path, SECURITY_LAYER, "REG_DWORD", SECURITY_LAYER_TLS, source_values.get(SECURITY_LAYER)
-                    )
+        if options.restore_security_layer:
+            plan.changes.append(
+                RegistryChange(
+                    LISTENER_KEY, SECURITY_LAYER, "REG_DWORD", SECURITY_LAYER_TLS, state.listener.get(SECURITY_LAYER)
                 )
-                layer_after[source] = SECURITY_LAYER_TLS
-            layer_after["effective"] = (
-                layer_after["policy"] if layer_after["policy"] is not None else layer_after["listener"]
             )
-    elif layer["effective"] == SECURITY_LAYER_NEGOTIATE:
+            layer_after["listener"] = SECURITY_LAYER_TLS
+    if layer["policy"] == SECURITY_LAYER_RDP:
+        plan.findings.append(
+            finding(
+                "tls.security_layer_rdp_policy",
+                "security",
+                "SecurityLayer is 0 (native RDP security, no TLS)" + _policy_title(SECURITY_LAYER, POLICY_KEY),
+                "security_downgrade",
+                {**evidence_layer, "policy_path": POLICY_KEY, "enforced_by_policy": True},
+                _fix(
+                    {"restore_security_layer": True, "override_policy": True},
+                    "set the policy value SecurityLayer to 2 (TLS); better: change the GPO that sets it",
+                )
+                if options.restore_security_layer
+                else None,
+            )
+        )
+        if options.restore_security_layer and options.override_policy:
+            plan.changes.append(
+                RegistryChange(
+                    POLICY_KEY, SECURITY_LAYER, "REG_DWORD", SECURITY_LAYER_TLS, state.policy.get(SECURITY_LAYER)
+                )
+            )
+            plan.warnings.append(_policy_warning(SECURITY_LAYER, POLICY_KEY, SECURITY_LAYER_TLS))
+            layer_after["policy"] = SECURITY_LAYER_TLS
+    layer_after["effective"] = layer_after["policy"] if layer_after["policy"] is not None else layer_after["listener"]
+    if (
+        SECURITY_LAYER_RDP not in (layer["listener"], layer["policy"])
+        and layer["effective"] == SECURITY_LAYER_NEGOTIATE
+    ):
         plan.findings.append(
             finding(
                 "tls.security_layer_negotiate",
                 "info",
                 "SecurityLayer is 1 (negotiate): a client that cannot do TLS falls back to native RDP security",
                 "security_downgrade",
-                {"listener": layer["listener"], "policy": layer["policy"], "effective_from": layer["source"]},
+                evidence_layer,
                 None,
             )
         )
 
-    nla_values = (("listener", LISTENER_KEY, state.listener), ("policy", POLICY_KEY, state.policy))
+    evidence_nla = {"listener": nla["listener"], "policy": nla["policy"], "effective_from": nla["source"]}
     if options.nla == "enabled":
-        off = [(source, path, values) for source, path, values in nla_values if nla[source] == 0]
-        if off:
+        if nla["listener"] == 0:
+            in_effect = nla["source"] == "listener"
             plan.findings.append(
                 finding(
                     "tls.nla_disabled",
-                    "security" if nla["effective"] == 0 else "info",
+                    "security" if in_effect else "info",
                     "Network Level Authentication is off"
-                    + ("" if nla["effective"] == 0 else " in a value not in effect"),
+                    + ("" if in_effect else " in the listener value, not in effect: the policy value wins"),
                     "security_downgrade",
-                    {"listener": nla["listener"], "policy": nla["policy"], "effective_from": nla["source"]},
+                    evidence_nla,
                     _fix({"nla": "enabled"}, "set UserAuthentication to 1"),
                 )
             )
-            for source, path, values in off:
-                plan.changes.append(
-                    RegistryChange(path, USER_AUTHENTICATION, "REG_DWORD", 1, values.get(USER_AUTHENTICATION))
-                )
-                nla_after[source] = 1
-    elif options.nla == "disabled":
-        on = [(source, path, values) for source, path, values in nla_values if nla[source] not in (None, 0)]
-        if nla["listener"] is None:
-            on.insert(0, ("listener", LISTENER_KEY, state.listener))
-        for source, path, values in on:
             plan.changes.append(
-                RegistryChange(path, USER_AUTHENTICATION, "REG_DWORD", 0, values.get(USER_AUTHENTICATION))
+                RegistryChange(
+                    LISTENER_KEY, USER_AUTHENTICATION, "REG_DWORD", 1, state.listener.get(USER_AUTHENTICATION)
+                )
             )
-            nla_after[source] = 0
-        if on:
+            nla_after["listener"] = 1
+        if nla["policy"] == 0:
+            plan.findings.append(
+                finding(
+                    "tls.nla_disabled_policy",
+                    "security",
+                    "Network Level Authentication is off" + _policy_title(USER_AUTHENTICATION, POLICY_KEY),
+                    "security_downgrade",
+                    {**evidence_nla, "policy_path": POLICY_KEY, "enforced_by_policy": True},
+                    _fix(
+                        {"nla": "enabled", "override_policy": True},
+                        "set the policy value UserAuthentication to 1; better: change the GPO that sets it",
+                    ),
+                )
+            )
+            if options.override_policy:
+                plan.changes.append(
+                    RegistryChange(
+                        POLICY_KEY, USER_AUTHENTICATION, "REG_DWORD", 1, state.policy.get(USER_AUTHENTICATION)
+                    )
+                )
+                plan.warnings.append(_policy_warning(USER_AUTHENTICATION, POLICY_KEY, 1))
+                nla_after["policy"] = 1
+    elif options.nla == "disabled":
+        if nla["listener"] != 0:
+            plan.changes.append(
+                RegistryChange(
+                    LISTENER_KEY, USER_AUTHENTICATION, "REG_DWORD", 0, state.listener.get(USER_AUTHENTICATION)
+                )
+            )
+            nla_after["listener"] = 0
+        if nla["policy"] not in (None, 0):
+            if options.override_policy:
+                plan.changes.append(
+                    RegistryChange(
+                        POLICY_KEY, USER_AUTHENTICATION, "REG_DWORD", 0, state.policy.get(USER_AUTHENTICATION)
+                    )
+                )
+                plan.warnings.append(_policy_warning(USER_AUTHENTICATION, POLICY_KEY, 0))
+                nla_after["policy"] = 0
+            else:
+                plan.warnings.append(
+                    f"Network Level Authentication stays on: Group Policy enforces it ({POLICY_KEY}\\"
+                    f"{USER_AUTHENTICATION} = {nla['policy']}), and nla=disabled does not override a policy value "
+                    "without override_policy: true"
+                )
+        if any(change.name == USER_AUTHENTICATION for change in plan.changes):
             plan.warnings.append(
                 "Network Level Authentication is being turned off because nla=disabled asks for it: the server then "
                 "shows its logon screen to anyone who can reach it; turn it back on (nla: enabled) when done"
@@ -524,11 +612,12 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
     elif nla["effective"] == 0:
         plan.findings.append(
             finding(
-                "tls.nla_disabled",
+                "tls.nla_disabled_policy" if nla["source"] == "policy" else "tls.nla_disabled",
                 "security",
-                "Network Level Authentication is off",
+                "Network Level Authentication is off"
+                + (_policy_title(USER_AUTHENTICATION, POLICY_KEY) if nla["source"] == "policy" else ""),
                 "security_downgrade",
-                {"listener": nla["listener"], "policy": nla["policy"], "effective_from": nla["source"]},
+                evidence_nla,
                 None,
             )
         )

@@ -97,13 +97,57 @@ def test_weak_protocols_are_reported_never_enabled_without_being_asked():
     assert asked.changes and asked.warnings
 
 
-def test_policy_security_layer_wins_and_both_downgrades_are_restored():
+def test_policy_security_layer_wins_and_both_downgrades_are_restored_when_asked():
     state = tls_state(
         listener={"SecurityLayer": dword(0), "UserAuthentication": dword(1)}, policy={"SecurityLayer": dword(0)}
     )
-    plan = _tls.plan_tls(state, _tls.TlsOptions())
+    plan = _tls.plan_tls(state, _tls.TlsOptions(override_policy=True))
     assert plan.report["security_layer"]["source"] == "policy"
     assert sorted((c.path == _transport.POLICY_KEY, c.value) for c in plan.changes) == [(False, 2), (True, 2)]
+    (warning,) = plan.warnings
+    assert "Group Policy puts its own value back" in warning
+    assert plan.after["security_layer"] == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "listener", "policy_findings", "listener_change"),
+    [
+        # The host: both values 0 under the policy key, the listener fine.
+        ({"SecurityLayer": dword(0), "UserAuthentication": dword(0)}, {}, {"security_layer", "nla"}, False),
+        # Policy and listener both downgraded: the listener value is repaired, the policy value only reported.
+        ({"SecurityLayer": dword(0)}, {"SecurityLayer": dword(0)}, {"security_layer"}, True),
+        ({"UserAuthentication": dword(0)}, {"UserAuthentication": dword(0)}, {"nla"}, True),
+    ],
+)
+def test_group_policy_values_are_reported_never_written_by_default(
+    policy: dict[str, t.Any], listener: dict[str, t.Any], policy_findings: set[str], listener_change: bool
+):
+    values = {"SecurityLayer": dword(2), "UserAuthentication": dword(1), **listener}
+    plan = _tls.plan_tls(tls_state(listener=values, policy=policy), _tls.TlsOptions())
+    assert not [c for c in plan.changes if c.path == _transport.POLICY_KEY]
+    assert bool(plan.changes) is listener_change
+    assert not plan.warnings
+    ids = {"security_layer": "tls.security_layer_rdp_policy", "nla": "tls.nla_disabled_policy"}
+    found = {f["id"]: f for f in plan.findings}
+    for item in policy_findings:
+        reported = found[ids[item]]
+        assert reported["severity"] == "security"
+        assert "enforced by Group Policy" in reported["title"] and "next Group Policy refresh" in reported["title"]
+        assert reported["fix"]["options"]["override_policy"] is True
+        assert reported["evidence"]["enforced_by_policy"] is True
+    # The diff tells the truth: the effective value stays what the policy says.
+    assert plan.after["security_layer"] == plan.before["security_layer"]
+    assert plan.after["user_authentication"] == plan.before["user_authentication"]
+
+
+def test_nla_disabled_does_not_override_a_policy_that_enforces_it():
+    state = tls_state(policy={"UserAuthentication": dword(1)})
+    plan = _tls.plan_tls(state, _tls.TlsOptions(nla="disabled"))
+    assert [(c.path, c.value) for c in plan.changes] == [(_tls.LISTENER_KEY, 0)]
+    assert any("Group Policy enforces it" in warning for warning in plan.warnings)
+    assert plan.after["user_authentication"] == 1
+    forced = _tls.plan_tls(state, _tls.TlsOptions(nla="disabled", override_policy=True))
+    assert {c.path for c in forced.changes} == {_tls.LISTENER_KEY, _transport.POLICY_KEY}
 
 
 def test_nla_is_turned_off_only_when_asked_and_with_a_warning():
@@ -123,8 +167,16 @@ def test_nla_is_turned_off_only_when_asked_and_with_a_warning():
     ],
 )
 def test_cipher_list_is_restored_only_when_nothing_is_usable(suites: list[str], key_type: str, broken: bool):
-    plan = _tls.plan_tls(tls_state(cipher_suites=suites, key_type=key_type), _tls.TlsOptions())
+    # The cipher-suite order lives under HKLM:\SOFTWARE\Policies: without override_policy it is only reported.
+    reported = _tls.plan_tls(tls_state(cipher_suites=suites, key_type=key_type), _tls.TlsOptions())
+    assert reported.changes == []
+    fixes = [f["fix"] for f in reported.findings if f["id"].startswith("tls.cipher_suites_")]
+    assert [fix["options"] for fix in fixes] == (
+        [{"restore_cipher_suites": True, "override_policy": True}] if broken else []
+    )
+    plan = _tls.plan_tls(tls_state(cipher_suites=suites, key_type=key_type), _tls.TlsOptions(override_policy=True))
     assert bool(plan.changes) is broken
+    assert bool(plan.warnings) is broken
     if broken:
         written = plan.changes[0].value
         assert _tls.usable_suites(written.split(","), key_type, ["TLS 1.2"])
@@ -133,7 +185,8 @@ def test_cipher_list_is_restored_only_when_nothing_is_usable(suites: list[str], 
 def test_a_restored_cipher_policy_waits_for_the_reboot_instead_of_being_written_again():
     # The first run wrote the policy; Schannel still uses the old (ECDSA-only) list until the next boot.
     first = _tls.plan_tls(
-        tls_state(cipher_suites=["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"], key_type="RSA"), _tls.TlsOptions()
+        tls_state(cipher_suites=["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"], key_type="RSA"),
+        _tls.TlsOptions(override_policy=True),
     )
     (change,) = first.changes
     written = {_tls.CIPHER_POLICY_VALUE: {"type": change.value_type, "value": change.value}}
@@ -210,6 +263,79 @@ def test_public_any_needs_consent():
         plan([rule(enabled=False), rule(**UDP)], profiles=("Public",))
     allowed = plan([rule(enabled=False), rule(**UDP)], profiles=("Public",), allow_public_any=True)
     assert allowed.changes and allowed.warnings
+
+
+def profiles_read(public_inbound: str = "Block", public_enabled: bool = True) -> list[dict[str, t.Any]]:
+    return [
+        {"name": "Domain", "enabled": True, "default_inbound_action": "Block"},
+        {"name": "Private", "enabled": True, "default_inbound_action": "Block"},
+        {"name": "Public", "enabled": public_enabled, "default_inbound_action": public_inbound},
+    ]
+
+
+def state(rules: list[dict[str, t.Any]], categories: list[str], **profiles: t.Any) -> _firewall.FirewallState:
+    return _firewall.FirewallState(rules, 3389, None, profiles_read(**profiles), categories)
+
+
+DOMAIN_PRIVATE = 3
+
+
+@pytest.mark.parametrize(
+    ("rules", "scope_any"),
+    [
+        # The host: the Remote Desktop rules limited to Domain/Private, open to any address.
+        ([rule(profiles=DOMAIN_PRIVATE), rule(profiles=DOMAIN_PRIVATE, **UDP)], True),
+        # Scoped rules: the fix needs no consent for Any.
+        (
+            [
+                rule(profiles=DOMAIN_PRIVATE, remote_addresses=["10.0.0.0/8"]),
+                rule(profiles=DOMAIN_PRIVATE, remote_addresses=["10.0.0.0/8"], **UDP),
+            ],
+            False,
+        ),
+    ],
+)
+def test_rules_are_judged_against_the_active_profile(rules: list[dict[str, t.Any]], scope_any: bool):
+    result = _firewall.plan_state(state(rules, ["Public"]), _firewall.FirewallOptions())
+    # Nothing changes without the options: Public is not among the profiles rdpfix was asked to open.
+    assert result.changes == []
+    found = {item["id"]: item for item in result.findings}
+    tcp = found["firewall.rdp_tcp_blocked_active_profile"]
+    assert tcp["severity"] == "critical" and found["firewall.rdp_udp_blocked_active_profile"]["severity"] == "warning"
+    assert "active Public profile" in tcp["title"] and "default inbound action is Block" in tcp["title"]
+    assert "Domain, Private only" in tcp["title"]
+    wanted = {"profiles": ["Domain", "Private", "Public"]}
+    if scope_any:
+        wanted["allow_public_any"] = True
+    assert tcp["fix"]["options"] == wanted
+    assert result.report["server"]["active_profiles"] == ["Public"]
+    # With the fix's options the plan opens Public, and then nothing is left closed.
+    options = _firewall.FirewallOptions(profiles=("Domain", "Private", "Public"), allow_public_any=scope_any)
+    fixed = _firewall.plan_state(state(rules, ["Public"]), options)
+    assert {c.name for c in fixed.changes} == set(_firewall.BUILTIN_RULES.values())
+    assert not [f for f in fixed.findings if f["id"].endswith("_blocked_active_profile")]
+
+
+@pytest.mark.parametrize(
+    ("categories", "profiles"),
+    [
+        (["DomainAuthenticated"], {}),  # the active profile is among the chosen ones
+        (["Public"], {"public_inbound": "Allow"}),  # the Public profile lets everything in
+        (["Public"], {"public_enabled": False}),  # the firewall is off on Public
+        ([], {}),  # the host did not say which networks are connected: nothing is guessed
+    ],
+)
+def test_an_active_profile_that_lets_rdp_in_gives_no_finding(categories: list[str], profiles: dict[str, t.Any]):
+    rules = [rule(profiles=DOMAIN_PRIVATE), rule(profiles=DOMAIN_PRIVATE, **UDP)]
+    result = _firewall.plan_state(state(rules, categories, **profiles), _firewall.FirewallOptions())
+    assert result.findings == [] and result.changes == []
+
+
+def test_a_block_rule_on_the_active_profile_is_reported_even_outside_the_chosen_profiles():
+    rules = [rule(), rule(**UDP), rule(name="Block-Public", action="Block", profiles=4, program="Any", service="Any")]
+    assert not _firewall.plan_state(state(rules, ["Private"]), _firewall.FirewallOptions()).findings
+    result = _firewall.plan_state(state(rules, ["Public", "Private"]), _firewall.FirewallOptions())
+    assert [f["id"] for f in result.findings] == ["firewall.block_rule_tcp"]
 
 
 def test_options_are_validated():
