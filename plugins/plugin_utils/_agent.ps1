@@ -199,6 +199,318 @@ function Initialize-NativeMethods {
 }
 
 # --------------------------------------------------------------------------------------------------------------------
+# The caller's token and backup semantics. An elevated administrator holds SeBackupPrivilege and SeRestorePrivilege,
+# but disabled; and a privilege only helps a file open that asks for it: SeBackupPrivilege lets CreateFile read a
+# file whose DACL refuses the caller only with FILE_FLAG_BACKUP_SEMANTICS, which .NET's File.Open, File.Copy and
+# File.ReadAllBytes never pass (learn.microsoft.com/windows/win32/api/fileapi/nf-fileapi-createfilew, "To open a file
+# for backup"). From build 17763 the RDP key file's ACL names no Administrators entry, so every read, hash, copy and
+# ACL read of a key file goes through Open-BackupReadStream / Read-FileSecurity below.
+# --------------------------------------------------------------------------------------------------------------------
+
+# The privileges the agent enables, once per run, before the first operation that needs them (a token that does not
+# hold one simply goes without: system.info says which are held and which are enabled).
+$AgentPrivileges = @('SeBackupPrivilege', 'SeRestorePrivilege')
+$AgentToken = @{ Initialized = $false; Enabled = @() }
+
+$TokenSource = @'
+using System;
+using System.Collections.Generic;
+using System.ComponentModel;
+using System.IO;
+using System.Runtime.InteropServices;
+using System.Security.Principal;
+using System.Text;
+using Microsoft.Win32.SafeHandles;
+
+namespace Rdpfix.Agent
+{
+    public sealed class PrivilegeState
+    {
+        public string Name;
+        public bool Enabled;
+    }
+
+    public static class Token
+    {
+        private const int TOKEN_QUERY = 0x8;
+        private const int TOKEN_ADJUST_PRIVILEGES = 0x20;
+        private const int TOKEN_INFORMATION_PRIVILEGES = 3;
+        private const int SE_PRIVILEGE_ENABLED = 0x2;
+        private const int ERROR_NOT_ALL_ASSIGNED = 1300;
+
+        [StructLayout(LayoutKind.Sequential)]
+        private struct LUID
+        {
+            public uint LowPart;
+            public int HighPart;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        private struct LUID_AND_ATTRIBUTES
+        {
+            public LUID Luid;
+            public int Attributes;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        private struct TOKEN_PRIVILEGES_ONE
+        {
+            public int PrivilegeCount;
+            public LUID_AND_ATTRIBUTES Privilege;
+        }
+
+        [DllImport("kernel32.dll")]
+        private static extern IntPtr GetCurrentProcess();
+
+        [DllImport("kernel32.dll", SetLastError = true)]
+        private static extern bool CloseHandle(IntPtr handle);
+
+        [DllImport("advapi32.dll", SetLastError = true)]
+        private static extern bool OpenProcessToken(IntPtr process, int access, out IntPtr token);
+
+        [DllImport("advapi32.dll", SetLastError = true, CharSet = CharSet.Unicode)]
+        private static extern bool LookupPrivilegeValueW(string system, string name, out LUID luid);
+
+        [DllImport("advapi32.dll", SetLastError = true, CharSet = CharSet.Unicode)]
+        private static extern bool LookupPrivilegeNameW(string system, ref LUID luid, StringBuilder name, ref int length);
+
+        [DllImport("advapi32.dll", SetLastError = true)]
+        private static extern bool AdjustTokenPrivileges(IntPtr token, bool disableAll, ref TOKEN_PRIVILEGES_ONE state, int length, IntPtr previous, IntPtr returned);
+
+        [DllImport("advapi32.dll", SetLastError = true)]
+        private static extern bool GetTokenInformation(IntPtr token, int infoClass, IntPtr buffer, int length, out int returned);
+
+        private static IntPtr OpenToken(int access)
+        {
+            IntPtr token;
+            if (!OpenProcessToken(GetCurrentProcess(), access, out token))
+            {
+                throw new Win32Exception(Marshal.GetLastWin32Error());
+            }
+            return token;
+        }
+
+        // Enables a privilege of the process token. False when the token does not hold it: AdjustTokenPrivileges
+        // then succeeds with ERROR_NOT_ALL_ASSIGNED and enables nothing.
+        public static bool Enable(string name)
+        {
+            IntPtr token = OpenToken(TOKEN_ADJUST_PRIVILEGES | TOKEN_QUERY);
+            try
+            {
+                TOKEN_PRIVILEGES_ONE state = new TOKEN_PRIVILEGES_ONE();
+                state.PrivilegeCount = 1;
+                state.Privilege.Attributes = SE_PRIVILEGE_ENABLED;
+                if (!LookupPrivilegeValueW(null, name, out state.Privilege.Luid))
+                {
+                    throw new Win32Exception(Marshal.GetLastWin32Error());
+                }
+                if (!AdjustTokenPrivileges(token, false, ref state, 0, IntPtr.Zero, IntPtr.Zero))
+                {
+                    throw new Win32Exception(Marshal.GetLastWin32Error());
+                }
+                return Marshal.GetLastWin32Error() != ERROR_NOT_ALL_ASSIGNED;
+            }
+            finally
+            {
+                CloseHandle(token);
+            }
+        }
+
+        // Every privilege the process token holds, and whether it is enabled now.
+        public static PrivilegeState[] Privileges()
+        {
+            IntPtr token = OpenToken(TOKEN_QUERY);
+            try
+            {
+                int length;
+                GetTokenInformation(token, TOKEN_INFORMATION_PRIVILEGES, IntPtr.Zero, 0, out length);
+                IntPtr buffer = Marshal.AllocHGlobal(length);
+                try
+                {
+                    if (!GetTokenInformation(token, TOKEN_INFORMATION_PRIVILEGES, buffer, length, out length))
+                    {
+                        throw new Win32Exception(Marshal.GetLastWin32Error());
+                    }
+                    int count = Marshal.ReadInt32(buffer);
+                    int size = Marshal.SizeOf(typeof(LUID_AND_ATTRIBUTES));
+                    List<PrivilegeState> states = new List<PrivilegeState>();
+                    for (int index = 0; index < count; index++)
+                    {
+                        IntPtr item = new IntPtr(buffer.ToInt64() + 4 + (long)index * size);
+                        LUID_AND_ATTRIBUTES entry = (LUID_AND_ATTRIBUTES)Marshal.PtrToStructure(item, typeof(LUID_AND_ATTRIBUTES));
+                        int nameLength = 128;
+                        StringBuilder name = new StringBuilder(nameLength);
+                        if (!LookupPrivilegeNameW(null, ref entry.Luid, name, ref nameLength))
+                        {
+                            continue;
+                        }
+                        PrivilegeState state = new PrivilegeState();
+                        state.Name = name.ToString();
+                        state.Enabled = (entry.Attributes & SE_PRIVILEGE_ENABLED) != 0;
+                        states.Add(state);
+                    }
+                    return states.ToArray();
+                }
+                finally
+                {
+                    Marshal.FreeHGlobal(buffer);
+                }
+            }
+            finally
+            {
+                CloseHandle(token);
+            }
+        }
+    }
+
+    // Files opened with backup intent: CreateFile with FILE_FLAG_BACKUP_SEMANTICS, so that an enabled
+    // SeBackupPrivilege grants read access whatever the DACL says (without the privilege the DACL decides, as for any
+    // open). The flag also opens folders, so ACL reads of folders go the same way.
+    public static class BackupFile
+    {
+        private const uint GENERIC_READ = 0x80000000;
+        private const uint READ_CONTROL = 0x00020000;
+        private const uint FILE_SHARE_ALL = 0x7;
+        private const uint OPEN_EXISTING = 3;
+        private const uint FILE_FLAG_BACKUP_SEMANTICS = 0x02000000;
+        private const int SE_FILE_OBJECT = 1;
+        private const int OWNER_GROUP_DACL = 0x1 | 0x2 | 0x4;
+        private const int SDDL_REVISION_1 = 1;
+
+        [DllImport("kernel32.dll", SetLastError = true, CharSet = CharSet.Unicode)]
+        private static extern SafeFileHandle CreateFileW(string name, uint access, uint share, IntPtr security, uint disposition, uint flags, IntPtr template);
+
+        [DllImport("advapi32.dll")]
+        private static extern int GetSecurityInfo(SafeFileHandle handle, int objectType, int information, out IntPtr owner, out IntPtr group, out IntPtr dacl, out IntPtr sacl, out IntPtr descriptor);
+
+        [DllImport("advapi32.dll", SetLastError = true, CharSet = CharSet.Unicode)]
+        private static extern bool ConvertSecurityDescriptorToStringSecurityDescriptorW(IntPtr descriptor, int revision, int information, out IntPtr text, out int length);
+
+        [DllImport("kernel32.dll")]
+        private static extern IntPtr LocalFree(IntPtr memory);
+
+        private static SafeFileHandle Open(string path, uint access)
+        {
+            SafeFileHandle handle = CreateFileW(path, access, FILE_SHARE_ALL, IntPtr.Zero, OPEN_EXISTING, FILE_FLAG_BACKUP_SEMANTICS, IntPtr.Zero);
+            if (handle.IsInvalid)
+            {
+                int error = Marshal.GetLastWin32Error();
+                handle.Dispose();
+                throw new Win32Exception(error);
+            }
+            return handle;
+        }
+
+        public static FileStream OpenRead(string path)
+        {
+            return new FileStream(Open(path, GENERIC_READ), FileAccess.Read);
+        }
+
+        // { owner SID, SDDL of owner, group and DACL }, as Get-Acl's Owner and Sddl would show them.
+        public static string[] ReadSecurity(string path)
+        {
+            using (SafeFileHandle handle = Open(path, READ_CONTROL))
+            {
+                IntPtr owner;
+                IntPtr group;
+                IntPtr dacl;
+                IntPtr sacl;
+                IntPtr descriptor;
+                int error = GetSecurityInfo(handle, SE_FILE_OBJECT, OWNER_GROUP_DACL, out owner, out group, out dacl, out sacl, out descriptor);
+                if (error != 0)
+                {
+                    throw new Win32Exception(error);
+                }
+                try
+                {
+                    IntPtr text;
+                    int length;
+                    if (!ConvertSecurityDescriptorToStringSecurityDescriptorW(descriptor, SDDL_REVISION_1, OWNER_GROUP_DACL, out text, out length))
+                    {
+                        throw new Win32Exception(Marshal.GetLastWin32Error());
+                    }
+                    try
+                    {
+                        string ownerSid = owner == IntPtr.Zero ? null : new SecurityIdentifier(owner).Value;
+                        return new string[] { ownerSid, Marshal.PtrToStringUni(text) };
+                    }
+                    finally
+                    {
+                        LocalFree(text);
+                    }
+                }
+                finally
+                {
+                    LocalFree(descriptor);
+                }
+            }
+        }
+    }
+}
+'@
+
+# Compiles the token helpers and enables the agent's privileges, once per run.
+function Initialize-AgentToken {
+    if ($AgentToken.Initialized) {
+        return
+    }
+    if (-not ('Rdpfix.Agent.BackupFile' -as [type])) {
+        Add-Type -TypeDefinition $TokenSource -Language CSharp
+    }
+    $enabled = New-Object System.Collections.Generic.List[string]
+    foreach ($privilege in $AgentPrivileges) {
+        if ([Rdpfix.Agent.Token]::Enable($privilege)) {
+            $enabled.Add($privilege)
+        }
+    }
+    $AgentToken.Enabled = $enabled.ToArray()
+    $AgentToken.Initialized = $true
+}
+
+# THE way the agent reads a file's bytes: opened with backup semantics (see above).
+function Open-BackupReadStream {
+    param([string]$Path)
+    Initialize-AgentToken
+    return [Rdpfix.Agent.BackupFile]::OpenRead($Path)
+}
+
+function Read-FileBytes {
+    param([string]$Path)
+    $stream = Open-BackupReadStream -Path $Path
+    try {
+        $buffer = New-Object System.IO.MemoryStream
+        $stream.CopyTo($buffer)
+        return , $buffer.ToArray()
+    }
+    finally {
+        $stream.Dispose()
+    }
+}
+
+# An account name for a SID as Get-Acl shows owners (localised on non-English Windows: information only), or the SID
+# itself when it has no name.
+function Get-AccountName {
+    param([string]$Sid)
+    if (-not $Sid) {
+        return $null
+    }
+    try {
+        return [string](New-Object System.Security.Principal.SecurityIdentifier($Sid)).Translate([System.Security.Principal.NTAccount]).Value
+    }
+    catch {
+        return $Sid
+    }
+}
+
+# Owner (as an account name) and SDDL of a file or folder, read with backup semantics.
+function Read-FileSecurity {
+    param([string]$Path)
+    Initialize-AgentToken
+    $security = [Rdpfix.Agent.BackupFile]::ReadSecurity($Path)
+    return @{ Owner = Get-AccountName -Sid $security[0]; Sddl = [string]$security[1] }
+}
+
+# --------------------------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -522,6 +834,7 @@ function Set-DirectorySecurity {
         $Directory.SetAccessControl($Security)
     }
     else {
+        # pitfall-ok: newer-than-net452 reached only where DirectoryInfo has no SetAccessControl (.NET, PowerShell 7)
         [System.IO.FileSystemAclExtensions]::SetAccessControl($Directory, $Security)
     }
 }
@@ -792,6 +1105,7 @@ function Resolve-CertificateKey {
         $null = $_
     }
     try {
+        # pitfall-ok: newer-than-net452 a last fallback inside try/catch: on 4.5.2 the type is missing and the key stays unknown
         $rsa = [System.Security.Cryptography.X509Certificates.RSACertificateExtensions]::GetRSAPrivateKey($Certificate)
         if ($null -ne $rsa -and $null -ne $rsa.PSObject.Properties['Key']) {
             $resolved.Kind = 'cng'
@@ -843,8 +1157,8 @@ function Get-CertificateKeyRecord {
 
 function Get-ServiceNameArgument {
     param([string]$Name)
-    # Get-Service treats these as wildcards; the protocol names services exactly.
-    if ($Name -match '[\*\?\[\]]' -or $Name.Length -eq 0) {
+    # Get-Service treats these as wildcards, and the name goes into a WQL filter; the protocol names services exactly.
+    if ($Name -match '[\*\?\[\]''"\\]' -or $Name.Length -eq 0) {
         throw (New-AgentException 'InvalidArgument' "service name '$Name' is not valid")
     }
     return $Name
@@ -853,6 +1167,75 @@ function Get-ServiceNameArgument {
 function Get-ServiceStatusText {
     param([string]$Name)
     return [string](Get-Service -Name $Name -ErrorAction Stop).Status
+}
+
+# Win32_Service.StartMode in the protocol's words. ServiceController.StartType would be simpler, but it arrived with
+# .NET Framework 4.6.1: on an un-updated 4.5.2 host it is empty and a disabled service would look startable.
+$ServiceStartTypes = @{ Auto = 'Automatic'; Manual = 'Manual'; Disabled = 'Disabled'; Boot = 'Boot'; System = 'System' }
+
+# Win32_Service of one service, or $null when there is none.
+function Get-Win32Service {
+    param([string]$Name)
+    $found = @(Get-CimInstance -ClassName Win32_Service -Filter "Name='$Name'" -ErrorAction Stop)
+    if ($found.Count -eq 0) {
+        return $null
+    }
+    return $found[0]
+}
+
+function Get-ServiceStartType {
+    param($Service)
+    $mode = [string]$Service.StartMode
+    if (-not $ServiceStartTypes.ContainsKey($mode)) {
+        throw (New-AgentException 'Failed' "service '$($Service.Name)' reports the start mode '$mode'")
+    }
+    return $ServiceStartTypes[$mode]
+}
+
+# Every wait for a service is bounded: Restart-Service and Start-Service wait for ever, so a service hanging in
+# StopPending would hold the whole WinRM command and no result would come back. A wait that runs out is a Timeout.
+$ServiceWaitSeconds = 60
+
+function Wait-ServiceStatus {
+    param($Controller, [string]$Status)
+    try {
+        $Controller.WaitForStatus($Status, [TimeSpan]::FromSeconds($ServiceWaitSeconds))
+    }
+    catch {
+        $exception = $_.Exception
+        while ($null -ne $exception -and -not ($exception -is [System.ServiceProcess.TimeoutException])) {
+            $exception = $exception.InnerException
+        }
+        if ($null -eq $exception) {
+            throw
+        }
+        $Controller.Refresh()
+        throw (New-AgentException 'Timeout' "service '$($Controller.ServiceName)' did not reach $Status within $ServiceWaitSeconds seconds; it is $($Controller.Status)")
+    }
+}
+
+function Stop-ServiceBounded {
+    param($Controller)
+    $Controller.Refresh()
+    if ([string]$Controller.Status -eq 'Stopped') {
+        return
+    }
+    if ([string]$Controller.Status -ne 'StopPending') {
+        $Controller.Stop()
+    }
+    Wait-ServiceStatus -Controller $Controller -Status 'Stopped'
+}
+
+function Start-ServiceBounded {
+    param($Controller)
+    $Controller.Refresh()
+    if ([string]$Controller.Status -eq 'Running') {
+        return
+    }
+    if ([string]$Controller.Status -ne 'StartPending') {
+        $Controller.Start()
+    }
+    Wait-ServiceStatus -Controller $Controller -Status 'Running'
 }
 
 # Runs a program with arguments that contain no quotes, capturing both streams without PowerShell turning stderr
@@ -920,55 +1303,90 @@ function Get-ThumbprintOrNull {
 # returns the operation's data as one dictionary.
 # --------------------------------------------------------------------------------------------------------------------
 
-# Firewall rules with their filters, as plain records. The filters are read in bulk and joined by InstanceID: asking
-# for each rule's filters separately costs a CIM round trip per rule (hundreds of rules on a server).
-function Get-FirewallRuleRecords {
-    param([string]$Name)
-    $ruleParameters = @{ PolicyStore = 'ActiveStore'; ErrorAction = 'SilentlyContinue' }
+# Firewall rules with their filters, as plain records, read per policy store: the local store (PersistentStore, where
+# Set-/Remove-/New-NetFirewallRule write by default) and the Group Policy store (RSOP: every GPO applied to the host,
+# read-only). Filters are read in bulk per store and joined by InstanceID within that store only: asking for each
+# rule's filters separately costs a CIM round trip per rule, and a GPO rule and a local rule may share an ID.
+# A read that fails is an error: an empty list would say "no rules".
+$FirewallRuleStores = @('PersistentStore', 'RSOP')
+
+function Get-FirewallStoreRules {
+    param([string]$Store, [string]$Name)
+    $ruleParameters = @{ PolicyStore = $Store; ErrorAction = 'Stop' }
     if ($Name) { $ruleParameters.Name = $Name }
-    $rules = @(Get-NetFirewallRule @ruleParameters)
-    if ($rules.Count -eq 0) {
-        return
+    try {
+        return @(Get-NetFirewallRule @ruleParameters)
     }
-    $byId = {
-        param($Filters)
-        $table = @{}
-        foreach ($filter in $Filters) { $table[[string]$filter.InstanceID] = $filter }
-        $table
+    catch {
+        # Asked by Name, "no rule has it" is an answer; every other failure is one.
+        if ($Name -and [string]$_.CategoryInfo.Category -eq 'ObjectNotFound') {
+            return @()
+        }
+        throw
     }
-    if ($Name) {
-        $ports = & $byId @($rules | Get-NetFirewallPortFilter)
-        $addresses = & $byId @($rules | Get-NetFirewallAddressFilter)
-        $applications = & $byId @($rules | Get-NetFirewallApplicationFilter)
-        $services = & $byId @($rules | Get-NetFirewallServiceFilter)
+}
+
+function Get-NetworkCategories {
+    try {
+        return @(Get-NetConnectionProfile -ErrorAction Stop | ForEach-Object { [string]$_.NetworkCategory })
     }
-    else {
-        $ports = & $byId @(Get-NetFirewallPortFilter -All -PolicyStore ActiveStore)
-        $addresses = & $byId @(Get-NetFirewallAddressFilter -All -PolicyStore ActiveStore)
-        $applications = & $byId @(Get-NetFirewallApplicationFilter -All -PolicyStore ActiveStore)
-        $services = & $byId @(Get-NetFirewallServiceFilter -All -PolicyStore ActiveStore)
+    catch {
+        # No connected network is an answer (no category), not a failure.
+        if ([string]$_.CategoryInfo.Category -eq 'ObjectNotFound') {
+            return @()
+        }
+        throw
     }
-    foreach ($rule in $rules) {
-        $id = [string]$rule.InstanceID
-        $port = $ports[$id]
-        $address = $addresses[$id]
-        $application = $applications[$id]
-        $service = $services[$id]
-        [ordered]@{
-            name = [string]$rule.Name
-            display_name = [string]$rule.DisplayName
-            group = [string]$rule.Group
-            direction = [string]$rule.Direction
-            action = [string]$rule.Action
-            enabled = ([string]$rule.Enabled -eq 'True')
-            profiles = [int]$rule.Profile
-            protocol = if ($port) { [string]$port.Protocol } else { 'Any' }
-            local_ports = if ($port) { @($port.LocalPort | ForEach-Object { [string]$_ }) } else { @('Any') }
-            remote_ports = if ($port) { @($port.RemotePort | ForEach-Object { [string]$_ }) } else { @('Any') }
-            remote_addresses = if ($address) { @($address.RemoteAddress | ForEach-Object { [string]$_ }) } else { @('Any') }
-            program = if ($application) { [string]$application.Program } else { 'Any' }
-            service = if ($service) { [string]$service.Service } else { 'Any' }
-            policy_store_source_type = [string]$rule.PolicyStoreSourceType
+}
+
+function Get-FirewallRuleRecords {
+    param([string]$Name, [string[]]$Stores = $FirewallRuleStores)
+    foreach ($store in $Stores) {
+        $rules = @(Get-FirewallStoreRules -Store $store -Name $Name)
+        if ($rules.Count -eq 0) {
+            continue
+        }
+        $byId = {
+            param($Filters)
+            $table = @{}
+            foreach ($filter in $Filters) { $table[[string]$filter.InstanceID] = $filter }
+            $table
+        }
+        if ($Name) {
+            $ports = & $byId @($rules | Get-NetFirewallPortFilter -ErrorAction Stop)
+            $addresses = & $byId @($rules | Get-NetFirewallAddressFilter -ErrorAction Stop)
+            $applications = & $byId @($rules | Get-NetFirewallApplicationFilter -ErrorAction Stop)
+            $services = & $byId @($rules | Get-NetFirewallServiceFilter -ErrorAction Stop)
+        }
+        else {
+            $ports = & $byId @(Get-NetFirewallPortFilter -All -PolicyStore $store -ErrorAction Stop)
+            $addresses = & $byId @(Get-NetFirewallAddressFilter -All -PolicyStore $store -ErrorAction Stop)
+            $applications = & $byId @(Get-NetFirewallApplicationFilter -All -PolicyStore $store -ErrorAction Stop)
+            $services = & $byId @(Get-NetFirewallServiceFilter -All -PolicyStore $store -ErrorAction Stop)
+        }
+        foreach ($rule in $rules) {
+            $id = [string]$rule.InstanceID
+            $port = $ports[$id]
+            $address = $addresses[$id]
+            $application = $applications[$id]
+            $service = $services[$id]
+            # Lists are built inside @(...): a statement's output is unrolled, so one port would become a string.
+            [ordered]@{
+                name = [string]$rule.Name
+                display_name = [string]$rule.DisplayName
+                group = [string]$rule.Group
+                direction = [string]$rule.Direction
+                action = [string]$rule.Action
+                enabled = ([string]$rule.Enabled -eq 'True')
+                profiles = [int]$rule.Profile
+                protocol = if ($port) { [string]$port.Protocol } else { 'Any' }
+                local_ports = @(if ($port) { $port.LocalPort | ForEach-Object { [string]$_ } } else { 'Any' })
+                remote_ports = @(if ($port) { $port.RemotePort | ForEach-Object { [string]$_ } } else { 'Any' })
+                remote_addresses = @(if ($address) { $address.RemoteAddress | ForEach-Object { [string]$_ } } else { 'Any' })
+                program = if ($application) { [string]$application.Program } else { 'Any' }
+                service = if ($service) { [string]$service.Service } else { 'Any' }
+                policy_store_source_type = [string]$rule.PolicyStoreSourceType
+            }
         }
     }
 }
@@ -1028,7 +1446,7 @@ $Operations = [ordered]@{
             }
             try {
                 $present = @($key.GetValueNames())
-                $names = if ($null -eq $requested) { $present } else { @($requested) }
+                $names = @(if ($null -eq $requested) { $present } else { $requested })
                 foreach ($name in $names) {
                     if ($present -contains [string]$name) {
                         $values[[string]$name] = Get-RegistryValueRecord -Key $key -Name ([string]$name)
@@ -1233,12 +1651,14 @@ $Operations = [ordered]@{
         $services = [ordered]@{}
         foreach ($rawName in $names) {
             $name = Get-ServiceNameArgument -Name ([string]$rawName)
-            $service = Get-Service -Name $name -ErrorAction SilentlyContinue
+            $service = Get-Win32Service -Name $name
             if ($null -eq $service) {
                 $services[$name] = [ordered]@{ exists = $false; status = $null; start_type = $null }
             }
             else {
-                $services[$name] = [ordered]@{ exists = $true; status = [string]$service.Status; start_type = [string]$service.StartType }
+                # Win32_Service.State says 'Stop Pending' where ServiceController says StopPending.
+                $status = ([string]$service.State) -replace ' ', ''
+                $services[$name] = [ordered]@{ exists = $true; status = $status; start_type = Get-ServiceStartType -Service $service }
             }
         }
         return [ordered]@{ services = $services }
@@ -1248,16 +1668,30 @@ $Operations = [ordered]@{
         param($Args_)
         $name = Get-ServiceNameArgument -Name (Get-StringArgument -Table $Args_ -Name 'name' -Required)
         $force = [bool](Get-OpArgument -Table $Args_ -Name 'force' -Default $false)
-        # -Force stops the services that depend on this one too (TermService: UmRdpService); without it
-        # Restart-Service refuses a service with running dependents.
-        Restart-Service -Name $name -Force:$force -ErrorAction Stop -WarningAction SilentlyContinue
+        $controller = Get-Service -Name $name -ErrorAction Stop
+        $dependents = @($controller.DependentServices | Where-Object { [string]$_.Status -ne 'Stopped' })
+        if ($dependents.Count -gt 0 -and -not $force) {
+            throw (New-AgentException 'Failed' "Cannot stop service '$name' because it has dependent services. It can only be stopped if the Force flag is set.")
+        }
+        # Refuse before anything is stopped: a disabled service (or dependent) would stop and never start again.
+        foreach ($item in @($controller) + $dependents) {
+            $service = Get-Win32Service -Name ([string]$item.ServiceName)
+            if ($null -ne $service -and (Get-ServiceStartType -Service $service) -eq 'Disabled') {
+                throw (New-AgentException 'Failed' "service '$($item.ServiceName)' is disabled: a restart would stop it and it could not start again; nothing was stopped")
+            }
+        }
+        # Dependents first (a running one keeps the service from stopping), then back up after it; every wait bounded.
+        foreach ($dependent in $dependents) { Stop-ServiceBounded -Controller $dependent }
+        Stop-ServiceBounded -Controller $controller
+        Start-ServiceBounded -Controller $controller
+        foreach ($dependent in $dependents) { Start-ServiceBounded -Controller $dependent }
         return [ordered]@{ status = Get-ServiceStatusText -Name $name }
     }
 
     'service.start' = {
         param($Args_)
         $name = Get-ServiceNameArgument -Name (Get-StringArgument -Table $Args_ -Name 'name' -Required)
-        Start-Service -Name $name -ErrorAction Stop -WarningAction SilentlyContinue
+        Start-ServiceBounded -Controller (Get-Service -Name $name -ErrorAction Stop)
         return [ordered]@{ status = Get-ServiceStatusText -Name $name }
     }
 
@@ -1609,6 +2043,7 @@ namespace Rdpfix.Agent {
                 $item.SetAccessControl($security)
             }
             else {
+                # pitfall-ok: newer-than-net452 reached only where FileInfo has no SetAccessControl (.NET, PowerShell 7)
                 [System.IO.FileSystemAclExtensions]::SetAccessControl([System.IO.FileInfo]$item, $security)
             }
         }
@@ -1657,7 +2092,7 @@ namespace Rdpfix.Agent {
         param($Args_)
         return [ordered]@{
             rules = @(Get-FirewallRuleRecords)
-            profiles = @(Get-NetFirewallProfile -PolicyStore ActiveStore | ForEach-Object {
+            profiles = @(Get-NetFirewallProfile -PolicyStore ActiveStore -ErrorAction Stop | ForEach-Object {
                     [ordered]@{
                         name = [string]$_.Name
                         enabled = ([string]$_.Enabled -eq 'True')
@@ -1665,18 +2100,22 @@ namespace Rdpfix.Agent {
                         default_outbound_action = [string]$_.DefaultOutboundAction
                     }
                 })
-            network_categories = @(Get-NetConnectionProfile -ErrorAction SilentlyContinue | ForEach-Object { [string]$_.NetworkCategory })
+            network_categories = @(Get-NetworkCategories)
         }
     }
 
+    # Only the local store is written (the cmdlets' default, PersistentStore): a rule Group Policy delivers is
+    # reported, never changed, and a Name only Group Policy has is NotFound here, as Set-NetFirewallRule says.
     'firewall.rule.set' = {
         param($Args_)
         $name = Get-StringArgument -Table $Args_ -Name 'name' -Required
-        $previous = @(Get-FirewallRuleRecords -Name $name)
+        $previous = @(Get-FirewallRuleRecords -Name $name -Stores @('PersistentStore'))
         if ($previous.Count -eq 0) {
-            throw (New-AgentException 'NotFound' "no firewall rule has the Name '$name'")
+            $policy = @(Get-FirewallRuleRecords -Name $name -Stores @('RSOP'))
+            $where = if ($policy.Count -gt 0) { ' (Group Policy has a rule with this Name, which is not changed here)' } else { '' }
+            throw (New-AgentException 'NotFound' "no firewall rule of the local store has the Name '$name'$where")
         }
-        $parameters = @{ Name = $name; ErrorAction = 'Stop' }
+        $parameters = @{ Name = $name; PolicyStore = 'PersistentStore'; ErrorAction = 'Stop' }
         $enabled = Get-OpArgument -Table $Args_ -Name 'enabled'
         if ($null -ne $enabled) { $parameters.Enabled = if ([bool]$enabled) { 'True' } else { 'False' } }
         $profiles = Get-OpArgument -Table $Args_ -Name 'profiles'
@@ -1694,11 +2133,15 @@ namespace Rdpfix.Agent {
     'firewall.rule.new' = {
         param($Args_)
         $name = Get-StringArgument -Table $Args_ -Name 'name' -Required
-        if (@(Get-NetFirewallRule -Name $name -ErrorAction SilentlyContinue).Count -gt 0) {
-            throw (New-AgentException 'InvalidArgument' "a firewall rule with the Name '$name' exists")
+        # Both stores: a local rule with the Name of a Group Policy rule would be shadowed by it.
+        foreach ($store in $FirewallRuleStores) {
+            if (@(Get-FirewallStoreRules -Store $store -Name $name).Count -gt 0) {
+                throw (New-AgentException 'InvalidArgument' "a firewall rule with the Name '$name' exists ($store)")
+            }
         }
         $parameters = @{
             Name = $name
+            PolicyStore = 'PersistentStore'
             DisplayName = Get-StringArgument -Table $Args_ -Name 'display_name' -Required
             Group = Get-StringArgument -Table $Args_ -Name 'group' -Required
             Direction = Get-StringArgument -Table $Args_ -Name 'direction' -Required
@@ -1722,11 +2165,11 @@ namespace Rdpfix.Agent {
     'firewall.rule.remove' = {
         param($Args_)
         $name = Get-StringArgument -Table $Args_ -Name 'name' -Required
-        $previous = @(Get-FirewallRuleRecords -Name $name)
+        $previous = @(Get-FirewallRuleRecords -Name $name -Stores @('PersistentStore'))
         if ($previous.Count -eq 0) {
             return [ordered]@{ previous = $null }
         }
-        Remove-NetFirewallRule -Name $name -ErrorAction Stop
+        Remove-NetFirewallRule -Name $name -PolicyStore PersistentStore -ErrorAction Stop
         return [ordered]@{ previous = $previous[0] }
     }
 
@@ -1789,7 +2232,7 @@ function Invoke-Batch {
     if ($onError -ne 'stop' -and $onError -ne 'continue') {
         throw "on_error must be 'stop' or 'continue', not '$onError'"
     }
-    $operations = if ($null -eq $Batch.ops) { @() } else { @($Batch.ops) }
+    $operations = @(if ($null -ne $Batch.ops) { $Batch.ops })
     $results = New-Object System.Collections.Generic.List[object]
     $failed = $false
     foreach ($operation in $operations) {
