@@ -423,8 +423,9 @@ def granted_rights(descriptor: SecurityDescriptor, identities: Iterable[str]) ->
     return granted
 
 
-# Who a service running as NETWORK SERVICE also is, for access checks.
-NETWORK_SERVICE_IDENTITIES = frozenset({SID_NETWORK_SERVICE, SID_EVERYONE, SID_AUTHENTICATED_USERS})
+# Who a service running as NETWORK SERVICE also is, for access checks: BUILTIN\Users too, since Authenticated Users
+# is a member of it (its only member after installation, per Microsoft's list of well-known SIDs).
+NETWORK_SERVICE_IDENTITIES = frozenset({SID_NETWORK_SERVICE, SID_EVERYONE, SID_AUTHENTICATED_USERS, SID_USERS})
 SYSTEM_IDENTITIES = frozenset({SID_SYSTEM, SID_EVERYONE, SID_AUTHENTICATED_USERS, SID_ADMINISTRATORS})
 
 

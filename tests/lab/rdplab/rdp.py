@@ -702,11 +702,6 @@ class RdpEndpoint:
             # No protocol to build the server credential with: the ClientHello meets a reset, as above.
             _reset(client)
             return {**base, "outcome": "reset_after_x224", **({"tls_failure": view.failure} if offered else {})}
-        if view.failure == schannel.RESET_TLS13_CLIENT_HELLO and offered and TLS13 in offered:
-            # Server 2019 with TLS 1.3 forced on resets a ClientHello that offers TLS 1.3 (UNCONFIRMED by a cited
-            # page, see docs/lab.md); one that stops at TLS 1.2 carries on below with the protocols the server has.
-            _reset(client)
-            return {**base, "outcome": "reset_after_x224", "detail": "the ClientHello offers TLS 1.3"}
         common = best_common_version(offered or [], view.tls_versions)
         try:
             context = TLS_CONTEXTS.get(view.cert_pem, view.key_pem, view.tls_versions, view.cipher_suites)

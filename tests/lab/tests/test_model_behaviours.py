@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from rdplab.model import schannel
 from rdplab.model.errors import OpError
 from rdplab.model.events import RCM, SCHANNEL
 from rdplab.model.host import WindowsHost
@@ -138,7 +140,8 @@ def test_unusable_key_resets_after_x224_with_the_event_of_its_status(mode: str, 
     assert host.rdp_view().failure == "reset_after_x224"
     assert host.events.ids(SCHANNEL) == [36870]
     [event] = [event for event in host.events.events if event.provider == RCM]
-    assert (event.id, event.data["status"]) == (event_id, status)
+    # A classic event: the status is the first unnamed <Data> (param0), as the agent reads it.
+    assert (event.id, event.data["param0"]) == (event_id, status)
     assert status in event.message
 
 
@@ -160,6 +163,7 @@ def test_renewal_that_cannot_write_the_key_file_logs_and_changes_nothing() -> No
     ("name", "event_id"),
     [
         ("pinned-missing", 1051),
+        ("pinned-expired", 1053),
         ("pinned-wrong-eku", 1054),
         ("pinned-no-private-key", 1055),
         ("connection-broker", 1051),
@@ -172,11 +176,15 @@ def test_pinned_problems_fall_back_to_selfsigned(name: str, event_id: int) -> No
     assert rcm_ids(host) == [event_id]
 
 
-def test_expired_pinned_cert_is_still_presented_with_1053() -> None:
+def test_expired_pinned_cert_is_not_presented_and_1053_names_the_fallback() -> None:
     host = load("pinned-expired")
     pinned = host.snapshot()["listener"]["pinned"]
-    assert presented_thumbprint(host) == pinned
-    assert rcm_ids(host) == [1053]
+    [selfsigned] = host.stores.entries("Remote Desktop")
+    assert presented_thumbprint(host) == selfsigned.thumbprint != pinned
+    [event] = [event for event in host.events.events if event.provider == RCM]
+    assert event.id == 1053 and "default certificate will be used" in event.message
+    # The pin stays in the registry, and WMI still reports it (custom hash type).
+    assert host.snapshot()["listener"]["ssl_certificate_sha1_hash"] == pinned
 
 
 def test_binding_available_ca_cert_fixes_the_listener() -> None:
@@ -202,17 +210,28 @@ def _users(host: WindowsHost) -> dict[str, str]:
     return {session.user: session.state for session in host.sessions.sessions if session.user}
 
 
-def test_termservice_restart_drops_sessions_but_keeps_listener() -> None:
+def test_termservice_restart_disconnects_sessions_but_keeps_listener() -> None:
     host = load("active-sessions")
     assert _users(host) == {"CORP\\alice": "Active", "CORP\\bob": "Disconnected"}
     with pytest.raises(OpError, match="dependent services"):
         host.restart_service("TermService", force=False)
-    assert _users(host)  # a refused restart drops nobody
+    assert _users(host) == {"CORP\\alice": "Active", "CORP\\bob": "Disconnected"}  # a refused restart: no change
     host.restart_service("TermService", force=True)
-    assert _users(host) == {}
+    # Disconnected, not logged off [RunCmd readmes]: the sessions and their ids stay, without a station.
+    assert _users(host) == {"CORP\\alice": "Disconnected", "CORP\\bob": "Disconnected"}
+    assert all(not session.station for session in host.sessions.sessions if session.user)
     assert any(session.state == "Listen" for session in host.sessions.sessions)
     assert host.services.running("UmRdpService")
     assert host.rdp_view().failure is None  # renewed on the way
+
+
+def test_a_restart_of_the_computer_ends_the_sessions() -> None:
+    from rdplab import reboot
+
+    host = load("active-sessions")
+    reboot.restart(host)
+    assert _users(host) == {}
+    assert any(session.state == "Listen" for session in host.sessions.sessions)
 
 
 def test_sessionenv_restart_keeps_sessions() -> None:
@@ -270,7 +289,7 @@ def test_not_listening_when_termservice_stopped() -> None:
     host = load("active-sessions")
     host.inject_fault("stop_service", {"name": "TermService"})
     assert not host.rdp_view().listening
-    assert _users(host) == {}
+    assert _users(host) == {"CORP\\alice": "Disconnected", "CORP\\bob": "Disconnected"}
 
 
 def test_connection_attempts_log_and_count_but_looking_does_not() -> None:
@@ -338,11 +357,15 @@ def test_schannel_registry_changes_wait_for_the_reboot_even_before_a_first_look(
     assert view.failure == "no_usable_cipher_suite"  # the RSA key fits no suite of the new list
 
 
-def test_tls13_forced_on_2019_keeps_tls12_and_the_certificate() -> None:
-    view = load("tls-tls13-forced-2019").rdp_view(connect=False)
-    assert view.failure == "reset_tls13_client_hello"
+def test_tls13_key_on_2019_has_no_effect() -> None:
+    # Server 2019 has no TLS 1.3: switching its Server key on changes nothing a client meets.
+    forced = load("tls-tls13-forced-2019")
+    assert forced.registry.dword(f"{schannel.PROTOCOLS_KEY}\\TLS 1.3\\Server", "Enabled") == 1
+    view = forced.rdp_view(connect=False)
+    assert view.failure is None
     assert view.tls_versions == ["TLSv1", "TLSv1.1", "TLSv1.2"]
     assert view.cert_pem is not None and view.key_pem is not None
+    assert "TLS 1.3" not in forced.schannel.protocols
 
 
 def test_no_usable_suite_makes_the_server_offer_exactly_the_listed_suites() -> None:
@@ -426,3 +449,77 @@ def test_snapshot_is_complete_json_and_deterministic() -> None:
     assert rd["key_path"] in first["files"]["entries"]
     key_entry = first["files"]["entries"][rd["key_path"]]
     assert len(key_entry["sha256"]) == 64 and key_entry["size"] > 0
+
+
+# -- corrections from the evidence on Windows' behaviour ------------------------------------------------------------
+
+
+def _set_string(host: WindowsHost, path: str, name: str, value: str) -> None:
+    op = {"op": "registry.set", "args": {"path": path, "name": name, "type": "REG_SZ", "value": value}}
+    result = host.run_batch({"v": 1, "ops": [op]})
+    assert result["results"][0]["ok"], result
+
+
+def test_regenerated_selfsigned_is_backdated_a_day_and_valid_183_days() -> None:
+    host = load("expired-selfsigned")
+    host.restart_service("SessionEnv", force=False)
+    [renewed] = host.stores.entries("Remote Desktop")
+    now = host.clock()
+    assert renewed.not_after - renewed.not_before == timedelta(days=183)
+    assert timedelta(hours=23) <= now - renewed.not_before <= timedelta(days=1, minutes=1)
+
+
+def test_host_file_selfsigned_certificates_are_valid_183_days() -> None:
+    for path in sorted(HOSTS.glob("*.yml")):
+        host = WindowsHost.from_file(path)
+        for cert in host.stores.entries("Remote Desktop"):
+            assert cert.not_after - cert.not_before == timedelta(days=183), path.name
+
+
+def test_builtin_users_read_counts_for_network_service() -> None:
+    host = load("healthy")
+    [selfsigned] = host.stores.entries("Remote Desktop")
+    assert selfsigned.key_link is not None
+    key_path = selfsigned.key_link.path
+    host.filesystem.get(key_path).sddl = "O:SYG:SYD:P(A;;FA;;;SY)(A;;FR;;;BU)"  # type: ignore[union-attr]
+    assert host.rdp_view(connect=False).failure is None
+    host.filesystem.get(key_path).sddl = "O:SYG:SYD:P(A;;FA;;;SY)(D;;FR;;;BU)(A;;FR;;;NS)"  # type: ignore[union-attr]
+    assert host.rdp_view(connect=False).failure == "reset_after_x224"
+
+
+def test_default_cipher_suites_are_server_2022s_25_and_pair_with_versions() -> None:
+    host = load("healthy")
+    names = _suite_names(host)
+    assert len(names) == 25 and names[:2] == ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]
+    records = {record["name"]: record["protocols"] for record in schannel.cipher_suite_records(host)}
+    assert records["TLS_AES_256_GCM_SHA384"] == [0x0304]
+    assert records["TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"] == [0x0303]
+    assert records["TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA"] == [0x0303, 0x0302, 0x0301]
+    # Server 2019 has the same list without the TLS 1.3 suites.
+    assert len(_suite_names(load("tls-tls12-disabled"))) == 23
+
+
+def test_tls12_only_suites_leave_tls10_and_11_without_a_suite() -> None:
+    host = load("tls-tls12-disabled")  # TLS 1.0 and 1.1 left
+    assert host.rdp_view(connect=False).tls_versions == ["TLSv1", "TLSv1.1"]  # served by the *_CBC_SHA suites
+    gcm_only = "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,TLS_RSA_WITH_AES_256_CBC_SHA256"
+    _set_string(host, schannel.CIPHER_POLICY_KEY, "Functions", gcm_only)
+    from rdplab import reboot
+
+    reboot.restart(host)
+    assert host.rdp_view(connect=False).failure == "no_usable_cipher_suite"
+    # With TLS 1.2 back on, the same list serves TLS 1.2 only: TLS 1.0/1.1 are no longer offered.
+    _set(host, f"{schannel.PROTOCOLS_KEY}\\TLS 1.2\\Server", "Enabled", 1)
+    _set(host, f"{schannel.PROTOCOLS_KEY}\\TLS 1.2\\Server", "DisabledByDefault", 0)
+    reboot.restart(host)
+    view = host.rdp_view(connect=False)
+    assert view.failure is None and view.tls_versions == ["TLSv1.2"]
+
+
+def test_null_suites_alone_are_not_usable() -> None:
+    host = load("healthy")
+    _set_string(host, schannel.CIPHER_POLICY_KEY, "Functions", "TLS_RSA_WITH_NULL_SHA256,TLS_RSA_WITH_NULL_SHA")
+    from rdplab import reboot
+
+    reboot.restart(host)
+    assert host.rdp_view(connect=False).failure == "no_usable_cipher_suite"

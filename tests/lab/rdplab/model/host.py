@@ -156,8 +156,8 @@ class WindowsHost:
             return
         service.status = "Stopped"
         if service.name == "TermService":
-            # Every remote session ends with TermService [RunCmd readmes].
-            self.sessions.drop_user_sessions()
+            # Stopping TermService disconnects the remote sessions; it does not log them off [RunCmd readmes].
+            self.sessions.disconnect_user_sessions()
 
     def start_service(self, name: str) -> None:
         service = self.service(name)
@@ -186,7 +186,7 @@ class WindowsHost:
             self.stop_service(dependent.name)
         self.stop_service(service.name)
         self.start_service(service.name)
-        # Restart-Service -Force brings the dependents it stopped back up (UNCONFIRMED).
+        # Restart-Service -Force brings the dependents it stopped back up (PowerShell's Service.cs).
         for dependent in running_dependents:
             self.start_service(dependent.name)
 
@@ -207,18 +207,17 @@ class WindowsHost:
                 return RdpView(port, listening, protocols, rdp_only, None, None, None)
             credential = listener.choose_credential(self, log=connect)
             cert = credential.certificate
-            failure = credential.failure or schannel.handshake_failure(self, schannel.key_type(cert))
-            versions = schannel.tls_versions(self)
+            key_type = schannel.key_type(cert)
+            failure = credential.failure or schannel.handshake_failure(self, key_type)
+            # Each suite serves only its own TLS versions: a version without a usable suite is not served.
+            versions = schannel.served_versions(self, key_type)
             suites = None
             if failure == schannel.NO_USABLE_CIPHER_SUITE:
                 # Only TLS 1.0-1.2 suites can be named to the lab's TLS server, so it serves those versions only.
-                versions = [version for version in versions if version != "TLSv1.3"]
+                versions = [version for version in schannel.tls_versions(self) if version != "TLSv1.3"]
                 suites = schannel.offered_suites(self) if versions else []
             # A certificate is presented unless the credential cannot be built at all.
-            presented = failure is None or failure in (
-                schannel.NO_USABLE_CIPHER_SUITE,
-                schannel.RESET_TLS13_CLIENT_HELLO,
-            )
+            presented = failure is None or failure == schannel.NO_USABLE_CIPHER_SUITE
             return RdpView(
                 port=port,
                 listening=True,

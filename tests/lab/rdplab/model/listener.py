@@ -37,8 +37,11 @@ if t.TYPE_CHECKING:
 PINNED_VALUE = "SSLCertificateSHA1Hash"
 # Services the self-signed renewal needs besides SessionEnv/TermService [AzEvent][InternalErr][Repair].
 RENEWAL_SERVICES = ("CertPropSvc", "KeyIso", "CryptSvc")
-# Validity of a regenerated self-signed certificate: about six months (UNCONFIRMED).
-SELFSIGNED_VALIDITY = timedelta(days=182)
+# A regenerated self-signed certificate: NotBefore about a day before its creation, valid 183 days from then, so it
+# expires about 182 days after it was made (third-party certificate scans of builds 14393, 17763 and 20348, all
+# exactly 183 days between NotBefore and NotAfter; "six-month" [Repair]). Microsoft states neither number.
+SELFSIGNED_BACKDATE = timedelta(days=1)
+SELFSIGNED_VALIDITY = timedelta(days=183)
 # RCM warns (1052) about a configured certificate that expires within this many days (threshold UNCONFIRMED).
 EXPIRY_WARNING_DAYS = 30
 
@@ -185,22 +188,35 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
 
     pinned = pinned_thumbprint(host)
     if pinned is not None:
+        # RCM's own messages for 1051, 1053, 1054 and 1055 end "The default certificate will be used for RD Session
+        # Host Server authentication from now on" (Windows' message table, a third-party dump; 1051 and 1055 also
+        # [RDSAuthEnc]): each falls back to the self-signed certificate, an expired pin included.
         cert = host.stores.find("My", pinned)
+        fallback = " The default certificate will be used for RD Session Host Server authentication from now on."
         if cert is None:
             event(
                 1051,
                 "Warning",
-                "The certificate selected for the RD Session Host server was not found in the local computer's "
-                "Personal store. A self-signed certificate is used instead.",
+                "The Terminal Server has been configured to use SSL with user selected certificate, however, no "
+                "usable certificate was found with the specified SHA1 hash. The SHA1 hash of the certificate is in "
+                "the event data." + fallback,
+                thumbprint=pinned,
+            )
+        elif cert.expired(now):
+            event(
+                1053,
+                "Error",
+                "The Terminal Server is configured to use a certificate that is expired. The SHA1 hash of the "
+                "certificate is in the event data." + fallback,
                 thumbprint=pinned,
             )
         elif not cert.usable_for_listener():
-            # Falls back like 1051/1055 (UNCONFIRMED: Microsoft documents the event, not the fallback).
             event(
                 1054,
                 "Error",
-                "The certificate selected for the RD Session Host server does not have the Server Authentication "
-                "enhanced key usage. A self-signed certificate is used instead.",
+                "The Terminal Server authentication certificate configured for SSL does not contain an Enhanced Key "
+                "Usage attribute of Server Authentication. The SHA1 hash of the certificate is in the event data."
+                + fallback,
                 thumbprint=pinned,
             )
         else:
@@ -209,26 +225,19 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
                 event(
                     1055,
                     "Error",
-                    "The RD Session Host server cannot access the private key of the selected certificate. "
-                    "A self-signed certificate is used instead.",
+                    "The Terminal Server is unable to access the private key of the certificate configured for SSL. "
+                    "The SHA1 hash of the certificate is in the event data." + fallback,
                     thumbprint=pinned,
                     reason=status.problem or "",
                 )
             else:
-                if cert.expired(now):
-                    # Still presented after logging 1053 (UNCONFIRMED).
-                    event(
-                        1053,
-                        "Error",
-                        "The certificate configured for the RD Session Host server has expired.",
-                        thumbprint=pinned,
-                    )
-                elif cert.not_after - now <= timedelta(days=EXPIRY_WARNING_DAYS):
+                if cert.not_after - now <= timedelta(days=EXPIRY_WARNING_DAYS):
                     days = max(0, (cert.not_after - now).days)
                     event(
                         1052,
                         "Warning",
-                        f"The certificate configured for the RD Session Host server expires in {days} days.",
+                        f"The Terminal Server is configured to use a certificate that will expire in {days} days. The "
+                        "SHA1 hash of the certificate is in the event data.",
                         thumbprint=pinned,
                         days=str(days),
                     )
@@ -326,7 +335,7 @@ def renew_selfsigned(host: WindowsHost) -> None:
     key = rsa_key(label)
     path = f"{MACHINE_KEYS}\\{container_hash(RDP_CONTAINER)}_{host.system.machine_guid}"
     link = KeyLink("capi", CAPI_PROVIDER, RDP_CONTAINER, path)
-    not_before = now.replace(second=0, microsecond=0)
+    not_before = now.replace(second=0, microsecond=0) - SELFSIGNED_BACKDATE
     der = build_certificate(
         label=label,
         key=key,

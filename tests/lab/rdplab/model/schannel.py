@@ -32,7 +32,6 @@ WINDOWS_NAMES = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2",
 # "reset_after_x224", comes first). Each is acted out by the RDP endpoint (rdplab.rdp).
 NO_SERVER_PROTOCOL = "no_server_protocol"  # no TLS protocol enabled: the credential cannot be created
 NO_USABLE_CIPHER_SUITE = "no_usable_cipher_suite"  # no suite in the list usable with the key and protocols
-RESET_TLS13_CLIENT_HELLO = "reset_tls13_client_hello"  # TLS 1.3 forced on a build without it
 
 # What the RDP endpoint saw when a handshake failed (its outcome's "tls_failure"), mapped to Schannel's events by
 # log_handshake_failure.
@@ -42,8 +41,8 @@ ALERT_RECEIVED = "alert_received"
 ALERT_PROTOCOL_VERSION = 70
 ALERT_HANDSHAKE_FAILURE = 40
 
-# Get-TlsCipherSuite on Windows Server 2022 without a policy, shortened to the suites the tests care about. TLS 1.3
-# suites only exist on builds that speak TLS 1.3.
+# The suites Windows Server 2022 enables by default, in their default order: 25 suites [Ciphers2022]. The TLS 1.3
+# suites exist only on builds that speak TLS 1.3; older builds get the other 23 (UNCONFIRMED as their exact lists).
 _TLS13_SUITES = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]
 _DEFAULT_SUITES = [
     "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
@@ -53,17 +52,32 @@ _DEFAULT_SUITES = [
     "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384",
     "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256",
     "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
     "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
     "TLS_RSA_WITH_AES_256_GCM_SHA384",
     "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_NULL_SHA256",
+    "TLS_RSA_WITH_NULL_SHA",
 ]
+TLS_VERSIONS = ("TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3")
+# The TLS version field of each protocol, as Get-TlsCipherSuite's Protocols lists them (771 = 0x0303, TLS 1.2).
+WIRE_VERSIONS = {"TLS 1.0": 0x0301, "TLS 1.1": 0x0302, "TLS 1.2": 0x0303, "TLS 1.3": 0x0304}
 
 
 @dataclass(frozen=True)
 class SchannelState:
     protocols: frozenset[str]  # server protocols Schannel will negotiate
     suites: tuple[str, ...]  # the effective cipher-suite order
-    tls13_forced_unsupported: bool  # TLS 1.3 switched on where the build has none: TLS 1.3 ClientHellos are reset
 
 
 def _default_on(protocol: str, build: int) -> bool:
@@ -78,7 +92,6 @@ def compute(host: WindowsHost) -> SchannelState:
     """The state the registry describes now (what the next boot will use)."""
     build = host.system.os_build
     enabled: set[str] = set()
-    forced13 = False
     for protocol in PROTOCOLS:
         path = f"{PROTOCOLS_KEY}\\{protocol}\\Server"
         on = host.registry.dword(path, "Enabled")
@@ -86,7 +99,9 @@ def compute(host: WindowsHost) -> SchannelState:
         if on == 0 or disabled_by_default == 1:
             continue
         if protocol == "TLS 1.3" and build < TLS13_MIN_BUILD:
-            forced13 = on is not None
+            # Schannel has no TLS 1.3 before Server 2022 ([Protocols]: "Not supported" on Server 2019); the value
+            # has no effect there, and a client offering TLS 1.3 is answered with TLS 1.2 (UNCONFIRMED for
+            # Windows 10 1903-22H2, whose experimental TLS 1.3 the value switches on).
             continue
         if on is not None or _default_on(protocol, build):
             enabled.add(protocol)
@@ -97,7 +112,7 @@ def compute(host: WindowsHost) -> SchannelState:
         suites = [str(item).strip() for item in policy.value if str(item).strip()]
     else:
         suites = (_TLS13_SUITES if build >= TLS13_MIN_BUILD else []) + _DEFAULT_SUITES
-    return SchannelState(frozenset(enabled), tuple(suites), forced13)
+    return SchannelState(frozenset(enabled), tuple(suites))
 
 
 def effective(host: WindowsHost) -> SchannelState:
@@ -118,30 +133,44 @@ def _key_fits(suite: str, key_type: str) -> bool:
     return "_RSA_" in suite and key_type == "RSA"
 
 
+def suite_versions(suite: str) -> tuple[str, ...]:
+    """The TLS versions a suite can be negotiated with ("Cipher suites can only be negotiated for TLS versions which
+    support them" [Ciphers2022]): TLS 1.3 suites with TLS 1.3 only; AEAD and SHA-256/384 suites with TLS 1.2 only;
+    suites with a SHA-1 or MD5 MAC (``*_CBC_SHA``, 3DES, RC4, NULL_SHA) with TLS 1.0, 1.1 and 1.2."""
+    if _is_tls13_suite(suite):
+        return ("TLS 1.3",)
+    if suite.endswith(("_SHA", "_MD5")):
+        return ("TLS 1.0", "TLS 1.1", "TLS 1.2")
+    return ("TLS 1.2",)
+
+
+def _usable_suites(state: SchannelState, key_type: str | None) -> list[str]:
+    """Suites of the list a client can agree on with the listener: the key fits, one of the suite's versions is on,
+    and not a NULL suite ("Only used when application explicitly requests" [Ciphers2022]; that TermService does not
+    is UNCONFIRMED)."""
+    return [
+        suite
+        for suite in state.suites
+        if "_NULL_" not in suite
+        and (key_type is None or _key_fits(suite, key_type))
+        and any(version in state.protocols for version in suite_versions(suite))
+    ]
+
+
 def handshake_failure(host: WindowsHost, key_type: str | None) -> str | None:
     """Why Schannel cannot serve every TLS client of the listener, or None; the RDP endpoint acts each one out.
 
     - NO_SERVER_PROTOCOL: no TLS protocol at all, so no server credential (Schannel 36871, state 10013): the
       connection is reset when the ClientHello arrives.
-    - NO_USABLE_CIPHER_SUITE: no suite of the list fits the key and the enabled protocols [Repair]: every handshake
-      fails with no cipher in common (36874, alert 40 sent).
-    - RESET_TLS13_CLIENT_HELLO: TLS 1.3 forced on a build without it: a ClientHello that offers TLS 1.3 is reset,
-      one that stops at TLS 1.2 gets the other enabled protocols.
+    - NO_USABLE_CIPHER_SUITE: no suite of the list fits the key and serves an enabled protocol [Repair]: every
+      handshake fails with no cipher in common (36874, alert 40 sent).
     """
     state = effective(host)
-    tls = [p for p in ("TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3") if p in state.protocols]
-    if not tls:
+    if not any(p in state.protocols for p in TLS_VERSIONS):
         return NO_SERVER_PROTOCOL
-    older = any(protocol != "TLS 1.3" for protocol in tls)
-    usable = [
-        suite
-        for suite in state.suites
-        if (key_type is None or _key_fits(suite, key_type))
-        and (("TLS 1.3" in tls) if _is_tls13_suite(suite) else older)
-    ]
-    if not usable:
+    if not _usable_suites(state, key_type):
         return NO_USABLE_CIPHER_SUITE
-    return RESET_TLS13_CLIENT_HELLO if state.tls13_forced_unsupported else None
+    return None
 
 
 def _is_tls13_suite(suite: str) -> bool:
@@ -183,14 +212,27 @@ def offered_suites(host: WindowsHost) -> list[str]:
 
 def tls_versions(host: WindowsHost) -> list[str]:
     state = effective(host)
-    return [OPENSSL_NAMES[p] for p in ("TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3") if p in state.protocols]
+    return [OPENSSL_NAMES[p] for p in TLS_VERSIONS if p in state.protocols]
+
+
+def served_versions(host: WindowsHost, key_type: str | None) -> list[str]:
+    """The enabled TLS versions (OpenSSL names) for which the list has a usable suite: only those can be negotiated.
+    A client limited to the others finds no version in common in the lab (Windows would rather answer it with
+    handshake_failure for want of a suite: lab simplification)."""
+    state = effective(host)
+    usable = _usable_suites(state, key_type)
+    return [
+        OPENSSL_NAMES[p]
+        for p in TLS_VERSIONS
+        if p in state.protocols and any(p in suite_versions(suite) for suite in usable)
+    ]
 
 
 def cipher_suite_records(host: WindowsHost) -> list[dict[str, t.Any]]:
     """Get-TlsCipherSuite's view of the effective list (the fields the agent returns)."""
     records = []
     for name in effective(host).suites:
-        tls13 = name.startswith(("TLS_AES_", "TLS_CHACHA20_"))
+        tls13 = _is_tls13_suite(name)
         records.append(
             {
                 "name": name,
@@ -198,8 +240,9 @@ def cipher_suite_records(host: WindowsHost) -> list[dict[str, t.Any]]:
                 "exchange": "" if tls13 else ("ECDH" if "ECDHE" in name else ("DH" if "_DHE_" in name else "RSA")),
                 "cipher": "AES" if "_AES_" in name else "",
                 "hash": "",
-                # SSPI protocol bits: TLS 1.2 server 0x400 / client 0x800; TLS 1.3 server 0x1000 / client 0x2000.
-                "protocols": [0x1000, 0x2000] if tls13 else [0x400, 0x800],
+                # The TLS versions of the suite as TLS version fields, newest first (771 = 0x0303 = TLS 1.2), as
+                # Get-TlsCipherSuite's Protocols lists them; Windows also lists DTLS versions there (not modelled).
+                "protocols": [WIRE_VERSIONS[version] for version in reversed(suite_versions(name))],
             }
         )
     return records

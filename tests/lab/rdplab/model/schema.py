@@ -28,7 +28,7 @@ from rdplab.model.certs import (
     rsa_key,
 )
 from rdplab.model.errors import HostFileError, OpError
-from rdplab.model.events import LEVELS
+from rdplab.model.events import DEFAULT_LOCALE, LEVELS, LOCALES, RECORD_FAULTS
 from rdplab.model.filesystem import CNG_KEYS, MACHINE_KEYS, validate_path
 from rdplab.model.host import WindowsHost
 from rdplab.model.registry import CRYPTOGRAPHY, POLICY, RDP_TCP, TERMINAL_SERVER, make_value
@@ -215,7 +215,16 @@ def build_host(document: object, source: Path, *, ca: LabCA | None = None, now: 
 
 
 def _system(reader: _Reader, value: object, name: str, anchor: datetime) -> SystemInfo:
-    fields = ("hostname", "domain", "os_build", "os_caption", "machine_guid", "connection_broker", "boot_time")
+    fields = (
+        "hostname",
+        "domain",
+        "os_build",
+        "os_caption",
+        "machine_guid",
+        "connection_broker",
+        "boot_time",
+        "locale",
+    )
     system = reader.mapping(value, "system", fields)
     hostname = reader.string(
         system.get("hostname"), "system.hostname", default=name.split(".", maxsplit=1)[0].upper()[:15]
@@ -245,6 +254,8 @@ def _system(reader: _Reader, value: object, name: str, anchor: datetime) -> Syst
         machine_guid=machine_guid,
         connection_broker=reader.boolean(system.get("connection_broker"), "system.connection_broker", False),
         boot_time=reader.time(system.get("boot_time"), "system.boot_time", "-3d", anchor),
+        # The UI language: level names and messages of the event log are rendered in it.
+        locale=reader.choice(system.get("locale"), "system.locale", LOCALES, DEFAULT_LOCALE),
     )
 
 
@@ -361,7 +372,9 @@ def _certificates(reader: _Reader, host: WindowsHost, doc: dict[str, t.Any], ca:
             if not re.match(r"^\d+(\.\d+)+$", oid):
                 reader.fail(f"{where}.ekus", f"unknown EKU {eku!r} (use {', '.join(EKU_OIDS)} or a dotted OID)")
             ekus.append(oid)
-        not_before = reader.time(spec.get("not_before"), f"{where}.not_before", "-30d", anchor)
+        # Windows' own self-signed certificate is valid 183 days (docs/lab.md, "Certificates"): -31d .. +152d.
+        default_before = "-31d" if kind == "rdp_selfsigned" else "-30d"
+        not_before = reader.time(spec.get("not_before"), f"{where}.not_before", default_before, anchor)
         default_after = "+152d" if kind == "rdp_selfsigned" else "+335d"
         not_after = reader.time(spec.get("not_after"), f"{where}.not_after", default_after, anchor)
         if not_after <= not_before:
@@ -485,7 +498,7 @@ def _files(reader: _Reader, host: WindowsHost, value: object) -> None:
 def _events(reader: _Reader, host: WindowsHost, value: object, anchor: datetime) -> None:
     for index, item in enumerate(reader.items(value, "events")):
         where = f"events[{index}]"
-        spec = reader.mapping(item, where, ("log", "provider", "id", "level", "time", "message", "data"))
+        spec = reader.mapping(item, where, ("log", "provider", "id", "level", "time", "message", "data", "fault"))
         data = reader.mapping(spec.get("data"), f"{where}.data")
         if "id" not in spec:
             reader.fail(f"{where}.id", "required event id is missing")
@@ -497,4 +510,9 @@ def _events(reader: _Reader, host: WindowsHost, value: object, anchor: datetime)
             message=reader.string(spec.get("message"), f"{where}.message", default=""),
             data={str(key): str(val) for key, val in data.items()},
             log=reader.string(spec.get("log"), f"{where}.log", default="System"),
+            # A record Windows cannot read, or whose description it cannot render (docs/lab.md, "Event log").
+            fault=reader.choice(spec.get("fault"), f"{where}.fault", RECORD_FAULTS, "read")
+            if spec.get("fault") is not None
+            else None,
+            generated=False,
         )

@@ -44,8 +44,10 @@ GENERIC_ALL = 0x10000000
 _RIGHTS = {"FA": 0x1F01FF, "FR": 0x120089, "FW": 0x120116, "FX": 0x1200A0, "GA": GENERIC_ALL, "GR": GENERIC_READ}
 _READ_MASK = FILE_READ_DATA | GENERIC_READ | GENERIC_ALL
 
-# Who NETWORK SERVICE is, as a member: itself, Everyone, Authenticated Users.
-_NETWORK_SERVICE_IDENTITIES = frozenset({SID_NETWORK_SERVICE, SID_EVERYONE, "S-1-5-11"})
+# Who NETWORK SERVICE is, as a member: itself, Everyone, Authenticated Users, and BUILTIN\Users, whose only member
+# after installation is Authenticated Users (Microsoft's well-known SIDs; that a service token carries it is inferred,
+# not stated - docs/lab.md).
+_NETWORK_SERVICE_IDENTITIES = frozenset({SID_NETWORK_SERVICE, SID_EVERYONE, "S-1-5-11", "S-1-5-32-545"})
 
 _ACE = re.compile(r"\(([^()]*)\)")
 _OWNER = re.compile(r"^O:(?P<owner>S-[0-9-]+|[A-Z]{2})")

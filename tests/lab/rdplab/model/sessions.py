@@ -51,8 +51,29 @@ class Sessions:
         self.sessions.append(session)
         return session
 
+    def disconnect_user_sessions(self) -> list[Session]:
+        """What a TermService stop or restart does: it "temporarily disconnects all active RDP sessions" [RunCmd
+        readmes]; no source says they are logged off. Every remote session with a user is left Disconnected (no
+        station), a Disconnected one stays so, one without a user (a logon screen) goes; Services, Console and the
+        listener stay. Returns the sessions that changed or went."""
+        kept: list[Session] = []
+        changed: list[Session] = []
+        for session in self.sessions:
+            if session.id == 0 or session.station == "Console" or session.state == "Listen":
+                kept.append(session)
+                continue
+            if not session.user:
+                changed.append(session)
+                continue
+            if session.state != "Disconnected" or session.station:
+                session.state, session.station = "Disconnected", ""
+                changed.append(session)
+            kept.append(session)
+        self.sessions = kept
+        return changed
+
     def drop_user_sessions(self) -> list[Session]:
-        """What a TermService restart does: every remote session ends; Services, Console and the listener stay."""
+        """What a restart of the computer does: every remote session ends; Services, Console and the listener stay."""
         kept = [s for s in self.sessions if s.id == 0 or s.station == "Console" or s.state == "Listen"]
         dropped = [s for s in self.sessions if s not in kept]
         self.sessions = kept

@@ -68,6 +68,14 @@ def test_network_service_read_on_rdp_key() -> None:
     assert sddl.can_read(sddl.parse("O:SYD:(A;;FR;;;WD)"), sddl.NETWORK_SERVICE_IDENTITIES)
 
 
+def test_builtin_users_counts_for_network_service() -> None:
+    # Authenticated Users is a member of BUILTIN\Users, and NETWORK SERVICE's token holds Authenticated Users.
+    assert sddl.can_read(sddl.parse("O:SYG:SYD:P(A;;FA;;;SY)(A;;FR;;;BU)"), sddl.NETWORK_SERVICE_IDENTITIES)
+    # A deny for Users takes the read away as well.
+    denied = sddl.parse("O:SYG:SYD:P(D;;FR;;;BU)(A;;FA;;;SY)(A;;FR;;;NS)")
+    assert not sddl.can_read(denied, sddl.NETWORK_SERVICE_IDENTITIES)
+
+
 def test_deny_wins_and_inherit_only_does_not_apply() -> None:
     denied = sddl.parse("O:SYG:SYD:P(D;;FR;;;NS)(A;;FA;;;SY)(A;;FR;;;NS)")
     assert not sddl.can_read(denied, sddl.NETWORK_SERVICE_IDENTITIES)
