@@ -700,9 +700,10 @@ function Get-Sha256Hex {
 
 function Get-FileSha256Hex {
     param([string]$Path)
+    # Backup semantics: a key file whose ACL leaves Administrators out can still be hashed; the helper shares read,
+    # write and delete, so a file held open by a service can be hashed too.
+    $stream = Open-BackupReadStream -Path $Path
     $algorithm = [System.Security.Cryptography.SHA256]::Create()
-    # Share ReadWrite so a file held open by a service can still be hashed.
-    $stream = [System.IO.File]::Open($Path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::Read, [System.IO.FileShare]::ReadWrite)
     try {
         return ConvertTo-HexString -Bytes ($algorithm.ComputeHash($stream))
     }
@@ -745,10 +746,12 @@ function Get-SecurityRecord {
     param([string]$Path)
     $record = [ordered]@{ owner = $null; sddl = $null }
     try {
-        $acl = Get-Acl -LiteralPath $Path -ErrorAction Stop
+        # Backup semantics, not Get-Acl: from build 17763 the RDP key file grants Administrators nothing, not even
+        # READ_CONTROL, so Get-Acl would answer AccessDenied on every healthy host.
+        $security = Read-FileSecurity -Path $Path
         # [string]: a plain string, never a PSObject that ConvertTo-Json on 5.1 could write as an object.
-        $record.owner = [string]$acl.Owner
-        $record.sddl = [string]$acl.Sddl
+        $record.owner = [string]$security.Owner
+        $record.sddl = [string]$security.Sddl
     }
     catch {
         if ((Get-AgentErrorType -ErrorRecord $_) -ne 'AccessDenied') {
@@ -769,18 +772,30 @@ function Write-FileAtomically {
     }
     $temporary = [System.IO.Path]::Combine($folder, '.' + [System.IO.Path]::GetFileName($fullPath) + '.rdpfix-' + [guid]::NewGuid().ToString('N') + '.tmp')
     try {
+        # A copy reads its source with backup semantics (a key file Administrators may not read is still copied).
+        $source = $null
         if ($SourcePath) {
-            [System.IO.File]::Copy($SourcePath, $temporary, $false)
+            $source = Open-BackupReadStream -Path $SourcePath
         }
-        else {
+        try {
             $stream = New-Object System.IO.FileStream($temporary, [System.IO.FileMode]::CreateNew, [System.IO.FileAccess]::Write, [System.IO.FileShare]::None)
             try {
-                $stream.Write($Bytes, 0, $Bytes.Length)
+                if ($null -ne $source) {
+                    $source.CopyTo($stream)
+                }
+                else {
+                    $stream.Write($Bytes, 0, $Bytes.Length)
+                }
                 # Flush to disk here: a full disk must fail before the destination is touched.
                 $stream.Flush($true)
             }
             finally {
                 $stream.Dispose()
+            }
+        }
+        finally {
+            if ($null -ne $source) {
+                $source.Dispose()
             }
         }
         if ([System.IO.File]::Exists($fullPath)) {
@@ -836,6 +851,18 @@ function Set-DirectorySecurity {
     else {
         # pitfall-ok: newer-than-net452 reached only where DirectoryInfo has no SetAccessControl (.NET, PowerShell 7)
         [System.IO.FileSystemAclExtensions]::SetAccessControl($Directory, $Security)
+    }
+}
+
+# Runs an ACL write. .NET reports ERROR_INVALID_OWNER (an owner the token may not set: SeRestorePrivilege not held or
+# not enabled) as an InvalidOperationException; the protocol calls it AccessDenied.
+function Invoke-SecurityWrite {
+    param([scriptblock]$Action)
+    try {
+        & $Action
+    }
+    catch [System.InvalidOperationException] {
+        throw (New-AgentException 'AccessDenied' ('the owner cannot be set (SeRestorePrivilege is needed to set an owner other than yourself): ' + $_.Exception.Message))
     }
 }
 
@@ -1043,13 +1070,75 @@ function Get-CapiKeyFileName {
     return $name + '_' + $machineGuid
 }
 
+# Why a key could not be opened, in the protocol's words: NotFound for "Keyset does not exist" (NTE_BAD_KEYSET,
+# NTE_NO_KEY), AccessDenied for NTE_PERM and E_ACCESSDENIED (the key exists; its ACL refuses the caller), else the
+# general mapping. The providers open key files with the caller's token and without backup semantics, so from build
+# 17763 an Administrator gets AccessDenied for the healthy RDP key.
+function Get-KeyOpenError {
+    param($ErrorRecord)
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        switch ($exception.HResult) {
+            -2146893802 { return 'NotFound' }      # 0x80090016 NTE_BAD_KEYSET
+            -2146893811 { return 'NotFound' }      # 0x8009000D NTE_NO_KEY
+            -2146893808 { return 'AccessDenied' }  # 0x80090010 NTE_PERM
+            -2147024891 { return 'AccessDenied' }  # 0x80070005 E_ACCESSDENIED
+        }
+        $exception = $exception.InnerException
+    }
+    return Get-AgentErrorType -ErrorRecord $ErrorRecord
+}
+
+# The file of a CNG machine key that cannot be opened (so its unique name is unknown): the one file of
+# %ProgramData%\Microsoft\Crypto\Keys that holds the key's name in UTF-16 (CNG key files carry it; UNCONFIRMED by a
+# Microsoft page), read with backup semantics. $null when none or more than one does.
+function Find-CngKeyFileName {
+    param([string]$Container)
+    if (-not $Container) {
+        return $null
+    }
+    $folder = [System.IO.Path]::Combine($env:ProgramData, 'Microsoft\Crypto\Keys')
+    try {
+        $files = @(Get-ChildItem -LiteralPath $folder -File -Force -ErrorAction Stop)
+    }
+    catch {
+        return $null
+    }
+    $needle = $Container + [char]0
+    $found = New-Object System.Collections.Generic.List[string]
+    foreach ($file in $files) {
+        try {
+            $bytes = Read-FileBytes -Path $file.FullName
+        }
+        catch {
+            continue
+        }
+        # Both byte alignments: the name need not start at an even offset.
+        foreach ($offset in 0, 1) {
+            if ($bytes.Length -le $offset) {
+                continue
+            }
+            $text = [System.Text.Encoding]::Unicode.GetString($bytes, $offset, $bytes.Length - $offset)
+            if ($text.IndexOf($needle, [System.StringComparison]::OrdinalIgnoreCase) -ge 0) {
+                $found.Add([string]$file.Name)
+                break
+            }
+        }
+    }
+    if ($found.Count -ne 1) {
+        return $null
+    }
+    return $found[0]
+}
+
 # What the certificate's private key is and which container holds it. Kind, provider and container come from the
 # certificate's key link (CERT_KEY_PROV_INFO_PROP_ID), which needs no access to the key; the unique name needs the
 # key to be opened. When that fails (key file missing or unreadable: the faults being diagnosed) a CAPI key's file
-# name is derived from its container name; a CNG key's stays $null.
+# name is derived from its container name and a CNG key's file is looked for by the key's name; OpenError says why
+# the key could not be opened.
 function Resolve-CertificateKey {
     param($Certificate)
-    $resolved = @{ Kind = 'unknown'; Provider = $null; ProviderType = $null; Container = $null; UniqueName = $null }
+    $resolved = @{ Kind = 'unknown'; Provider = $null; ProviderType = $null; Container = $null; UniqueName = $null; OpenError = $null }
     $providerInfo = $null
     try {
         Initialize-NativeMethods
@@ -1082,9 +1171,14 @@ function Resolve-CertificateKey {
         }
         catch {
             $resolved.UniqueName = $null
+            $resolved.OpenError = Get-KeyOpenError -ErrorRecord $_
         }
         if ($resolved.Kind -eq 'capi' -and -not $resolved.UniqueName) {
             $resolved.UniqueName = Get-CapiKeyFileName -Container $resolved.Container
+        }
+        if ($resolved.Kind -eq 'cng' -and -not $resolved.UniqueName -and $resolved.OpenError -ne 'NotFound') {
+            # A CNG key that exists but cannot be opened must not look missing: find its file to read its ACL.
+            $resolved.UniqueName = Find-CngKeyFileName -Container $resolved.Container
         }
         return $resolved
     }
@@ -1137,6 +1231,11 @@ function Get-CertificateKeyRecord {
         size = $null
         owner = $null
         sddl = $null
+        open_error = $resolved.OpenError
+    }
+    if (-not $record.path -and $resolved.OpenError -eq 'NotFound') {
+        # The provider itself says the key does not exist.
+        $record.exists = $false
     }
     if ($record.path) {
         $item = Get-ItemOrNull -Path $record.path
@@ -1303,6 +1402,28 @@ function Get-ThumbprintOrNull {
 # returns the operation's data as one dictionary.
 # --------------------------------------------------------------------------------------------------------------------
 
+# What runs the agent: PowerShell and .NET versions, language mode, the installed UI language (for bug reports; the
+# .NET Framework Release number: learn.microsoft.com/dotnet/framework/install/how-to-determine-which-versions-are-installed).
+function Get-RuntimeRecord {
+    $release = $null
+    try {
+        $ndp = Get-ItemProperty -LiteralPath 'HKLM:\SOFTWARE\Microsoft\NET Framework Setup\NDP\v4\Full' -Name Release -ErrorAction Stop
+        $release = [int]$ndp.Release
+    }
+    catch {
+        # Not installed (PowerShell 7 on a host without .NET Framework 4.5+) or not readable: reported as unknown.
+        $release = $null
+    }
+    return [ordered]@{
+        powershell_version = [string]$PSVersionTable.PSVersion
+        powershell_edition = if ($PSVersionTable.PSEdition) { [string]$PSVersionTable.PSEdition } else { 'Desktop' }
+        clr_version = [string]$PSVersionTable.CLRVersion
+        dotnet_framework_release = $release
+        language_mode = [string]$ExecutionContext.SessionState.LanguageMode
+        ui_culture = [string][System.Globalization.CultureInfo]::InstalledUICulture.Name
+    }
+}
+
 # Firewall rules with their filters, as plain records, read per policy store: the local store (PersistentStore, where
 # Set-/Remove-/New-NetFirewallRule write by default) and the Group Policy store (RSOP: every GPO applied to the host,
 # read-only). Filters are read in bulk per store and joined by InstanceID within that store only: asking for each
@@ -1391,6 +1512,32 @@ function Get-FirewallRuleRecords {
     }
 }
 
+# Who the agent runs as, after it enabled its privileges: the identity (SYSTEM or a user), whether the token is an
+# elevated Administrator's, its group SIDs (names are localised: information only) and every privilege it holds.
+function Get-CallerRecord {
+    Initialize-AgentToken
+    $identity = [System.Security.Principal.WindowsIdentity]::GetCurrent()
+    $principal = New-Object System.Security.Principal.WindowsPrincipal($identity)
+    $groups = New-Object System.Collections.Generic.List[object]
+    foreach ($group in $identity.Groups) {
+        $sid = [string]$group.Value
+        $groups.Add([ordered]@{ sid = $sid; name = Get-AccountName -Sid $sid })
+    }
+    $privileges = [ordered]@{}
+    foreach ($privilege in [Rdpfix.Agent.Token]::Privileges()) {
+        $privileges[[string]$privilege.Name] = [bool]$privilege.Enabled
+    }
+    return [ordered]@{
+        user = [string]$identity.Name
+        sid = [string]$identity.User.Value
+        system = [bool]$identity.IsSystem
+        administrator = [bool]$principal.IsInRole([System.Security.Principal.WindowsBuiltInRole]::Administrator)
+        groups = $groups.ToArray()
+        privileges = $privileges
+        agent_enabled = [string[]]$AgentToken.Enabled
+    }
+}
+
 $Operations = [ordered]@{
     'system.info' = {
         param($Args_)
@@ -1430,6 +1577,8 @@ $Operations = [ordered]@{
             connection_broker = $broker
             boot_time = ConvertTo-IsoUtc -Date $os.LastBootUpTime
             program_data = [string]$env:ProgramData
+            runtime = Get-RuntimeRecord
+            caller = Get-CallerRecord
         }
     }
 
@@ -1747,7 +1896,7 @@ $Operations = [ordered]@{
         if ($item.PSIsContainer) {
             throw (New-AgentException 'InvalidArgument' "'$path' is a folder")
         }
-        return [ordered]@{ exists = $true; content_b64 = [System.Convert]::ToBase64String([System.IO.File]::ReadAllBytes($item.FullName)) }
+        return [ordered]@{ exists = $true; content_b64 = [System.Convert]::ToBase64String((Read-FileBytes -Path $item.FullName)) }
     }
 
     'dir.list' = {
@@ -1798,7 +1947,7 @@ $Operations = [ordered]@{
                 $filePath = Join-Path -Path $child.FullName -ChildPath $name
                 try {
                     if (Test-Path -LiteralPath $filePath -PathType Leaf) {
-                        $files[$name] = [System.Convert]::ToBase64String([System.IO.File]::ReadAllBytes($filePath))
+                        $files[$name] = [System.Convert]::ToBase64String((Read-FileBytes -Path $filePath))
                     }
                     else {
                         $files[$name] = $null
@@ -1849,7 +1998,10 @@ $Operations = [ordered]@{
         $created = [System.IO.Directory]::CreateDirectory($path)
         if ($null -ne $security) {
             try {
-                Set-DirectorySecurity -Directory $created -Security $security
+                # An owner other than the caller (SYSTEM, for a fresh MachineKeys folder) needs SeRestorePrivilege
+                # enabled, else "The security identifier is not allowed to be the owner of this object".
+                Initialize-AgentToken
+                Invoke-SecurityWrite -Action { Set-DirectorySecurity -Directory $created -Security $security }
             }
             catch {
                 # A folder meant to be locked down must not stay behind with the inherited (wider) ACL.
@@ -1991,46 +2143,12 @@ $Operations = [ordered]@{
         }
         # An administrator may set any owner and DACL with SeRestorePrivilege and SeTakeOwnershipPrivilege, even on a
         # key file whose ACL does not name Administrators; both are held but disabled by default in an elevated token.
-        if (-not ('Rdpfix.Agent.Privilege' -as [type])) {
-            Add-Type -Language CSharp -TypeDefinition @'
-namespace Rdpfix.Agent {
-    using System;
-    using System.Runtime.InteropServices;
-    public static class Privilege {
-        [StructLayout(LayoutKind.Sequential, Pack = 4)]
-        struct TokenPrivileges { public int Count; public long Luid; public int Attributes; }
-        [DllImport("advapi32.dll", SetLastError = true)]
-        static extern bool OpenProcessToken(IntPtr process, int access, out IntPtr token);
-        [DllImport("advapi32.dll", SetLastError = true, CharSet = CharSet.Unicode)]
-        static extern bool LookupPrivilegeValue(string system, string name, out long luid);
-        [DllImport("advapi32.dll", SetLastError = true)]
-        static extern bool AdjustTokenPrivileges(IntPtr token, bool disableAll, ref TokenPrivileges state, int length, IntPtr previous, IntPtr returned);
-        [DllImport("kernel32.dll")]
-        static extern IntPtr GetCurrentProcess();
-        [DllImport("kernel32.dll")]
-        static extern bool CloseHandle(IntPtr handle);
-        public static void Enable(string name) {
-            IntPtr token;
-            if (!OpenProcessToken(GetCurrentProcess(), 0x28, out token)) { return; }
-            try {
-                TokenPrivileges state = new TokenPrivileges();
-                state.Count = 1;
-                state.Attributes = 2;
-                if (LookupPrivilegeValue(null, name, out state.Luid)) {
-                    AdjustTokenPrivileges(token, false, ref state, 0, IntPtr.Zero, IntPtr.Zero);
-                }
-            } finally { CloseHandle(token); }
-        }
-    }
-}
-'@
-        }
-        [Rdpfix.Agent.Privilege]::Enable('SeRestorePrivilege')
-        [Rdpfix.Agent.Privilege]::Enable('SeTakeOwnershipPrivilege')
-        [Rdpfix.Agent.Privilege]::Enable('SeBackupPrivilege')
+        # The agent enables SeBackup/SeRestore once per run (Initialize-AgentToken); SeTakeOwnership only here.
+        Initialize-AgentToken
+        $null = [Rdpfix.Agent.Token]::Enable('SeTakeOwnershipPrivilege')
         $previous = (Get-SecurityRecord -Path $item.FullName).sddl
         if ($item.PSIsContainer) {
-            Set-DirectorySecurity -Directory $item -Security (ConvertTo-DirectorySecurity -Sddl $sddl)
+            Invoke-SecurityWrite -Action { Set-DirectorySecurity -Directory $item -Security (ConvertTo-DirectorySecurity -Sddl $sddl) }
         }
         else {
             $sections = [System.Security.AccessControl.AccessControlSections]::Access
@@ -2039,12 +2157,14 @@ namespace Rdpfix.Agent {
             $security = New-Object System.Security.AccessControl.FileSecurity
             $security.SetSecurityDescriptorSddlForm($sddl, $sections)
             # FileInfo.SetAccessControl on .NET Framework; FileSystemAclExtensions on .NET (PowerShell 7).
-            if ($null -ne $item.PSObject.Methods['SetAccessControl']) {
-                $item.SetAccessControl($security)
-            }
-            else {
-                # pitfall-ok: newer-than-net452 reached only where FileInfo has no SetAccessControl (.NET, PowerShell 7)
-                [System.IO.FileSystemAclExtensions]::SetAccessControl([System.IO.FileInfo]$item, $security)
+            Invoke-SecurityWrite -Action {
+                if ($null -ne $item.PSObject.Methods['SetAccessControl']) {
+                    $item.SetAccessControl($security)
+                }
+                else {
+                    # pitfall-ok: newer-than-net452 reached only where FileInfo has no SetAccessControl (.NET, PowerShell 7)
+                    [System.IO.FileSystemAclExtensions]::SetAccessControl([System.IO.FileInfo]$item, $security)
+                }
             }
         }
         return [ordered]@{ previous = $previous }
@@ -2064,9 +2184,13 @@ namespace Rdpfix.Agent {
         if ($null -ne (Get-ItemOrNull -Path $destination)) {
             throw (New-AgentException 'InvalidArgument' "'$destination' already exists")
         }
+        # Hashed BEFORE the move (with backup semantics): a hash that fails after the rename would report the op
+        # failed, stop the batch and leave a certificate without its key. A rename never changes the bytes.
+        $size = [long]$sourceItem.Length
+        $sha256 = Get-FileSha256Hex -Path $sourceItem.FullName
         # Same volume: a rename, so bytes, owner and explicit ACL travel with the file.
         [System.IO.File]::Move($sourceItem.FullName, $destination)
-        return [ordered]@{ size = [long](Get-Item -LiteralPath $destination -Force).Length; sha256 = Get-FileSha256Hex -Path $destination }
+        return [ordered]@{ size = $size; sha256 = $sha256 }
     }
 
     'dir.move' = {
@@ -2176,13 +2300,14 @@ namespace Rdpfix.Agent {
     'security_products.list' = {
         param($Args_)
         # root\SecurityCenter2 exists on client SKUs only; its absence is an answer, not an error.
-        $namespace = Get-CimInstance -Namespace 'root' -ClassName '__NAMESPACE' -Filter "Name='SecurityCenter2'" -ErrorAction SilentlyContinue
+        # Asking root for its child namespace answers nothing when there is none; a failure to ask is an error.
+        $namespace = Get-CimInstance -Namespace 'root' -ClassName '__NAMESPACE' -Filter "Name='SecurityCenter2'" -ErrorAction Stop
         if ($null -eq $namespace) {
             return [ordered]@{ available = $false; firewall = @(); antivirus = @() }
         }
         $read = {
             param([string]$ClassName)
-            @(Get-CimInstance -Namespace 'root\SecurityCenter2' -ClassName $ClassName -ErrorAction SilentlyContinue | ForEach-Object {
+            @(Get-CimInstance -Namespace 'root\SecurityCenter2' -ClassName $ClassName -ErrorAction Stop | ForEach-Object {
                     [ordered]@{ name = [string]$_.displayName; state = [long]$_.productState; path = [string]$_.pathToSignedProductExe }
                 })
         }

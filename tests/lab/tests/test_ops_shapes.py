@@ -44,6 +44,15 @@ def test_system_info() -> None:
         "connection_broker",
         "boot_time",
         "program_data",
+        "runtime",
+    }
+    assert data["runtime"] == {
+        "powershell_version": "5.1.17763.1",
+        "powershell_edition": "Desktop",
+        "clr_version": "4.0.30319.42000",
+        "dotnet_framework_release": 528049,
+        "language_mode": "FullLanguage",
+        "ui_culture": "en-US",
     }
     assert data["hostname"] == "RDCB01" and data["fqdn"] == "RDCB01.corp.example.com"
     assert data["domain"] == "corp.example.com" and data["os_build"] == 17763

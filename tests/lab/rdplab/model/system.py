@@ -22,6 +22,15 @@ class SystemInfo:
     connection_broker: bool
     boot_time: datetime
     program_data: str = "C:\\ProgramData"
+    # .NET Framework release (host file system.dotnet_framework): ServiceController.StartType needs 4.6.1.
+    dotnet_framework: str = "4.8"
+    # The UI language (host file system.locale): the event log renders level names and messages in it.
+    locale: str = "en-US"
+    # What runs the agent (system.info's runtime): Windows PowerShell 5.1 on .NET Framework 4.8 (Release 528049 and
+    # up: learn.microsoft.com/dotnet/framework/install/how-to-determine-which-versions-are-installed).
+    powershell_version: str | None = None  # None: the version that ships with (or, before 2016, WMF 5.1 for) the build
+    dotnet_framework_release: int | None = 528049
+    language_mode: str = "FullLanguage"
 
     @property
     def fqdn(self) -> str:
@@ -38,4 +47,21 @@ class SystemInfo:
             "connection_broker": self.connection_broker,
             "boot_time": iso(self.boot_time),
             "program_data": self.program_data,
+            "runtime": {
+                "powershell_version": self.powershell_version
+                or (f"5.1.{self.os_build}.1" if self.os_build >= BUILD_SERVER_2016 else "5.1.14409.1005"),
+                "powershell_edition": "Desktop",
+                "clr_version": "4.0.30319.42000",
+                "dotnet_framework_release": self.dotnet_framework_release,
+                "language_mode": self.language_mode,
+                "ui_culture": self.locale,
+            },
         }
+
+
+# .NET Framework 4.x releases a host file may name, oldest first; Windows PowerShell 5.1 needs 4.5.2 at least.
+DOTNET_FRAMEWORKS = ("4.5.2", "4.6", "4.6.1", "4.6.2", "4.7", "4.7.1", "4.7.2", "4.8", "4.8.1")
+
+
+def dotnet_at_least(system: SystemInfo, release: str) -> bool:
+    return DOTNET_FRAMEWORKS.index(system.dotnet_framework) >= DOTNET_FRAMEWORKS.index(release)
