@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from rdplab.ops.services import CommandHangs
 from rdplab.reboot import WinReboot
 
 if t.TYPE_CHECKING:
@@ -161,6 +162,11 @@ class AgentBootstrap:
         try:
             with host.lock:
                 document = host.run_batch(batch)
+        except CommandHangs as exc:
+            # On Windows the command would never return: the controller's WinRM operation times out with no result
+            # document. The lab ends it at once (no stdout, rc 1) and says why, rather than hold the shell.
+            message = f"rdplab: the agent hangs and this WinRM command would never return a result: {exc}\r\n"
+            return CommandOutcome(rc=1, stdout=b"", stderr=message.encode("utf-8"))
         except ValueError as exc:
             # BatchError: the real agent stops without a result document and a non-zero exit.
             message = f"rdpfix agent: invalid batch: {exc}\r\n"

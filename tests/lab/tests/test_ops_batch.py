@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rdplab.model.errors import BatchError
+from rdplab.model.firewall import FirewallRule
 from rdplab.model.host import WindowsHost
 from rdplab.ops import OPS
 
@@ -300,20 +301,9 @@ def test_registry_set_and_remove_return_previous_and_create_keys() -> None:
 
 def test_group_policy_rules_can_be_neither_changed_nor_removed_locally() -> None:
     host = load()
-    policy_rule = {
-        "name": "GPO-RDP-In",
-        "display_name": "GPO RDP",
-        "group": "Corporate policy",
-        "direction": "Inbound",
-        "action": "Allow",
-        "protocol": "TCP",
-        "profiles": 0,
-        "remote_addresses": ["Any"],
-        "program": "Any",
-    }
-    assert host.run_batch(batch(("firewall.rule.new", policy_rule)))["results"][0]["ok"]
-    host.firewall.get("GPO-RDP-In").source = "GroupPolicy"  # what a GPO refresh would deliver
-    before = host.firewall.get("GPO-RDP-In").record()
+    # What a GPO delivers lives in Group Policy's store (RSOP), not in the local one the agent writes.
+    host.firewall.policy_rules["gpo-rdp-in"] = FirewallRule("GPO-RDP-In", "GPO RDP", source="GroupPolicy")
+    before = host.firewall.snapshot()
     results = host.run_batch(
         batch(
             ("firewall.rule.set", {"name": "GPO-RDP-In", "enabled": False}),
@@ -321,10 +311,12 @@ def test_group_policy_rules_can_be_neither_changed_nor_removed_locally() -> None
             on_error="continue",
         )
     )["results"]
-    for result in results:
-        assert result["error"]["type"] == "InvalidArgument"
-        assert "GroupPolicy" in result["error"]["message"]
-    assert host.firewall.get("GPO-RDP-In").record() == before
+    # Set-NetFirewallRule works on PersistentStore: NotFound, as Windows answers; the agent names the policy rule.
+    assert results[0]["error"]["type"] == "NotFound"
+    assert "Group Policy" in results[0]["error"]["message"]
+    # Remove looks in the local store only: nothing of that Name there, nothing removed.
+    assert results[1] == {"op": "firewall.rule.remove", "ok": True, "data": {"previous": None}}
+    assert host.firewall.snapshot() == before
     # A local rule is still removed (by Name, case-insensitively), and removing it again answers null.
     results = host.run_batch(
         batch(

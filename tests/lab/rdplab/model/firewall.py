@@ -4,7 +4,11 @@ Evaluation follows Windows: a rule applies when it is enabled, has the direction
 protocol, port, remote address and program/service filters match. A matching block rule beats every matching allow
 rule [MS-FASP] (allow-bypass rules are not modelled); without a matching rule the profile's default inbound action
 decides. Built-in Remote Desktop rules are identified by Name, as Windows does [AzInternal]; their group is the
-resource string ``@FirewallAPI.dll,-28752`` (UNCONFIRMED by a cited page, see docs/lab.md).
+resource string ``@FirewallAPI.dll,-28752`` [FwRule].
+
+Rules live in two policy stores, as Windows keeps them [NetFwRule][MS-FASP]: the local store (PersistentStore, read and
+write, where Set-/Remove-/New-NetFirewallRule work by default) and Group Policy's (RSOP, read-only). What is in force
+(ActiveStore) is both together, a Group Policy rule taking the place of a local rule with the same Name.
 """
 
 from __future__ import annotations
@@ -147,9 +151,10 @@ def _address_in(addresses: list[str], address: str) -> bool:
     return False
 
 
-def builtin_rdp_rules() -> list[FirewallRule]:
-    """The Remote Desktop group as Windows Server ships it (enabled on Azure images)."""
-    return [
+def builtin_rdp_rules(enabled: bool = True) -> list[FirewallRule]:
+    """The Remote Desktop group as Windows Server ships it: off on a fresh install, on once Remote Desktop is turned
+    on in System Properties and on Azure marketplace images."""
+    rules = [
         FirewallRule(
             "RemoteDesktop-UserMode-In-TCP",
             "Remote Desktop - User Mode (TCP-In)",
@@ -177,11 +182,19 @@ def builtin_rdp_rules() -> list[FirewallRule]:
             program="%SystemRoot%\\system32\\RdpSa.exe",
         ),
     ]
+    for rule in rules:
+        rule.enabled = enabled
+    return rules
 
 
 @dataclass
 class Firewall:
-    rules: dict[str, FirewallRule] = field(default_factory=dict)  # casefolded Name -> rule, in creation order
+    # The local store (PersistentStore): casefolded Name -> rule, in creation order.
+    rules: dict[str, FirewallRule] = field(default_factory=dict)
+    # Group Policy's store (RSOP): the rules every applied GPO delivers; read-only on the host.
+    policy_rules: dict[str, FirewallRule] = field(default_factory=dict)
+    # A failure of the firewall's WMI provider when rules are read (host file: firewall.rule_read_error).
+    rule_read_error: str | None = None
     profiles_enabled: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(PROFILE_BITS, True))
     default_inbound: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PROFILE_BITS, "Block"))
     network_category: str = "DomainAuthenticated"
@@ -202,10 +215,21 @@ class Firewall:
         return CATEGORY_PROFILE[self.network_category]
 
     def get(self, name: str) -> FirewallRule:
+        """A rule of the local store, as Get-/Set-NetFirewallRule find it by default (PersistentStore)."""
         rule = self.rules.get(name.casefold())
         if rule is None:
             raise NotFound(f"No MSFT_NetFirewallRule objects found with property 'Name' equal to '{name}'.")
         return rule
+
+    def store(self, source: str) -> dict[str, FirewallRule]:
+        return self.policy_rules if source == "GroupPolicy" else self.rules
+
+    def active_rules(self) -> list[FirewallRule]:
+        """ActiveStore: the local rules and Group Policy's, a policy rule replacing a local one of the same Name
+        [NetFwRule]."""
+        return [rule for key, rule in self.rules.items() if key not in self.policy_rules] + list(
+            self.policy_rules.values()
+        )
 
     def add(self, rule: FirewallRule) -> None:
         if rule.name.casefold() in self.rules:
@@ -219,7 +243,7 @@ class Firewall:
             return True
         matching = [
             rule
-            for rule in self.rules.values()
+            for rule in self.active_rules()
             if rule.matches("Inbound", profile, protocol, port, self.client_address, SVCHOST)
         ]
         if any(rule.action == "Block" for rule in matching):
@@ -233,13 +257,15 @@ class Firewall:
             "network_category": self.network_category,
             "profiles_enabled": dict(self.profiles_enabled),
             "default_inbound": dict(self.default_inbound),
-            "rules": [self.rules[key].record() for key in sorted(self.rules)],
+            "rules": [self.rules[key].record() for key in sorted(self.rules)]
+            + [self.policy_rules[key].record() for key in sorted(self.policy_rules)],
+            "rule_read_error": self.rule_read_error,
             "security_products": self.security_products,
         }
 
 
 def rdp_blocked(host: WindowsHost, port: int) -> bool:
-    """A TCP connection to the listener is refused by the firewall (the lab refuses rather than drops)."""
+    """The firewall drops a TCP connection to the listener (stealth mode: no answer, the client times out)."""
     return not host.firewall.inbound_allowed("TCP", port)
 
 
@@ -262,7 +288,17 @@ RULE_FIELDS = (
     "description",
     "source",
 )
-SECTION_FIELDS = ("network_category", "profiles", "client_address", "rules", "remove_rules", "security_products")
+SECTION_FIELDS = (
+    "network_category",
+    "profiles",
+    "client_address",
+    "remote_desktop_rules",
+    "rules",
+    "remove_rules",
+    "rule_read_error",
+    "security_products",
+)
+REMOTE_DESKTOP_RULES = ("enabled", "disabled")
 PROFILE_FIELDS = ("enabled", "default_inbound_action")
 PRODUCT_KINDS = ("firewall", "antivirus")
 PRODUCT_FIELDS = ("name", "state", "path")
@@ -423,6 +459,16 @@ def load_section(host: WindowsHost, section: object, fail: Fail) -> None:
         fail("firewall.client_address", f"expected an IP address, got {address!r}")
     firewall.client_address = address
     _load_profiles(firewall, section.get("profiles"), fail)
+    group_state = section.get("remote_desktop_rules", "enabled")
+    if group_state not in REMOTE_DESKTOP_RULES:
+        fail("firewall.remote_desktop_rules", f"expected enabled or disabled, got {group_state!r}")
+    for builtin in builtin_rdp_rules():
+        if builtin.name.casefold() in firewall.rules:
+            firewall.rules[builtin.name.casefold()].enabled = group_state == "enabled"
+    read_error = section.get("rule_read_error")
+    if read_error is not None and (not isinstance(read_error, str) or not read_error):
+        fail("firewall.rule_read_error", f"expected the provider's error message, got {read_error!r}")
+    firewall.rule_read_error = read_error
     removed = section.get("remove_rules") or []
     if not isinstance(removed, list):
         fail("firewall.remove_rules", f"expected a list of rule Names, got {removed!r}")
@@ -439,11 +485,13 @@ def load_section(host: WindowsHost, section: object, fail: Fail) -> None:
         _unknown(spec, RULE_FIELDS, where, fail)
         # Check every field before touching the rule, so that a built-in rule is never left half changed.
         values = {key: _rule_field(key, given, f"{where}.{key}", fail) for key, given in spec.items()}
-        existing = firewall.rules.get(spec["name"].casefold())
+        # Each store has its own Names: a Group Policy rule may share the Name of a local (built-in) one.
+        store = firewall.store(str(values.get("source", "Local")))
+        existing = store.get(spec["name"].casefold())
         rule = existing or FirewallRule(spec["name"], str(values.get("display_name") or spec["name"]))
         for key, value in values.items():
             setattr(rule, key, value)
-        firewall.rules[rule.name.casefold()] = rule
+        store[rule.name.casefold()] = rule
     products = section.get("security_products")
     if products is not None:
         firewall.security_products = _load_products(products, fail)

@@ -14,6 +14,7 @@ import yaml
 
 from rdplab.model import firewall, listener, schannel
 from rdplab.model import sddl as sddl_mod
+from rdplab.model import token as token_mod
 from rdplab.model.certs import (
     CAPI_PROVIDER,
     CNG_PROVIDER,
@@ -34,7 +35,7 @@ from rdplab.model.host import WindowsHost
 from rdplab.model.registry import CRYPTOGRAPHY, POLICY, RDP_TCP, TERMINAL_SERVER, make_value
 from rdplab.model.services import START_TYPES, STATUSES, Service
 from rdplab.model.sessions import WTS_STATES
-from rdplab.model.system import SystemInfo
+from rdplab.model.system import DOTNET_FRAMEWORKS, SystemInfo
 from rdplab.model.timeutil import anchor_of, parse_time, shifted_clock, utc_now
 
 DEFAULT_CA_NAME = "rdplab Lab Root CA"
@@ -143,6 +144,7 @@ HOST_FIELDS = (
     "events",
     "firewall",
     "faults",
+    "caller",
 )
 
 
@@ -199,6 +201,7 @@ def build_host(document: object, source: Path, *, ca: LabCA | None = None, now: 
     _services(reader, host, doc.get("services"))
     _sessions(reader, host, doc.get("sessions"))
     _files(reader, host, doc.get("files"))
+    _caller(reader, host, doc.get("caller"))
     _events(reader, host, doc.get("events"), anchor)
     firewall.load_section(host, doc.get("firewall"), reader.fail)
     # The file describes the host as it booted: Schannel starts with the file's registry. Faults come after the boot.
@@ -214,6 +217,25 @@ def build_host(document: object, source: Path, *, ca: LabCA | None = None, now: 
     return host
 
 
+def _caller(reader: _Reader, host: WindowsHost, value: object) -> None:
+    """``caller:``: who the agent runs as (docs/lab.md, "The caller's token")."""
+    section = reader.mapping(value, "caller", ("identity", "privileges"))
+    identity = reader.choice(section.get("identity"), "caller.identity", token_mod.IDENTITIES, "administrator")
+    base = (
+        token_mod.CallerToken.system()
+        if identity == "system"
+        else token_mod.CallerToken.administrator(host.system.hostname, host.username)
+    )
+    changes: dict[str, str] = {}
+    for name, state in reader.mapping(section.get("privileges"), "caller.privileges").items():
+        where = f"caller.privileges.{name}"
+        if not isinstance(name, str) or not re.match(r"^Se[A-Za-z]+Privilege$", name):
+            reader.fail(where, "expected a privilege name such as SeBackupPrivilege")
+        changes[name] = reader.choice(state, where, ("enabled", "disabled", "absent"), "disabled")
+    host.caller = base.with_privileges(changes)
+    host.process = host.caller.start_process()
+
+
 def _system(reader: _Reader, value: object, name: str, anchor: datetime) -> SystemInfo:
     fields = (
         "hostname",
@@ -224,6 +246,7 @@ def _system(reader: _Reader, value: object, name: str, anchor: datetime) -> Syst
         "connection_broker",
         "boot_time",
         "locale",
+        "dotnet_framework",
     )
     system = reader.mapping(value, "system", fields)
     hostname = reader.string(
@@ -256,6 +279,9 @@ def _system(reader: _Reader, value: object, name: str, anchor: datetime) -> Syst
         boot_time=reader.time(system.get("boot_time"), "system.boot_time", "-3d", anchor),
         # The UI language: level names and messages of the event log are rendered in it.
         locale=reader.choice(system.get("locale"), "system.locale", LOCALES, DEFAULT_LOCALE),
+        dotnet_framework=reader.choice(
+            system.get("dotnet_framework"), "system.dotnet_framework", DOTNET_FRAMEWORKS, "4.8"
+        ),
     )
 
 
@@ -440,7 +466,7 @@ def _key_file(
 def _services(reader: _Reader, host: WindowsHost, value: object) -> None:
     for service_name, item in reader.mapping(value, "services").items():
         where = f"services.{service_name}"
-        spec = reader.mapping(item, where, ("status", "start_type"))
+        spec = reader.mapping(item, where, ("status", "start_type", "hangs_on_stop"))
         existing = host.services.get(str(service_name))
         status = reader.choice(
             spec.get("status"), f"{where}.status", STATUSES, existing.status if existing else "Running"
@@ -448,7 +474,8 @@ def _services(reader: _Reader, host: WindowsHost, value: object) -> None:
         start_type = reader.choice(
             spec.get("start_type"), f"{where}.start_type", START_TYPES, existing.start_type if existing else "Manual"
         )
-        host.services.put(Service(existing.name if existing else str(service_name), status, start_type))
+        hangs = reader.boolean(spec.get("hangs_on_stop"), f"{where}.hangs_on_stop", False)
+        host.services.put(Service(existing.name if existing else str(service_name), status, start_type, hangs))
     if not host.services.running("TermService"):
         # A stopped TermService has no sessions but the console's and session 0.
         host.sessions.drop_user_sessions()

@@ -27,6 +27,8 @@ class Service:
     name: str
     status: str
     start_type: str
+    # Asked to stop, the service stays in StopPending for ever (host file: services.<name>.hangs_on_stop).
+    hangs_on_stop: bool = False
 
 
 @dataclass
@@ -58,6 +60,10 @@ class Services:
 
     def snapshot(self) -> dict[str, object]:
         return {
-            service.name: {"status": service.status, "start_type": service.start_type}
+            service.name: {
+                "status": service.status,
+                "start_type": service.start_type,
+                **({"hangs_on_stop": True} if service.hangs_on_stop else {}),
+            }
             for service in sorted(self.services.values(), key=lambda item: item.name.casefold())
         }

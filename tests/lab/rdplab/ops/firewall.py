@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typing as t
 
+from rdplab import agent_code
 from rdplab.model import schannel
-from rdplab.model.errors import InvalidArgument
+from rdplab.model.errors import Failed, InvalidArgument, NotFound
 from rdplab.model.firewall import ACTIONS, CATEGORY_PROFILE, DIRECTIONS, FirewallRule
 from rdplab.ops import _args
 
@@ -13,11 +14,43 @@ if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
 
 
+def _as_agent_returns(record: dict[str, t.Any], code: agent_code.AgentCode) -> dict[str, t.Any]:
+    """A rule record as the agent's code serialises it: PowerShell unrolls a list assigned from a statement without
+    ``@(...)``, so one element reaches JSON as a string and none as null."""
+    for name in code.unrolled_rule_lists:
+        items = record[name]
+        record[name] = None if not items else items[0] if len(items) == 1 else items
+    return record
+
+
+def rule_records(host: WindowsHost) -> list[dict[str, t.Any]]:
+    """Every rule of the local store, then Group Policy's, as firewall.rules.list reports them."""
+    firewall = host.firewall
+    code = agent_code.current()
+    if firewall.rule_read_error is not None:
+        if code.rule_read_errors_silenced:
+            # -ErrorAction SilentlyContinue: the failure leaves nothing, which reads as "no rules".
+            return []
+        raise Failed(firewall.rule_read_error)
+    local = [rule.record() for rule in firewall.rules.values()]
+    policy = [rule.record() for rule in firewall.policy_rules.values()]
+    if code.filters_joined_across_stores:
+        # Filters read from ActiveStore and joined by InstanceID alone: a local rule and a Group Policy rule with
+        # the same ID (the Name) both get the filters read last, Group Policy's (UNCONFIRMED order).
+        by_name = {record["name"].casefold(): record for record in policy}
+        for record in local:
+            twin = by_name.get(record["name"].casefold())
+            if twin is not None:
+                for key in ("protocol", "local_ports", "remote_ports", "remote_addresses", "program", "service"):
+                    record[key] = twin[key]
+    return [_as_agent_returns(record, code) for record in local + policy]
+
+
 def rules_list(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     firewall = host.firewall
     categories = {profile: category for category, profile in CATEGORY_PROFILE.items()}
     return {
-        "rules": [rule.record() for rule in firewall.rules.values()],
+        "rules": rule_records(host),
         "profiles": [
             {
                 "name": name,
@@ -37,15 +70,25 @@ def _profiles(args: dict[str, t.Any], required: bool) -> int | None:
     return _args.integer(args, "profiles", 0, 7)
 
 
-def _refuse_policy_rule(rule: FirewallRule, what: str) -> None:
-    # A rule delivered by Group Policy lives in the GPO store: the local store cannot change or delete it, and the
-    # next policy refresh would bring it back anyway.
-    if rule.source != "Local":
-        raise InvalidArgument(f"the rule '{rule.name}' comes from {rule.source} and cannot be {what} here")
+def _local_rule(host: WindowsHost, name: str) -> FirewallRule:
+    """The rule the agent changes: the local store's (PersistentStore, the cmdlets' default). A Name only Group Policy
+    has is NotFound there, as Set-/Remove-NetFirewallRule answer [NetFwRule]; the agent says so in its message."""
+    rule = host.firewall.rules.get(name.casefold())
+    if rule is None:
+        policy = " (Group Policy has a rule with this Name, which is not changed here)"
+        raise NotFound(
+            f"no firewall rule of the local store has the Name '{name}'"
+            + (policy if name.casefold() in host.firewall.policy_rules else "")
+        )
+    return rule
+
+
+def _record(host: WindowsHost, rule: FirewallRule) -> dict[str, t.Any]:
+    return _as_agent_returns(rule.record(), agent_code.current())
 
 
 def rule_set(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
-    rule = host.firewall.get(_args.string(args, "name"))
+    rule = _local_rule(host, _args.string(args, "name"))
     # Validate everything before changing anything, as Set-NetFirewallRule does.
     enabled = args.get("enabled")
     if enabled is not None and not isinstance(enabled, bool):
@@ -56,8 +99,7 @@ def rule_set(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     program = args.get("program")
     if program is not None and (not isinstance(program, str) or not program):
         raise InvalidArgument(f"argument 'program' must be a non-empty string, got {program!r}")
-    _refuse_policy_rule(rule, "changed")
-    previous = rule.record()
+    previous = _record(host, rule)
     if enabled is not None:
         rule.enabled = enabled
     if profiles is not None:
@@ -80,6 +122,9 @@ def rule_new(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     protocol = _args.string(args, "protocol")
     if protocol.upper() not in ("TCP", "UDP", "ANY"):
         raise InvalidArgument(f"protocol must be TCP, UDP or Any, got {protocol!r}")
+    for store in ("PersistentStore", "RSOP"):
+        if name.casefold() in (host.firewall.rules if store == "PersistentStore" else host.firewall.policy_rules):
+            raise InvalidArgument(f"a firewall rule with the Name '{name}' exists ({store})")
     rule = FirewallRule(
         name=name,
         display_name=_args.string(args, "display_name"),
@@ -103,10 +148,10 @@ def rule_remove(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     name = _args.string(args, "name")
     rule = host.firewall.rules.get(name.casefold())
     if rule is None:
+        # Only the local store is looked at and written: a Group Policy rule of this Name stays.
         return {"previous": None}
-    _refuse_policy_rule(rule, "removed")
     del host.firewall.rules[name.casefold()]
-    return {"previous": rule.record()}
+    return {"previous": _record(host, rule)}
 
 
 def security_products_list(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
