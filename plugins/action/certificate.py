@@ -8,6 +8,7 @@ import typing as t
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
+    SESSION_ARGUMENT_SPEC,
     ActionFailed,
     BackupSet,
     RdpfixAction,
@@ -32,6 +33,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._certificate import (
     plan,
     predicted_view,
     refresh_state,
+    refusal_finding,
     verification_problems,
 )
 
@@ -40,6 +42,7 @@ class ActionModule(RdpfixAction):
     MODULE_NAME = "certificate"
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
+        **SESSION_ARGUMENT_SPEC,
         "expiry_threshold_days": {"type": "int", "default": 30},
         "regenerate_self_signed": {"type": "bool", "default": True},
         "remove_missing_pin": {"type": "bool", "default": True},
@@ -48,6 +51,7 @@ class ActionModule(RdpfixAction):
         "restart_service": {"type": "str", "default": "SessionEnv", "choices": list(RESTARTABLE_SERVICES)},
         "start_stopped_services": {"type": "bool", "default": False},
         "terminal_name": {"type": "str", "default": "RDP-Tcp"},
+        "repin_renewal": {"type": "bool", "default": False},
     }
     REQUIRED_IF: t.ClassVar[list[t.Any]] = [("replace_when", "always", ["replacement_thumbprint"])]
 
@@ -74,7 +78,13 @@ class ActionModule(RdpfixAction):
         try:
             decided = plan(state, options)
         except PlanError as exc:
-            raise ActionFailed(f"{self.host}: {exc}; nothing was changed", **result, after=result["before"]) from exc
+            # Check mode fails the same way: --check predicts the refusal, and the audit reports it (plan_refused).
+            raise ActionFailed(
+                f"{self.host}: {exc}; nothing was changed",
+                **result,
+                after=result["before"],
+                findings=[refusal_finding(str(exc))],
+            ) from exc
 
         result["findings"] = decided.findings
         result["restart_pending"] = decided.restart_pending
@@ -105,7 +115,7 @@ class ActionModule(RdpfixAction):
         polls = 0
         while problems and polls < VERIFY_POLLS:
             polls += 1
-            poll_batch, poll_index = build_poll_batch(options)
+            poll_batch, poll_index = build_poll_batch(options, personal=decided.grant_key_read is not None)
             after_state, problems = self._reread(state, self.run_batch(poll_batch), poll_index, decided)
         if problems:
             raise ActionFailed(

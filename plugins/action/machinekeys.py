@@ -10,6 +10,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _certificate as 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
+    SESSION_ARGUMENT_SPEC,
     ActionFailed,
     BackupSet,
     RdpfixAction,
@@ -22,6 +23,7 @@ class ActionModule(RdpfixAction):
     MODULE_NAME = "machinekeys"
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
+        **SESSION_ARGUMENT_SPEC,
         "strategy": {"type": "str", "default": "permissions", "choices": list(mk.STRATEGIES)},
         "state": {"type": "str", "default": "present", "choices": ["present", "restored"]},
         "manifest_id": {"type": "str"},
@@ -79,7 +81,7 @@ class ActionModule(RdpfixAction):
             # A refusal is a refusal in check mode too: --check fails the host where the real run would.
             message = f"{self.host}: " + "; ".join(decided.unfixable)
             raise ActionFailed(
-                message + ("; nothing would be changed" if self.check_mode else "; nothing was changed"),
+                message + "; nothing was changed",
                 **result,
                 actions=decided.actions(),
             )

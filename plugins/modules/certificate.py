@@ -33,6 +33,7 @@ author:
   - rdpfix maintainers (@rdpfix)
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
 options:
   expiry_threshold_days:
@@ -94,6 +95,19 @@ options:
       - The listener (WinStation) to check.
     type: str
     default: RDP-Tcp
+  repin_renewal:
+    description:
+      - When the pinned certificate is expired or expiring, the module looks in C(LocalMachine\My) for its renewal
+        (same subject, Server Authentication, valid now and longer than the pinned one; what auto-enrollment leaves
+        there, unpinned) and always reports it (C(certificate.pinned_renewal_available)) with what blocks using it.
+      - With V(true) it pins the renewal. If NETWORK SERVICE cannot read the renewal's private key, it first adds a
+        NETWORK SERVICE read entry to that one key file's ACL (the file is saved with its ACL first, so
+        M(rdpfix.rdp.restore) puts both back); no other key file is touched.
+      - If the renewal cannot be used even so (no private key on the host, a deny entry, an unreadable ACL) the task
+        fails before anything is changed, in check mode too. O(replacement_thumbprint), when it applies, wins.
+      - With V(false) (the default) the renewal is only reported.
+    type: bool
+    default: false
 seealso:
   - name: Remote Desktop listener certificate configurations
     description: Microsoft's description of how the listener picks its certificate.

@@ -44,6 +44,20 @@ options:
     type: str
     default: SessionEnv
     choices: [SessionEnv, TermService]
+  certificate_replacement_thumbprint:
+    description:
+      - The certificate the fix run would pin (O(rdpfix.rdp.certificate#module:replacement_thumbprint)). Where the
+        certificate module would refuse it, the audit reports C(certificate.plan_refused).
+    type: str
+  certificate_replace_when:
+    description: When the fix run pins it (O(rdpfix.rdp.certificate#module:replace_when)).
+    type: str
+    default: unusable
+    choices: [unusable, always]
+  certificate_repin_renewal:
+    description: Whether the fix run re-pins a renewal of the pinned certificate (O(rdpfix.rdp.certificate#module:repin_renewal)).
+    type: bool
+    default: false
   machinekeys_strategy:
     description: The MachineKeys repair strategy the fix run uses (O(rdpfix.rdp.machinekeys#module:strategy)).
     type: str

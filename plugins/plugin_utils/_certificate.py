@@ -12,7 +12,7 @@ Windows behaviour relied upon (sources in docs/modules/certificate.md):
   pinned a certificate; Windows never writes it for its own self-signed certificate.
 - Removing the self-signed certificate from LocalMachine\\Remote Desktop and restarting SessionEnv (or TermService)
   makes Windows create a new one within seconds, provided CertPropSvc, KeyIso, CryptSvc and SessionEnv run.
-- Restarting TermService drops every RDP session; restarting SessionEnv does not.
+- Restarting TermService disconnects every RDP session; restarting SessionEnv does not.
 - On an RD Connection Broker the pinned value must not be removed.
 """
 
@@ -40,15 +40,22 @@ PERSONAL_STORE = "My"
 PREREQUISITE_SERVICES = ("CertPropSvc", "KeyIso", "CryptSvc", "SessionEnv")
 RESTARTABLE_SERVICES = ("SessionEnv", "TermService")
 READ_SERVICES = (*PREREQUISITE_SERVICES, "TermService", "UmRdpService")
-# Sessions a TermService restart would end: logged-on users, whether active or disconnected. Session 0 (services)
-# is "Disconnected" on every host and the console's logon screen is "Connected" without a user: neither counts.
+# Sessions a TermService restart would disturb: it disconnects them (not documented as a logoff); what becomes of a
+# session already disconnected is not documented either, so logged-on users count whether active or disconnected.
+# Session 0 (services) is "Disconnected" on every host and the console's logon screen is "Connected" without a user:
+# neither counts.
 DISRUPTED_SESSION_STATES = frozenset({"Active", "Disconnected"})
 USER_SESSION_STATES = frozenset({"Connected", "ConnectQuery", "Shadow"})
 
 HASH_TYPE_SOURCES = {1: "self_signed", 2: "gpo_template", 3: "pinned"}
-# Pin states after which the listener falls back to the self-signed certificate (events 1051, 1054, 1055).
-PIN_FALLBACK_STATES = frozenset({"missing", "wrong_eku", "no_private_key", "key_unreadable"})
+# Pin states after which the listener falls back to the self-signed certificate: RCM's events 1051 (missing), 1053
+# (expired), 1054 (wrong EKU) and 1055 (key inaccessible) each say "The default certificate will be used ... from
+# now on".
+PIN_FALLBACK_STATES = frozenset({"missing", "expired", "wrong_eku", "no_private_key", "key_unreadable"})
 PIN_PROBLEM_STATES = PIN_FALLBACK_STATES | {"expired", "expiring", "not_yet_valid"}
+# Pin states for which a newer certificate of the same subject in LocalMachine\My is the pinned one's renewal
+# (auto-enrollment puts it there and leaves the pin alone).
+RENEWABLE_PIN_STATES = frozenset({"expired", "expiring"})
 
 # After the restart the apply batch waits this long before re-reading; then up to VERIFY_POLLS read-only polls.
 SETTLE_MS = 3000
@@ -86,6 +93,7 @@ class CertificateOptions:
     start_stopped_services: bool = False
     allow_session_disruption: bool = False
     terminal_name: str = "RDP-Tcp"
+    repin_renewal: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, t.Any]) -> CertificateOptions:
@@ -110,6 +118,7 @@ class CertificateOptions:
             start_stopped_services=bool(params.get("start_stopped_services", False)),
             allow_session_disruption=bool(params.get("allow_session_disruption", False)),
             terminal_name=terminal_name,
+            repin_renewal=bool(params.get("repin_renewal", False)),
         )
 
     @property
@@ -246,6 +255,7 @@ class VerifyIndex:
     listener: int
     registry: int
     self_signed: int
+    personal: int | None = None  # LocalMachine\My, re-read when a key ACL was changed
 
 
 def build_read_batch(options: CertificateOptions, wait_ms: int = 0) -> tuple[Batch, ReadIndex]:
@@ -266,11 +276,12 @@ def build_read_batch(options: CertificateOptions, wait_ms: int = 0) -> tuple[Bat
     return batch, index
 
 
-def add_verify_reads(batch: Batch, options: CertificateOptions) -> VerifyIndex:
+def add_verify_reads(batch: Batch, options: CertificateOptions, personal: bool = False) -> VerifyIndex:
     return VerifyIndex(
         listener=batch.add("listener.get", terminal_name=options.terminal_name),
         registry=batch.add("registry.get", path=options.winstation_key, names=[PIN_VALUE_NAME]),
         self_signed=batch.add("cert.list", store=SELF_SIGNED_STORE),
+        personal=batch.add("cert.list", store=PERSONAL_STORE) if personal else None,
     )
 
 
@@ -339,6 +350,9 @@ def refresh_state(state: HostState, result: BatchResult, index: VerifyIndex, now
         pinned_thumbprint=pinned,
         pinned_value=pinned_value,
         self_signed=_certificates(SELF_SIGNED_STORE, result.data(index.self_signed), now),
+        personal=state.personal
+        if index.personal is None
+        else _certificates(PERSONAL_STORE, result.data(index.personal), now),
     )
 
 
@@ -427,14 +441,26 @@ def diff_view(state: HostState, threshold_days: int) -> dict[str, t.Any]:
 
 # Severities (docs/findings.md): a self-signed certificate the listener cannot use breaks RDP now (critical: TermService
 # cannot build its TLS credential, the server closes the connection, 0x904 / 0x7). A pinned or template certificate
-# that cannot be used is a warning: the listener either falls back to the self-signed certificate or still presents it
-# and clients warn. Expiring is a warning; what only informs is info.
+# that cannot be used is a warning: the listener falls back to the self-signed certificate (clients that trusted the
+# pinned one now warn), or presents one that expires soon. Expiring is a warning; what only informs is info.
 # The self-signed problems a regeneration repairs.
 REGENERATION_TRIGGERS = frozenset(
     f"self_signed_{problem}" for problem in ("expired", "expiring", "missing", "no_private_key", "unparseable")
 )
 # What each finding shows as evidence: the listener's certificate as ``describe`` reports it.
 EVIDENCE_FIELDS = ("source", "thumbprint", "subject", "not_after", "days_left", "key_state", "pinned_thumbprint")
+
+
+def refusal_finding(reason: str) -> dict[str, t.Any]:
+    """``certificate.plan_refused``: the module's run fails on this host (in check mode too) and changes nothing."""
+    return finding(
+        "certificate.plan_refused",
+        "warning",
+        f"rdpfix.rdp.certificate refuses to run on this host with these options and changes nothing: {reason}",
+        "certificate",
+        {"reason": reason},
+        None,
+    )
 
 
 def _finding(what: str, severity: str, message: str, **evidence: t.Any) -> dict[str, t.Any]:
@@ -452,12 +478,23 @@ class Action:
         return {"action": self.id, "description": self.description, "status": status, **self.details}
 
 
+@dataclass(frozen=True)
+class KeyGrant:
+    """NETWORK SERVICE read added to one private key file's ACL (the certificate about to be pinned), nothing else."""
+
+    cert: StoredCertificate
+    path: str
+    previous_sddl: str
+    sddl: str
+
+
 @dataclass
 class CertificatePlan:
     findings: list[dict[str, t.Any]] = field(default_factory=list)
     remove_certificates: list[StoredCertificate] = field(default_factory=list)
     remove_pin: bool = False
     set_pin: StoredCertificate | None = None
+    grant_key_read: KeyGrant | None = None
     start_services: list[str] = field(default_factory=list)
     restart_service: str | None = None
     regenerate: bool = False
@@ -466,7 +503,9 @@ class CertificatePlan:
 
     @property
     def has_changes(self) -> bool:
-        return bool(self.remove_certificates or self.remove_pin or self.set_pin or self.restart_service)
+        return bool(
+            self.remove_certificates or self.remove_pin or self.set_pin or self.grant_key_read or self.restart_service
+        )
 
     @property
     def actions(self) -> list[Action]:
@@ -482,6 +521,16 @@ class CertificatePlan:
         ]
         if self.remove_pin:
             ordered.append(Action("remove_pin", f"remove the registry value {PIN_VALUE_NAME} (the pinned thumbprint)"))
+        if self.grant_key_read is not None:
+            grant = self.grant_key_read
+            ordered.append(
+                Action(
+                    "grant_key_read",
+                    f"give NETWORK SERVICE read on the private key file {grant.path} of {grant.cert.thumbprint} "
+                    "(that file only)",
+                    {"path": grant.path, "thumbprint": grant.cert.thumbprint, "sddl": grant.sddl},
+                )
+            )
         if self.set_pin is not None:
             ordered.append(
                 Action(
@@ -585,6 +634,14 @@ def _decide(state: HostState, options: CertificateOptions) -> CertificatePlan:
             )
         )
 
+    # --- a renewal of the pinned certificate waiting, unpinned, in LocalMachine\My (auto-enrollment)
+    renewal = find_renewal(state, pinned_cert) if pin in RENEWABLE_PIN_STATES else None
+    grant: KeyGrant | None = None
+    renewal_blockers: list[str] = []
+    if renewal is not None:
+        grant, renewal_blockers = renewal_access(renewal)
+        findings.append(_renewal_finding(renewal, grant, renewal_blockers))
+
     replacement_needed = bool(options.replacement_thumbprint) and (
         (options.replace_when == "always" and state.pinned_thumbprint != options.replacement_thumbprint)
         or (options.replace_when == "unusable" and pin in PIN_PROBLEM_STATES | {"unparseable_pin"})
@@ -620,6 +677,15 @@ def _decide(state: HostState, options: CertificateOptions) -> CertificatePlan:
                 )
             )
         result.set_pin = replacement
+        pin_in_use = True
+    elif renewal is not None and options.repin_renewal:
+        if renewal_blockers:
+            raise PlanError(
+                f"repin_renewal: the renewal {renewal.label()} of the pinned certificate cannot be used: "
+                + "; ".join(renewal_blockers)
+            )
+        result.set_pin = renewal
+        result.grant_key_read = grant
         pin_in_use = True
     elif pin == "missing":
         if state.connection_broker:
@@ -665,6 +731,73 @@ def _decide(state: HostState, options: CertificateOptions) -> CertificatePlan:
     if not pin_in_use and not template_in_use and not result.regenerate:
         _suggest_available_certificate(state, threshold, findings)
     return result
+
+
+def find_renewal(state: HostState, pinned: StoredCertificate | None) -> StoredCertificate | None:
+    """The renewal of the pinned certificate in LocalMachine\\My: same subject, Server Authentication, valid now and
+    longer than the pinned one; the one that expires last. Its key may still need NETWORK SERVICE's read."""
+    if pinned is None or pinned.summary is None:
+        return None
+    found = [
+        cert
+        for cert in state.personal
+        if cert.thumbprint != pinned.thumbprint
+        and cert.summary is not None
+        and cert.summary["subject"] == pinned.summary["subject"]
+        and cert.summary["server_auth"]
+        and not cert.summary["expired"]
+        and not cert.summary["not_yet_valid"]
+        and str(cert.summary["not_after"]) > str(pinned.summary["not_after"])
+    ]
+    return max(found, key=lambda cert: str((cert.summary or {}).get("not_after")), default=None)
+
+
+def renewal_access(cert: StoredCertificate) -> tuple[KeyGrant | None, list[str]]:
+    """What it takes for the listener to read the renewal's key: a grant of NETWORK SERVICE read on its key file
+    (or nothing), and what no grant can solve."""
+    key = cert.key or {}
+    path, sddl = str(key.get("path") or ""), key.get("sddl")
+    state = cert.key_state
+    if state == "readable":
+        return None, []
+    if state == "missing":
+        return None, ["it has no private key on this host: import it with its private key (PFX)"]
+    if state == "unknown" or not path or not sddl:
+        return None, [f"the ACL of its private key file {path or '(not found)'} could not be read"]
+    descriptor = _sddl.parse(str(sddl))
+    needed = [_sddl.Requirement(_sddl.SID_NETWORK_SERVICE, _sddl.FILE_GENERIC_READ)]
+    if _sddl.blocking_denies(descriptor, needed):
+        return None, [f"a deny entry in the ACL of its private key file {path} keeps NETWORK SERVICE out"]
+    granted = _sddl.with_entries(descriptor, needed)
+    return KeyGrant(cert, path, str(sddl), granted.to_sddl()), []
+
+
+def _renewal_finding(cert: StoredCertificate, grant: KeyGrant | None, blockers: list[str]) -> dict[str, t.Any]:
+    blocked_by = ([f"NETWORK SERVICE cannot read its private key file {grant.path}"] if grant else []) + blockers
+    title = (
+        f"LocalMachine\\My holds {cert.label()}, the renewal of the pinned certificate (same subject, Server "
+        "Authentication, valid longer), but it is not pinned"
+    )
+    title += f"; what blocks using it: {'; '.join(blocked_by)}" if blocked_by else "; nothing blocks using it"
+    item = _finding("pinned_renewal_available", "warning", title)
+    item["evidence"] = {
+        "renewal": {
+            "thumbprint": cert.thumbprint,
+            "subject": (cert.summary or {}).get("subject"),
+            "not_after": (cert.summary or {}).get("not_after"),
+            "days_left": cert.days_left,
+            "key_state": cert.key_state,
+            "key_path": (cert.key or {}).get("path"),
+            "key_sddl": (cert.key or {}).get("sddl"),
+        },
+        "blocked_by": blocked_by,
+    }
+    if not blockers:
+        description = f"pin {cert.thumbprint}"
+        if grant is not None:
+            description = f"give NETWORK SERVICE read on {grant.path} (that file only, saved first), then {description}"
+        item["fix"] = fix("certificate", {"repin_renewal": True}, description)
+    return item
 
 
 def _plan_self_signed(state: HostState, options: CertificateOptions, result: CertificatePlan) -> None:
@@ -752,8 +885,9 @@ def _plan_restart(state: HostState, options: CertificateOptions, result: Certifi
             _finding(
                 "restart_pending",
                 "warning",
-                f"restarting TermService would end {len(sessions)} RDP session(s): {users}. Nothing was changed; "
-                "set allow_session_disruption to proceed, or use restart_service=SessionEnv, which keeps sessions",
+                f"restarting TermService would disconnect {len(sessions)} RDP session(s): {users}. Nothing was "
+                "changed; set allow_session_disruption to proceed, or use restart_service=SessionEnv, which keeps "
+                "sessions",
             )
         )
         result.remove_certificates = []
@@ -818,6 +952,17 @@ def build_apply_batch(
             backup.save_file_copy(
                 batch, str(key_path), f"{cert.thumbprint}.key", "private_key_file", thumbprint=cert.thumbprint
             )
+    if result.grant_key_read is not None:
+        grant = result.grant_key_read
+        # The key file itself is saved with its ACL: rdpfix.rdp.restore puts both back.
+        backup.save_file_copy(
+            batch,
+            grant.path,
+            f"{grant.cert.thumbprint}.key",
+            "private_key_file",
+            thumbprint=grant.cert.thumbprint,
+            sddl=grant.previous_sddl,
+        )
     if result.remove_pin or result.set_pin is not None:
         backup.record(
             "registry_value",
@@ -836,6 +981,8 @@ def build_apply_batch(
             positions.append((index, action))
         elif action.id == "remove_pin":
             positions.append((batch.add("registry.remove", path=options.winstation_key, name=PIN_VALUE_NAME), action))
+        elif action.id == "grant_key_read":
+            positions.append((batch.add("acl.set", path=action.details["path"], sddl=action.details["sddl"]), action))
         elif action.id == "set_pin":
             index = batch.add(
                 "listener.set_certificate", thumbprint=action.details["thumbprint"], terminal_name=options.terminal_name
@@ -848,13 +995,14 @@ def build_apply_batch(
             positions.append((index, action))
     if result.restart_service:
         batch.add("util.sleep", milliseconds=SETTLE_MS)
-    return batch, ApplyIndex(manifest=manifest, actions=positions, verify=add_verify_reads(batch, options))
+    verify = add_verify_reads(batch, options, personal=result.grant_key_read is not None)
+    return batch, ApplyIndex(manifest=manifest, actions=positions, verify=verify)
 
 
-def build_poll_batch(options: CertificateOptions) -> tuple[Batch, VerifyIndex]:
+def build_poll_batch(options: CertificateOptions, personal: bool = False) -> tuple[Batch, VerifyIndex]:
     batch = Batch(on_error="continue")
     batch.add("util.sleep", milliseconds=POLL_MS)
-    return batch, add_verify_reads(batch, options)
+    return batch, add_verify_reads(batch, options, personal)
 
 
 def verification_problems(
@@ -866,6 +1014,11 @@ def verification_problems(
         problems.append(f"the registry still pins {after.pinned_thumbprint}")
     if done.set_pin is not None and after.pinned_thumbprint != done.set_pin.thumbprint:
         problems.append(f"the listener does not use {done.set_pin.thumbprint} (it pins {after.pinned_thumbprint})")
+    if done.grant_key_read is not None:
+        thumbprint = done.grant_key_read.cert.thumbprint
+        granted = after.find(thumbprint, (PERSONAL_STORE,))
+        if granted is None or granted.key_state != "readable":
+            problems.append(f"NETWORK SERVICE still cannot read the private key of {thumbprint}")
     if done.regenerate:
         removed = {cert.thumbprint for cert in done.remove_certificates}
         fresh = [

@@ -55,6 +55,10 @@ class FactsOptions:
     max_events: int = 100
     expiry_threshold_days: int = 30
     restart_service: str = "SessionEnv"
+    # The certificate module's choices the role passes on: the audit refuses, pins and re-pins where the fix would.
+    certificate_replacement_thumbprint: str | None = None
+    certificate_replace_when: str = "unusable"
+    certificate_repin_renewal: bool = False
     machinekeys_strategy: str = "permissions"
     firewall_profiles: tuple[str, ...] = ("Domain", "Private")
     firewall_sides: tuple[str, ...] = FIREWALL_SIDES
@@ -82,10 +86,21 @@ class FactsOptions:
             raise FactsOptionError("transport_sides must name at least one of server, client")
         if self.connect_name is not None and not self.connect_name.strip():
             raise FactsOptionError("connect_name must not be empty (omit it to skip the name checks)")
+        try:
+            self.certificate_options()
+        except certificate.PlanError as exc:
+            raise FactsOptionError(str(exc)) from exc
 
     def certificate_options(self) -> certificate.CertificateOptions:
-        return certificate.CertificateOptions(
-            expiry_threshold_days=self.expiry_threshold_days, restart_service=self.restart_service
+        """The certificate module's options, checked as its action plugin checks them (PlanError)."""
+        return certificate.CertificateOptions.from_params(
+            {
+                "expiry_threshold_days": self.expiry_threshold_days,
+                "restart_service": self.restart_service,
+                "replacement_thumbprint": self.certificate_replacement_thumbprint,
+                "replace_when": self.certificate_replace_when,
+                "repin_renewal": self.certificate_repin_renewal,
+            }
         )
 
     def machinekeys_options(self) -> mk.Options:
@@ -149,7 +164,11 @@ def _machinekeys_evaluate(result: BatchResult, positions: Positions, options: Fa
     outcome.facts["sessions"] = list(cert_state.sessions)
     outcome.facts["machinekeys"] = mk.view(state)
     if not cert_state.read_errors:
-        outcome.findings += certificate.plan(cert_state, options.certificate_options()).findings
+        try:
+            outcome.findings += certificate.plan(cert_state, options.certificate_options()).findings
+        except certificate.PlanError as exc:
+            # Where the certificate module's run would fail (and change nothing), the audit says so.
+            outcome.findings.append(certificate.refusal_finding(str(exc)))
     if not state.read_errors:
         outcome.findings += mk.plan(state, options.machinekeys_options()).findings
     return outcome
@@ -290,13 +309,17 @@ def _listener_evaluate(result: BatchResult, positions: Positions, options: Facts
 def _events_reads(options: FactsOptions, now: datetime) -> tuple[Batch, Positions]:
     batch = Batch(on_error="continue")
     since = (now - timedelta(days=options.event_days)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    position = batch.add("events.query", since=since, queries=list(events_mod.QUERIES), max_events=options.max_events)
+    # Each query is checked against the event log's limit here: an oversize one is refused before anything is sent.
+    queries = [events_mod.check_query(query) for query in events_mod.QUERIES]
+    position = batch.add("events.query", since=since, queries=queries, max_events=options.max_events)
     return batch, {"events": position, "since": since}
 
 
 def _events_evaluate(result: BatchResult, positions: Positions, options: FactsOptions, now: datetime) -> Outcome:
     data = result.data(positions["events"])
     parsed = events_mod.parse_events(data.get("events") or [])
+    unreadable = data.get("unreadable") or []
+    invalid_queries = data.get("invalid_queries") or []
     return Outcome(
         {
             "events": {
@@ -305,9 +328,12 @@ def _events_evaluate(result: BatchResult, positions: Positions, options: FactsOp
                 "by_id": _count_ids(parsed),
                 "entries": [event.brief() for event in parsed[: options.max_events]],
                 "unavailable": data.get("unavailable") or [],
+                "unreadable": unreadable,
+                "invalid_queries": invalid_queries,
                 "_parsed": parsed,
             }
-        }
+        },
+        events_mod.read_findings(unreadable, invalid_queries),
     )
 
 
