@@ -11,6 +11,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _certificate as 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _restore as rs
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
+    SESSION_ARGUMENT_SPEC,
     ActionFailed,
     BackupSet,
     RdpfixAction,
@@ -24,6 +25,7 @@ class ActionModule(RdpfixAction):
     MODULE_NAME = rs.MODULE
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
+        **SESSION_ARGUMENT_SPEC,
         "manifest_id": {"type": "list", "elements": "str"},
         "restart_service": {"type": "str", "default": "SessionEnv", "choices": list(certificate.RESTARTABLE_SERVICES)},
     }

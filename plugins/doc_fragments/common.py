@@ -1,6 +1,6 @@
 # Copyright: contributors to rdpfix.rdp
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Options shared by every rdpfix.rdp module that changes a Windows host."""
+"""Options shared by every rdpfix.rdp module that changes a Windows host (the ``rdpfix.rdp.backup`` action group)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,6 @@ from __future__ import annotations
 class ModuleDocFragment:
     DOCUMENTATION = r"""
 options:
-  allow_session_disruption:
-    description:
-      - Allow a step that ends active or disconnected RDP sessions, such as a restart of C(TermService).
-      - When V(false) and such a step is needed, nothing that depends on it is changed; the module returns
-        C(restart_pending=true), C(changed=false) for that part, and a warning naming the sessions.
-    type: bool
-    default: false
   backup_root:
     description:
       - Folder on the target under which each run that changes something creates its backup folder,

@@ -59,6 +59,7 @@ options:
     default: false
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
 notes:
   - After a permissions repair no service is restarted; the listener opens its key for each new connection in the

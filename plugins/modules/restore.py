@@ -26,6 +26,7 @@ description:
     previous one left.
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
 options:
   manifest_id:

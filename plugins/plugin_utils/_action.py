@@ -25,10 +25,16 @@ from ansible.plugins.action import ActionBase
 
 from ._agent import AgentError, Batch, BatchResult, OperationError, run_batch
 
-# Options every module shares; documented once in the ``rdpfix.rdp.common`` doc fragment.
+# Options every module that changes a host shares; documented once in the ``rdpfix.rdp.common`` doc fragment (and the
+# modules that take it form the ``rdpfix.rdp.backup`` action group).
 COMMON_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
-    "allow_session_disruption": {"type": "bool", "default": False},
     "backup_root": {"type": "str"},
+}
+
+# Only the modules with a step that can end RDP sessions (a service restart) take this option; documented in the
+# ``rdpfix.rdp.session_disruption`` fragment.
+SESSION_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
+    "allow_session_disruption": {"type": "bool", "default": False},
 }
 
 # Backups hold private keys: only SYSTEM and Administrators may read them, nothing is inherited from ProgramData.
@@ -215,6 +221,21 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             )
         return applied
 
+    def unresolved(self, params: dict[str, t.Any], findings: t.Sequence[dict[str, t.Any]]) -> list[str]:
+        """Ids of the critical findings this run leaves as they are: reported without a fix, or with a fix that needs
+        options (or another module) this run was not given. The role's final verification expects RDP to connect
+        only when a repair left none of these."""
+        own = f"rdpfix.rdp.{self.MODULE_NAME}"
+        left: list[str] = []
+        for item in findings:
+            if not isinstance(item, dict) or item.get("severity") != "critical":
+                continue
+            repair = item.get("fix")
+            options = (repair or {}).get("options") or {}
+            if not repair or repair.get("module") != own or any(params.get(k) != v for k, v in options.items()):
+                left.append(str(item.get("id")))
+        return left
+
     def warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
@@ -249,6 +270,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
 
         try:
             result.update(self.run_task(params))
+            result["unresolved"] = self.unresolved(params, result.get("findings") or [])
         except ActionFailed as exc:
             result.update(exc.result)
             result.update(failed=True, msg=exc.msg)

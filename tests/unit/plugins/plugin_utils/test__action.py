@@ -13,6 +13,7 @@ from ansible.errors import AnsibleConnectionFailure
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
+    SESSION_ARGUMENT_SPEC,
     ActionFailed,
     BackupSet,
     RdpfixAction,
@@ -48,6 +49,7 @@ class Sample(RdpfixAction):
     MODULE_NAME = "sample"
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
+        **SESSION_ARGUMENT_SPEC,
         "batches": {"type": "int", "default": 1},
         "mode": {"type": "str", "choices": ["ok", "fail", "strict"], "default": "ok"},
     }
