@@ -316,8 +316,9 @@ class _Prober:
         carrier = next((name for name in CREDSSP_CARRIERS if name in negotiation["accepted"]), None)
         if carrier is None:
             return {"status": "skipped", "detail": "the server did not select CredSSP (NLA)"}
-        # The newest TLS version the TLS trials saw accepted: a server that resets one version (TLS 1.3 forced on a
-        # build without it) is reported by those trials, and must not be mistaken here for a failing CredSSP provider.
+        # The newest TLS version the TLS trials saw accepted: a server that resets one version (a device on the path
+        # that does not know TLS 1.3, say) is reported by those trials, and must not be mistaken here for a failing
+        # CredSSP provider.
         accepted = (tls_report or {}).get("accepted_versions") or []
         version = accepted[-1] if accepted else None
         watch = Stopwatch()

@@ -90,8 +90,8 @@ FIX_HINTS: dict[str, str] = {
     "tls_no_common_version": "Enable TLS 1.2 for the Schannel server side and a cipher suite the certificate's key "
     "can use (rdpfix.rdp.tls).",
     "tls_legacy_only": "Enable TLS 1.2 for the Schannel server side (rdpfix.rdp.tls).",
-    "tls13_reset": "Remove the forced TLS 1.3 Schannel server setting on a build without TLS 1.3 (rdpfix.rdp.tls), "
-    "then reboot.",
+    "tls13_reset": "Look for a device on the path that inspects TLS and does not know TLS 1.3; on a Windows 10 host "
+    "(1903 to 22H2) remove the experimental TLS 1.3 Schannel server setting (rdpfix.rdp.tls), then reboot.",
     "certificate_expired": "Renew or regenerate the listener certificate (rdpfix.rdp.certificate).",
     "certificate_not_yet_valid": "Check the server's clock, or replace the certificate (rdpfix.rdp.certificate).",
     "certificate_no_server_auth": "Pin a certificate with the Server Authentication EKU (rdpfix.rdp.certificate).",
@@ -468,7 +468,8 @@ def _tls_findings(tls_report: dict[str, t.Any], negotiation: dict[str, t.Any]) -
         )
     dropped = {name: item for name, item in tested.items() if item.get("status") in CLOSED_STATUSES}
     if accepted and "TLSv1.3" in dropped:
-        # What Server 2019 does with TLS 1.3 forced on: the reset is what a client that offers TLS 1.3 meets.
+        # A server (or a device on the path) that cannot answer TLS 1.3 and closes instead of negotiating down: what a
+        # client that offers TLS 1.3 meets there. Not Server 2019: without TLS 1.3 it answers with TLS 1.2.
         findings.append(
             Finding(
                 "tls13_reset",
@@ -477,8 +478,9 @@ def _tls_findings(tls_report: dict[str, t.Any], negotiation: dict[str, t.Any]) -
                 "the server resets a ClientHello that offers TLS 1.3, while it accepts "
                 + ", ".join(sorted(accepted))
                 + ": clients that offer TLS 1.3 fail",
-                "Server 2019 has no TLS 1.3 server support; with TLS 1.3 forced on in the Schannel registry it resets "
-                "TLS 1.3 ClientHellos instead of negotiating an older version",
+                "something between the client and the TLS stack does not negotiate down from TLS 1.3: a TLS-inspecting "
+                "device on the path, or a Windows 10 host with the experimental TLS 1.3 switched on (Microsoft: "
+                "enabling TLS 1.3 before Windows 11 / Server 2022 is not a safe configuration)",
                 {"TLSv1.3": evidence["TLSv1.3"]},
             )
         )
@@ -490,7 +492,7 @@ def _tls_findings(tls_report: dict[str, t.Any], negotiation: dict[str, t.Any]) -
                 "info",
                 "none",
                 "the server closes the connection instead of refusing cleanly for " + ", ".join(sorted(dropped)),
-                "some servers reset unsupported versions (Server 2019 with TLS 1.3 forced on resets TLS 1.3)",
+                "some servers and devices on the path reset a version they do not support instead of refusing it",
                 {name: evidence[name] for name in dropped},
             )
         )
@@ -523,8 +525,10 @@ def _certificate_findings(
                 "warning",
                 "prompt",
                 f"the listener presents an expired certificate (not after {certificate.get('not_after')})",
-                "the configured certificate was not renewed; mstsc warns (and refuses when server authentication "
-                "is set to 'do not connect')",
+                "the certificate was not renewed; mstsc warns (and refuses when server authentication is set to "
+                "'do not connect'). Windows' own listener does not present an expired pinned certificate (it falls "
+                "back to its self-signed one, RCM 1053) nor an expired self-signed one (the connection is reset), so "
+                "this points at a template certificate, an older Windows or another server (xrdp, a gateway)",
                 identity,
             )
         )
@@ -606,7 +610,8 @@ def _certificate_findings(
                     "warning",
                     "prompt",
                     "the listener presents a different certificate than the one configured",
-                    "Windows fell back to another certificate (RemoteConnectionManager 1051/1055/1059), the "
+                    "Windows fell back to its self-signed certificate (RemoteConnectionManager 1051 missing, 1053 "
+                    "expired, 1054 wrong EKU, 1055 key inaccessible; 1059), the "
                     "configuration was not applied yet (TermService not restarted), or a TLS-inspecting device "
                     "sits in between",
                     {"expected": expected, "presented": presented},

@@ -15,7 +15,9 @@ description:
     certificate's key type, the FIPS policy, and C(SecurityLayer), C(UserAuthentication), C(MinEncryptionLevel) with
     their listener and policy values and which one wins (the policy value, when present).
   - Enables TLS 1.2 (and TLS 1.3 on builds that have it, 20348 and later) for the Schannel server when they are off.
-    Undoes TLS 1.3 forced on for a build without it (Server 2019 resets TLS 1.3 ClientHellos then).
+    Removes the TLS 1.3 server value switched on a Windows 10 build (1903 to 22H2), whose TLS 1.3 is experimental;
+    on Server 2019 and older, which have no TLS 1.3, the value has no effect and is only reported
+    (C(tls.tls13_no_effect)).
   - Restores C(SecurityLayer=2) (TLS) where it is C(0), and C(UserAuthentication=1) (NLA) where it is C(0), on the
     listener (C(RDP-Tcp)).
   - Replaces the cipher-suite order policy with a list of AEAD suites only when the effective list is empty or has no

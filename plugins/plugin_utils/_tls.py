@@ -34,9 +34,11 @@ SCHANNEL_PROTOCOLS_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProvid
 PROTOCOLS = ("SSL 2.0", "SSL 3.0", "TLS 1.0", "TLS 1.1", "TLS 1.2", "TLS 1.3")
 WEAK_PROTOCOLS = ("SSL 2.0", "SSL 3.0", "TLS 1.0", "TLS 1.1")
 LEGACY_CHOICES = ("TLS 1.0", "TLS 1.1")
-# Windows Server 2022 (and Windows 11) is the first build whose Schannel speaks TLS 1.3; Server 2019 resets a TLS 1.3
-# ClientHello when TLS 1.3 is forced on.
+# Windows Server 2022 (and Windows 11) is the first build whose Schannel speaks TLS 1.3 (Microsoft: "Not supported" on
+# Server 2019 and every Windows 10). Before it the TLS 1.3 Server key has no effect, except on Windows 10 1903 (18362)
+# to 22H2, where it switches on an experimental pre-draft TLS 1.3 that Microsoft calls not a safe configuration.
 TLS13_MIN_BUILD = 20348
+TLS13_EXPERIMENTAL_BUILD = 18362
 
 LISTENER_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Terminal Server\WinStations\RDP-Tcp"
 CIPHER_POLICY_KEY = r"HKLM:\SOFTWARE\Policies\Microsoft\Cryptography\Configuration\SSL\00010002"
@@ -88,7 +90,10 @@ def default_enabled(protocol: str, os_build: int) -> bool:
 
 def protocol_enabled(protocol: str, values: dict[str, t.Any], os_build: int) -> bool:
     """Whether the listener can negotiate ``protocol``: Enabled=0 turns it off, and so does DisabledByDefault=1
-    (a server protocol that is disabled by default is only used by applications that ask for it; RDP does not)."""
+    (a server protocol that is disabled by default is only used by applications that ask for it; RDP does not).
+    TLS 1.3 does not exist before build 20348, whatever its key says."""
+    if protocol == "TLS 1.3" and os_build < TLS13_MIN_BUILD:
+        return False
     enabled = dword(values, "Enabled")
     disabled_by_default = dword(values, "DisabledByDefault")
     if enabled == 0 or disabled_by_default == 1:
@@ -99,10 +104,17 @@ def protocol_enabled(protocol: str, values: dict[str, t.Any], os_build: int) -> 
 
 
 def suite_protocols(name: str) -> tuple[str, ...]:
-    """TLS 1.3 suites name no key exchange and work only over TLS 1.3; the others are TLS 1.2 (or older) suites."""
+    """The TLS versions a suite can be negotiated with ("Cipher suites can only be negotiated for TLS versions which
+    support them", Microsoft's TLS cipher suite tables): TLS 1.3 suites over TLS 1.3 only; AEAD (GCM) and SHA-256/384
+    MAC suites over TLS 1.2 only; SHA-1 or MD5 MAC suites (``*_CBC_SHA``, 3DES, RC4) over TLS 1.0, 1.1 and 1.2. NULL
+    suites are "only used when an application explicitly requests" them: none for the listener."""
     if name.startswith(("TLS_AES_", "TLS_CHACHA20_")):
         return ("TLS 1.3",)
-    return ("TLS 1.0", "TLS 1.1", "TLS 1.2")
+    if "_NULL_" in name:
+        return ()
+    if name.endswith(("_SHA", "_MD5")):
+        return ("TLS 1.0", "TLS 1.1", "TLS 1.2")
+    return ("TLS 1.2",)
 
 
 def suite_key_types(name: str) -> frozenset[str]:
@@ -343,14 +355,33 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
             enabled_after[protocol] = True
 
     tls13_values = state.protocols.get("TLS 1.3", {})
-    if build < TLS13_MIN_BUILD and dword(tls13_values, "Enabled") not in (None, 0) and enabled_before["TLS 1.3"]:
-        # Forcing TLS 1.3 on a build without it makes the server reset TLS 1.3 ClientHellos: undo the forcing, which
-        # leaves TLS 1.3 exactly as unavailable as the build makes it, and nothing weaker is turned on.
+    tls13_switched_on = dword(tls13_values, "Enabled") not in (None, 0) and (
+        dword(tls13_values, "DisabledByDefault") != 1
+    )
+    if build < TLS13_EXPERIMENTAL_BUILD and tls13_switched_on:
+        # Server 2019 and older have no TLS 1.3: the value does nothing (a client offering TLS 1.3 gets TLS 1.2).
+        plan.findings.append(
+            finding(
+                "tls.tls13_no_effect",
+                "info",
+                f"The TLS 1.3 Schannel server key is switched on, but build {build} has no TLS 1.3 (Microsoft: not "
+                "supported before Windows 11 / Server 2022): the value has no effect and is left alone",
+                "tls",
+                {"path": protocol_key("TLS 1.3"), "values": tls13_values, "os_build": build},
+                None,
+            )
+        )
+    elif build < TLS13_MIN_BUILD and tls13_switched_on:
+        # Windows 10 1903-22H2: the value switches on an experimental pre-draft TLS 1.3, which Microsoft calls not a
+        # safe configuration before Windows 11 / Server 2022. Removing it leaves TLS 1.3 as the build has it (none)
+        # and turns nothing weaker on.
         plan.findings.append(
             finding(
                 "tls.tls13_forced_unsupported",
-                "critical",
-                f"TLS 1.3 is forced on, but build {build} has no TLS 1.3 server support",
+                "warning",
+                f"TLS 1.3 is switched on for the Schannel server of build {build}, whose TLS 1.3 is experimental "
+                "(Windows 10 1903 to 22H2): Microsoft calls enabling it before Windows 11 / Server 2022 not a safe "
+                "configuration",
                 "tls",
                 {"path": protocol_key("TLS 1.3"), "values": tls13_values, "os_build": build},
                 _fix({}, "remove the TLS 1.3 Server Enabled value (build default), then reboot"),
@@ -358,7 +389,6 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
         )
         plan.changes.append(RegistryChange(protocol_key("TLS 1.3"), "Enabled", None, None, tls13_values.get("Enabled")))
         plan.reboot_required = True
-        enabled_after["TLS 1.3"] = False
 
     for protocol in options.legacy_protocols:
         if enabled_before[protocol]:

@@ -291,7 +291,7 @@ def test_termservice_restart_with_sessions_is_left_pending(cert_factory: t.Any) 
     assert not decided.has_changes  # removing the cert without the restart would leave the listener with none
     assert [action.id for action in decided.pending] == ["remove_certificate", "restart_service"]
     pending = next(finding for finding in decided.findings if finding["id"] == "certificate.restart_pending")
-    assert "2 RDP session(s)" in pending["title"] and "alice (Active)" in pending["title"]
+    assert "disconnect 2 RDP session(s)" in pending["title"] and "alice (Active)" in pending["title"]
     # Nothing is changed, so nothing is offered as fixed by this run.
     assert [finding["fix"] for finding in decided.findings] == [None] * len(decided.findings)
 
@@ -366,12 +366,28 @@ def test_unusable_pin_is_reported_only(cert_factory: t.Any, make_args: t.Any, ke
     assert not decided.has_changes
 
 
+def test_expired_pin_falls_back_so_an_expired_self_signed_certificate_is_repaired(cert_factory: t.Any) -> None:
+    pinned = cert_factory.make("web01.corp.example", now=NOW, ca_issued=True, days_left=-3)
+    rd_der = cert_factory.make("WEB01", now=NOW, days_left=-2)
+    state = state_of(OPTIONS, rd=[agent_cert(rd_der)], my=[agent_cert(pinned)], pin=thumbprint(pinned))
+    decided = plan(state, OPTIONS)
+    [pin_finding] = [item for item in decided.findings if item["id"] == "certificate.pinned_expired"]
+    assert "falls back to the self-signed certificate" in pin_finding["title"]
+    assert {"pinned_expired", "self_signed_expired"} <= set(ids(decided.problems()))
+    assert decided.regenerate and [cert.thumbprint for cert in decided.remove_certificates] == [thumbprint(rd_der)]
+
+
 def test_expired_pin_replaced_by_a_valid_certificate(cert_factory: t.Any) -> None:
     expired = cert_factory.make("web01.corp.example", now=NOW, ca_issued=True, days_left=-3)
     fresh = cert_factory.make("web01.corp.example", now=NOW, ca_issued=True, days_left=365)
     options = CertificateOptions(replacement_thumbprint=thumbprint(fresh))
-    state = state_of(options, my=[agent_cert(expired), agent_cert(fresh)], pin=thumbprint(expired))
-    assert describe(state, 30)["source"] == "pinned"  # an expired pin is still presented
+    rd_der = cert_factory.make("WEB01", now=NOW, days_left=150)
+    state = state_of(
+        options, rd=[agent_cert(rd_der)], my=[agent_cert(expired), agent_cert(fresh)], pin=thumbprint(expired)
+    )
+    # An expired pin is not presented: RCM logs 1053 and uses the self-signed certificate from then on.
+    assert describe(state, 30)["source"] == "self_signed"
+    assert describe(state, 30)["thumbprint"] == thumbprint(rd_der)
     decided = plan(state, options)
     assert decided.set_pin is not None and decided.set_pin.thumbprint == thumbprint(fresh)
     assert [action.id for action in decided.actions] == ["set_pin"]  # the listener reads it per connection

@@ -201,11 +201,52 @@ def test_a_restored_cipher_policy_waits_for_the_reboot_instead_of_being_written_
     assert "next boot" in incompatible["title"]
 
 
-def test_tls13_on_a_build_without_it_is_unforced_not_enabled():
-    forced = {"TLS 1.3": {"Enabled": dword(1)}}
+def test_tls13_key_on_server_2019_has_no_effect_and_is_left_alone():
+    forced = {"TLS 1.3": {"Enabled": dword(1), "DisabledByDefault": dword(0)}}
     plan = _tls.plan_tls(tls_state(os_build=17763, protocols=forced), _tls.TlsOptions())
+    assert plan.changes == [] and not plan.reboot_required
+    [note] = [f for f in plan.findings if f["id"].startswith("tls.tls13")]
+    assert (note["id"], note["severity"], note["fix"]) == ("tls.tls13_no_effect", "info", None)
+    assert plan.before["protocols"]["TLS 1.3"] is False  # no TLS 1.3 on 17763, whatever the key says
+    untouched = _tls.plan_tls(tls_state(os_build=17763), _tls.TlsOptions()).findings
+    assert not [f for f in untouched if f["id"].startswith("tls.tls13")]
+
+
+def test_experimental_tls13_on_windows_10_is_switched_back_off():
+    forced = {"TLS 1.3": {"Enabled": dword(1)}}
+    plan = _tls.plan_tls(tls_state(os_build=19045, protocols=forced), _tls.TlsOptions())
     assert [(c.name, c.value) for c in plan.changes] == [("Enabled", None)]
-    assert not _tls.plan_tls(tls_state(os_build=17763), _tls.TlsOptions()).changes
+    [found] = [f for f in plan.findings if f["id"].startswith("tls.tls13")]
+    assert (found["id"], found["severity"]) == ("tls.tls13_forced_unsupported", "warning")
+    assert plan.reboot_required
+
+
+@pytest.mark.parametrize(
+    ("suites", "protocols", "usable"),
+    [
+        # TLS 1.2 off: only the *_CBC_SHA suites still serve TLS 1.0/1.1.
+        (["TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA"], ["TLS 1.0", "TLS 1.1"], 1),
+        (["TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "TLS_RSA_WITH_AES_256_CBC_SHA256"], ["TLS 1.0", "TLS 1.1"], 0),
+        (["TLS_RSA_WITH_AES_256_CBC_SHA256", "TLS_RSA_WITH_3DES_EDE_CBC_SHA"], ["TLS 1.2"], 2),
+        # NULL suites are only used when an application asks for them explicitly.
+        (["TLS_RSA_WITH_NULL_SHA256", "TLS_RSA_WITH_NULL_SHA"], ["TLS 1.0", "TLS 1.1", "TLS 1.2"], 0),
+        (["TLS_AES_256_GCM_SHA384"], ["TLS 1.2"], 0),
+    ],
+)
+def test_suites_pair_with_the_tls_versions_they_serve(suites: list[str], protocols: list[str], usable: int):
+    assert len(_tls.usable_suites(suites, "RSA", protocols)) == usable
+
+
+def test_gcm_only_suites_with_tls12_off_are_incompatible():
+    off = {"TLS 1.2": {"Enabled": dword(0)}}
+    gcm = ["TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "TLS_RSA_WITH_AES_128_GCM_SHA256"]
+    reported = _tls.plan_tls(
+        tls_state(os_build=17763, protocols=off, cipher_suites=gcm), _tls.TlsOptions(enable_tls12=False)
+    )
+    assert "tls.cipher_suites_incompatible" in [f["id"] for f in reported.findings]
+    # Turning TLS 1.2 back on is what makes the same list usable: no cipher finding then.
+    fixed = _tls.plan_tls(tls_state(os_build=17763, protocols=off, cipher_suites=gcm), _tls.TlsOptions())
+    assert not [f for f in fixed.findings if f["id"].startswith("tls.cipher_suites_")]
 
 
 # -- firewall ----------------------------------------------------------------------------------------------------
@@ -359,7 +400,15 @@ def test_client_outbound_rule_and_third_party_firewall():
     )
     assert [c.name for c in result.changes] == ["rdpfix-RemoteDesktop-Client-Out-mstsc"]
     assert [f["evidence"]["product"] for f in result.findings] == ["Contoso Firewall"]
-    created = dict(result.changes[0].args, profiles=7, enabled=True, policy_store_source_type="Local")
+    # As firewall.rules.list reports the new rule: its port filters are lists, Any without a port.
+    created = dict(
+        result.changes[0].args,
+        profiles=7,
+        enabled=True,
+        local_ports=["Any"],
+        remote_ports=["Any"],
+        policy_store_source_type="Local",
+    )
     again = _firewall.plan_firewall(
         [created], 3389, _firewall.FirewallOptions(sides=("client",), client_programs=("mstsc",)), products
     )
