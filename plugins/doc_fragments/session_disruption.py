@@ -10,7 +10,8 @@ class ModuleDocFragment:
 options:
   allow_session_disruption:
     description:
-      - Allow a step that ends active or disconnected RDP sessions, such as a restart of C(TermService).
+      - Allow a step that disturbs active or disconnected RDP sessions, such as a restart of C(TermService), which
+        disconnects them.
       - When V(false) and such a step is needed, nothing that depends on it is changed; the module returns
         C(restart_pending=true), C(changed=false) for that part, and a warning naming the sessions.
     type: bool

@@ -23,7 +23,7 @@ description:
   - A pinned certificate that is expired, expiring, lacks the Server Authentication EKU or has no usable private key
     is reported; it is replaced only when O(replacement_thumbprint) names a certificate in C(LocalMachine\My) that
     passes the same checks.
-  - A restart of C(TermService) that would end RDP sessions is not done unless O(allow_session_disruption=true);
+  - A restart of C(TermService) that would disconnect RDP sessions is not done unless O(allow_session_disruption=true);
     the module then changes nothing that depends on it, returns RV(restart_pending=true) with C(changed=false) and a
     warning (the task does not fail, so an audit run over a fleet continues).
   - "Round trips (WinRM commands): a compliant host costs exactly 1. A host that needs a change costs 2: the read, then
@@ -77,8 +77,8 @@ options:
     description:
       - The service restarted to make Windows regenerate the self-signed certificate or forget a removed pin.
       - V(SessionEnv) (Remote Desktop Configuration) keeps RDP sessions. V(TermService) (Remote Desktop Services, with
-        its dependent C(UmRdpService)) ends every session, so it needs O(allow_session_disruption=true) when sessions
-        are active or disconnected.
+        its dependent C(UmRdpService)) disconnects every session, so it needs O(allow_session_disruption=true) when
+        sessions are active or disconnected.
       - A stopped O(restart_service) is started by the restart.
     type: str
     choices: [SessionEnv, TermService]
@@ -137,7 +137,7 @@ EXAMPLES = r"""
   rdpfix.rdp.certificate:
     expiry_threshold_days: 45
 
-- name: Regenerate through a TermService restart, accepting that RDP sessions end
+- name: Regenerate through a TermService restart, accepting that RDP sessions are disconnected
   rdpfix.rdp.certificate:
     restart_service: TermService
     allow_session_disruption: true
@@ -328,7 +328,8 @@ backup:
       type: list
       elements: dict
 restart_pending:
-  description: True when a fix needs a restart that would end RDP sessions and O(allow_session_disruption) is false.
+  description: >-
+    True when a fix needs a restart that would disconnect RDP sessions and O(allow_session_disruption) is false.
   returned: always
   type: bool
 round_trips:

@@ -48,7 +48,7 @@ options:
   restart_service:
     description:
       - Service restarted to make Windows create a new self-signed certificate (O(strategy=regenerate) and
-        O(strategy=rename_store)). C(SessionEnv) keeps RDP sessions, C(TermService) ends them and needs
+        O(strategy=rename_store)). C(SessionEnv) keeps RDP sessions, C(TermService) disconnects them and needs
         O(allow_session_disruption).
     type: str
     choices: [SessionEnv, TermService]
@@ -130,7 +130,7 @@ backup:
       type: list
       elements: dict
 restart_pending:
-  description: A regeneration waits for a TermService restart that would end RDP sessions.
+  description: A regeneration waits for a TermService restart that would disconnect RDP sessions.
   returned: state=present
   type: bool
 round_trips:

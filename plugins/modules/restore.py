@@ -43,8 +43,8 @@ options:
     description:
       - The service restarted after the pinned listener certificate (C(SSLCertificateSHA1Hash)) is put back, so the
         listener reads it again; no other restore restarts anything.
-      - C(SessionEnv) keeps RDP sessions. C(TermService) ends them and needs O(allow_session_disruption); without it
-        the restore changes nothing and returns RV(restart_pending).
+      - C(SessionEnv) keeps RDP sessions. C(TermService) disconnects them and needs O(allow_session_disruption);
+        without it the restore changes nothing and returns RV(restart_pending).
     type: str
     choices: [SessionEnv, TermService]
     default: SessionEnv
@@ -139,7 +139,7 @@ after:
   returned: when O(manifest_id) is given
   type: dict
 restart_pending:
-  description: The restore needs a TermService restart that would end RDP sessions; nothing was changed.
+  description: The restore needs a TermService restart that would disconnect RDP sessions; nothing was changed.
   returned: when O(manifest_id) is given
   type: bool
 reboot_required:
