@@ -83,6 +83,21 @@ class AgentError(AnsibleError):
     """The agent itself failed: no result document, a malformed one, or a non-zero exit."""
 
 
+class AgentContractError(AgentError):
+    """An operation's data does not have the shape docs/agent-protocol.md gives it: a defect of the agent (or of
+    what Windows returned to it), never coerced into something that looks right."""
+
+
+def contract_string_list(op: str, field: str, value: object) -> list[str]:
+    """A field the protocol types as a list of strings; a scalar (PowerShell's unrolled one-element array) or any
+    other shape raises AgentContractError, so that "3389" never becomes ['3', '3', '8', '9']."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise AgentContractError(
+            f"agent contract: {op} must report {field} as a list of strings, got {type(value).__name__} {value!r:.100}"
+        )
+    return list(value)
+
+
 class OperationError(AnsibleError):
     """One operation of a batch failed on the host."""
 

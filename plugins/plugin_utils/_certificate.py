@@ -29,7 +29,7 @@ from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import summarize_
 
 from . import _sddl
 from ._action import BackupSet
-from ._agent import Batch, BatchResult, OpResult
+from ._agent import AgentContractError, Batch, BatchResult, OpResult
 from ._findings import finding, fix
 
 WINSTATIONS_KEY = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations"
@@ -331,7 +331,7 @@ def parse_state(result: BatchResult, index: ReadIndex, now: datetime) -> HostSta
         pinned_value=pinned_value,
         self_signed=_certificates(SELF_SIGNED_STORE, data(index.self_signed), now),
         personal=_certificates(PERSONAL_STORE, data(index.personal), now),
-        services={str(name): info for name, info in services.items() if isinstance(info, dict)},
+        services=service_records(services),
         sessions=tuple(item for item in data(index.sessions).get("sessions") or [] if isinstance(item, dict)),
         read_errors=tuple(errors),
     )
@@ -548,6 +548,33 @@ class CertificatePlan:
     def problems(self) -> list[dict[str, t.Any]]:
         """The findings that keep the host from being compliant: every critical and warning one."""
         return [item for item in self.findings if item["severity"] in ("critical", "warning")]
+
+
+SERVICE_START_TYPES = ("Automatic", "Manual", "Disabled", "Boot", "System")
+
+
+def service_records(services: object) -> dict[str, dict[str, t.Any]]:
+    """``service.get``'s services, held to the protocol: an existing service has a status and one of the start types.
+    An empty start type (what ServiceController.StartType gives on .NET Framework 4.5.2) would make a disabled
+    service look startable, so it is refused as an agent defect, never read as "not disabled"."""
+    if not isinstance(services, dict):
+        raise AgentContractError(
+            f"agent contract: service.get must report services as a mapping, got {services!r:.100}"
+        )
+    records: dict[str, dict[str, t.Any]] = {}
+    for name, info in services.items():
+        if not isinstance(info, dict):
+            raise AgentContractError(f"agent contract: service.get reported {name!r} as {info!r:.100}")
+        if info.get("exists") and (
+            info.get("start_type") not in SERVICE_START_TYPES or not isinstance(info.get("status"), str)
+        ):
+            raise AgentContractError(
+                "agent contract: service.get must report the status and the start type "
+                f"({', '.join(SERVICE_START_TYPES)}) of {name!r}, got status {info.get('status')!r}, "
+                f"start_type {info.get('start_type')!r}"
+            )
+        records[str(name)] = info
+    return records
 
 
 def _service_status(state: HostState, name: str) -> tuple[bool, str, str]:
@@ -840,6 +867,10 @@ def _plan_self_signed(state: HostState, options: CertificateOptions, result: Cer
     blockers: list[str] = []
     for name in dict.fromkeys((*PREREQUISITE_SERVICES, options.restart_service)):
         exists, status, start_type = _service_status(state, name)
+        if exists and start_type == "Disabled" and name == options.restart_service:
+            # Running or not: a restart stops it and a disabled service cannot start again.
+            blockers.append(f"{name} is disabled (a restart would stop it for good)")
+            continue
         if exists and status == "Running":
             continue
         if not exists:

@@ -23,7 +23,7 @@ import typing as t
 from dataclasses import dataclass, field
 
 from ._action import BackupSet
-from ._agent import Batch, BatchResult
+from ._agent import Batch, BatchResult, contract_string_list
 from ._findings import finding, fix
 from ._tls import LISTENER_KEY
 from ._transport import dword
@@ -94,14 +94,9 @@ def profile_names(mask: int) -> list[str]:
     return [name for name, bit in PROFILE_BITS.items() if mask & bit]
 
 
-def _as_list(value: object) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [str(item) for item in value]
-    return [str(value)]
+def _rule_list(raw: dict[str, t.Any], field: str) -> list[str]:
+    """A list field of a rule record, exactly as the protocol types it: a scalar is refused, never wrapped or split."""
+    return contract_string_list("firewall.rules.list", f"the rule {raw.get('name')!r}'s {field}", raw.get(field))
 
 
 def is_any(values: t.Sequence[str]) -> bool:
@@ -190,9 +185,9 @@ class Rule:
             enabled=bool(raw.get("enabled")),
             profiles=profile_mask(raw.get("profiles", 0)),
             protocol=str(raw.get("protocol") or "Any"),
-            local_ports=tuple(_as_list(raw.get("local_ports"))),
-            remote_ports=tuple(_as_list(raw.get("remote_ports"))),
-            remote_addresses=tuple(_as_list(raw.get("remote_addresses"))),
+            local_ports=tuple(_rule_list(raw, "local_ports")),
+            remote_ports=tuple(_rule_list(raw, "remote_ports")),
+            remote_addresses=tuple(_rule_list(raw, "remote_addresses")),
             program=normalise_program(raw.get("program")),
             service=service_text,
             source=str(raw.get("policy_store_source_type") or "Local"),
@@ -823,6 +818,13 @@ def product_enabled(state: object) -> bool:
     return (state >> 8) & 0xFF in (0x10, 0x11)
 
 
+def rules_in_force(rules: t.Sequence[Rule]) -> list[Rule]:
+    """What Windows enforces (ActiveStore): a Group Policy rule takes the place of a local rule with the same Name
+    (Set-NetFirewallRule's documentation of -Name), so the local one is not judged, and never written for RDP."""
+    policy = {rule.name.casefold() for rule in rules if not rule.local_policy}
+    return [rule for rule in rules if not (rule.local_policy and rule.name.casefold() in policy)]
+
+
 def plan_firewall(
     raw_rules: t.Sequence[dict[str, t.Any]],
     port: int,
@@ -836,7 +838,7 @@ def plan_firewall(
     profile outside ``options.profiles`` whose default inbound action blocks RDP is reported with its cause and the
     options that would open it; nothing is changed for it without those options.
     """
-    rules = [Rule.from_raw(raw) for raw in raw_rules]
+    rules = rules_in_force([Rule.from_raw(raw) for raw in raw_rules])
     plan = FirewallPlan()
     if "server" in options.sides:
         _plan_server(rules, port, options, plan, active)

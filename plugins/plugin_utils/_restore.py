@@ -22,8 +22,12 @@ Item kinds and how they come back (the manifests of docs/agent-protocol.md, "Bac
 
 A certificate manifest does not list the certificate Windows created after the run: when the run regenerated (see
 ``regenerated``), a certificate in ``LocalMachine\\Remote Desktop`` that the run did not remove and whose NotBefore lies
-between ``REGENERATION_SLACK`` before and ``REGENERATION_WINDOW`` after the manifest's creation time is taken as
-Windows' answer to the run; it is saved and removed, its key file moved into the new backup.
+between ``REGENERATION_BACKDATE`` plus ``REGENERATION_SLACK`` before and ``REGENERATION_WINDOW`` after the
+manifest's creation time is taken as Windows' answer to the run; it is saved and removed, its key file moved into the
+new backup.
+
+A restore that cannot be exact is refused before it starts: ``predicted_renewals`` finds a restored pin whose restart
+would make Windows replace the expired (or missing) self-signed certificate the restore puts back.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ import typing as t
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import summarize_certificate
+
 from . import _certificate as certificate
 from . import _machinekeys as mk
 from ._action import BackupSet
-from ._agent import Batch, BatchResult, OpResult
+from ._agent import Batch, BatchResult, OpResult, contract_string_list
 from ._firewall import OWN_GROUP, OWN_RULE_DESCRIPTION
 from ._tls import CIPHER_POLICY_KEY, FIPS_KEY, SCHANNEL_PROTOCOLS_KEY
 from ._transport import POLICY_KEY, SELECT_TRANSPORT
@@ -52,8 +58,11 @@ RESTORED_MARKER = mk.RESTORED_MARKER
 MANIFEST_VERSION = 1
 # 20261125T103000Z-certificate-1a2b: what new_manifest_id makes. Anything else is refused before a host is contacted.
 MANIFEST_ID_RE = re.compile(r"^(?P<time>\d{8}T\d{6}Z)-(?P<module>[a-z][a-z0-9_]{0,39})-(?P<token>[0-9a-f]{4,32})$")
-# A self-signed certificate whose NotBefore lies between the certificate run's creation time minus the slack (the
-# controller's and the host's clocks, NotBefore rounding) and plus the window counts as Windows' answer to the run.
+# A self-signed certificate whose NotBefore lies between the certificate run's creation time minus the back-dating
+# and the slack (the controller's and the host's clocks, NotBefore rounding) and plus the window counts as Windows'
+# answer to the run. Windows back-dates the NotBefore of the RDP self-signed certificate by about a day (observed on
+# freshly deployed hosts; evidence in docs/modules/restore.md).
+REGENERATION_BACKDATE = timedelta(days=1)
 REGENERATION_SLACK = timedelta(minutes=5)
 REGENERATION_WINDOW = timedelta(hours=1)
 
@@ -103,6 +112,9 @@ class Options:
     manifest_ids: tuple[str, ...] = ()
     restart_service: str = "SessionEnv"
     allow_session_disruption: bool = False
+    # A restore whose restart makes Windows renew the self-signed certificate it put back cannot be exact: refused
+    # before it starts unless this is true (see predicted_renewals).
+    accept_certificate_renewal: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, t.Any]) -> Options:
@@ -110,6 +122,7 @@ class Options:
             manifest_ids=validate_manifest_ids(params.get("manifest_id") or None),
             restart_service=str(params.get("restart_service") or "SessionEnv"),
             allow_session_disruption=bool(params.get("allow_session_disruption", False)),
+            accept_certificate_renewal=bool(params.get("accept_certificate_renewal", False)),
         )
 
 
@@ -519,7 +532,12 @@ def parse_state(result: BatchResult, index: StateIndex, needs: Needs, now: datet
         item = result[index.firewall]
         if item.ok:
             listed_rules = [rule for rule in item.data.get("rules") or [] if isinstance(rule, dict)]
-            rules = {str(rule.get("name") or "").casefold(): rule for rule in listed_rules}
+            # Only the local store's rules were changed and can be put back; Group Policy's are its own.
+            rules = {
+                str(rule.get("name") or "").casefold(): rule
+                for rule in listed_rules
+                if str(rule.get("policy_store_source_type") or "Local").casefold() == "local"
+            }
         else:
             errors.append(_error(result, index.firewall) or "")
     files: dict[str, FileState] = {}
@@ -607,6 +625,8 @@ class ManifestPlan:
     restart_required: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     machinekeys: mk.RestorePlan | None = None
+    # Certificates the restore imports, by thumbprint: their DER (to predict what Windows makes of them).
+    imported_der: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def has_changes(self) -> bool:
@@ -701,7 +721,7 @@ def _windows_created(state: HostState, manifest: Manifest, removed: set[str]) ->
     """Self-signed certificates Windows created in answer to a certificate run (see the module docstring)."""
     if not regenerated(manifest):
         return []
-    earliest = manifest.created - REGENERATION_SLACK
+    earliest = manifest.created - REGENERATION_BACKDATE - REGENERATION_SLACK
     latest = manifest.created + REGENERATION_WINDOW
     found = []
     for cert in state.certificates(certificate.SELF_SIGNED_STORE):
@@ -810,6 +830,7 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
                 der_b64=base64.b64encode(body).decode("ascii"),
             )
             backup.record("certificate_imported", store=store, thumbprint=thumbprint)
+            result.imported_der[thumbprint] = body
             target = ("store", store)
             result.change(state, target, sorted([*result.predicted(state, target), thumbprint]))
         if with_key and (present is None or not present.has_private_key):
@@ -887,8 +908,13 @@ def _new_rule_args(record: dict[str, t.Any]) -> dict[str, t.Any]:
         "enabled": bool(record.get("enabled")),
         "profiles": int(record.get("profiles") or 0),
         "protocol": str(record.get("protocol") or "Any"),
-        "local_ports": list(record.get("local_ports") or ["Any"]),
-        "remote_addresses": list(record.get("remote_addresses") or ["Any"]),
+        # The manifest holds the rule record as firewall.rules.list gave it: lists, or an agent defect to refuse.
+        "local_ports": contract_string_list(
+            "firewall.rules.list", "a backed-up rule's local_ports", record.get("local_ports")
+        ),
+        "remote_addresses": contract_string_list(
+            "firewall.rules.list", "a backed-up rule's remote_addresses", record.get("remote_addresses")
+        ),
         "program": str(record.get("program") or "Any"),
         # The rule record does not carry the description: rdpfix's own rules get theirs back, others a note.
         "description": OWN_RULE_DESCRIPTION if group == OWN_GROUP else "Re-created by rdpfix.rdp.restore",
@@ -937,7 +963,10 @@ def _plan_firewall(state: HostState, manifest: Manifest, result: ManifestPlan) -
             continue
         if current is None:
             args = _new_rule_args(previous)
-            if [str(port) for port in previous.get("remote_ports") or ["Any"]] != ["Any"]:
+            remote_ports = contract_string_list(
+                "firewall.rules.list", "a backed-up rule's remote_ports", previous.get("remote_ports")
+            )
+            if remote_ports != ["Any"]:
                 result.warnings.append(
                     f"the firewall rule {name!r} is re-created without its remote port filter "
                     f"{previous.get('remote_ports')}: firewall.rule.new does not set remote ports"
@@ -1004,11 +1033,97 @@ def _move_marker_aside(state: HostState, result: ManifestPlan, path: str, manife
     result.change(state, ("marker", path), False)
 
 
+# ---------------------------------------------------------------------------------------------------- exactness
+
+
+# Services Windows needs to create a self-signed certificate besides the one restarted [AzEvent][InternalErr][Repair].
+RENEWAL_SERVICES = ("CertPropSvc", "KeyIso", "CryptSvc")
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A restore whose restart makes Windows replace the self-signed certificate(s) it puts back: not exact."""
+
+    manifest_id: str
+    service: str
+    certificates: tuple[str, ...]
+
+    def describe(self) -> str:
+        restored = ", ".join(self.certificates) or "none: the store would be empty"
+        return (
+            f"{self.manifest_id} restarts {self.service} (to re-read the restored pin), and with no valid self-signed "
+            f"certificate in LocalMachine\\Remote Desktop (restored: {restored}) that restart makes Windows create a "
+            "new one: the host would end neither as it was nor as it is"
+        )
+
+
+def predicted_renewals(state: HostState, plans: t.Sequence[ManifestPlan], now: datetime) -> list[Renewal]:
+    """Where the restore cannot be exact, predicted before anything is changed.
+
+    Starting SessionEnv or TermService makes Windows create a self-signed certificate when LocalMachine\\Remote
+    Desktop holds no valid one [AzEvent][InternalErr][Repair]. A plan that restarts a service (a restored pin) after
+    putting back only expired (or no) self-signed certificates would therefore end in a third state. The plans are
+    followed in order, each one's store changes applied to the next; without the services a renewal needs, Windows
+    creates nothing and the restore stays exact.
+    """
+    if state.cert is None:
+        return []
+    services = state.cert.services
+    if not all((services.get(name) or {}).get("status") == "Running" for name in RENEWAL_SERVICES):
+        return []
+    target: Target = ("store", certificate.SELF_SIGNED_STORE)
+    store: dict[str, dict[str, t.Any] | None] = {
+        cert.thumbprint: cert.summary for cert in state.certificates(certificate.SELF_SIGNED_STORE)
+    }
+    found: list[Renewal] = []
+    for plan in plans:
+        if target in plan.after:
+            before, after = set(plan.before.get(target) or []), set(plan.after[target] or [])
+            for thumbprint in before - after:
+                store.pop(thumbprint, None)
+            for thumbprint in after - before:
+                der = plan.imported_der.get(thumbprint)
+                try:
+                    store[thumbprint] = summarize_certificate(der, now) if der else None
+                except ValueError:
+                    store[thumbprint] = None
+        if plan.restart_service not in certificate.RESTARTABLE_SERVICES:
+            continue
+        if any(summary is not None and not summary["expired"] for summary in store.values()):
+            continue
+        restored = tuple(
+            f"{thumbprint} (expired {summary['not_after']})" if summary else f"{thumbprint} (unreadable)"
+            for thumbprint, summary in store.items()
+        )
+        found.append(Renewal(plan.manifest.id, str(plan.restart_service), restored))
+    return found
+
+
+def renewed_certificates(state: HostState, plan: ManifestPlan, now: datetime) -> list[str]:
+    """Valid self-signed certificates the re-read store holds that the plan did not put there (Windows' renewal)."""
+    target: Target = ("store", certificate.SELF_SIGNED_STORE)
+    put_back = set(plan.after.get(target) or observe(state, target))
+    return [
+        cert.thumbprint
+        for cert in state.certificates(certificate.SELF_SIGNED_STORE)
+        if cert.thumbprint not in put_back and cert.summary is not None and not cert.summary["expired"]
+    ]
+
+
+def store_differences(state: HostState, plan: ManifestPlan) -> list[str]:
+    """Certificate stores the re-read state shows otherwise than the plan put them back (Windows acted on its own)."""
+    return [
+        f"{label(target)} holds {observe(state, target)}, not {plan.after[target]}"
+        for target in plan.after
+        if target[0] == "store" and sorted(observe(state, target)) != sorted(plan.after[target] or [])
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------- sessions
 
 
 def pending_restart(state: HostState, plan: ManifestPlan, options: Options) -> list[dict[str, t.Any]]:
-    """The RDP sessions a TermService restart of this plan would end, when the user did not allow it."""
+    """The RDP sessions a TermService restart of this plan would disconnect, when the user did not allow it."""
     if plan.restart_service != "TermService" or options.allow_session_disruption or state.cert is None:
         return []
     return certificate.disrupted_sessions(state.cert)
