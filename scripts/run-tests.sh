@@ -27,7 +27,7 @@ stage "ruff" "$bin/ruff" check .
 stage "ruff format" "$bin/ruff" format --check plugins tests benchmarks scripts
 stage "changelog fragments" "$bin/antsibull-changelog" lint
 stage "mypy" "$bin/mypy" plugins tests/lab/rdplab
-stage "mypy (tools)" "$bin/mypy" --strict scripts/ps_pitfalls.py
+stage "mypy (tools)" "$bin/mypy" --strict scripts/ps_pitfalls.py tests/windows
 # Windows PowerShell 5.1 pitfalls in the agent (rules and suppressions: scripts/ps_pitfalls.py).
 stage "powershell pitfalls" "$bin/python" scripts/ps_pitfalls.py plugins/plugin_utils/_agent.ps1
 # Unit and lab tests in two processes; the system tests one at a time (each starts labs, real servers, a browser).
