@@ -28,6 +28,7 @@ class ActionModule(RdpfixAction):
         **SESSION_ARGUMENT_SPEC,
         "manifest_id": {"type": "list", "elements": "str"},
         "restart_service": {"type": "str", "default": "SessionEnv", "choices": list(certificate.RESTARTABLE_SERVICES)},
+        "accept_certificate_renewal": {"type": "bool", "default": False},
     }
 
     options: rs.Options
@@ -91,6 +92,7 @@ class ActionModule(RdpfixAction):
             "restart_pending": False,
             "reboot_required": False,
             "restart_required": [],
+            "renewal_predicted": [],
         }
         if not todo:
             result["manifests"] = list(summaries.values())
@@ -106,6 +108,25 @@ class ActionModule(RdpfixAction):
             self._plan(state, manifest, root, hostname, moment, result)
             for manifest, moment in zip(todo, times, strict=True)
         ]
+
+        # A restore that cannot be exact is refused before it starts (in check mode too), unless accepted.
+        renewals = {renewal.manifest_id: renewal for renewal in rs.predicted_renewals(state, plans, self.now)}
+        if renewals and not options.accept_certificate_renewal:
+            for plan in plans:
+                status = "refused" if plan.manifest.id in renewals else "not_started"
+                summaries[plan.manifest.id] = rs.result_summary(plan.manifest, status)
+            result["manifests"] = list(summaries.values())
+            result["renewal_predicted"] = list(renewals)
+            raise self._fail(
+                "cannot be restored exactly: "
+                + "; ".join(renewal.describe() for renewal in renewals.values())
+                + ". Nothing was changed. Set accept_certificate_renewal: true to restore anyway and let Windows "
+                "create the new self-signed certificate",
+                **result,
+            )
+        for renewal in renewals.values():
+            self.warn(f"{renewal.describe()}; restoring anyway (accept_certificate_renewal)")
+        result["renewal_predicted"] = list(renewals)
 
         sessions = [session for plan in plans for session in rs.pending_restart(state, plan, options)]
         if sessions or self.check_mode:
@@ -132,8 +153,17 @@ class ActionModule(RdpfixAction):
             result["before"][manifest.id] = before
             result["after"][manifest.id] = rs.after_view(state, plan)
             self._note_effects(result, plan)
-            summaries[manifest.id] = rs.result_summary(manifest, "restored", plan.backup)
-            left = rs.remaining(state, manifest, root, options)
+            renewed = manifest.id in renewals and bool(rs.renewed_certificates(state, plan, self.now))
+            summaries[manifest.id] = rs.result_summary(
+                manifest, "restored_renewed" if renewed else "restored", plan.backup
+            )
+            if renewed:
+                self.warn(
+                    f"{manifest.id}: restored; as predicted, Windows then created the self-signed certificate "
+                    f"{', '.join(rs.renewed_certificates(state, plan, self.now))} in place of the restored one"
+                )
+                continue
+            left = rs.remaining(state, manifest, root, options) + rs.store_differences(state, plan)
             if left:
                 self.warn(f"{manifest.id}: restored, but the host still differs: {'; '.join(left)}")
         result["manifests"] = list(summaries.values())
@@ -174,7 +204,7 @@ class ActionModule(RdpfixAction):
         plans: list[rs.ManifestPlan],
         pending: bool,
     ) -> dict[str, t.Any]:
-        """Check mode, or a restart that would end sessions: report what would be put back; write nothing."""
+        """Check mode, or a restart that would disconnect sessions: report what would be put back; write nothing."""
         status = "pending" if pending else "planned"
         for plan in plans:
             summaries[plan.manifest.id] = rs.result_summary(plan.manifest, status if plan.has_changes else "unchanged")
@@ -189,7 +219,7 @@ class ActionModule(RdpfixAction):
             sessions = [session for plan in plans for session in rs.pending_restart(state, plan, self.options)]
             users = ", ".join(f"{session.get('user') or '?'} ({session.get('state')})" for session in sessions)
             self.warn(
-                f"restoring the pinned certificate restarts TermService, which would end {len(sessions)} RDP "
+                f"restoring the pinned certificate restarts TermService, which would disconnect {len(sessions)} RDP "
                 f"session(s): {users}. Nothing was changed; set allow_session_disruption to proceed, or use "
                 "restart_service=SessionEnv, which keeps sessions"
             )

@@ -48,6 +48,18 @@ options:
     type: str
     choices: [SessionEnv, TermService]
     default: SessionEnv
+  accept_certificate_renewal:
+    description:
+      - A restore is exact or refused before it starts. Putting back a pin (C(SSLCertificateSHA1Hash)) restarts
+        O(restart_service); when the self-signed certificates the restore leaves in C(LocalMachine\Remote Desktop) are
+        all expired (or there are none) and the services Windows needs run, that restart makes Windows create a new
+        self-signed certificate, so the host would end neither as it was nor as it is. The module predicts this from the
+        manifests and the host's state and, by default, fails before anything is changed (in check mode too), with
+        RV(renewal_predicted) naming the manifests and C(refused) as their status.
+      - With V(true) it restores anyway; a manifest after which Windows did create the new certificate gets the
+        status C(restored_renewed) and a warning naming it.
+    type: bool
+    default: false
 notes:
   - A registry key the original run created (because the value it wrote was the first in it) stays behind, empty;
     the agent removes values, not keys.
@@ -98,7 +110,8 @@ manifests:
       C(restored), C(restored_by) and C(restores) (for a manifest of this module, the manifest it restored). A
       manifest that cannot be read is listed with C(error).
     - With O(manifest_id), one entry per requested manifest with C(id), C(module), C(created), C(status)
-      (C(restored), C(already_restored), C(unchanged), C(planned) in check mode, C(pending), C(failed)),
+      (C(restored), C(restored_renewed), C(already_restored), C(unchanged), C(planned) in check mode, C(pending),
+      C(failed), C(refused) and C(not_started) when the restore cannot be exact),
       C(restored_by) and C(backup) (the id of the manifest this restore wrote).
   returned: always
   type: list
@@ -142,6 +155,13 @@ restart_pending:
   description: The restore needs a TermService restart that would disconnect RDP sessions; nothing was changed.
   returned: when O(manifest_id) is given
   type: bool
+renewal_predicted:
+  description:
+    - The manifests whose restore would make Windows replace the self-signed certificate it puts back (see
+      O(accept_certificate_renewal)); empty when every restore can be exact.
+  returned: when O(manifest_id) is given
+  type: list
+  elements: str
 reboot_required:
   description: A restored Schannel value takes effect at the next boot.
   returned: when O(manifest_id) is given

@@ -481,6 +481,11 @@ _LIKELY_CAUSES: tuple[tuple[str, str], ...] = (
     ),
     ("certificate.self_signed_", "The listener's self-signed certificate or its key cannot be used for TLS."),
     ("certificate.regeneration_blocked", "Services Windows needs to create the certificate are stopped or disabled."),
+    (
+        "certificate.pinned_renewal_available",
+        "Auto-enrollment renewed the pinned certificate into LocalMachine\\My, but nothing re-pins the listener "
+        "to a renewal, and a new key's ACL does not give NETWORK SERVICE read.",
+    ),
     ("certificate.pinned_", "The certificate an administrator bound to the listener cannot be used."),
     ("certificate.template_", "The Group Policy certificate template's certificate is not usable or renewed."),
     ("certificate.", "The listener's certificate."),

@@ -786,7 +786,10 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
         )
         result.change(state, target, [thumb for thumb in result.predicted(state, target) if thumb != cert.thumbprint])
 
-    # 2. Key files back, before the certificates are re-linked to them.
+    # 2. Key files back, before the certificates are re-linked to them. Their recorded ACLs go on only after the
+    # re-link: certutil -repairstore opens the key through its provider, with the caller's token and without backup
+    # semantics, so a key file whose ACL names no Administrators (build 17763 and later) could not be re-linked.
+    acl_steps: list[tuple[str, str]] = []
     for item in key_items:
         source = str(item["source"])
         saved_path = ntpath.join(manifest.directory, str(item["file"]))
@@ -798,13 +801,23 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
         if current.exists and saved.sha256 is not None and current.sha256 == saved.sha256 and current.sddl == sddl:
             continue
         if current.exists:
+            # Moved into the new backup, not overwritten: an overwritten file keeps its ACL, and with the ACL of a
+            # 17763+ RDP key (no Administrators entry) certutil -repairstore could not open it to re-link it. The
+            # copy then creates a new file the re-link can open; the recorded ACL goes on after the re-link.
             name = f"{ntpath.basename(source)}.replaced.key"
-            backup.save_file_copy(
-                result.saves, source, name, "private_key_file", thumbprint=_key_owner(state, source), sddl=current.sddl
+            backup.record(
+                "private_key_file", file=name, source=source, thumbprint=_key_owner(state, source), sddl=current.sddl
+            )
+            result.step(
+                "file.move",
+                "move_key",
+                f"move the current key file {source} into the backup",
+                src=source,
+                dest=ntpath.join(backup.directory, name),
             )
         result.step("file.copy", "restore_key", f"put the key file {source} back", src=saved_path, dest=source)
         if sddl:
-            result.step("acl.set", "set_acl", f"give {source} its ACL", path=source, sddl=sddl)
+            acl_steps.append((source, str(sddl)))
         else:
             result.warnings.append(
                 f"the ACL of {source} was not recorded by {manifest.module}: the restored key file has the ACL "
@@ -841,6 +854,10 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
                 store=store,
                 thumbprint=thumbprint,
             )
+
+    # 4. The restored key files' own ACLs, now that the certificates are linked to them.
+    for source, sddl in acl_steps:
+        result.step("acl.set", "set_acl", f"give {source} its ACL", path=source, sddl=sddl)
 
 
 # --- registry values
