@@ -74,12 +74,15 @@ ROLE_MODULE_ARGS: dict[str, dict[str, t.Any]] = {
         "expiry_threshold_days": 30,
         "restart_service": "SessionEnv",
         "replace_when": "unusable",
+        "regenerate_self_signed": True,
+        "remove_missing_pin": True,
     },
     "rdpfix.rdp.firewall": {
         "profiles": ["Domain", "Private"],
         "sides": ["server"],
         "allow_public_any": False,
         "disable_blocking_rules": False,
+        "udp": True,
     },
     "rdpfix.rdp.transport": {"mode": "keep", "sides": ["server"]},
     "rdpfix.rdp.tls": {

@@ -1,0 +1,127 @@
+"""What a release promises, checked against the files that make it: documented options are the options the action
+plugins take, the action group is the modules that take ``backup_root``, the roles' variables are documented where
+users look, and the declared requirements match what is tested."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import typing as t
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def argument_spec(module: str) -> dict[str, t.Any]:
+    action = importlib.import_module(f"ansible_collections.rdpfix.rdp.plugins.action.{module}")
+    return t.cast(dict[str, t.Any], getattr(action.ActionModule, "ARGUMENT_SPEC", {}))
+
+
+# The action plugins built on the collection's action base, which validate their options against ARGUMENT_SPEC.
+ACTION_MODULES = sorted(
+    p.stem for p in (ROOT / "plugins" / "action").glob("*.py") if not p.stem.startswith("_") and argument_spec(p.stem)
+)
+
+
+def documented_options(module: str) -> set[str]:
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".cache" / "collections"), ANSIBLE_NOCOLOR="1")
+    name = f"rdpfix.rdp.{module}"
+    proc = subprocess.run(
+        [str(BIN / "ansible-doc"), "--json", name], capture_output=True, text=True, check=True, env=env, timeout=120
+    )
+    return set(json.loads(proc.stdout)[name]["doc"].get("options") or {})
+
+
+@pytest.mark.parametrize("module", ACTION_MODULES)
+def test_every_documented_option_is_taken_and_every_taken_option_documented(module: str) -> None:
+    assert documented_options(module) == set(argument_spec(module))
+
+
+def test_the_backup_action_group_is_exactly_the_modules_that_take_backup_root() -> None:
+    runtime = yaml.safe_load((ROOT / "meta" / "runtime.yml").read_text())
+    taking = {module for module in ACTION_MODULES if "backup_root" in argument_spec(module)}
+    assert set(runtime["action_groups"]["backup"]) == taking
+    # A group is only useful for module_defaults when every member takes the options given to it: no catch-all group.
+    assert set(runtime["action_groups"]) == {"backup"}
+
+
+def test_session_disruption_is_an_option_only_where_a_step_can_end_sessions() -> None:
+    taking = {module for module in ACTION_MODULES if "allow_session_disruption" in argument_spec(module)}
+    assert taking == {"certificate", "machinekeys", "restore"}
+
+
+@pytest.mark.parametrize("role", ["rdpfix_server", "rdpfix_client"])
+def test_role_variables_are_prefixed_defaulted_and_documented(role: str) -> None:
+    role_dir = ROOT / "roles" / role
+    specs = yaml.safe_load((role_dir / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+    defaults = yaml.safe_load((role_dir / "defaults" / "main.yml").read_text())
+    readme = (role_dir / "README.md").read_text()
+    for entry_point in specs.values():
+        for name, option in entry_point["options"].items():
+            assert name.startswith(f"{role}_")
+            assert name in defaults, f"{name} has no default in defaults/main.yml"
+            assert defaults[name] == option.get("default"), f"{name}: defaults/main.yml and argument_specs disagree"
+            assert f"`{name}`" in readme, f"{name} is not in {role}/README.md"
+    # Every default is a documented variable of some entry point.
+    documented = {name for entry_point in specs.values() for name in entry_point["options"]}
+    assert set(defaults) <= documented
+
+
+def test_server_role_tasks_pass_backup_root_to_every_module_that_takes_it() -> None:
+    takes = {f"rdpfix.rdp.{module}" for module in ACTION_MODULES if "backup_root" in argument_spec(module)}
+    for path in (ROOT / "roles").glob("*/tasks/*.yml"):
+        for task in yaml.safe_load(path.read_text()) or []:
+            module = next((key for key in task if key.startswith("rdpfix.rdp.")), None)
+            if module in takes:
+                assert "backup_root" in (task[module] or {}), f"{path.name}: {task['name']} does not pass backup_root"
+
+
+def test_each_concern_has_its_tag() -> None:
+    main = yaml.safe_load((ROOT / "roles" / "rdpfix_server" / "tasks" / "main.yml").read_text())
+    tags = {task["ansible.builtin.import_tasks"]: set(task.get("tags", [])) for task in main}
+    for concern in ("machinekeys", "certificate", "firewall", "transport", "tls", "reboot"):
+        assert concern in tags[f"{concern}.yml"]
+
+
+def test_galaxy_metadata_declares_the_dependency_and_no_placeholder() -> None:
+    galaxy_text = (ROOT / "galaxy.yml").read_text()
+    galaxy = yaml.safe_load(galaxy_text)
+    assert "ansible.windows" in galaxy["dependencies"]
+    assert "example.invalid" not in galaxy_text and "example.com" not in galaxy_text
+    assert galaxy["license"] == ["GPL-3.0-or-later"]
+    assert "GNU GENERAL PUBLIC LICENSE" in (ROOT / "LICENSE").read_text()
+
+
+def test_requires_ansible_covers_exactly_the_tested_ansible_core() -> None:
+    from ansible.module_utils.compat.version import LooseVersion
+
+    runtime = yaml.safe_load((ROOT / "meta" / "runtime.yml").read_text())
+    tested = re.search(r"^ansible-core==(\S+)$", (ROOT / "requirements" / "runtime.txt").read_text(), re.M)
+    assert tested
+    version = LooseVersion(tested.group(1))
+    low, high = (part.strip() for part in runtime["requires_ansible"].split(","))
+    assert low.startswith(">=") and version >= LooseVersion(low[2:])
+    assert high.startswith("<") and version < LooseVersion(high[1:])
+    # The declared range is one minor release: the one the tests run.
+    assert LooseVersion(low[2:]).version[:2] == version.version[:2]
+
+
+def test_ee_requirements_are_declared_where_ansible_builder_looks() -> None:
+    ee = yaml.safe_load((ROOT / "meta" / "execution-environment.yml").read_text())
+    python = (ROOT / ee["dependencies"]["python"]).read_text()
+    pinned = (ROOT / "requirements" / "runtime.txt").read_text()
+    for package in ("pywinrm", "cryptography"):
+        assert re.search(rf"^{package}\b", python, re.M)
+        tested = re.search(rf"^{package}==(\S+)$", pinned, re.M)
+        assert tested, package
+    assert (ROOT / ee["dependencies"]["system"]).read_text().strip()
+    definition = (ROOT / "execution-environment.yml").read_text()
+    assert "0.1.0" not in definition and ".tar.gz" not in definition
