@@ -222,12 +222,14 @@ def _tcp_findings(tcp: dict[str, t.Any]) -> list[Finding]:
             "tcp_refused",
             "TCP connection refused on the RDP port",
             "nothing listens on that port (Remote Desktop Services stopped, RDP disabled, or the listener moved to "
-            "another PortNumber), or a host firewall rejects; mstsc reports 0x204, not 0x904",
+            "another PortNumber); Windows Firewall drops rather than rejects, so a refusal is rarely the host "
+            "firewall; mstsc reports 0x204, not 0x904",
         ),
         "timeout": (
             "tcp_timeout",
             "TCP connection timed out on the RDP port",
-            "a firewall or network security group drops the traffic, or the host is down",
+            "a firewall drops the traffic (Windows Firewall drops blocked connections without an answer: a block "
+            "rule, no allow rule on the active profile), or a network security group, or the host is down",
         ),
         "unreachable": (
             "tcp_unreachable",

@@ -3,8 +3,9 @@
 What a new connection meets follows ``WindowsHost.rdp_view()`` at the moment it arrives, as on Windows where
 TermService reads its listener settings when the listener starts and Schannel builds the TLS credential per connection.
 Only connection setup is modelled ([MS-RDPBCGR] 1.3.1.1 up to the TLS handshake, [MS-CSSP] up to the NTLM CHALLENGE):
-enough for a client or probe to see what an administrator's mstsc would meet: a refused connection, a negotiation
-failure code, a reset after the X.224 exchange (0x904 / extended 0x7), or a certificate.
+enough for a client or probe to see what an administrator's mstsc would meet: a refused connection, one the firewall
+drops (the client's connect times out), a negotiation failure code, a reset after the X.224 exchange (0x904 /
+extended 0x7), or a certificate.
 """
 
 from __future__ import annotations
@@ -557,6 +558,10 @@ class RdpEndpoint:
     stopped TermService really refuses connections, and a PortNumber change moves the listener), and serves each
     connection in its own thread. Every connection re-reads the view; if the view stopped listening between the
     sync and the accept, the connection is reset at once.
+
+    While the firewall blocks the port (``view.dropped``), the endpoint drops connections as Windows Firewall does:
+    a listening socket with a backlog of 0 is filled by one connection of the lab's own that is never accepted, so
+    the kernel discards every further SYN and the client's connect times out, with no reset and no RDP byte.
     """
 
     def __init__(self, address: str, host_getter: t.Callable[[], WindowsHost]) -> None:
@@ -564,6 +569,9 @@ class RdpEndpoint:
         self._host_getter = host_getter
         self._sock: socket.socket | None = None
         self.bound_port: int | None = None
+        # Drop mode: the socket whose full accept queue makes the kernel discard SYNs, and the connection filling it.
+        self._drop: tuple[socket.socket, socket.socket] | None = None
+        self.dropping_port: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
@@ -584,12 +592,12 @@ class RdpEndpoint:
             # Read the view under the lock: a concurrent sync with an older view must not undo this one.
             view = self._view()
             wanted = view.port if view.listening else None
-            if wanted == self.bound_port:
-                return
-            if self._sock is not None:
+            if wanted != self.bound_port and self._sock is not None:
                 _close_listener(self._sock)
                 self._sock, self.bound_port = None, None
-            if wanted is None:
+            # After closing the listener (a port goes from listening to dropped), before binding it (and back).
+            self._sync_drop(view.port if view.dropped else None, strict)
+            if wanted is None or wanted == self.bound_port:
                 return
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -607,6 +615,30 @@ class RdpEndpoint:
             self._sock, self.bound_port = sock, wanted
             LOG.info("%s: RDP listening on port %s", self.address, wanted)
 
+    def _sync_drop(self, port: int | None, strict: bool) -> None:
+        if port == self.dropping_port:
+            return
+        if self._drop is not None:
+            for sock in self._drop:
+                sock.close()
+            self._drop, self.dropping_port = None, None
+        if port is None:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.address, port))
+            sock.listen(0)
+            filler = socket.create_connection((self.address, port), timeout=2)
+        except OSError as exc:
+            sock.close()
+            if strict:
+                raise OSError(exc.errno, f"cannot drop RDP on {self.address}:{port}: {exc.strerror}") from exc
+            LOG.error("%s: cannot drop RDP on port %s: %s", self.address, port, exc)
+            return
+        self._drop, self.dropping_port = (sock, filler), port
+        LOG.info("%s: RDP on port %s dropped by the firewall", self.address, port)
+
     def start(self) -> None:
         self.sync(strict=True)
         self._thread = threading.Thread(target=self._loop, name=f"rdp-{self.address}", daemon=True)
@@ -620,6 +652,7 @@ class RdpEndpoint:
             if self._sock is not None:
                 _close_listener(self._sock)
                 self._sock, self.bound_port = None, None
+            self._sync_drop(None, strict=False)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

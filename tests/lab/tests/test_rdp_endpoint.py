@@ -230,6 +230,28 @@ def test_not_listening_refuses_tcp(endpoint: rdp.RdpEndpoint, host: ViewHost) ->
     assert answer[-8:] == bytes.fromhex("021f080001000000")
 
 
+def test_a_firewall_block_drops_the_connection_so_the_client_times_out(
+    endpoint: rdp.RdpEndpoint, host: ViewHost
+) -> None:
+    host.view = replace(HEALTHY, listening=False, dropped=True)
+    endpoint.sync()
+    # No reset and no answer: Windows Firewall drops the SYN (stealth mode), the client's connect runs out of time.
+    with pytest.raises(TimeoutError):
+        socket.create_connection((ADDRESS, PORT), timeout=0.5)
+    assert host.attempts == []  # nothing reached the listener
+    # A rule change lets it in: the same port listens again at once.
+    host.view = HEALTHY
+    endpoint.sync()
+    sock, answer = x224_exchange(rdp.PROTOCOL_SSL)
+    sock.close()
+    assert answer[-8:] == bytes.fromhex("021f080001000000")
+    # ...and drops again when blocked once more.
+    host.view = replace(HEALTHY, listening=False, dropped=True)
+    endpoint.sync()
+    with pytest.raises(TimeoutError):
+        socket.create_connection((ADDRESS, PORT), timeout=0.5)
+
+
 def test_view_turning_off_between_sync_and_accept_resets(host: ViewHost) -> None:
     listener = rdp.RdpEndpoint(ADDRESS, lambda: host)  # type: ignore[arg-type,return-value]
     listener.sync(strict=True)  # bound, but the accept loop is not running: the connection waits in the backlog
@@ -498,3 +520,27 @@ def test_no_server_protocol_at_all_resets_with_36871(serve: t.Callable[[WindowsH
         tls_attempt(client_context())
     assert wait_for(lambda: bool(schannel_events(host)))
     assert schannel_events(host) == [(36871, {"state": "10013"})]
+
+
+# --- what the handshake probe meets ----------------------------------------------------------------------------
+
+
+def test_the_probe_meets_a_timeout_on_a_blocked_port_and_a_refusal_with_termservice_stopped() -> None:
+    from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
+
+    lab_host = WindowsHost.from_file(Path(__file__).resolve().parents[1] / "hosts" / "firewall-rules-disabled.yml")
+    address = free_network() + ".11"
+    listener = rdp.RdpEndpoint(address, lambda: lab_host)
+    listener.start()
+    try:
+        result = probe(address, PORT, checks=["tcp"], connect_timeout=0.5)
+        assert result["tcp"]["status"] == "timeout"
+        assert {item["id"] for item in result["findings"]} == {"handshake.tcp_timeout"}
+        assert lab_host.counters.rdp_connections == 0  # dropped before the listener
+        with lab_host.lock:
+            lab_host.stop_service("TermService")
+        listener.sync()
+        result = probe(address, PORT, checks=["tcp"], connect_timeout=0.5)
+        assert result["tcp"]["status"] == "refused"
+    finally:
+        listener.stop()

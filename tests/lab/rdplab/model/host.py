@@ -18,6 +18,7 @@ from rdplab.model.sessions import Sessions
 from rdplab.model.stores import CertStores
 from rdplab.model.system import SystemInfo
 from rdplab.model.timeutil import Clock, iso, utc_now
+from rdplab.model.token import AgentProcess, CallerToken
 
 if t.TYPE_CHECKING:
     from datetime import datetime
@@ -48,6 +49,9 @@ class RdpView:
     # The suites (OpenSSL names) the TLS server offers; None: its TLS library's defaults. Set when Schannel has no
     # usable suite, so that the handshake really fails for want of a common cipher.
     cipher_suites: list[str] | None = None
+    # The firewall drops the connection (no answer to the SYN: the client times out); not listening otherwise means
+    # refused.
+    dropped: bool = False
 
 
 class WindowsHost:
@@ -85,6 +89,9 @@ class WindowsHost:
         self.selfsigned_generation = 0
         self.faults: list[dict[str, object]] = []
         self.firewall = Firewall.windows_default()
+        # Who the agent runs as (host file `caller:`), and the agent process of the current batch.
+        self.caller: CallerToken = CallerToken.administrator(system.hostname, username)
+        self.process: AgentProcess = self.caller.start_process()
         # Schannel's protocols and cipher suites as latched at boot (rdplab.model.schannel): the build's defaults
         # until a host file's registry is loaded (schema.build_host latches again) or the host reboots.
         self.schannel: schannel.SchannelState = schannel.compute(self)
@@ -113,6 +120,8 @@ class WindowsHost:
         results: list[dict[str, t.Any]] = []
         stopped = False
         with self.lock:
+            # Each batch is a new PowerShell process: a fresh copy of the caller's token, privileges as at logon.
+            self.process = self.caller.start_process()
             for item in operations:
                 name = item.get("op") if isinstance(item, dict) else None
                 op_name = name if isinstance(name, str) else repr(name)
@@ -200,11 +209,12 @@ class WindowsHost:
                 self.counters.rdp_connections += 1
             port = listener.port_number(self)
             listening = self.services.running("TermService") and not listener.deny_connections(self)
-            # A firewall block refuses the TCP connection before RDP starts.
-            listening = listening and not rdp_blocked(self, port)
+            # The firewall drops a blocked connection before RDP starts (stealth mode): the client times out.
+            dropped = listening and rdp_blocked(self, port)
+            listening = listening and not dropped
             protocols, rdp_only = listener.accepted_protocols(self)
             if not listening or rdp_only:
-                return RdpView(port, listening, protocols, rdp_only, None, None, None)
+                return RdpView(port, listening, protocols, rdp_only, None, None, None, dropped=dropped)
             credential = listener.choose_credential(self, log=connect)
             cert = credential.certificate
             key_type = schannel.key_type(cert)
