@@ -222,17 +222,21 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         return applied
 
     def unresolved(self, params: dict[str, t.Any], findings: t.Sequence[dict[str, t.Any]]) -> list[str]:
-        """Ids of the critical findings this run leaves as they are: reported without a fix, or with a fix that needs
-        options (or another module) this run was not given. The role's final verification expects RDP to connect
-        only when a repair left none of these."""
+        """Ids of the findings this run leaves for someone to decide: critical ones reported without a fix, and any
+        whose fix needs options (or another module) this run was not given. The role's final verification expects RDP
+        to connect only after a repair that left none of these."""
         own = f"rdpfix.rdp.{self.MODULE_NAME}"
         left: list[str] = []
         for item in findings:
-            if not isinstance(item, dict) or item.get("severity") != "critical":
+            if not isinstance(item, dict):
                 continue
             repair = item.get("fix")
-            options = (repair or {}).get("options") or {}
-            if not repair or repair.get("module") != own or any(params.get(k) != v for k, v in options.items()):
+            if not repair:
+                if item.get("severity") == "critical":
+                    left.append(str(item.get("id")))
+                continue
+            options = repair.get("options") or {}
+            if repair.get("module") != own or any(params.get(k) != v for k, v in options.items()):
                 left.append(str(item.get("id")))
         return left
 

@@ -406,19 +406,42 @@ def _judge_active_profiles(
     options: FirewallOptions,
     active: t.Sequence[ActiveProfile],
     plan: FirewallPlan,
+    allow_fix: dict[str, t.Any] | None,
 ) -> list[str]:
-    """Findings for active profiles outside ``profiles`` where RDP does not get in: the cause, and the fix options."""
+    """Findings for active profiles where RDP does not get in now: the cause, and the fix - this run's rule change
+    (``allow_fix``) on a chosen profile, the options that would open it on any other."""
     mask = options.profile_mask
     closed: list[str] = []
     for profile in active:
         bit = PROFILE_BITS[profile.name]
-        if bit & mask or not profile.enabled:
-            # A chosen profile is judged (and repaired) by the plan itself; a profile with the firewall off lets all in.
-            continue
+        if not profile.enabled:
+            continue  # the firewall is off on this profile: everything gets in
         allowing = [rule for rule in rules if _covers(rule, protocol, port, bit)]
         if allowing or profile.default_inbound_action.lower() == "allow":
             continue
         closed.append(profile.name)
+        if bit & mask:
+            # A chosen profile: the plan's own rule change (or its report) is the fix; the finding names the cause.
+            plan.findings.append(
+                finding(
+                    f"firewall.rdp_{protocol.lower()}_blocked_active_profile",
+                    "critical" if protocol == "TCP" else "warning",
+                    f"RDP over {protocol} on port {port} is blocked on the active {profile.name} profile (network "
+                    f"category {profile.category}): its default inbound action is {profile.default_inbound_action} "
+                    "and no enabled rule lets RDP in there",
+                    "firewall",
+                    {
+                        "port": port,
+                        "protocol": protocol,
+                        "active_profile": profile.name,
+                        "network_category": profile.category,
+                        "default_inbound_action": profile.default_inbound_action,
+                        "profiles": profile_names(mask),
+                    },
+                    allow_fix,
+                )
+            )
+            continue
         target = _target_rule(by_name, protocol, port) or by_name.get(BUILTIN_RULES[protocol])
         limited_to = profile_names(target.profiles) if target is not None and target.enabled else []
         wanted = [name for name in PROFILE_BITS if (mask | bit) & PROFILE_BITS[name]]
@@ -525,20 +548,22 @@ def _plan_server(
         report["protocols"][protocol] = {
             "allowed_by": [rule.name for rule in covering],
             "blocked_by": [rule.name for rule in blockers],
-            "closed_on_active_profiles": _judge_active_profiles(
-                rules, by_name, protocol=protocol, port=port, options=options, active=active, plan=plan
-            ),
         }
         # A rule that already lets RDP in on every chosen profile is enough, unless the user asks for a scope.
-        if covering and options.remote_addresses is None:
-            continue
-        _plan_allow_rule(
-            by_name,
-            target=_target_rule(by_name, protocol, port),
-            protocol=protocol,
-            port=port,
-            options=options,
-            plan=plan,
+        allow_fix: dict[str, t.Any] | None = None
+        if not covering or options.remote_addresses is not None:
+            before = len(plan.findings)
+            _plan_allow_rule(
+                by_name,
+                target=_target_rule(by_name, protocol, port),
+                protocol=protocol,
+                port=port,
+                options=options,
+                plan=plan,
+            )
+            allow_fix = next((item["fix"] for item in plan.findings[before:] if item.get("fix")), None)
+        report["protocols"][protocol]["closed_on_active_profiles"] = _judge_active_profiles(
+            rules, by_name, protocol=protocol, port=port, options=options, active=active, plan=plan, allow_fix=allow_fix
         )
     plan.report["server"] = report
 

@@ -129,6 +129,11 @@ def _check_ports(network: str, hosts: t.Sequence[t.Any]) -> None:
         )
 
 
+def _configured_rdp_port(host: t.Any) -> int:
+    with host.lock:
+        return int(host.rdp_view(connect=False).port)
+
+
 def _connectable(address: str, port: int) -> bool:
     try:
         with socket.create_connection((address, port), timeout=1):
@@ -179,7 +184,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from rdplab.inventory import write_inventory
 
     inventory_path = Path(args.inventory).resolve()
-    entries = [(host, state["hosts"][host.name]["address"], state["hosts"][host.name]["rdp_port"]) for host in hosts]
+    # The listener's PortNumber, also for a host whose RDP port is closed at start (firewall, TermService stopped): a
+    # probe of that host must test the port the listener will open once repaired, not 3389.
+    entries = [(host, state["hosts"][host.name]["address"], _configured_rdp_port(host)) for host in hosts]
     write_inventory(inventory_path, entries)
     print(f"lab up: pid {state['pid']}, control {state['control']}, log {log_path}, inventory {inventory_path}")
     print(f"{'host':<20} {'address':<16} {'winrm':<11} rdp")

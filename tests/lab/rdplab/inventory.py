@@ -25,7 +25,7 @@ CONNECTION_VARS: dict[str, t.Any] = {
 
 
 def inventory_document(entries: t.Sequence[tuple[WindowsHost, str, int | None]]) -> dict[str, t.Any]:
-    """entries: (host, address, RDP listener port or None when nothing listens) in fleet order."""
+    """entries: (host, address, the listener's RDP port - open or not - or None when unknown) in fleet order."""
     windows_hosts: dict[str, dict[str, t.Any]] = {}
     groups: dict[str, dict[str, t.Any]] = {}
     for host, address, rdp_port in entries:

@@ -213,3 +213,18 @@ def test_up_state_down_cycle_leaves_nothing_behind(tmp_path: Path) -> None:
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((f"{network}.10", 5985), timeout=2)
+
+
+def test_inventory_names_the_listener_port_of_a_host_whose_rdp_port_is_closed(tmp_path: Path) -> None:
+    # The firewall refuses 3390 at start; a probe must still test 3390 (where the repaired listener answers), not 3389.
+    state_dir = tmp_path / "closed"
+    inventory = tmp_path / "inv.yml"
+    rdplab("up", "--network", free_network(), "--state-dir", str(state_dir), "--inventory", str(inventory),
+           str(HOSTS / "firewall-moved-port.yml"))  # fmt: skip
+    try:
+        recorded = json.loads((state_dir / "state.json").read_text())
+        assert recorded["hosts"]["firewall-moved-port"]["rdp_port"] is None, "nothing listens at start"
+        hosts = yaml.safe_load(inventory.read_text())["all"]["children"]["windows"]["hosts"]
+        assert hosts["firewall-moved-port"]["rdpfix_server_rdp_port"] == 3390
+    finally:
+        rdplab("down", "--state-dir", str(state_dir), check=False)

@@ -354,7 +354,9 @@ def test_rules_are_judged_against_the_active_profile(rules: list[dict[str, t.Any
     options = _firewall.FirewallOptions(profiles=("Domain", "Private", "Public"), allow_public_any=scope_any)
     fixed = _firewall.plan_state(state(rules, ["Public"]), options)
     assert {c.name for c in fixed.changes} == set(_firewall.BUILTIN_RULES.values())
-    assert not [f for f in fixed.findings if f["id"].endswith("_blocked_active_profile")]
+    # The cause stays named, now with this run's rule change as its fix.
+    (cause,) = [f for f in fixed.findings if f["id"] == "firewall.rdp_tcp_blocked_active_profile"]
+    assert cause["fix"]["options"] == {} and "RemoteDesktop-UserMode-In-TCP" in cause["fix"]["description"]
 
 
 @pytest.mark.parametrize(
