@@ -2059,10 +2059,15 @@ $Operations = [ordered]@{
         return [ordered]@{ exists = $true; owner = $folderSecurity.owner; sddl = $folderSecurity.sddl; entries = $entries.ToArray() }
     }
 
-    # ---- rdpfix.rdp.facts: several logs and channels since a time, with each event's named data ----
+    # ---- rdpfix.rdp.facts: several logs and channels since a time, each event with its level number and its data ----
 
     'events.query' = {
         param($Args_)
+        # One XPath per query, exactly as the controller asked (it keeps every query within the event log's limit on
+        # expressions); read with EventLogReader, not Get-WinEvent: Get-WinEvent's hashtable path tolerates a query
+        # the event log refuses and answers "No events were found", and its -ErrorAction Stop loses a whole log to one
+        # record it cannot read. Here a refused query is reported as refused, and an unreadable record is skipped and
+        # counted. Nothing depends on the UI language: the level is System/Level, the data the <Data> elements.
         $sinceText = Get-StringArgument -Table $Args_ -Name 'since' -Required -NotEmpty
         $since = [datetime]::MinValue
         $styles = [System.Globalization.DateTimeStyles]::AdjustToUniversal -bor [System.Globalization.DateTimeStyles]::AssumeUniversal
@@ -2073,62 +2078,146 @@ $Operations = [ordered]@{
         if ($maxEvents -is [string] -or [int]$maxEvents -lt 1 -or [int]$maxEvents -gt 1000) {
             throw (New-AgentException 'InvalidArgument' 'max_events must be an integer from 1 to 1000')
         }
+        # Reading a query stops after this many records that could not be read (a reader that does not advance).
+        $maxUnreadable = 100
+        $sinceXPath = $since.ToString("yyyy-MM-dd'T'HH:mm:ss.fff'Z'", [System.Globalization.CultureInfo]::InvariantCulture)
         $queries = @(Get-OpArgument -Table $Args_ -Name 'queries' -Required)
-        $records = New-Object System.Collections.Generic.List[object]
-        $unavailable = New-Object System.Collections.Generic.List[object]
+
+        # Every query is checked before any is run: a malformed one is the controller's mistake.
+        $plans = New-Object System.Collections.Generic.List[object]
         foreach ($query in $queries) {
             $log = [string]$query.log
             if (-not $log) {
                 throw (New-AgentException 'InvalidArgument' 'every query needs a log')
             }
-            $filter = @{ LogName = $log; StartTime = $since.ToLocalTime() }
-            if ($null -ne $query.providers) { $filter['ProviderName'] = @($query.providers | ForEach-Object { [string]$_ }) }
-            if ($null -ne $query.ids) { $filter['Id'] = @($query.ids | ForEach-Object { [int]$_ }) }
-            $found = @()
-            try {
-                $found = @(Get-WinEvent -FilterHashtable $filter -MaxEvents ([int]$maxEvents) -ErrorAction Stop)
-            }
-            catch {
-                # No match is an empty list; a channel that does not exist on this build, or that this account may not
-                # read (Security), is reported and the other queries still run.
-                if ($_.FullyQualifiedErrorId -notlike 'NoMatchingEventsFound*') {
-                    $unavailable.Add([ordered]@{ log = $log; reason = [string]$_.Exception.Message })
+            $conditions = New-Object System.Collections.Generic.List[string]
+            if ($null -ne $query.providers) {
+                $names = New-Object System.Collections.Generic.List[string]
+                foreach ($provider in @($query.providers)) {
+                    $providerName = [string]$provider
+                    if (-not $providerName -or $providerName.Contains("'")) {
+                        throw (New-AgentException 'InvalidArgument' "provider name '$providerName' cannot be queried")
+                    }
+                    $names.Add("Provider[@Name='$providerName']")
                 }
+                $conditions.Add('(' + ($names.ToArray() -join ' or ') + ')')
             }
-            foreach ($entry in $found) {
-                $data = [ordered]@{}
-                try {
-                    # Schannel puts the alert code and the error state in EventData, not only in the message text.
-                    $xml = [xml]$entry.ToXml()
-                    $position = 0
-                    foreach ($item in @($xml.Event.EventData.Data)) {
-                        if ($null -eq $item) { continue }
-                        if ($item -is [string]) {
-                            $data["param$position"] = $item
+            if ($null -ne $query.ids) {
+                $idTerms = New-Object System.Collections.Generic.List[string]
+                foreach ($id in @($query.ids)) {
+                    if ($id -is [System.Array]) {
+                        if ($id.Count -ne 2) {
+                            throw (New-AgentException 'InvalidArgument' 'an ID range is [low, high]')
                         }
-                        else {
-                            $name = if ($item.Name) { [string]$item.Name } else { "param$position" }
-                            $data[$name] = [string]$item.InnerText
-                        }
-                        $position++
+                        $idTerms.Add('(EventID>=' + [int]$id[0] + ' and EventID<=' + [int]$id[1] + ')')
+                    }
+                    else {
+                        $idTerms.Add('EventID=' + [int]$id)
                     }
                 }
-                catch {
-                    $null = $_
+                $conditions.Add('(' + ($idTerms.ToArray() -join ' or ') + ')')
+            }
+            $conditions.Add("TimeCreated[@SystemTime>='$sinceXPath']")
+            $plans.Add([ordered]@{ log = $log; xpath = '*[System[' + ($conditions.ToArray() -join ' and ') + ']]' })
+        }
+
+        $records = New-Object System.Collections.Generic.List[object]
+        $unavailable = New-Object System.Collections.Generic.List[object]
+        $invalid = New-Object System.Collections.Generic.List[object]
+        $unreadable = New-Object System.Collections.Generic.List[object]
+        for ($index = 0; $index -lt $plans.Count; $index++) {
+            $log = $plans[$index].log
+            $eventQuery = New-Object System.Diagnostics.Eventing.Reader.EventLogQuery($log, [System.Diagnostics.Eventing.Reader.PathType]::LogName, $plans[$index].xpath)
+            # Newest first; TolerateQueryErrors stays false, so a refused query throws instead of reading nothing.
+            $eventQuery.ReverseDirection = $true
+            $reader = $null
+            try {
+                $reader = New-Object System.Diagnostics.Eventing.Reader.EventLogReader($eventQuery)
+            }
+            catch {
+                $exception = $_.Exception
+                while ($exception -is [System.Management.Automation.MethodInvocationException] -and $null -ne $exception.InnerException) {
+                    $exception = $exception.InnerException
                 }
-                $records.Add([ordered]@{
-                        log = [string]$entry.LogName
-                        provider = [string]$entry.ProviderName
-                        id = [int]$entry.Id
-                        level = [string]$entry.LevelDisplayName
-                        time = ConvertTo-IsoUtc -Date $entry.TimeCreated
-                        message = [string]$entry.Message
-                        data = $data
-                    })
+                if ($exception -is [System.Diagnostics.Eventing.Reader.EventLogNotFoundException] -or $exception -is [System.UnauthorizedAccessException]) {
+                    # A channel this build does not have, or that this account may not read (Security).
+                    $unavailable.Add([ordered]@{ log = $log; reason = [string]$exception.Message })
+                }
+                elseif ($exception -is [System.Diagnostics.Eventing.Reader.EventLogException]) {
+                    # ERROR_EVT_INVALID_QUERY and the like: the events are unknown, not absent.
+                    $invalid.Add([ordered]@{ index = $index; log = $log; reason = [string]$exception.Message })
+                }
+                else {
+                    throw
+                }
+                continue
+            }
+            try {
+                $returned = 0
+                $skipped = 0
+                $reason = $null
+                while ($returned -lt [int]$maxEvents -and $skipped -lt $maxUnreadable) {
+                    $entry = $null
+                    $record = $null
+                    try {
+                        $entry = $reader.ReadEvent()
+                        if ($null -eq $entry) {
+                            break
+                        }
+                        # ToXml renders the event's own values: System/Level as a number, every <Data> element.
+                        $xml = [xml]$entry.ToXml()
+                        $data = [ordered]@{}
+                        $position = 0
+                        foreach ($item in @($xml.Event.EventData.Data)) {
+                            if ($null -eq $item) { continue }
+                            if ($item -is [string]) {
+                                # A classic event's unnamed <Data>: its position is its name.
+                                $data["param$position"] = $item
+                            }
+                            else {
+                                $dataName = [string]$item.GetAttribute('Name')
+                                if (-not $dataName) { $dataName = "param$position" }
+                                $data[$dataName] = [string]$item.InnerText
+                            }
+                            $position++
+                        }
+                        $levelNumber = 0
+                        if ($null -ne $entry.Level) { $levelNumber = [int]$entry.Level }
+                        $record = [ordered]@{
+                            log = [string]$entry.LogName
+                            provider = [string]$entry.ProviderName
+                            id = [int]$entry.Id
+                            level = $levelNumber
+                            level_name = $null
+                            time = ConvertTo-IsoUtc -Date $entry.TimeCreated
+                            message = $null
+                            data = $data
+                        }
+                    }
+                    catch {
+                        $skipped++
+                        if ($null -eq $reason) { $reason = [string]$_.Exception.Message }
+                        if ($null -ne $entry) { $entry.Dispose() }
+                        continue
+                    }
+                    # Rendered in the host's UI language, from the provider's resources that may be missing: shown to
+                    # the user, never judged, and a record without them is kept.
+                    try { $record.level_name = [string]$entry.LevelDisplayName } catch { $record.level_name = $null }
+                    try { $record.message = $entry.FormatDescription() } catch { $record.message = $null }
+                    $entry.Dispose()
+                    $records.Add($record)
+                    $returned++
+                }
+                if ($skipped -gt 0) {
+                    $unreadable.Add([ordered]@{ log = $log; count = $skipped; reason = $reason })
+                }
+            }
+            finally {
+                $reader.Dispose()
             }
         }
         $newest = @($records.ToArray() | Sort-Object -Property { $_.time } -Descending)
-        return [ordered]@{ events = $newest; unavailable = $unavailable.ToArray() }
+        return [ordered]@{ events = $newest; unavailable = $unavailable.ToArray(); invalid_queries = $invalid.ToArray(); unreadable = $unreadable.ToArray() }
     }
 
     'acl.set' = {

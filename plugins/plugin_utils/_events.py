@@ -17,7 +17,6 @@ certificate problems; Security 4625 failed logon.
 
 from __future__ import annotations
 
-import re
 import typing as t
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,13 +31,109 @@ SCHANNEL_IDS = (36870, 36871, 36874, 36887, 36888)
 RCM_IDS = tuple(range(1050, 1066))
 LOGON_FAILURE_ID = 4625
 
-# One FilterHashtable each: the System log (Schannel and RCM), RCM's own channels, and failed logons.
+# An event log query is an XPath with a limited number of expressions: Microsoft's Query Schema says "Each XPath that
+# you specify is limited to 32 expressions", and in practice a query with 24 EventID comparisons is refused ("The
+# specified query is invalid") where 22 work (elastic/beats#1491, KB970453; PowerShell/PowerShell#12303 with
+# Get-WinEvent, whose hashtable path tolerates the error and answers "No events were found"). rdpfix counts one term
+# per provider name, per single event ID, two per ID range and one for the start time, and keeps every query at or
+# below this count, with room to spare below the 22 observed to work.
+MAX_QUERY_TERMS = 16
+# A run of at least this many consecutive IDs is sent as a range (two comparisons) rather than one by one.
+_RANGE_FROM = 3
+
+IdSpec = int | list[int]
+
+
+class QueryLimitError(ValueError):
+    """A query the event log would refuse: raised before anything is sent."""
+
+
+def expand_ids(ids: t.Iterable[IdSpec]) -> list[int]:
+    """The event IDs a query's ``ids`` name, ranges ``[low, high]`` expanded."""
+    expanded: list[int] = []
+    for item in ids:
+        if isinstance(item, list):
+            low, high = item
+            expanded.extend(range(low, high + 1))
+        else:
+            expanded.append(item)
+    return expanded
+
+
+def compress_ids(ids: t.Iterable[int]) -> list[IdSpec]:
+    """Sorted IDs, with each run of consecutive IDs (at least _RANGE_FROM long) as one ``[low, high]`` range."""
+    ordered = sorted(set(ids))
+    specs: list[IdSpec] = []
+    start = 0
+    while start < len(ordered):
+        end = start
+        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
+            end += 1
+        if end - start + 1 >= _RANGE_FROM:
+            specs.append([ordered[start], ordered[end]])
+        else:
+            specs.extend(ordered[start : end + 1])
+        start = end + 1
+    return specs
+
+
+def query_terms(query: t.Mapping[str, t.Any]) -> int:
+    """The expressions a query costs the event log: providers, IDs (a range counts two) and the start time."""
+    providers = query.get("providers") or []
+    ids = query.get("ids") or []
+    return len(providers) + sum(2 if isinstance(item, list) else 1 for item in ids) + 1
+
+
+def check_query(query: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """The query unchanged, or QueryLimitError when the event log would refuse it (too many terms, bad ranges)."""
+    for item in query.get("ids") or []:
+        if isinstance(item, list) and (len(item) != 2 or item[0] > item[1]):
+            raise QueryLimitError(f"an ID range is [low, high], not {item!r}")
+    terms = query_terms(query)
+    if terms > MAX_QUERY_TERMS:
+        raise QueryLimitError(
+            f"the event log query of {query.get('log')!r} has {terms} terms, more than the {MAX_QUERY_TERMS} it "
+            "can be trusted with: split it"
+        )
+    return dict(query)
+
+
+def split_query(log: str, providers: t.Sequence[str] | None, ids: t.Iterable[int] | None) -> list[dict[str, t.Any]]:
+    """Queries within MAX_QUERY_TERMS that together ask what one (log, providers, ids) query would: one per provider,
+    consecutive IDs as ranges, the IDs split into as many queries as the limit needs."""
+    specs = compress_ids(ids) if ids is not None else None
+    queries: list[dict[str, t.Any]] = []
+    wanted: list[str | None] = list(providers) if providers else [None]
+    for provider in wanted:
+        base: dict[str, t.Any] = {"log": log}
+        if provider is not None:
+            base["providers"] = [provider]
+        if specs is None:
+            queries.append(check_query(base))
+            continue
+        chunk: list[IdSpec] = []
+        for spec in specs:
+            if chunk and query_terms({**base, "ids": [*chunk, spec]}) > MAX_QUERY_TERMS:
+                queries.append(check_query({**base, "ids": chunk}))
+                chunk = []
+            chunk.append(spec)
+        queries.append(check_query({**base, "ids": chunk}))
+    return queries
+
+
+# The System log per provider (Schannel; RCM, whose entries there are classic events), RCM's own channels, and
+# failed logons: each within the event log's query limit.
 QUERIES: tuple[dict[str, t.Any], ...] = (
-    {"log": "System", "providers": [SCHANNEL, RCM], "ids": [*SCHANNEL_IDS, *RCM_IDS]},
-    {"log": f"{RCM}/Admin", "ids": list(RCM_IDS)},
-    {"log": f"{RCM}/Operational", "ids": list(RCM_IDS)},
-    {"log": "Security", "ids": [LOGON_FAILURE_ID]},
+    *split_query("System", [SCHANNEL], SCHANNEL_IDS),
+    *split_query("System", [RCM], RCM_IDS),
+    *split_query(f"{RCM}/Admin", None, RCM_IDS),
+    *split_query(f"{RCM}/Operational", None, RCM_IDS),
+    *split_query("Security", None, [LOGON_FAILURE_ID]),
 )
+
+# The event schema's System/Level values (1 Critical ... 5 Verbose; 0 LogAlways, as audit events have). Windows
+# shows LevelDisplayName in the host's UI language, so rdpfix names levels from the number.
+LEVEL_NAMES = {0: "Information", 1: "Critical", 2: "Error", 3: "Warning", 4: "Information", 5: "Verbose"}
 
 # TLS alert descriptions (RFC 8446 section 6, RFC 5246 section 7.2).
 TLS_ALERTS: dict[int, str] = {
@@ -74,8 +169,6 @@ MISMATCH_ALERTS = frozenset({40, 70, 71})
 # Windows' logon types as 4625 reports them.
 LOGON_TYPES = {"2": "interactive", "3": "network (NLA)", "7": "unlock", "10": "remote interactive (RDP)"}
 
-# 36887 reads "The TLS protocol defined fatal alert code is N."; 36888 "... fatal error code is N." on some builds.
-_ALERT_IN_MESSAGE = re.compile(r"fatal (?:alert|error) code is (\d+)", re.IGNORECASE)
 EVIDENCE_EVENTS = 10
 
 
@@ -84,23 +177,30 @@ class Event:
     log: str
     provider: str
     id: int
-    level: str
+    level: int  # System/Level; never the localised LevelDisplayName
     time: str
-    message: str
-    data: dict[str, str] = field(default_factory=dict)
+    message: str  # as Windows rendered it, in the host's UI language: shown, never parsed ("" when not renderable)
+    data: dict[str, str] = field(default_factory=dict)  # named <Data>, or param0, param1... for unnamed ones
 
     @classmethod
     def from_agent(cls, raw: dict[str, t.Any]) -> Event:
         data = raw.get("data")
+        level = raw.get("level")
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise ValueError(f"an event's level is a number, not {level!r}")
         return cls(
             log=str(raw.get("log") or ""),
             provider=str(raw.get("provider") or ""),
             id=int(raw.get("id") or 0),
-            level=str(raw.get("level") or ""),
+            level=level,
             time=str(raw.get("time") or ""),
             message=str(raw.get("message") or ""),
             data={str(key): str(value) for key, value in data.items()} if isinstance(data, dict) else {},
         )
+
+    @property
+    def level_name(self) -> str:
+        return LEVEL_NAMES.get(self.level, str(self.level))
 
     @property
     def kind(self) -> str | None:
@@ -108,7 +208,12 @@ class Event:
 
     def brief(self) -> dict[str, t.Any]:
         """The event as finding evidence: enough to recognise it, the message cut to a readable length."""
-        shown: dict[str, t.Any] = {"time": self.time, "provider": self.provider, "id": self.id, "level": self.level}
+        shown: dict[str, t.Any] = {
+            "time": self.time,
+            "provider": self.provider,
+            "id": self.id,
+            "level": self.level_name,
+        }
         if self.data:
             shown["data"] = dict(self.data)
         alert = alert_code(self)
@@ -139,14 +244,13 @@ def parse_events(raw_events: t.Iterable[object]) -> list[Event]:
 
 
 def alert_code(event: Event) -> int | None:
+    """The TLS alert of a Schannel 36887/36888, from its event data (AlertDesc), never from the localised message."""
     if event.provider.casefold() != SCHANNEL.casefold() or event.id not in (36887, 36888):
         return None
-    for name in ("AlertDesc", "alert_desc", "alert"):
-        value = event.data.get(name)
-        if value is not None and value.strip().isdigit():
-            return int(value.strip())
-    match = _ALERT_IN_MESSAGE.search(event.message)
-    return int(match.group(1)) if match else None
+    value = event.data.get("AlertDesc")
+    if value is not None and value.strip().isdigit():
+        return int(value.strip())
+    return None
 
 
 def classify(event: Event) -> str | None:
@@ -333,6 +437,49 @@ def _finding(kind: str, events: list[Event], since: str | None) -> dict[str, t.A
     count = len(events)
     titled = f"{title} ({count} time{'s' if count != 1 else ''}, last {events[0].time})"
     return finding(finding_id, severity, titled, cause, evidence, None, likely_cause=likely)
+
+
+def read_findings(unreadable: t.Sequence[t.Any], invalid_queries: t.Sequence[t.Any]) -> list[dict[str, t.Any]]:
+    """What the event log could not give: records Windows could not read (skipped, the others kept), and queries it
+    refused (their events unknown - never taken for "no events")."""
+    findings: list[dict[str, t.Any]] = []
+    logs: dict[str, int] = {}
+    reasons: list[str] = []
+    for item in unreadable:
+        if isinstance(item, dict):
+            log = str(item.get("log") or "")
+            logs[log] = logs.get(log, 0) + int(item.get("count") or 0)
+            if item.get("reason"):
+                reasons.append(f"{log}: {item['reason']}")
+    total = sum(logs.values())
+    if total:
+        findings.append(
+            finding(
+                "events.records_unreadable",
+                "info",
+                f"{total} event log record(s) could not be read and were skipped; the other records were judged",
+                "service",
+                {"count": total, "logs": dict(sorted(logs.items())), "reasons": reasons[:EVIDENCE_EVENTS]},
+                None,
+                likely_cause="A damaged record, or a provider whose message or metadata files are missing. Events in "
+                "the skipped records are unknown; Event Viewer shows the same records.",
+            )
+        )
+    refused = [item for item in invalid_queries if isinstance(item, dict)]
+    if refused:
+        findings.append(
+            finding(
+                "events.query_refused",
+                "warning",
+                "The event log refused a query: the events it asked for are unknown, not absent",
+                "service",
+                {"queries": [{"log": item.get("log"), "reason": item.get("reason")} for item in refused]},
+                None,
+                likely_cause="This Windows build counts the query's expressions differently from rdpfix; please report "
+                "it with the host's build.",
+            )
+        )
+    return findings
 
 
 def explains(finding_id: str, event: Event) -> bool:

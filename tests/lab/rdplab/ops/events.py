@@ -1,9 +1,16 @@
 """events.query: the operation rdpfix.rdp.facts added - several logs and channels since a time, in one call.
 
-It reads the model's event log exactly as the PowerShell agent's entry of the same name reads Windows
-(docs/agent-protocol.md): one Get-WinEvent FilterHashtable per query (log, providers, ids, StartTime), the matches of
-every query together newest first, each with its named EventData values. A channel the host does not have is reported
-in ``unavailable`` rather than failing the operation, as Get-WinEvent's "no event log" error is on Windows.
+It reads the model's event log as the PowerShell agent's entry of the same name reads Windows
+(docs/agent-protocol.md): per query one XPath over System/Provider, System/EventID (single IDs and ranges) and
+System/TimeCreated, read newest first with EventLogReader, at most ``max_events`` records per query. Windows'
+failures are kept (docs/lab.md, "Event log"):
+
+- a query with more expressions than the event log takes is refused with "The specified query is invalid." - the
+  agent does not tolerate query errors, so it is reported in ``invalid_queries``, never answered as "no events";
+- a channel the host does not have is reported in ``unavailable``, and the other queries still run;
+- a record that cannot be read is skipped and counted in ``unreadable``; a record whose description cannot be
+  rendered is kept with ``message`` null;
+- ``level`` is the number, ``level_name`` and ``message`` are rendered in the host's UI language.
 """
 
 from __future__ import annotations
@@ -30,8 +37,27 @@ CHANNELS = frozenset(
     )
 )
 
+# The most expressions (provider tests, EventID comparisons, the time test) an event log query is answered with:
+# 22 EventIDs work, 24 are refused (elastic/beats#1491; PowerShell/PowerShell#12303). Where exactly between 22 and 24
+# Windows draws the line, and how it counts the other expressions, is UNCONFIRMED: the lab refuses above 22.
+MAX_TERMS = 22
+INVALID_QUERY = "The specified query is invalid."  # ERROR_EVT_INVALID_QUERY (15001)
+CHANNEL_NOT_FOUND = "The specified channel could not be found."  # ERROR_EVT_CHANNEL_NOT_FOUND (15007)
+UNREADABLE = "The data is invalid."  # EventLogInvalidDataException, as Get-WinEvent reports such a record
+# The agent stops reading a query after this many unreadable records in a row.
+MAX_UNREADABLE = 100
 
-def _query(raw: object, index: int) -> tuple[str, list[str] | None, list[int] | None]:
+IdSpec = tuple[int, int]
+
+
+class _Query(t.NamedTuple):
+    log: str
+    providers: list[str] | None
+    ids: list[IdSpec] | None  # (low, high); a single ID is (n, n)
+    terms: int
+
+
+def _query(raw: object, index: int) -> _Query:
     where = f"queries[{index}]"
     if not isinstance(raw, dict):
         raise InvalidArgument(f"argument {where} must be a mapping, got {raw!r}")
@@ -43,12 +69,27 @@ def _query(raw: object, index: int) -> tuple[str, list[str] | None, list[int] | 
         not isinstance(providers, list) or not all(isinstance(item, str) and item for item in providers)
     ):
         raise InvalidArgument(f"argument {where}.providers must be a list of strings, got {providers!r}")
-    ids = raw.get("ids")
-    if ids is not None and (
-        not isinstance(ids, list) or not all(isinstance(item, int) and not isinstance(item, bool) for item in ids)
-    ):
-        raise InvalidArgument(f"argument {where}.ids must be a list of integers, got {ids!r}")
-    return log, providers, ids
+    raw_ids = raw.get("ids")
+    if raw_ids is not None and not isinstance(raw_ids, list):
+        raise InvalidArgument(f"argument {where}.ids must be a list, got {raw_ids!r}")
+    ids: list[IdSpec] | None = None
+    terms = len(providers or []) + 1
+    if raw_ids is not None:
+        ids = []
+        for item in raw_ids:
+            if _number(item):
+                ids.append((item, item))
+                terms += 1
+            elif isinstance(item, list) and len(item) == 2 and all(_number(end) for end in item) and item[0] <= item[1]:
+                ids.append((item[0], item[1]))
+                terms += 2
+            else:
+                raise InvalidArgument(f"argument {where}.ids must hold integers and [low, high] ranges, got {item!r}")
+    return _Query(log, providers, ids, terms)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def events_query(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -62,36 +103,51 @@ def events_query(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     if not isinstance(queries, list):
         raise InvalidArgument(f"argument 'queries' must be a list, got {queries!r}")
     parsed = [_query(raw, index) for index, raw in enumerate(queries)]
+    locale = host.system.locale
 
     found: list[dict[str, t.Any]] = []
     unavailable: list[dict[str, str]] = []
-    for log, providers, ids in parsed:
-        if log.casefold() not in CHANNELS:
-            unavailable.append(
-                {"log": log, "reason": f'There is not an event log on the localhost computer that matches "{log}".'}
-            )
+    invalid: list[dict[str, t.Any]] = []
+    unreadable: list[dict[str, t.Any]] = []
+    for index, query in enumerate(parsed):
+        if query.log.casefold() not in CHANNELS:
+            unavailable.append({"log": query.log, "reason": CHANNEL_NOT_FOUND})
             continue
-        wanted_providers = {name.casefold() for name in providers} if providers is not None else None
+        if query.terms > MAX_TERMS:
+            invalid.append({"index": index, "log": query.log, "reason": INVALID_QUERY})
+            continue
+        wanted_providers = {name.casefold() for name in query.providers} if query.providers is not None else None
         matching = [
             event
             for event in host.events.events
-            if event.log.casefold() == log.casefold()
+            if event.log.casefold() == query.log.casefold()
             and event.time >= since
             and (wanted_providers is None or event.provider.casefold() in wanted_providers)
-            and (ids is None or event.id in ids)
+            and (query.ids is None or any(low <= event.id <= high for low, high in query.ids))
         ]
-        # Get-WinEvent returns the newest first and stops at MaxEvents, per query.
-        for event in sorted(matching, key=lambda item: item.time, reverse=True)[:max_events]:
+        returned = skipped = 0
+        # EventLogReader with ReverseDirection: the newest first, stopping at max_events records read.
+        for event in sorted(matching, key=lambda item: item.time, reverse=True):
+            if returned >= max_events or skipped >= MAX_UNREADABLE:
+                break
+            if event.fault == "read":
+                skipped += 1
+                continue
+            level_name, message = event.render(locale)
             found.append(
                 {
                     "log": event.log,
                     "provider": event.provider,
                     "id": event.id,
-                    "level": event.level,
+                    "level": event.level_value,
+                    "level_name": level_name,
                     "time": iso(event.time),
-                    "message": event.message,
+                    "message": None if event.fault == "message" else message,
                     "data": dict(sorted(event.data.items())),
                 }
             )
+            returned += 1
+        if skipped:
+            unreadable.append({"log": query.log, "count": skipped, "reason": UNREADABLE})
     found.sort(key=lambda item: str(item["time"]), reverse=True)
-    return {"events": found, "unavailable": unavailable}
+    return {"events": found, "unavailable": unavailable, "invalid_queries": invalid, "unreadable": unreadable}

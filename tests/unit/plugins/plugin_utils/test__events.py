@@ -16,7 +16,7 @@ def event(provider: str, event_id: int, time: str = "2026-11-25T10:00:00Z", **ex
         "log": "System",
         "provider": provider,
         "id": event_id,
-        "level": "Error",
+        "level": 2,
         "time": time,
         "message": "m",
         **extra,
@@ -46,17 +46,51 @@ def test_classify(provider: str, event_id: int, kind: str | None) -> None:
     assert ev.classify(ev.Event.from_agent(event(provider, event_id))) == kind
 
 
-def test_alert_code_from_data_then_message() -> None:
-    from_data = ev.Event.from_agent(event(ev.SCHANNEL, 36888, data={"AlertDesc": "70"}))
-    from_text = ev.Event.from_agent(
+def test_alert_code_from_event_data_never_from_the_message() -> None:
+    from_data = ev.Event.from_agent(event(ev.SCHANNEL, 36888, data={"AlertDesc": "70", "ErrorState": "105"}))
+    # The message is in the host's UI language: it is shown, never parsed.
+    text_only = ev.Event.from_agent(
         event(ev.SCHANNEL, 36887, message="The TLS protocol defined fatal alert code is 48.")
     )
-    as_error = ev.Event.from_agent(
-        event(ev.SCHANNEL, 36888, message="The TLS protocol defined fatal error code is 40.")
-    )
-    assert (ev.alert_code(from_data), ev.alert_code(from_text), ev.alert_code(as_error)) == (70, 48, 40)
+    assert (ev.alert_code(from_data), ev.alert_code(text_only)) == (70, None)
     assert from_data.brief()["alert"] == "70 protocol_version"
     assert ev.alert_code(ev.Event.from_agent(event(ev.SCHANNEL, 36870, data={"AlertDesc": "70"}))) is None
+
+
+def test_levels_are_numbers_named_in_english_whatever_the_host_language() -> None:
+    assert ev.Event.from_agent(event(ev.SCHANNEL, 36888, level=2)).brief()["level"] == "Error"
+    # A localised LevelDisplayName where the number belongs is not an event rdpfix can judge.
+    assert ev.parse_events([event(ev.SCHANNEL, 36888, level="Fehler")]) == []
+
+
+def test_query_terms_ranges_and_splitting() -> None:
+    assert ev.compress_ids([1050, 1051, 1052, 1054, 36870, 36871]) == [[1050, 1052], 1054, 36870, 36871]
+    assert ev.query_terms({"log": "System", "providers": ["A", "B"], "ids": [[1050, 1065], 4]}) == 6
+    # The query the facts module used to send: two providers, 21 IDs and the start time.
+    old = {"log": "System", "providers": [ev.SCHANNEL, ev.RCM], "ids": [*ev.SCHANNEL_IDS, *ev.RCM_IDS]}
+    assert ev.query_terms(old) == 24
+    with pytest.raises(ev.QueryLimitError, match="24 terms"):
+        ev.check_query(old)
+    many = ev.split_query("System", ["A", "B"], range(1, 80, 2))
+    assert {tuple(query["providers"]) for query in many} == {("A",), ("B",)}
+    assert all(ev.query_terms(query) <= ev.MAX_QUERY_TERMS for query in many)
+    assert sorted(i for query in many if query["providers"] == ["A"] for i in ev.expand_ids(query["ids"])) == list(
+        range(1, 80, 2)
+    )
+    with pytest.raises(ev.QueryLimitError, match="range"):
+        ev.check_query({"log": "System", "ids": [[5, 1]]})
+
+
+def test_read_findings_count_unreadable_records_and_name_refused_queries() -> None:
+    findings = ev.read_findings(
+        [{"log": "System", "count": 2, "reason": "The data is invalid."}, {"log": "Security", "count": 1}],
+        [{"index": 0, "log": "System", "reason": "The specified query is invalid."}],
+    )
+    by_id = {item["id"]: item for item in findings}
+    assert by_id["events.records_unreadable"]["evidence"]["logs"] == {"Security": 1, "System": 2}
+    assert by_id["events.records_unreadable"]["severity"] == "info"
+    assert by_id["events.query_refused"]["severity"] == "warning"
+    assert ev.read_findings([], []) == []
 
 
 def test_parse_events_dedupes_and_orders_newest_first() -> None:
