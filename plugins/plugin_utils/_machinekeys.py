@@ -1070,19 +1070,25 @@ def plan_restore(state: State, manifest: dict[str, t.Any], root: str, backup: Ba
                 }
             )
 
+    key_acls: list[tuple[str, str]] = []
     for item in items:
         if item.get("kind") != "key_moved":
             continue
         path = str(item["source"])
         result.ops.append(("file.copy", {"src": ntpath.join(source_dir, str(item["file"])), "dest": path}))
         if item.get("sddl"):
-            result.ops.append(("acl.set", {"path": path, "sddl": item["sddl"]}))
+            key_acls.append((path, str(item["sddl"])))
         result.actions.append({"action": "restore_key", "path": path, "description": f"put the key file {path} back"})
 
     for item in items:
         if item.get("kind") == "rdp_certificate" and any(op == "cert.import" for op, _args in result.ops):
             # The re-imported certificate finds its key file again (certutil -repairstore).
             result.ops.append(("cert.repair_key_link", {"store": item["store"], "thumbprint": item["thumbprint"]}))
+
+    # The key files' recorded ACLs go on after the re-link: certutil opens the key through its provider, with the
+    # caller's token and without backup semantics, and from build 17763 the RDP key's ACL names no Administrators.
+    for path, sddl in key_acls:
+        result.ops.append(("acl.set", {"path": path, "sddl": sddl}))
 
     for item in reversed(items):
         if item.get("kind") != "acl" or not item.get("previous_sddl"):

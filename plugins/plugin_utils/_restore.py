@@ -742,6 +742,11 @@ def _key_owner(state: HostState, path: str) -> str | None:
     return None
 
 
+# The ACL a restored key file has while certutil -repairstore re-links it (the key provider opens it with the caller's
+# token, without backup semantics); its recorded ACL replaces it right after.
+RELINK_KEY_SDDL = "O:SYG:SYD:P(A;;FA;;;SY)(A;;FA;;;BA)"
+
+
 def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPlan) -> None:
     items = manifest.items
     backup = result.backup
@@ -789,7 +794,8 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
     # 2. Key files back, before the certificates are re-linked to them. Their recorded ACLs go on only after the
     # re-link: certutil -repairstore opens the key through its provider, with the caller's token and without backup
     # semantics, so a key file whose ACL names no Administrators (build 17763 and later) could not be re-linked.
-    acl_steps: list[tuple[str, str]] = []
+    acl_steps: dict[str, tuple[str, str]] = {}
+    relink_files: dict[str, tuple[str, str]] = {}  # thumbprint -> (key file, the ACL it ends with)
     for item in key_items:
         source = str(item["source"])
         saved_path = ntpath.join(manifest.directory, str(item["file"]))
@@ -798,26 +804,18 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
         if not saved.exists:
             raise RestoreError(f"the saved key file {saved_path} of {manifest.id} is missing")
         sddl = item.get("sddl") or current.sddl
+        if sddl and item.get("thumbprint"):
+            relink_files[str(item["thumbprint"]).upper()] = (source, str(sddl))
         if current.exists and saved.sha256 is not None and current.sha256 == saved.sha256 and current.sddl == sddl:
             continue
         if current.exists:
-            # Moved into the new backup, not overwritten: an overwritten file keeps its ACL, and with the ACL of a
-            # 17763+ RDP key (no Administrators entry) certutil -repairstore could not open it to re-link it. The
-            # copy then creates a new file the re-link can open; the recorded ACL goes on after the re-link.
             name = f"{ntpath.basename(source)}.replaced.key"
-            backup.record(
-                "private_key_file", file=name, source=source, thumbprint=_key_owner(state, source), sddl=current.sddl
-            )
-            result.step(
-                "file.move",
-                "move_key",
-                f"move the current key file {source} into the backup",
-                src=source,
-                dest=ntpath.join(backup.directory, name),
+            backup.save_file_copy(
+                result.saves, source, name, "private_key_file", thumbprint=_key_owner(state, source), sddl=current.sddl
             )
         result.step("file.copy", "restore_key", f"put the key file {source} back", src=saved_path, dest=source)
         if sddl:
-            acl_steps.append((source, str(sddl)))
+            acl_steps[source.casefold()] = (source, str(sddl))
         else:
             result.warnings.append(
                 f"the ACL of {source} was not recorded by {manifest.module}: the restored key file has the ACL "
@@ -847,6 +845,17 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
             target = ("store", store)
             result.change(state, target, sorted([*result.predicted(state, target), thumbprint]))
         if with_key and (present is None or not present.has_private_key):
+            relink = relink_files.get(thumbprint)
+            if relink is not None:
+                # An overwritten file keeps its ACL, which from build 17763 names no Administrators: certutil could
+                # not open the key. SYSTEM and Administrators only while it re-links, then the recorded ACL.
+                result.step(
+                    "acl.set",
+                    "set_acl",
+                    f"let the re-link open {relink[0]}: SYSTEM and Administrators only until its ACL is restored",
+                    path=relink[0],
+                    sddl=RELINK_KEY_SDDL,
+                )
             result.step(
                 "cert.repair_key_link",
                 "link_key",
@@ -854,9 +863,12 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
                 store=store,
                 thumbprint=thumbprint,
             )
+            if relink is not None:
+                acl_steps.pop(relink[0].casefold(), None)
+                result.step("acl.set", "set_acl", f"give {relink[0]} its ACL", path=relink[0], sddl=relink[1])
 
-    # 4. The restored key files' own ACLs, now that the certificates are linked to them.
-    for source, sddl in acl_steps:
+    # 4. The other restored key files' own ACLs.
+    for source, sddl in acl_steps.values():
         result.step("acl.set", "set_acl", f"give {source} its ACL", path=source, sddl=sddl)
 
 

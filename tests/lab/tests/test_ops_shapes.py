@@ -45,7 +45,15 @@ def test_system_info() -> None:
         "boot_time",
         "program_data",
         "runtime",
+        "caller",
     }
+    # An Administrator over a network logon, after the agent enabled SeBackupPrivilege and SeRestorePrivilege.
+    caller = data["caller"]
+    assert set(caller) == {"user", "sid", "system", "administrator", "groups", "privileges", "agent_enabled"}
+    assert caller["system"] is False and caller["administrator"] is True
+    assert {"sid": "S-1-5-32-544", "name": "BUILTIN\\Administrators"} in caller["groups"]
+    assert caller["agent_enabled"] == ["SeBackupPrivilege", "SeRestorePrivilege"]
+    assert caller["privileges"]["SeBackupPrivilege"] is True and caller["privileges"]["SeShutdownPrivilege"] is False
     assert data["runtime"] == {
         "powershell_version": "5.1.17763.1",
         "powershell_edition": "Desktop",
@@ -127,8 +135,20 @@ def test_cert_list() -> None:
     assert cert.subject.rfc4514_string() == "CN=WEB01.corp.example.com"
     assert entry["has_private_key"] is True
     key = entry["key"]
-    assert set(key) == {"provider_kind", "provider_name", "container", "path", "exists", "size", "owner", "sddl"}
+    assert set(key) == {
+        "provider_kind",
+        "provider_name",
+        "container",
+        "path",
+        "exists",
+        "size",
+        "owner",
+        "sddl",
+        "open_error",
+    }
     assert key["provider_kind"] == "capi" and key["container"] == "TSSecKeySet1"
+    # Server 2022: the key provider, opening the file without backup semantics, refuses an Administrator.
+    assert key["open_error"] == "AccessDenied"
     assert key["path"].startswith(MACHINE_KEYS + "\\f686aace6942fb7f7ceb231212eef4a4_")
     assert key["exists"] is True and key["size"] > 0
     assert key["owner"] == "NT AUTHORITY\\SYSTEM" and key["sddl"].startswith("O:SYG:SYD:")

@@ -13,19 +13,21 @@ import typing as t
 from rdplab.model import sddl as sddl_mod
 from rdplab.model.errors import InvalidArgument, NotFound
 from rdplab.model.filesystem import Entry, name_of, normalize, parent_of, validate_path
-from rdplab.ops import _args
+from rdplab.ops import _access, _args
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
 
 
-def _stat_entry(entry: Entry) -> dict[str, t.Any]:
+def _stat_entry(host: WindowsHost, entry: Entry) -> dict[str, t.Any]:
+    # Owner and SDDL read with backup semantics: null where the caller's token may not read them.
+    owner, sddl = _access.security_or_none(host, entry)
     return {
         "name": name_of(entry.path),
         "is_dir": entry.is_dir,
         "size": None if entry.is_dir else len(entry.content),
-        "owner": entry.owner,
-        "sddl": entry.sddl,
+        "owner": owner,
+        "sddl": sddl,
     }
 
 
@@ -37,11 +39,12 @@ def dir_stat(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
         return {"exists": False, "owner": None, "sddl": None, "entries": []}
     if not entry.is_dir:
         raise InvalidArgument(f"the path is a file: {path}")
+    owner, sddl = _access.security_or_none(host, entry)
     return {
         "exists": True,
-        "owner": entry.owner,
-        "sddl": entry.sddl,
-        "entries": [_stat_entry(child) for child in host.filesystem.children(path)],
+        "owner": owner,
+        "sddl": sddl,
+        "entries": [_stat_entry(host, child) for child in host.filesystem.children(path)],
     }
 
 
@@ -53,7 +56,13 @@ def acl_set(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     entry = host.filesystem.get(path)
     if entry is None:
         raise NotFound(f"Cannot find path '{path}' because it does not exist.")
-    previous = entry.sddl
+    # The agent enables SeTakeOwnershipPrivilege here, besides the privileges it enables once per run.
+    host.process.start_agent()
+    host.process.enable("SeTakeOwnershipPrivilege")
+    previous = _access.security_or_none(host, entry)[1]
+    host.process.check_write_dac(path, entry.sddl)
+    if sddl_mod.owner_sid(sddl) != sddl_mod.owner_sid(entry.sddl):
+        host.process.check_owner(path, sddl)
     host.filesystem.set_sddl(path, sddl)
     return {"previous": previous}
 
@@ -74,6 +83,15 @@ def _move(host: WindowsHost, source_path: str, dest_path: str, want_dir: bool) -
     # Both ends are written: a fault on either refuses the whole move, leaving everything where it was.
     host.filesystem.check_writable(source_path)
     host.filesystem.check_writable(dest_path)
+    source_parent = parent_of(source_path)
+    source_parent_entry = host.filesystem.get(source_parent) if source_parent else None
+    host.process.check_rename(
+        source_path,
+        source.sddl,
+        source_parent_entry.sddl if source_parent_entry else None,
+        parent_entry.sddl,
+        source.is_dir,
+    )
     old_key = normalize(source_path)
     old_prefix_length = len(source.path)  # read before the loop renames the folder's own entry
     moved: dict[str, Entry] = {}
@@ -87,8 +105,13 @@ def _move(host: WindowsHost, source_path: str, dest_path: str, want_dir: bool) -
 
 
 def file_move(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
-    entry = _move(host, validate_path(args.get("src")), validate_path(args.get("dest")), want_dir=False)
-    return {"size": len(entry.content), "sha256": hashlib.sha256(entry.content).hexdigest()}
+    source_path = validate_path(args.get("src"))
+    dest_path = validate_path(args.get("dest"))
+    source = host.filesystem.get(source_path)
+    # The agent hashes before it moves (backup semantics): a hash that fails refuses the move, nothing moved.
+    sha256 = hashlib.sha256(_access.read_bytes(host, source)).hexdigest() if source and not source.is_dir else None
+    entry = _move(host, source_path, dest_path, want_dir=False)
+    return {"size": len(entry.content), "sha256": sha256}
 
 
 def dir_move(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -8,8 +8,9 @@ import hashlib
 import typing as t
 
 from rdplab.model import sddl as sddl_mod
-from rdplab.model.errors import InvalidArgument, NotFound
+from rdplab.model.errors import InvalidArgument, NotFound, OpError
 from rdplab.model.filesystem import name_of, validate_path
+from rdplab.ops import _access
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -19,13 +20,16 @@ def file_stat(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     entry = host.filesystem.get(validate_path(args.get("path")))
     if entry is None:
         return {"exists": False, "is_dir": False, "size": None, "sha256": None, "owner": None, "sddl": None}
+    # The size comes from the folder listing; the hash and the ACL need the file opened (backup semantics), and are
+    # null where the caller's token may not (docs/agent-protocol.md).
+    owner, sddl = _access.security_or_none(host, entry)
     return {
         "exists": True,
         "is_dir": entry.is_dir,
         "size": None if entry.is_dir else len(entry.content),
-        "sha256": None if entry.is_dir else entry.sha256,
-        "owner": entry.owner,
-        "sddl": entry.sddl,
+        "sha256": None if entry.is_dir else _access.sha256_or_none(host, entry),
+        "owner": owner,
+        "sddl": sddl,
     }
 
 
@@ -36,7 +40,7 @@ def file_read(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
         return {"exists": False, "content_b64": None}
     if entry.is_dir:
         raise InvalidArgument(f"the path is a directory: {path}")
-    return {"exists": True, "content_b64": base64.b64encode(entry.content).decode("ascii")}
+    return {"exists": True, "content_b64": base64.b64encode(_access.read_bytes(host, entry)).decode("ascii")}
 
 
 def dir_list(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -72,10 +76,18 @@ def dir_read_each(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]
         if not child.is_dir:
             continue
         files: dict[str, str | None] = {}
+        errors: dict[str, str] = {}
         for name in names:
             found = host.filesystem.get(f"{child.path}\\{name}")
-            files[name] = None if found is None or found.is_dir else base64.b64encode(found.content).decode("ascii")
-        folders.append({"name": name_of(child.path), "files": files, "errors": {}})
+            if found is None or found.is_dir:
+                files[name] = None
+                continue
+            try:
+                files[name] = base64.b64encode(_access.read_bytes(host, found)).decode("ascii")
+            except OpError as exc:
+                # One unreadable file does not hide the others, as in the agent.
+                errors[name] = f"{exc.error_type}: {exc.message}"
+        folders.append({"name": name_of(child.path), "files": files, "errors": errors})
     return {"exists": True, "folders": folders}
 
 
@@ -84,6 +96,10 @@ def dir_create(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     sddl = args.get("sddl")
     if sddl is not None and (not isinstance(sddl, str) or not sddl_mod.is_valid(sddl)):
         raise InvalidArgument(f"argument 'sddl' must be an SDDL string with owner and DACL, got {sddl!r}")
+    if sddl is not None and not host.filesystem.exists(path):
+        # The agent creates the folder, then applies the SDDL; an owner it may not set removes the folder again.
+        host.process.start_agent()
+        host.process.check_owner(path, sddl)
     return {"created": host.filesystem.make_dirs(path, sddl)}
 
 
@@ -108,6 +124,6 @@ def file_copy(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
         raise NotFound(f"Cannot find path '{source_path}' because it does not exist.")
     if source.is_dir:
         raise InvalidArgument(f"file.copy copies files; {source_path} is a directory")
-    # Copy-Item gives the copy the ACL inherited at the destination, not the source's.
-    entry = host.filesystem.write(dest_path, source.content)
+    # The agent reads the source with backup semantics; the copy gets the ACL inherited at the destination.
+    entry = host.filesystem.write(dest_path, _access.read_bytes(host, source))
     return {"size": len(entry.content), "sha256": hashlib.sha256(entry.content).hexdigest()}

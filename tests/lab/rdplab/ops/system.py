@@ -11,7 +11,8 @@ if t.TYPE_CHECKING:
 
 
 def system_info(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
-    return host.system.to_json()
+    # `caller`: the token the agent runs with, after it enabled its privileges (docs/lab.md, "The caller's token").
+    return {**host.system.to_json(), "caller": host.process.caller_record()}
 
 
 def util_sleep(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -420,12 +420,22 @@ def test_a_certificate_run_is_undone_with_windows_new_certificate_saved_first(ce
         {"kind": "private_key_file", "file": f"{old.thumbprint}.key", "source": KEY, "thumbprint": old.thumbprint},
     ]
     result = plan(host, items)
-    # Saved before the new manifest: the new certificate's DER and the key file about to be overwritten.
+    # Saved before the new manifest: the new certificate's DER and the key file about to be overwritten. The
+    # overwritten file keeps its ACL, which on 17763+ keeps certutil -repairstore out: SYSTEM and Administrators
+    # until the re-link, the recorded ACL after it.
     assert [op["op"] for op in result.saves.ops] == ["file.write", "file.copy"]
     assert result.saves.ops[1]["args"]["src"] == KEY
-    assert ops(result) == ["cert.remove", "file.copy", "acl.set", "cert.import", "cert.repair_key_link"]
+    assert ops(result) == [
+        "cert.remove",
+        "file.copy",
+        "cert.import",
+        "acl.set",
+        "cert.repair_key_link",
+        "acl.set",
+    ]
     assert result.steps[0].args == {"store": "Remote Desktop", "thumbprint": new.thumbprint}
-    assert result.steps[2].args == {"path": KEY, "sddl": KEY_SDDL}
+    assert result.steps[3].args == {"path": KEY, "sddl": rs.RELINK_KEY_SDDL}
+    assert result.steps[5].args == {"path": KEY, "sddl": KEY_SDDL}
     kinds = [item["kind"] for item in result.backup.items]
     assert kinds == ["restores", "certificate", "private_key_file", "certificate_imported"]
     assert result.backup.items[2]["thumbprint"] == new.thumbprint
