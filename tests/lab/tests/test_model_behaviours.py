@@ -378,11 +378,11 @@ def test_no_usable_suite_makes_the_server_offer_exactly_the_listed_suites() -> N
 @pytest.mark.parametrize(
     ("outcome", "expected"),
     [
-        ({"tls_failure": "no_server_protocol"}, [(36871, {"state": "10013"})]),
-        ({"tls_failure": "no_common_protocol"}, [(36888, {"AlertDesc": "70"})]),
+        ({"tls_failure": "no_server_protocol"}, [(36871, {"ErrorState": "10013"})]),
+        ({"tls_failure": "no_common_protocol"}, [(36888, {"AlertDesc": "70", "ErrorState": "1203"})]),
         (
             {"tls_failure": "no_common_cipher", "tls_version_offered": "TLSv1.1"},
-            [(36874, {"protocol": "TLS 1.1"}), (36888, {"AlertDesc": "40"})],
+            [(36874, {"Protocol": "TLS 1.1"}), (36888, {"AlertDesc": "40", "ErrorState": "1203"})],
         ),
         ({"tls_failure": "alert_received", "alert": 48}, [(36887, {"AlertDesc": "48"})]),
         ({"outcome": "tls_established", "tls_version": "TLSv1.2"}, []),

@@ -472,7 +472,7 @@ def test_no_protocol_in_common_logs_the_alert_sent_or_received(serve: t.Callable
     # Offering TLS 1.2 and 1.3 in supported_versions: nothing in common, the server sends protocol_version.
     with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
         tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
-    assert wait_for(lambda: schannel_events(host) == [(36888, {"AlertDesc": "70"})])
+    assert wait_for(lambda: schannel_events(host) == [(36888, {"AlertDesc": "70", "ErrorState": "1203"})])
     # A TLS 1.2-only client offers no supported_versions: it is answered with TLS 1.1, refuses it and sends
     # protocol_version itself.
     with pytest.raises(ssl.SSLError, match="UNSUPPORTED_PROTOCOL"):
@@ -490,7 +490,10 @@ def test_no_usable_cipher_suite_fails_the_handshake_with_36874(serve: t.Callable
     with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
         tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2))
     assert wait_for(lambda: len(schannel_events(host)) == 2)
-    assert schannel_events(host) == [(36874, {"protocol": "TLS 1.2"}), (36888, {"AlertDesc": "40"})]
+    assert schannel_events(host) == [
+        (36874, {"Protocol": "TLS 1.2"}),
+        (36888, {"AlertDesc": "40", "ErrorState": "1203"}),
+    ]
 
 
 def test_an_empty_cipher_suite_list_is_answered_with_handshake_failure(
@@ -506,7 +509,10 @@ def test_an_empty_cipher_suite_list_is_answered_with_handshake_failure(
     with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
         tls_attempt(version_context(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
     assert wait_for(lambda: len(schannel_events(host)) == 2)
-    assert schannel_events(host) == [(36874, {"protocol": "TLS 1.2"}), (36888, {"AlertDesc": "40"})]
+    assert schannel_events(host) == [
+        (36874, {"Protocol": "TLS 1.2"}),
+        (36888, {"AlertDesc": "40", "ErrorState": "1203"}),
+    ]
 
 
 def test_no_server_protocol_at_all_resets_with_36871(serve: t.Callable[[WindowsHost], WindowsHost]) -> None:
@@ -519,7 +525,7 @@ def test_no_server_protocol_at_all_resets_with_36871(serve: t.Callable[[WindowsH
     with pytest.raises(ConnectionResetError):
         tls_attempt(client_context())
     assert wait_for(lambda: bool(schannel_events(host)))
-    assert schannel_events(host) == [(36871, {"state": "10013"})]
+    assert schannel_events(host) == [(36871, {"ErrorState": "10013"})]
 
 
 # --- what the handshake probe meets ----------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
                     "The error code returned from the cryptographic module is 0x8009030D. The internal error state "
                     "is 10001."
                 ),
-                data={"error_code": "0x8009030D", "state": "10001"},
+                data={"ErrorCode": "0x8009030D", "ErrorStatus": "10001"},  # Schannel's own data names (docs/lab.md)
             )
         # [AzEvent] pairs the two statuses with two events: 1057 ("failed to create a new self signed certificate")
         # with "Keyset does not exist", 1058 ("failed to replace the expired self signed certificate") with "Access

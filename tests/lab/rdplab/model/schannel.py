@@ -281,6 +281,10 @@ _ALERT_RECEIVED = (
 # The internal state of 36871 when disabled protocols leave Schannel none to build the credential with (UNCONFIRMED
 # by a cited page, as the pairing of every event below with its failure).
 STATE_NO_PROTOCOL = "10013"
+# Event data names as Schannel's manifest defines them (docs/lab.md, "Event log"): 36871/36887/36888 carry the
+# internal state as ErrorState, 36874 the protocol as Protocol, 36887/36888 the alert as AlertDesc. The ErrorState of
+# a sent alert is the lab's choice (UNCONFIRMED: the one sample seen, alert 10, had 1203).
+ALERT_ERROR_STATE = "1203"
 
 
 def log_handshake_failure(host: WindowsHost, outcome: t.Mapping[str, t.Any]) -> None:
@@ -296,15 +300,15 @@ def log_handshake_failure(host: WindowsHost, outcome: t.Mapping[str, t.Any]) -> 
         host.events.write(SCHANNEL, event_id, level="Error", time=now, message=message, data=data)
 
     def alert_sent(code: int) -> None:
-        write(36888, _ALERT_SENT.format(alert=code), {"AlertDesc": str(code)})
+        write(36888, _ALERT_SENT.format(alert=code), {"AlertDesc": str(code), "ErrorState": ALERT_ERROR_STATE})
 
     if failure == NO_SERVER_PROTOCOL:
-        write(36871, _CREDENTIAL_FAILED.format(state=STATE_NO_PROTOCOL), {"state": STATE_NO_PROTOCOL})
+        write(36871, _CREDENTIAL_FAILED.format(state=STATE_NO_PROTOCOL), {"ErrorState": STATE_NO_PROTOCOL})
     elif failure == NO_COMMON_PROTOCOL:
         alert_sent(ALERT_PROTOCOL_VERSION)
     elif failure == NO_COMMON_CIPHER:
         protocol = WINDOWS_NAMES.get(str(outcome.get("tls_version_offered")), "TLS")
-        write(36874, _NO_COMMON_CIPHER.format(protocol=protocol), {"protocol": protocol})
+        write(36874, _NO_COMMON_CIPHER.format(protocol=protocol), {"Protocol": protocol})
         alert_sent(ALERT_HANDSHAKE_FAILURE)
     elif failure == ALERT_RECEIVED and isinstance(outcome.get("alert"), int):
         alert = outcome["alert"]
