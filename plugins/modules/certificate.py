@@ -226,7 +226,10 @@ certificate:
       description: Whether the store links a private key to it.
       type: bool
     key_state:
-      description: V(readable) (NETWORK SERVICE can read the key file), V(unreadable), V(missing) or V(unknown).
+      description: >-
+        V(readable) (NETWORK SERVICE can read the key file), V(unreadable), V(missing), V(inaccessible) (the key
+        exists, but the account rdpfix runs as can read neither it nor its ACL: see the token in
+        C(rdpfix.rdp.selftest)) or V(unknown).
       type: str
     key_readable:
       description: V(true)/V(false) from RV(certificate.key_state), null when unknown.

@@ -174,16 +174,24 @@ class StoredCertificate:
 
     @property
     def key_state(self) -> str:
-        """``readable``, ``unreadable`` (NETWORK SERVICE cannot read it), ``missing`` or ``unknown``."""
+        """``readable``, ``unreadable`` (NETWORK SERVICE cannot read it), ``missing``, ``inaccessible`` (the key
+        exists but the account rdpfix runs as could read neither it nor its ACL) or ``unknown``.
+
+        Only an explicit ``exists: false`` is missing: a key the provider could not open (a CNG key whose file was not
+        found by name, ``exists`` null) is not, and its ``open_error`` says why.
+        """
         if not self.has_private_key:
             return "missing"
         if self.key is None:
             return "unknown"
-        if not self.key.get("exists", True) or self.key.get("size") == 0:
+        exists = self.key.get("exists")
+        if exists is False or self.key.get("size") == 0:
             return "missing"
         sddl = self.key.get("sddl")
         readable = key_readable_by_network_service(str(sddl)) if sddl else None
         if readable is None:
+            if exists is True or self.key.get("open_error") == "AccessDenied":
+                return "inaccessible"
             return "unknown"
         return "readable" if readable else "unreadable"
 
@@ -789,7 +797,7 @@ def renewal_access(cert: StoredCertificate) -> tuple[KeyGrant | None, list[str]]
         return None, []
     if state == "missing":
         return None, ["it has no private key on this host: import it with its private key (PFX)"]
-    if state == "unknown" or not path or not sddl:
+    if state in ("unknown", "inaccessible") or not path or not sddl:
         return None, [f"the ACL of its private key file {path or '(not found)'} could not be read"]
     descriptor = _sddl.parse(str(sddl))
     needed = [_sddl.Requirement(_sddl.SID_NETWORK_SERVICE, _sddl.FILE_GENERIC_READ)]
@@ -979,7 +987,7 @@ def build_apply_batch(
     for cert in result.remove_certificates:
         save_certificate(batch, backup, cert)
         key_path = (cert.key or {}).get("path")
-        if cert.key_state in ("readable", "unreadable", "unknown") and key_path:
+        if cert.key_state in ("readable", "unreadable", "inaccessible", "unknown") and key_path:
             backup.save_file_copy(
                 batch, str(key_path), f"{cert.thumbprint}.key", "private_key_file", thumbprint=cert.thumbprint
             )

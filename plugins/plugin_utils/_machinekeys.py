@@ -275,17 +275,27 @@ class RdpKey:
     size: int | None
     owner: str | None
     sddl: str | None
-    problems: tuple[str, ...]  # missing | empty | acl_unreadable | acl_invalid | not_readable | entries | owner
+    # missing | inaccessible | empty | acl_unreadable | acl_invalid | not_readable | entries | owner
+    problems: tuple[str, ...]
     missing: tuple[sd.Requirement, ...] = ()
 
     @property
     def broken(self) -> bool:
         """TermService cannot use it: the listener fails (or falls back) now."""
-        return bool({"missing", "empty", "acl_unreadable", "acl_invalid", "not_readable"} & set(self.problems))
+        return bool({"missing", "empty", "acl_invalid", "not_readable"} & set(self.problems))
+
+    @property
+    def undetermined(self) -> bool:
+        """The key exists, but the account rdpfix runs as could not read its ACL (``acl_unreadable``: without
+        SeBackupPrivilege) or find its file (``inaccessible``: a CNG key its provider refused to open). Whether
+        TermService can use it is unknown, so nothing is changed for it: a healthy key is never regenerated."""
+        return bool({"acl_unreadable", "inaccessible"} & set(self.problems)) and not self.broken
 
     @property
     def acl_repairable(self) -> bool:
-        return self.exists and not {"missing", "empty", "acl_unreadable", "acl_invalid"} & set(self.problems)
+        return self.exists and not {"missing", "inaccessible", "empty", "acl_unreadable", "acl_invalid"} & set(
+            self.problems
+        )
 
     def view(self) -> dict[str, t.Any]:
         return {
@@ -333,7 +343,21 @@ def assess_key(state: State, cert: certificate.StoredCertificate, role: str) -> 
         owner, acl = key.get("owner"), key.get("sddl") or None
     problems: list[str] = []
     missing: list[sd.Requirement] = []
-    if not exists:
+    if (
+        not exists
+        and listed is None
+        and path is None
+        and key.get("exists") is None
+        and key.get("open_error")
+        not in (
+            None,
+            "NotFound",
+        )
+    ):
+        # The provider refused to open the key (a CNG key whose ACL leaves the caller out) and its file was not found
+        # by name: it exists, it is not missing; re-importing a PFX is not the answer.
+        problems.append("inaccessible")
+    elif not exists:
         problems.append("missing")
     elif size == 0:
         problems.append("empty")
@@ -509,7 +533,10 @@ def _folder_findings(state: State, options: Options, result: Plan) -> None:
 _KEY_TITLES = {
     "missing": "The private key file of the {role} RDP certificate {thumb} is missing",
     "empty": "The private key file of the {role} RDP certificate {thumb} is empty (0 bytes)",
-    "acl_unreadable": "The ACL of the private key file of the {role} RDP certificate {thumb} cannot be read",
+    "inaccessible": "The private key of the {role} RDP certificate {thumb} exists, but the account rdpfix runs as "
+    "may not open it and its file was not found in Crypto\\Keys",
+    "acl_unreadable": "The ACL of the private key file of the {role} RDP certificate {thumb} cannot be read by the "
+    "account rdpfix runs as (SeBackupPrivilege not held or not enabled: see the token in rdpfix.rdp.selftest)",
     "acl_invalid": "The ACL of the private key file of the {role} RDP certificate {thumb} is not valid SDDL",
     "not_readable": "NETWORK SERVICE cannot read the private key of the {role} RDP certificate {thumb}",
     "entries": "The private key file of the {role} RDP certificate {thumb} lacks entries Windows gives it",
@@ -568,8 +595,12 @@ def _key_findings(state: State, options: Options, key: RdpKey, result: Plan) -> 
         fix = _fix("regenerate", "move the key and its certificate into the backup; Windows creates new ones")
     else:
         fix = None  # a CA-issued certificate's key can only come back from its PFX
+    if key.undetermined:
+        # Not known to be broken: reported, never repaired or regenerated on a guess.
+        evidence["open_error"] = (key.cert.key or {}).get("open_error")
+        fix = None
     result.findings.append(finding(f"rdp_key_{primary}", severity, title, evidence, fix))
-    if left_to_certificate:
+    if left_to_certificate or key.undetermined:
         return
 
     # An ACL repair is used whenever it suffices, except where the user chose to regenerate a broken self-signed key:
