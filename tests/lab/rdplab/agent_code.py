@@ -40,6 +40,10 @@ class AgentCode:
     start_type_from_service_controller: bool
     # service.restart calls Restart-Service: no Disabled check before the stop, and waits without a bound.
     restart_with_cmdlet: bool
+    # events.query reads with Get-WinEvent -FilterHashtable -ErrorAction Stop: a query the event log refuses is
+    # tolerated into "No events were found", one unreadable record loses its whole query, and the level is the
+    # localised LevelDisplayName (rdplab.ops.events).
+    events_from_hashtable: bool = False
 
 
 def _block(text: str, start: re.Pattern[str], what: str) -> str:
@@ -82,12 +86,16 @@ def analyse(text: str) -> AgentCode:
     if "StartType" not in service_get and "StartMode" not in service_get:
         raise AgentCodeUnknown("service.get reads neither ServiceController.StartType nor Win32_Service.StartMode")
     restart = _operation(text, "service.restart")
+    events = _operation(text, "events.query")
+    if "FilterHashtable" not in events and "EventLogReader" not in events:
+        raise AgentCodeUnknown("events.query reads with neither Get-WinEvent -FilterHashtable nor EventLogReader")
     return AgentCode(
         unrolled_rule_lists=frozenset(unrolled),
         rule_read_errors_silenced=bool(_SILENT.search(records) or _SILENT.search(listing)),
         filters_joined_across_stores=bool(re.search(r"-All\s+-PolicyStore\s+ActiveStore", records)),
         start_type_from_service_controller=bool(re.search(r"\.StartType\b", service_get)),
         restart_with_cmdlet=bool(re.search(r"\bRestart-Service\b", restart)),
+        events_from_hashtable="FilterHashtable" in events,
     )
 
 

@@ -22,6 +22,7 @@ BEFORE_CODE = agent_code.AgentCode(
     filters_joined_across_stores=True,
     start_type_from_service_controller=True,
     restart_with_cmdlet=True,
+    events_from_hashtable=True,
 )
 
 

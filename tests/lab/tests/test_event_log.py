@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rdplab import agent_code
 from rdplab.model import schannel
 from rdplab.model.errors import HostFileError
 from rdplab.model.events import RCM, SCHANNEL
@@ -112,3 +113,48 @@ def test_host_file_errors_name_the_field(tmp_path: Path, change: dict[str, t.Any
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     with pytest.raises(HostFileError, match=field.replace("[", r"\[").replace("]", r"\]")):
         WindowsHost.from_file(path)
+
+
+# -- the agent before issue 9 (Get-WinEvent -FilterHashtable -ErrorAction Stop), answered as Windows answers it ----
+
+BEFORE = agent_code.analyse(
+    (Path(__file__).resolve().parent / "data" / "agent_before_issue9.ps1.txt").read_text(encoding="utf-8")
+)
+# The System query the facts module sent before: two providers, 21 IDs and the start time (24 expressions).
+OLD_SYSTEM_QUERY = {
+    "log": "System",
+    "providers": [SCHANNEL, RCM],
+    "ids": [36870, 36871, 36874, 36887, 36888, *range(1050, 1066)],
+}
+
+
+def test_before_an_oversize_query_came_back_as_no_events_now_it_is_refused() -> None:
+    host = load("events-history")
+    assert BEFORE.events_from_hashtable and not agent_code.current().events_from_hashtable
+    with agent_code.using(BEFORE):
+        before = query(host, OLD_SYSTEM_QUERY)
+    # Defect 3: five matching events, and neither an event nor an error to say so.
+    assert before == {"events": [], "unavailable": []}
+    now = query(host, OLD_SYSTEM_QUERY)
+    assert now["events"] == [] and [item["log"] for item in now["invalid_queries"]] == ["System"]
+
+
+def test_before_one_unreadable_record_lost_its_log_now_it_costs_only_itself() -> None:
+    host = load("events-corrupt-records")
+    with agent_code.using(BEFORE):
+        before = query(host, {"log": "Security", "ids": [4625]})
+    # Defect 4: the readable 4625 is lost with the unreadable one.
+    assert before == {"events": [], "unavailable": [{"log": "Security", "reason": "The data is invalid."}]}
+    now = query(host, {"log": "Security", "ids": [4625]})
+    assert [item["id"] for item in now["events"]] == [4625]
+    assert now["unreadable"] == [{"log": "Security", "count": 1, "reason": "The data is invalid."}]
+
+
+def test_before_the_level_was_the_localised_display_name_now_it_is_the_number() -> None:
+    host = load("events-history-de")
+    with agent_code.using(BEFORE):
+        before = query(host, {"log": "System", "providers": [SCHANNEL], "ids": [36888]})
+    # Defect 11: what the agent reported depended on the UI language.
+    assert [item["level"] for item in before["events"]] == ["Fehler"]
+    now = query(host, {"log": "System", "providers": [SCHANNEL], "ids": [36888]})
+    assert [(item["level"], item["level_name"]) for item in now["events"]] == [(2, "Fehler")]

@@ -16,7 +16,9 @@ failures are kept (docs/lab.md, "Event log"):
 from __future__ import annotations
 
 import typing as t
+from datetime import datetime
 
+from rdplab import agent_code
 from rdplab.model.errors import InvalidArgument
 from rdplab.model.events import RCM
 from rdplab.model.timeutil import iso, parse_time
@@ -102,6 +104,8 @@ def events_query(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     queries = args.get("queries")
     if not isinstance(queries, list):
         raise InvalidArgument(f"argument 'queries' must be a list, got {queries!r}")
+    if agent_code.current().events_from_hashtable:
+        return _as_get_winevent_answers(host, since, max_events, queries)
     parsed = [_query(raw, index) for index, raw in enumerate(queries)]
     locale = host.system.locale
 
@@ -151,3 +155,60 @@ def events_query(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
             unreadable.append({"log": query.log, "count": skipped, "reason": UNREADABLE})
     found.sort(key=lambda item: str(item["time"]), reverse=True)
     return {"events": found, "unavailable": unavailable, "invalid_queries": invalid, "unreadable": unreadable}
+
+
+def _as_get_winevent_answers(
+    host: WindowsHost, since: datetime, max_events: int, queries: list[t.Any]
+) -> dict[str, t.Any]:
+    """What an agent reading with ``Get-WinEvent -FilterHashtable ... -ErrorAction Stop`` gets (the agent before
+    issue 9): Get-WinEvent builds its query with TolerateQueryErrors, so a query the event log refuses reads nothing
+    and ends in "No events were found", which that agent took for no events; the error of one record it cannot read
+    or render stops the cmdlet, and that agent reported the whole log unavailable; the level is LevelDisplayName
+    [GetWinEvent]."""
+    found: list[dict[str, t.Any]] = []
+    unavailable: list[dict[str, str]] = []
+    for index, raw in enumerate(queries):
+        query = _query(raw, index)
+        if query.ids is not None and any(low != high for low, high in query.ids):
+            raise InvalidArgument(f'queries[{index}].ids: Cannot convert the "System.Object[]" value to "System.Int32"')
+        if query.log.casefold() not in CHANNELS:
+            unavailable.append(
+                {
+                    "log": query.log,
+                    "reason": f'There is not an event log on the localhost computer that matches "{query.log}".',
+                }
+            )
+            continue
+        if query.terms > MAX_TERMS:
+            continue
+        wanted = {name.casefold() for name in query.providers} if query.providers is not None else None
+        matching = sorted(
+            (
+                event
+                for event in host.events.events
+                if event.log.casefold() == query.log.casefold()
+                and event.time >= since
+                and (wanted is None or event.provider.casefold() in wanted)
+                and (query.ids is None or any(low <= event.id <= high for low, high in query.ids))
+            ),
+            key=lambda item: item.time,
+            reverse=True,
+        )[:max_events]
+        if any(event.fault for event in matching):
+            unavailable.append({"log": query.log, "reason": UNREADABLE})
+            continue
+        for event in matching:
+            level_name, message = event.render(host.system.locale)
+            found.append(
+                {
+                    "log": event.log,
+                    "provider": event.provider,
+                    "id": event.id,
+                    "level": level_name,
+                    "time": iso(event.time),
+                    "message": message,
+                    "data": dict(sorted(event.data.items())),
+                }
+            )
+    found.sort(key=lambda item: str(item["time"]), reverse=True)
+    return {"events": found, "unavailable": unavailable}
