@@ -12,7 +12,7 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.cache/collections
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help setup system-packages demo test lint typecheck pytest unit system sanity ansible-lint molecule build docs-check clean pitfalls
+.PHONY: help setup system-packages demo test lint typecheck pytest unit system sanity ansible-lint molecule build docs-check clean pitfalls actionlint
 
 help:
 	@echo "make demo   - set up, start a lab fleet, run fix_rdp.yml (check, apply, rerun), show a summary, stop the lab"
@@ -49,6 +49,9 @@ typecheck: $(STAMP)
 
 pitfalls: $(STAMP)
 	$(BIN)/python scripts/ps_pitfalls.py plugins/plugin_utils/_agent.ps1
+
+actionlint:
+	scripts/actionlint.sh
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit tests/lab/tests

@@ -30,6 +30,8 @@ stage "mypy" "$bin/mypy" plugins tests/lab/rdplab
 stage "mypy (tools)" "$bin/mypy" --strict scripts/ps_pitfalls.py tests/windows
 # Windows PowerShell 5.1 pitfalls in the agent (rules and suppressions: scripts/ps_pitfalls.py).
 stage "powershell pitfalls" "$bin/python" scripts/ps_pitfalls.py plugins/plugin_utils/_agent.ps1
+# The Windows CI workflow (.github/workflows/windows.yml), checked here since it cannot run here.
+stage "actionlint" scripts/actionlint.sh
 # Unit and lab tests in two processes; the system tests one at a time (each starts labs, real servers, a browser).
 stage "pytest unit+lab" "$bin/python" -m pytest -p no:cacheprovider -q -n 2 tests/unit tests/lab/tests
 stage "pytest system" "$bin/python" -m pytest -p no:cacheprovider -q -rs tests/system
