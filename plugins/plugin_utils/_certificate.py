@@ -1068,9 +1068,12 @@ def verification_problems(
             and not cert.summary["expired"]
             and cert.key_state != "missing"
         ]
+        # With a pin the listener falls back from (missing, expired, ...), WMI goes on reporting the pinned hash: the
+        # new self-signed certificate is then what the listener presents, but not what WMI names.
+        pin_reported = bool(after.pinned_thumbprint) and after.listener_thumbprint == after.pinned_thumbprint
         if not fresh:
             problems.append("no new self-signed certificate in LocalMachine\\Remote Desktop yet")
-        elif after.listener_thumbprint not in {cert.thumbprint for cert in fresh}:
+        elif not pin_reported and after.listener_thumbprint not in {cert.thumbprint for cert in fresh}:
             problems.append(
                 f"the listener reports {after.listener_thumbprint}, not the new self-signed certificate "
                 f"{fresh[0].thumbprint}"

@@ -127,12 +127,13 @@ def test_sessionenv_restart_keeps_sessions() -> None:
     assert host.snapshot()["sessions"] == sessions
 
 
-def test_termservice_restart_allowed_drops_sessions() -> None:
+def test_termservice_restart_allowed_disconnects_sessions() -> None:
     host = load("active-sessions")
     result = run(host, restart_service="TermService", allow_session_disruption=True)
     assert result["changed"] is True and "failed" not in result, result.get("msg")
-    states = {session["state"] for session in host.snapshot()["sessions"]}
-    assert "Active" not in states and "Disconnected" in states  # session 0 stays
+    users = {session["user"]: session["state"] for session in host.snapshot()["sessions"] if session["user"]}
+    # Disconnected, not logged off: both users keep their sessions.
+    assert users == {"CORP\\alice": "Disconnected", "CORP\\bob": "Disconnected"}
 
 
 def test_missing_pin_removed_but_never_on_a_broker() -> None:
@@ -174,3 +175,21 @@ def test_backup_that_cannot_be_written_changes_nothing() -> None:
     result = run(host)
     assert result["failed"] is True and "nothing was changed" in result["msg"]
     assert presented_thumbprint(host) == old
+
+
+def test_expired_pin_reported_with_the_certificate_the_listener_really_presents() -> None:
+    # RCM 1053: an expired pin is not presented, the self-signed certificate is: module and lab agree on it.
+    host = load("pinned-expired")
+    result = run(host)
+    assert result["certificate"]["source"] == "self_signed"
+    assert result["certificate"]["thumbprint"] == presented_thumbprint(host)
+    assert result["certificate"]["thumbprint"] != host.snapshot()["listener"]["pinned"]
+    [pinned] = [item for item in result["findings"] if item["id"] == "certificate.pinned_expired"]
+    assert "falls back to the self-signed certificate" in pinned["title"]
+    # So an expired self-signed certificate matters there too: it is regenerated.
+    host.inject_fault("expire_selfsigned", {})
+    assert host.rdp_view(connect=False).failure == "reset_after_x224"
+    repaired = run(host)
+    assert repaired["changed"] is True, repaired.get("msg")
+    assert host.rdp_view(connect=False).failure is None
+    assert presented_thumbprint(host) == repaired["certificate"]["thumbprint"]
