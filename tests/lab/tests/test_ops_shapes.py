@@ -58,7 +58,7 @@ def test_system_info() -> None:
         "powershell_version": "5.1.17763.1",
         "powershell_edition": "Desktop",
         "clr_version": "4.0.30319.42000",
-        "dotnet_framework_release": 528049,
+        "dotnet_framework_release": 528040,
         "language_mode": "FullLanguage",
         "ui_culture": "en-US",
     }

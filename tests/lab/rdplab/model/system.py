@@ -26,10 +26,8 @@ class SystemInfo:
     dotnet_framework: str = "4.8"
     # The UI language (host file system.locale): the event log renders level names and messages in it.
     locale: str = "en-US"
-    # What runs the agent (system.info's runtime): Windows PowerShell 5.1 on .NET Framework 4.8 (Release 528049 and
-    # up: learn.microsoft.com/dotnet/framework/install/how-to-determine-which-versions-are-installed).
+    # What runs the agent (system.info's runtime): Windows PowerShell 5.1 in full language mode.
     powershell_version: str | None = None  # None: the version that ships with (or, before 2016, WMF 5.1 for) the build
-    dotnet_framework_release: int | None = 528049
     language_mode: str = "FullLanguage"
 
     @property
@@ -52,7 +50,7 @@ class SystemInfo:
                 or (f"5.1.{self.os_build}.1" if self.os_build >= BUILD_SERVER_2016 else "5.1.14409.1005"),
                 "powershell_edition": "Desktop",
                 "clr_version": "4.0.30319.42000",
-                "dotnet_framework_release": self.dotnet_framework_release,
+                "dotnet_framework_release": DOTNET_RELEASES[self.dotnet_framework],
                 "language_mode": self.language_mode,
                 "ui_culture": self.locale,
             },
@@ -61,6 +59,21 @@ class SystemInfo:
 
 # .NET Framework 4.x releases a host file may name, oldest first; Windows PowerShell 5.1 needs 4.5.2 at least.
 DOTNET_FRAMEWORKS = ("4.5.2", "4.6", "4.6.1", "4.6.2", "4.7", "4.7.1", "4.7.2", "4.8", "4.8.1")
+
+
+# The smallest Release value (HKLM\SOFTWARE\Microsoft\NET Framework Setup\NDP\v4\Full) of each, as system.info's
+# runtime reports it [NetRelease].
+DOTNET_RELEASES = {
+    "4.5.2": 379893,
+    "4.6": 393295,
+    "4.6.1": 394254,
+    "4.6.2": 394802,
+    "4.7": 460798,
+    "4.7.1": 461308,
+    "4.7.2": 461808,
+    "4.8": 528040,
+    "4.8.1": 533320,
+}
 
 
 def dotnet_at_least(system: SystemInfo, release: str) -> bool:

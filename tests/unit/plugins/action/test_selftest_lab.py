@@ -66,7 +66,7 @@ def test_every_read_operation_answers_in_its_schema(name: str, tmp_path: Path) -
     environment = result["environment"]
     assert environment["os_build"] == host.system.os_build
     assert environment["language_mode"] == "FullLanguage"
-    assert environment["dotnet_framework_version"] is not None
+    assert environment["dotnet_framework_version"] == host.system.dotnet_framework
     assert environment["powershell_version"].startswith("5.1.")
     assert environment["ui_culture"] == host.system.locale
     rdp_key = environment["rdp_key"]
