@@ -96,8 +96,9 @@ environment:
   description:
     - C(os_build), C(os_caption), C(ui_culture), C(powershell_version), C(powershell_edition), C(clr_version),
       C(dotnet_framework_release) and C(dotnet_framework_version), C(language_mode);
-    - C(caller) - what the agent reports about the account it runs as (identity, groups, privileges and whether
-      they are enabled), empty when the agent does not report it;
+    - C(caller) - the account the agent runs as, as C(system.info) reports it - C(user), C(sid), C(system),
+      C(administrator), C(groups), C(privileges) (name to enabled), C(agent_enabled);
+    - C(privileges_enabled), C(privileges_disabled) - the token's privileges by state;
     - C(rdp_key) - the listener's RDP key file - C(path), C(provider_kind), C(exists), C(acl_readable),
       C(content_readable) (null when not known).
   returned: success

@@ -267,7 +267,10 @@ def environment(results: dict[str, dict[str, JSON]]) -> dict[str, JSON]:
     found = _data(results, "system.info")
     system: dict[str, JSON] = found if isinstance(found, dict) else {}
     runtime: dict[str, JSON] = system["runtime"] if isinstance(system.get("runtime"), dict) else {}
-    caller = {key: value for key, value in system.items() if key not in _SYSTEM_KEYS}
+    caller: dict[str, JSON] = dict(system["caller"]) if isinstance(system.get("caller"), dict) else {}
+    # Anything else system.info reports that this report does not show on its own.
+    caller.update({key: value for key, value in system.items() if key not in _SYSTEM_KEYS and key != "caller"})
+    privileges = caller.get("privileges") if isinstance(caller.get("privileges"), dict) else {}
     key = rdp_key_record(_data(results, "listener.get"), _data(results, "cert.list"))
     key_stat = _data(results, "file.stat")
     rdp_key: dict[str, JSON] = {
@@ -297,6 +300,8 @@ def environment(results: dict[str, dict[str, JSON]]) -> dict[str, JSON]:
         # The caller's token (identity, groups, privileges) as system.info reports it; empty from an agent that does
         # not report it.
         "caller": caller,
+        "privileges_enabled": sorted(name for name, enabled in privileges.items() if enabled is True),
+        "privileges_disabled": sorted(name for name, enabled in privileges.items() if enabled is False),
         "rdp_key": rdp_key,
     }
 

@@ -71,6 +71,13 @@ def test_every_read_operation_answers_in_its_schema(name: str, tmp_path: Path) -
     assert environment["ui_culture"] == host.system.locale
     rdp_key = environment["rdp_key"]
     assert set(rdp_key) == {"path", "provider_kind", "exists", "acl_readable", "content_readable"}
+    # The token: who, its groups, and its privileges split by state as whoami /priv shows them.
+    caller = environment["caller"]
+    assert caller["sid"].startswith("S-1-5-") and caller["groups"]
+    privileges = caller["privileges"]
+    assert environment["privileges_enabled"] == sorted(name for name, on in privileges.items() if on)
+    assert environment["privileges_disabled"] == sorted(name for name, on in privileges.items() if not on)
+    assert set(caller["agent_enabled"]) <= set(environment["privileges_enabled"])
 
 
 def test_rdp_key_readability_is_the_key_files() -> None:

@@ -57,6 +57,8 @@ BREAKS: list[tuple[str, t.Callable[[t.Any], None], str]] = [
     ("service.get", lambda d: d["services"]["TermService"].__setitem__("start_type", "Auto"), "start_type"),
     ("service.get", lambda d: d["services"]["TermService"].__setitem__("exists", "True"), "exists"),
     ("system.info", lambda d: d.pop("os_build"), "os_build"),
+    ("system.info", lambda d: d["caller"].__setitem__("groups", {"S-1-5-32-544": "Administrators"}), "groups"),
+    ("system.info", lambda d: d["caller"]["privileges"].__setitem__("SeBackupPrivilege", "Enabled"), "SeBackup"),
     ("system.info", lambda d: d["runtime"].__setitem__("dotnet_framework_release", "528049"), "release"),
     ("listener.get", lambda d: d.__setitem__("ssl_certificate_sha1_hash", "ab" * 20), "sha1_hash"),
     ("listener.get", lambda d: d.__setitem__("extra", 1), "extra"),
