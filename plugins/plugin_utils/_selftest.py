@@ -270,7 +270,7 @@ def environment(results: dict[str, dict[str, JSON]]) -> dict[str, JSON]:
     caller: dict[str, JSON] = dict(system["caller"]) if isinstance(system.get("caller"), dict) else {}
     # Anything else system.info reports that this report does not show on its own.
     caller.update({key: value for key, value in system.items() if key not in _SYSTEM_KEYS and key != "caller"})
-    privileges = caller.get("privileges") if isinstance(caller.get("privileges"), dict) else {}
+    privileges: dict[str, JSON] = caller["privileges"] if isinstance(caller.get("privileges"), dict) else {}
     key = rdp_key_record(_data(results, "listener.get"), _data(results, "cert.list"))
     key_stat = _data(results, "file.stat")
     rdp_key: dict[str, JSON] = {
