@@ -158,3 +158,18 @@ def test_before_the_level_was_the_localised_display_name_now_it_is_the_number() 
     assert [item["level"] for item in before["events"]] == ["Fehler"]
     now = query(host, {"log": "System", "providers": [SCHANNEL], "ids": [36888]})
     assert [(item["level"], item["level_name"]) for item in now["events"]] == [(2, "Fehler")]
+
+
+def test_the_agent_writes_each_query_as_the_lab_counts_it() -> None:
+    """The lab counts a provider, a single ID and the start time as one expression each and a range as two; the
+    agent's XPath must be written that way, read without tolerating query errors."""
+    from rdplab.bootstrap import collection_root
+
+    text = (collection_root() / "plugins" / "plugin_utils" / "_agent.ps1").read_text(encoding="utf-8")
+    block = agent_code._operation(text, "events.query")
+    assert "Provider[@Name='$providerName']" in block
+    assert "'(EventID>=' + [int]$id[0] + ' and EventID<=' + [int]$id[1] + ')'" in block
+    assert "'EventID=' + [int]$id" in block
+    assert "TimeCreated[@SystemTime>='$sinceXPath']" in block
+    assert "EventLogReader" in block and "Get-WinEvent" not in block
+    assert "TolerateQueryErrors" not in block.replace("TolerateQueryErrors stays false", "")
