@@ -18,13 +18,14 @@ from ansible.plugins.action import ActionBase
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._report import (
     FAIL_ON_CHOICES,
-    FILE_NAMES,
     FORMATS,
     FleetReport,
     HostResult,
     ReportInputError,
+    changed_paths,
     gate,
     host_from_result,
+    report_paths,
     summarise,
     to_plain,
     write_report,
@@ -38,7 +39,6 @@ ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "formats": {"type": "list", "elements": "str", "choices": list(FORMATS), "default": list(FORMATS)},
     "title": {"type": "str", "default": "Remote Desktop fleet report"},
     "fail_on": {"type": "str", "choices": list(FAIL_ON_CHOICES), "default": "none"},
-    "write_in_check_mode": {"type": "bool", "default": True},
 }
 
 
@@ -101,21 +101,23 @@ class ActionModule(ActionBase):  # type: ignore[misc]  # ansible-core ships no t
             fail_on=params["fail_on"],
         )
 
-        write = not self._task.check_mode or params["write_in_check_mode"]
+        # Changed: a file is new or says something else than before (a new time stamp alone is no change). Check mode
+        # writes nothing and says which files it would write and which of them would change.
+        changed = changed_paths(report, dest, formats)
+        write = not self._task.check_mode
         if write:
             try:
                 paths = write_report(report, dest, formats)
             except OSError as error:
                 raise AnsibleActionFail(f"could not write the report into {dest}: {error}") from error
         else:
-            paths = {fmt: os.path.join(dest, FILE_NAMES[fmt]) for fmt in formats}
+            paths = report_paths(dest, formats)
 
         summary = summarise(report)
         failing = gate(report)
         result.update(
-            # The report is an artifact of this run on the controller, not managed state: writing it is not a
-            # change, so an audit play stays "changed=0" when nothing on the fleet would change.
-            changed=False,
+            changed=bool(changed),
+            changed_paths=changed,
             written=write,
             dest=dest,
             paths=paths,
@@ -132,10 +134,18 @@ class ActionModule(ActionBase):  # type: ignore[misc]  # ansible-core ships no t
             shown = ", ".join(failing[:10]) + (f" and {len(failing) - 10} more" if len(failing) > 10 else "")
             result["msg"] = (
                 f"{len(failing)} of {summary.hosts} host(s) fail the gate fail_on={report.fail_on}: {shown}"
-                + (f" (report written to {dest})" if write else "")
+                + (f" (report written to {dest})" if write else f" (check mode: report not written to {dest})")
+            )
+        elif write:
+            result["msg"] = f"fleet report of {summary.hosts} host(s) written to {dest}" + (
+                f" ({len(changed)} file(s) changed)" if changed else " (unchanged)"
             )
         else:
-            result["msg"] = f"fleet report of {summary.hosts} host(s)" + (f" written to {dest}" if write else "")
+            names = ", ".join(os.path.basename(path) for path in paths.values())
+            result["msg"] = (
+                f"check mode: would write the fleet report of {summary.hosts} host(s) to {dest} ({names}); "
+                + (f"{len(changed)} file(s) would change" if changed else "no file would change")
+            )
         return result
 
     def _host_result(self, name: str, hostvars: t.Any, findings_var: str, handshake_var: str | None) -> HostResult:

@@ -78,27 +78,23 @@ options:
     type: str
     choices: [none, critical, warning, security, info]
     default: none
-  write_in_check_mode:
-    description:
-      - Write the report also when the play runs with C(--check).
-      - The report is the product of an audit and changes no managed host, so the default C(true) makes
-        C(fix_rdp.yml --check) and C(audit_rdp.yml) leave a report behind. Set C(false) to write nothing in check mode.
-    type: bool
-    default: true
 extends_documentation_fragment:
   - rdpfix.rdp.attributes
 attributes:
   check_mode:
     support: full
-    details: Changes no host. Writes the report on the controller unless O(write_in_check_mode=false).
+    details: >-
+      Changes no host. In check mode nothing is written; the result names the files it would write (RV(paths)) and
+      those that would change (RV(changed_paths)).
   diff_mode:
     support: none
   platform:
     platforms: posix
     details: Runs on the controller only.
 notes:
-  - Always returns C(changed=false) - the report is an artifact of the run, not managed state, so an audit that would
-    change nothing on the fleet reports nothing changed.
+  - Returns C(changed=true) when a report file is new or says something else than the file it replaces. Each file
+    carries a digest of its content less its time stamps, so a rerun over an unchanged fleet reports C(changed=false)
+    although the files get new time stamps.
   - The JSON document has a C(schema_version); fields are only added within a version.
   - The collection's docs/report.md describes the report and gating in CI and AWX.
 """
@@ -129,7 +125,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 written:
-  description: Whether the files were written (false only in check mode with O(write_in_check_mode=false)).
+  description: Whether the files were written (false in check mode).
   returned: always
   type: bool
   sample: true
@@ -138,8 +134,14 @@ dest:
   returned: always
   type: str
   sample: /home/admin/rdp/reports
+changed_paths:
+  description: The files that are new or say something else than before (in check mode, that would be).
+  returned: always
+  type: list
+  elements: str
+  sample: [/home/admin/rdp/reports/report.html]
 paths:
-  description: Path of each file, by format.
+  description: Path of each file, by format (in check mode, the files it would write).
   returned: always
   type: dict
   sample: {"html": "/home/admin/rdp/reports/report.html", "json": "/home/admin/rdp/reports/report.json"}

@@ -20,7 +20,7 @@ import re
 import tempfile
 import typing as t
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from xml.etree import ElementTree as ET
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._report_assets import REPORT_CSS, REPORT_JS
@@ -382,8 +382,20 @@ def report_document(report: FleetReport) -> JSONObject:
     }
 
 
+def content_digest(report: FleetReport) -> str:
+    """SHA-256 of what the report says, less when it was made (generated_at, each host's gathered_at).
+
+    Every file carries it, so a rerun can tell whether a file it replaces said something else: the task's ``changed``.
+    """
+    timeless = replace(report, generated_at="", hosts=tuple(replace(host, gathered_at=None) for host in report.hosts))
+    document = report_document(timeless)
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def render_json(report: FleetReport) -> str:
-    return json.dumps(report_document(report), indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    document = report_document(report)
+    document["content_digest"] = content_digest(report)
+    return json.dumps(document, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
 
 
 _FINDING_SCHEMA: JSONObject = {
@@ -427,6 +439,7 @@ REPORT_JSON_SCHEMA: JSONObject = {
         "schema_version": {"const": SCHEMA_VERSION},
         "title": {"type": "string"},
         "generated_at": {"type": "string"},
+        "content_digest": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "fail_on": {"enum": list(FAIL_ON_CHOICES)},
         "summary": {
             "type": "object",
@@ -538,6 +551,7 @@ def render_junit(report: FleetReport) -> str:
     property_values: list[tuple[str, object]] = [
         ("schema_version", SCHEMA_VERSION),
         ("generated_at", report.generated_at),
+        ("content_digest", content_digest(report)),
         ("fail_on", report.fail_on),
         ("hosts", summary.hosts),
     ]
@@ -759,6 +773,7 @@ def render_html(report: FleetReport) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{esc(csp)}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<meta name="referrer" content="no-referrer">',
+        f'<meta name="rdpfix-content-digest" content="{content_digest(report)}">',
         f"<title>{esc(report.title)}</title>",
         f"<style>{REPORT_CSS}</style></head><body>",
         f'<header><h1>{esc(report.title)}</h1><p class="meta">{summary.hosts} host(s), generated '
@@ -810,6 +825,26 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def report_paths(dest: str, formats: t.Sequence[str]) -> dict[str, str]:
+    return {fmt: os.path.join(dest, FILE_NAMES[fmt]) for fmt in formats}
+
+
+def changed_paths(report: FleetReport, dest: str, formats: t.Sequence[str]) -> list[str]:
+    """The report files that writing ``report`` would create or make say something else (their content digest differs;
+    a new time stamp alone is no change)."""
+    marker = content_digest(report)
+    changed: list[str] = []
+    for path in report_paths(dest, formats).values():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as stream:
+                same = marker in stream.read()
+        except OSError:
+            same = False
+        if not same:
+            changed.append(path)
+    return changed
 
 
 def write_report(report: FleetReport, dest: str, formats: t.Sequence[str]) -> dict[str, str]:

@@ -45,7 +45,14 @@ def test_audit_reads_every_host_once_writes_nothing_and_reports(
     reports = tmp_path / "reports"
     run = run_playbook("playbooks/audit_rdp.yml", lab.inventory, extra_vars={"rdpfix_audit_report_dir": str(reports)})
     assert run.rc == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.changed_hosts() == set()
+    # Only the report changed (its files are new); every module task on the hosts reports no change.
+    changed_tasks = {
+        task["task"]["name"]
+        for play in run.document["plays"]
+        for task in play["tasks"]
+        if any(result.get("changed") for result in task["hosts"].values())
+    }
+    assert changed_tasks == {"Write the fleet report"}
     counters = lab.counters()
     assert {name: (c["winrm_commands"], c["writes"]) for name, c in counters.items()} == dict.fromkeys(HOSTS, (1, 0))
     assert without_counters(lab.state()) == before
@@ -61,6 +68,11 @@ def test_audit_reads_every_host_once_writes_nothing_and_reports(
     statuses = {host["name"]: host["status"] for host in report["hosts"]}
     assert statuses == {name: facts[name]["status"] for name in HOSTS}
     assert (reports / "report.html").is_file() and (reports / "report.junit.xml").is_file()
+
+    # A rerun over the unchanged fleet rewrites the report with new time stamps and reports nothing changed.
+    rerun = run_playbook("playbooks/audit_rdp.yml", lab.inventory, extra_vars={"rdpfix_audit_report_dir": str(reports)})
+    assert rerun.rc == 0 and rerun.changed_hosts() == set(), rerun.stdout[-3000:]
+    assert json.loads((reports / "report.json").read_text(encoding="utf-8"))["generated_at"] != report["generated_at"]
 
 
 def test_audit_gate_fails_the_run_on_critical_hosts(lab_factory: t.Callable[..., Lab], tmp_path: Path) -> None:

@@ -48,10 +48,9 @@ PLAYBOOK = """
       rdpfix.rdp.fleet_report:
         findings_var: rdp_facts
         dest: "{{ report_dest }}"
-        title: Lab audit
+        title: "{{ report_title | default('Lab audit') }}"
         fail_on: "{{ gate | default('none') }}"
         formats: "{{ report_formats | default(['html', 'json', 'junit']) }}"
-        write_in_check_mode: "{{ write_in_check | default(true) }}"
         hosts: "{{ report_hosts | default(omit) }}"
       run_once: true
       delegate_to: localhost
@@ -133,7 +132,8 @@ def test_report_from_hostvars(project: Path) -> None:
     assert "web01" in (reports / "report.html").read_text()
     # The module's own result, as the playbook sees it.
     result = report_task(run)
-    assert result["changed"] is False and result["written"] is True
+    assert result["changed"] is True and result["written"] is True
+    assert sorted(result["changed_paths"]) == sorted(result["paths"].values())
     assert result["paths"]["json"] == str(reports / "report.json")
     assert result["hosts"] == 5
     assert result["counts"]["status"] == {"critical": 1, "failed": 1, "unreachable": 1, "warning": 1, "ok": 1}
@@ -151,13 +151,34 @@ def test_gate_fails_after_writing(project: Path) -> None:
     assert sorted(document["summary"]["failing_hosts"]) == ["broken", "gone", "web01", "web02"]
 
 
-def test_check_mode_writes_unless_told_not_to(project: Path) -> None:
-    assert run_playbook(project, "--check").returncode == 0
-    assert (project / "reports" / "report.html").exists()
-    run = run_playbook(project, "--check", report_dest="audit-only", write_in_check=False)
+def test_check_mode_writes_nothing_and_says_what_it_would_write(project: Path) -> None:
+    run = run_playbook(project, "--check")
     assert run.returncode == 0, run.stdout
-    assert not (project / "audit-only").exists()
-    assert report_task(run)["written"] is False
+    result = report_task(run)
+    assert not (project / "reports").exists()
+    assert result["written"] is False and result["changed"] is True
+    assert result["paths"]["html"] == str(project / "reports" / "report.html")
+    assert sorted(result["changed_paths"]) == sorted(result["paths"].values())
+    assert result["msg"].startswith("check mode: would write the fleet report of 5 host(s)"), result["msg"]
+
+
+def test_changed_only_when_a_file_says_something_else(project: Path) -> None:
+    assert report_task(run_playbook(project))["changed"] is True
+    html = project / "reports" / "report.html"
+    first = html.read_text()
+    # The same findings again: the files get a new time stamp, and nothing changed.
+    again = report_task(run_playbook(project))
+    assert again["changed"] is False and again["changed_paths"] == [] and again["written"] is True
+    assert report_task(run_playbook(project, "--check"))["changed"] is False
+    # A file that said something else (here: another digest, as an older report has) is a change, for that file only.
+    digest = json.loads((project / "reports" / "report.json").read_text())["content_digest"]
+    assert digest in first
+    html.write_text(first.replace(digest, "0" * 64))
+    edited = report_task(run_playbook(project))
+    assert edited["changed"] is True and edited["changed_paths"] == [str(html)]
+    # Another title says something else in every file.
+    retitled = report_task(run_playbook(project, "--check", report_title="Other title"))
+    assert retitled["changed"] is True and len(retitled["changed_paths"]) == 3
 
 
 @pytest.mark.parametrize(
