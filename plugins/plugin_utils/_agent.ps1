@@ -1565,7 +1565,16 @@ $Operations = [ordered]@{
             }
         }
         if ($null -eq $broker) {
-            $broker = $null -ne (Get-Service -Name 'Tssdis' -ErrorAction SilentlyContinue)
+            # Absent is an answer (no broker); any other failure to read the service is an error, never "no broker".
+            try {
+                $broker = $null -ne (Get-Service -Name 'Tssdis' -ErrorAction Stop)
+            }
+            catch {
+                if ($_.FullyQualifiedErrorId -notlike 'NoServiceFoundForGivenName*') {
+                    throw
+                }
+                $broker = $false
+            }
         }
         return [ordered]@{
             hostname = [string]$computer.Name
