@@ -70,7 +70,7 @@ options:
     default: true
   override_policy:
     description:
-      - Write values that Group Policy owns (under C(HKLM:\SOFTWARE\Policies)) when a fix needs it. The module warns:
+      - Write values that Group Policy owns (under C(HKLM:\SOFTWARE\Policies)) when a fix needs it. The module warns that
         a GPO that sets the value puts its own back at the next policy refresh (about every 90 minutes, and at boot).
       - Without it such values are only reported, with the fix naming this option.
     type: bool
