@@ -112,6 +112,14 @@ backup:
   description: The backup manifest with the previous values; null without changes.
   returned: always
   type: dict
+unresolved:
+  description:
+    - Ids of the findings this run leaves for someone to decide - critical ones reported without a fix, and any whose
+      fix needs options this run was not given. The C(rdpfix.rdp.rdpfix_server) role's final verification fails a
+      host only when no module left any.
+  returned: success
+  type: list
+  elements: str
 round_trips:
   description: WinRM commands the task sent (1 when nothing changes or in check mode, 2 when it changed something).
   returned: always

@@ -274,7 +274,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
 
         try:
             result.update(self.run_task(params))
-            result["unresolved"] = self.unresolved(params, result.get("findings") or [])
+            if "findings" in result:
+                result["unresolved"] = self.unresolved(params, result["findings"])
         except ActionFailed as exc:
             result.update(exc.result)
             result.update(failed=True, msg=exc.msg)
