@@ -453,7 +453,7 @@ def _judge_active_profiles(
             consent = "; the rule is open to any address, so also allow_public_any: true (or give remote_addresses)"
         rules_text = (
             f"the Remote Desktop rule {target.name!r} covers {', '.join(limited_to)} only"
-            if limited_to
+            if limited_to and target is not None
             else "no enabled rule allows it on any profile"
         )
         plan.findings.append(
