@@ -60,6 +60,10 @@ MANIFEST_FILE = "manifest.json"
 RESTORED_MARKER = "restored.json"
 
 
+# The ACL a restored key file has while certutil -repairstore re-links it; its recorded ACL replaces it right after.
+RELINK_KEY_SDDL = "O:SYG:SYD:P(A;;FA;;;SY)(A;;FA;;;BA)"
+
+
 class PlanError(ValueError):
     """The request cannot be honoured safely; nothing has been touched."""
 
@@ -371,11 +375,14 @@ def assess_key(state: State, cert: certificate.StoredCertificate, role: str) -> 
         else:
             if not sd.can_read(descriptor, sd.NETWORK_SERVICE_IDENTITIES):
                 problems.append("not_readable")
-            missing = sd.missing_entries(descriptor, expected_key_requirements(state.os_build))
-            if missing:
-                problems.append("entries")
-            if descriptor.owner != sd.SID_SYSTEM:
-                problems.append("owner")
+            if role == "self_signed":
+                missing = sd.missing_entries(descriptor, expected_key_requirements(state.os_build))
+                if missing:
+                    problems.append("entries")
+                if descriptor.owner != sd.SID_SYSTEM:
+                    problems.append("owner")
+            # A pinned or template certificate's key belongs to its owner (IIS, an auto-enrolled template...): the
+            # listener needs NETWORK SERVICE's read on it [Listener] and nothing else, so nothing else is asked of it.
     return RdpKey(role, cert, path, provider, exists, size, owner, acl, tuple(problems), tuple(missing))
 
 
@@ -899,6 +906,9 @@ def _stage_changes(state: State, result: Plan, backup: _StagedBackup) -> None:
             thumbprint=cert.thumbprint,
             der_b64=base64.b64encode(cert.der).decode("ascii"),
             store_thumbprints=[item.thumbprint for item in state.cert.self_signed],
+            # Where its key file is and the ACL it had: a restore re-links the key under a temporary ACL.
+            key_path=key.path if key.exists else None,
+            key_sddl=key.sddl if key.exists else None,
         )
         if result.rename is None and key.exists and key.path:
             name = f"{ntpath.basename(key.path)}.key"
@@ -1111,10 +1121,26 @@ def plan_restore(state: State, manifest: dict[str, t.Any], root: str, backup: Ba
             key_acls.append((path, str(item["sddl"])))
         result.actions.append({"action": "restore_key", "path": path, "description": f"put the key file {path} back"})
 
+    # The key files this restore puts back: moved ones, and every file of a store that comes back whole.
+    restored_files = {str(item["source"]).casefold() for item in items if item.get("kind") == "key_moved"}
+    for item in items:
+        if item.get("kind") == "store_moved":
+            restored_files |= {
+                ntpath.join(str(item["source"]), str(name)).casefold() for name in item.get("entries") or []
+            }
     for item in items:
         if item.get("kind") == "rdp_certificate" and any(op == "cert.import" for op, _args in result.ops):
-            # The re-imported certificate finds its key file again (certutil -repairstore).
+            # The re-imported certificate finds its key file again (certutil -repairstore). certutil opens the key
+            # through its provider, with the caller's token and without backup semantics: a key file whose ACL
+            # names no Administrators (the 17763+ default) gets SYSTEM and Administrators for the re-link only.
+            key_path, key_sddl = item.get("key_path"), item.get("key_sddl")
+            relink = bool(key_path and key_sddl and str(key_path).casefold() in restored_files)
+            if relink:
+                result.ops.append(("acl.set", {"path": key_path, "sddl": RELINK_KEY_SDDL}))
             result.ops.append(("cert.repair_key_link", {"store": item["store"], "thumbprint": item["thumbprint"]}))
+            if relink:
+                key_acls = [(path, sddl) for path, sddl in key_acls if path.casefold() != str(key_path).casefold()]
+                result.ops.append(("acl.set", {"path": key_path, "sddl": key_sddl}))
 
     # The key files' recorded ACLs go on after the re-link: certutil opens the key through its provider, with the
     # caller's token and without backup semantics, and from build 17763 the RDP key's ACL names no Administrators.
