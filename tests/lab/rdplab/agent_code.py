@@ -44,6 +44,9 @@ class AgentCode:
     # tolerated into "No events were found", one unreadable record loses its whole query, and the level is the
     # localised LevelDisplayName (rdplab.ops.events).
     events_from_hashtable: bool = False
+    # firewall.rule.new looks for an existing Name in the local store only (Get-NetFirewallRule's default store):
+    # a Name only Group Policy has is created again locally, where the policy's rule shadows it.
+    rule_new_checks_local_store_only: bool = False
 
 
 def _block(text: str, start: re.Pattern[str], what: str) -> str:
@@ -86,6 +89,7 @@ def analyse(text: str) -> AgentCode:
     if "StartType" not in service_get and "StartMode" not in service_get:
         raise AgentCodeUnknown("service.get reads neither ServiceController.StartType nor Win32_Service.StartMode")
     restart = _operation(text, "service.restart")
+    new_rule = _operation(text, "firewall.rule.new")
     events = _operation(text, "events.query")
     if "FilterHashtable" not in events and "EventLogReader" not in events:
         raise AgentCodeUnknown("events.query reads with neither Get-WinEvent -FilterHashtable nor EventLogReader")
@@ -96,6 +100,7 @@ def analyse(text: str) -> AgentCode:
         start_type_from_service_controller=bool(re.search(r"\.StartType\b", service_get)),
         restart_with_cmdlet=bool(re.search(r"\bRestart-Service\b", restart)),
         events_from_hashtable="FilterHashtable" in events,
+        rule_new_checks_local_store_only=not re.search(r"RSOP|\$FirewallRuleStores", new_rule),
     )
 
 

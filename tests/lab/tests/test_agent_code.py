@@ -23,6 +23,7 @@ BEFORE_CODE = agent_code.AgentCode(
     start_type_from_service_controller=True,
     restart_with_cmdlet=True,
     events_from_hashtable=True,
+    rule_new_checks_local_store_only=True,
 )
 
 
@@ -119,6 +120,11 @@ def test_group_policy_rules_win_in_the_active_store_and_are_never_written() -> N
     assert results[1]["error"]["type"] == "InvalidArgument" and "RSOP" in results[1]["error"]["message"]
     assert results[2]["data"] == {"previous": None}
     assert host.firewall.policy_rules["remotedesktop-usermode-in-tcp"].record() == policy
+    # The agent before the review looked in the local store only: New-NetFirewallRule made a local twin of the
+    # policy's rule, which the policy's shadows.
+    with agent_code.using(BEFORE_CODE):
+        twin = run(host, ("firewall.rule.new", {**NEW_RULE, "name": "RemoteDesktop-UserMode-In-TCP"}))[0]
+    assert twin["ok"] and "remotedesktop-usermode-in-tcp" in host.firewall.rules
 
 
 NEW_RULE = {

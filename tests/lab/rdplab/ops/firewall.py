@@ -122,7 +122,9 @@ def rule_new(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     protocol = _args.string(args, "protocol")
     if protocol.upper() not in ("TCP", "UDP", "ANY"):
         raise InvalidArgument(f"protocol must be TCP, UDP or Any, got {protocol!r}")
-    for store in ("PersistentStore", "RSOP"):
+    # The agent looks in both stores; an agent that looked in the local store only would create a local twin.
+    local_only = agent_code.current().rule_new_checks_local_store_only
+    for store in ("PersistentStore",) if local_only else ("PersistentStore", "RSOP"):
         if name.casefold() in (host.firewall.rules if store == "PersistentStore" else host.firewall.policy_rules):
             raise InvalidArgument(f"a firewall rule with the Name '{name}' exists ({store})")
     rule = FirewallRule(

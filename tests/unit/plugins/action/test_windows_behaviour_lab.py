@@ -26,6 +26,7 @@ BEFORE = agent_code.AgentCode(
     filters_joined_across_stores=True,
     start_type_from_service_controller=True,
     restart_with_cmdlet=True,
+    rule_new_checks_local_store_only=True,
 )
 TCP = "RemoteDesktop-UserMode-In-TCP"
 
