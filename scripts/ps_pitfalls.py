@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: contributors to rdpfix.rdp
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Static checks for the Windows PowerShell 5.1 pitfalls that bit the agent (plugins/plugin_utils/_agent.ps1).

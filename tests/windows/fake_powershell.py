@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: contributors to rdpfix.rdp
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """A stand-in for powershell.exe in the tests of rdpfix_local.py: it forwards its arguments and stdin to a simulated

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: contributors to rdpfix.rdp
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Run rdpfix agent batches on the local Windows machine, without Ansible (Ansible does not run on Windows).
