@@ -1,6 +1,6 @@
-# rdpfix.rdp - two commands matter on a fresh machine:
+# rdpfix.rdp - two commands matter on a fresh machine (`make help` lists every target):
 #   make demo   run fix_rdp.yml against a lab of simulated Windows hosts (check mode, apply, rerun)
-#   make test   every check: ruff, mypy, pytest (unit, lab, system), ansible-test sanity, ansible-lint, Molecule
+#   make test   every check: ruff, mypy, pytest (unit, lab, system), ansible-test sanity, ansible-lint, build, Molecule
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -12,11 +12,27 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.cache/collections
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help setup system-packages demo test lint typecheck pytest unit system sanity ansible-lint molecule build docs-check clean pitfalls actionlint
+.PHONY: help setup system-packages demo test lint typecheck unit system sanity ansible-lint molecule build changelog clean pitfalls actionlint
 
 help:
-	@echo "make demo   - set up, start a lab fleet, run fix_rdp.yml (check, apply, rerun), show a summary, stop the lab"
-	@echo "make test   - set up and run every check (the CI entry point)"
+	@echo "make demo          set up, start a lab fleet, audit it, fix it (check, apply, rerun), show the outcome, stop the lab"
+	@echo "make test          set up and run every check (the CI entry point, scripts/run-tests.sh)"
+	@echo ""
+	@echo "make setup         create .venv from requirements/*.txt, install the Debian test packages, link the collection"
+	@echo "make lint          ruff check and ruff format --check"
+	@echo "make typecheck     mypy (strict on plugins/plugin_utils and the lab)"
+	@echo "make unit          pytest: unit and lab tests"
+	@echo "make system        pytest: system tests (labs, ansible-playbook, real RDP servers, a browser)"
+	@echo "make sanity        ansible-test sanity (scripts/ansible-test-sanity.sh)"
+	@echo "make ansible-lint  ansible-lint, production profile"
+	@echo "make pitfalls      the agent's PowerShell checked for Windows PowerShell 5.1 pitfalls"
+	@echo "make actionlint    the GitHub workflows checked (scripts/actionlint.sh)"
+	@echo "make molecule      the Molecule scenario against a lab"
+	@echo "make build         build the collection tarball into build/ and check it (scripts/check-build.sh)"
+	@echo "make changelog     release notes: CHANGELOG.rst from changelogs/ (antsibull-changelog)"
+	@echo "make clean         stop the lab, remove build output and caches"
+	@echo ""
+	@echo "Commands outside make: use .venv/bin/<tool>, or 'source .venv/bin/activate' first."
 
 # --- environment ----------------------------------------------------------------------------------
 $(STAMP): requirements/runtime.txt requirements/test.txt tests/lab/pyproject.toml
@@ -42,7 +58,7 @@ test: setup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check plugins tests
+	$(BIN)/ruff format --check plugins tests benchmarks scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy plugins tests/lab/rdplab
@@ -63,13 +79,17 @@ sanity: setup
 	@scripts/ansible-test-sanity.sh
 
 ansible-lint: setup
-	$(BIN)/ansible-lint
+	$(BIN)/ansible-lint --offline
 
 molecule: setup
 	cd $(CURDIR) && $(BIN)/molecule test -s default
 
 build: setup
 	mkdir -p build && $(BIN)/ansible-galaxy collection build --force --output-path build .
+	@scripts/check-build.sh
+
+changelog: $(STAMP)
+	$(BIN)/antsibull-changelog lint && $(BIN)/antsibull-changelog generate
 
 clean:
 	-$(BIN)/rdplab down --state-dir .lab 2>/dev/null

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# ansible-test sanity, without Docker and offline: it wants the collection at ansible_collections/rdpfix/rdp, so the
-# files git knows (tracked, or new and not ignored) are copied there first.
+# ansible-test sanity without Docker: it wants the collection at ansible_collections/rdpfix/rdp, so the files git knows
+# (tracked, or new and not ignored) are copied there first.
+# Not offline: ansible-test builds a venv per sanity test and installs pip and each test's pinned requirements into it
+# from PyPI (cached under ~/.ansible/test after the first run). Only its pip bootstrap script, which it would download
+# from a site other than PyPI, is replaced by the stand-in below.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin="$root/.venv/bin"
 work="$root/.cache/sanity"
 dest="$work/ansible_collections/rdpfix/rdp"
 
-# ansible-test bootstraps pip in its own venvs from a script it downloads, which fails offline. This stand-in installs the
-# requested pip with the pip wheel Python ships in ensurepip (the same package, taken from PyPI).
+# ansible-test bootstraps pip in its own venvs from a get-pip script it downloads. This stand-in installs the requested
+# pip version from PyPI with the pip wheel Python ships in ensurepip.
 cache="$HOME/.ansible/test/cache"
 mkdir -p "$cache"
 # The pip version ansible-test pins for its venvs (e.g. pip='24.2' in python_requirements.py).

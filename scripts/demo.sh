@@ -13,7 +13,13 @@ state_dir=.lab
 inventory=inventory/lab.yml
 report_dir=${RDPFIX_DEMO_REPORT_DIR:-build/demo}
 
-banner() { printf '\n\033[1m=== %s\033[0m\n' "$*"; }
+# Bold banners on a terminal only: redirected to a file (make demo > demo.log) the output carries no escape codes.
+# ansible-playbook colours only a terminal too, unless ANSIBLE_FORCE_COLOR says otherwise.
+if [[ -t 1 && -z "${NO_COLOR:-}" ]]; then
+  banner() { printf '\n\033[1m=== %s\033[0m\n' "$*"; }
+else
+  banner() { printf '\n=== %s\n' "$*"; }
+fi
 
 rdplab down --state-dir "$state_dir" >/dev/null 2>&1 || true
 mkdir -p inventory "$report_dir"
@@ -43,7 +49,7 @@ python scripts/demo_summary.py --state-dir "$state_dir" --inventory "$inventory"
 
 banner "4. Rerun: nothing left to change"
 rdplab state --state-dir "$state_dir" --reset-counters >/dev/null
-ansible-playbook -i "$inventory" playbooks/fix_rdp.yml | tee "$report_dir/rerun.log"
+ANSIBLE_NOCOLOR=1 ansible-playbook -i "$inventory" playbooks/fix_rdp.yml | tee "$report_dir/rerun.log"
 python scripts/demo_summary.py --state-dir "$state_dir" --inventory "$inventory" --phase rerun \
   --expect-no-writes --before "$report_dir/before.json"
 

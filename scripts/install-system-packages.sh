@@ -11,9 +11,13 @@
 #   mono-mcs             a C# compiler: the agent's embedded C# must compile as C# 5 (Windows PowerShell 5.1's Add-Type)
 #
 # Override a pin only on purpose:  XRDP_VERSION=... make setup
-# Debian's security archive keeps only the newest build of a package (Chromium moves every few weeks). When a pinned
-# version is no longer offered, the newest one is installed instead, with a warning that names both: the run goes on,
-# and the warning says which pin to bump.
+# Chromium is not pinned to a build: Debian ships it from the security archive, which keeps only the newest build and
+# replaces it every few weeks, so any pin goes stale. Any installed Chromium does (the report test drives it over its
+# debugging pipe); CHROMIUM_VERSION=... pins one on purpose. For a pinned package whose version is no longer offered,
+# the newest one is installed instead, with a warning that names both.
+#
+# Every `make` runs this script: once the packages are in place it answers from a stamp (the pins and the installed
+# versions it saw last), without apt-get.
 set -euo pipefail
 
 declare -A PINS=(
@@ -21,7 +25,7 @@ declare -A PINS=(
   [freerdp2-shadow-x11]="${FREERDP_VERSION:-2.11.7+dfsg1-6~deb12u1}"
   [xvfb]="${XVFB_VERSION:-2:21.1.7-3+deb12u12}"
   [nmap]="${NMAP_VERSION:-7.93+dfsg1-1}"
-  [chromium]="${CHROMIUM_VERSION:-156.0.8078.108-1~deb12u1}"
+  [chromium]="${CHROMIUM_VERSION:-any}"
   [shellcheck]="${SHELLCHECK_VERSION:-0.9.0-1}"
   [mono-mcs]="${MONO_MCS_VERSION:-6.8.0.105+dfsg-3.3+deb12u1}"
 )
@@ -30,19 +34,39 @@ installed_version() {
   dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null | awk '$3 == "installed" { print $4 }'
 }
 
+root=$(cd "$(dirname "$0")/.." && pwd)
+stamp="$root/.cache/system-packages.stamp"
+
+# What is installed now, against the pins: "package wanted installed" per line, sorted.
+current() {
+  for package in "${!PINS[@]}"; do
+    echo "$package ${PINS[$package]} $(installed_version "$package" || true)"
+  done | sort
+}
+# Nothing to do when the pins and the installed versions are what the last successful run left.
+if [[ -f "$stamp" ]] && [[ "$(current)" == "$(cat "$stamp")" ]]; then
+  exit 0
+fi
+
 missing=()
 for package in "${!PINS[@]}"; do
   wanted=${PINS[$package]}
   have=$(installed_version "$package" || true)
   if [[ -z "$have" ]]; then
-    missing+=("$package=$wanted")
-  elif [[ "$have" != "$wanted" ]]; then
+    [[ "$wanted" == any ]] && missing+=("$package") || missing+=("$package=$wanted")
+  elif [[ "$wanted" != any && "$have" != "$wanted" ]]; then
     # A different version is installed: install the pinned one (apt-get downgrades or upgrades as needed).
     missing+=("$package=$wanted")
   fi
 done
 
+write_stamp() {
+  mkdir -p "$(dirname "$stamp")"
+  current > "$stamp"
+  chown --reference="$root" "$stamp" 2>/dev/null || true
+}
 if [[ ${#missing[@]} -eq 0 ]]; then
+  write_stamp
   exit 0
 fi
 
@@ -71,7 +95,9 @@ apt-get update -qq
 resolved=()
 for spec in "${missing[@]}"; do
   package=${spec%%=*} wanted=${spec#*=}
-  if apt-cache madison "$package" | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF -- "$wanted"; then
+  if [[ "$spec" != *=* ]]; then
+    resolved+=("$package")
+  elif apt-cache madison "$package" | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF -- "$wanted"; then
     resolved+=("$spec")
   else
     candidate=$(apt-cache policy "$package" | awk '/Candidate:/ { print $2 }')
@@ -84,6 +110,7 @@ for spec in "${missing[@]}"; do
   fi
 done
 if [[ ${#resolved[@]} -eq 0 ]]; then
+  write_stamp
   exit 0
 fi
 missing=("${resolved[@]}")
@@ -96,4 +123,5 @@ apt-get install -y -qq --no-install-recommends \
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
   systemctl disable --now xrdp xrdp-sesman >/dev/null 2>&1 || true
 fi
+write_stamp
 echo "install-system-packages: done"

@@ -133,7 +133,7 @@ EXAMPLES = r"""
 - name: Fail the hosts whose listener certificate has an unresolved problem
   ansible.builtin.assert:
     that: rdp_cert.compliant
-    fail_msg: "{{ rdp_cert.findings | map(attribute='message') | join('; ') }}"
+    fail_msg: "{{ rdp_cert.findings | map(attribute='title') | join('; ') }}"
 
 - name: Regenerate an expired or soon-expiring self-signed certificate (sessions are kept)
   rdpfix.rdp.certificate:

@@ -115,6 +115,9 @@ attributes:
     description: The module never changes anything; check mode runs the same reads.
   diff_mode:
     support: none
+  facts:
+    support: full
+    description: Sets the host fact C(rdpfix_rdp) (RV(ansible_facts.rdpfix_rdp)), as a facts module does.
   platform:
     platforms: windows
 notes:
@@ -199,9 +202,21 @@ rdp:
       C(machinekeys) (folder and RDP key files), C(firewall) (rules that allow or block RDP, profiles, security
       products), C(transport) (the policy values), C(tls) (protocols, cipher suites, SecurityLayer, NLA) and
       C(events) (C(since), C(count), C(by_id), C(entries), C(unavailable)).
-    - Also set as the host fact C(rdpfix_rdp), with the findings.
+    - Also set as the host fact C(rdpfix_rdp), with the findings (RV(ansible_facts.rdpfix_rdp)).
   returned: success
   type: dict
+ansible_facts:
+  description: Host facts set by the module; later tasks and templates read them as C(rdpfix_rdp) or C(ansible_facts.rdpfix_rdp).
+  returned: success
+  type: dict
+  contains:
+    rdpfix_rdp:
+      description:
+        - Everything in RV(rdp), plus C(findings) (the same list as RV(findings)), so that what was read stays with the
+          host for the rest of the play (and in a fact cache, when one is configured).
+      returned: success
+      type: dict
+      sample: {"system": {"hostname": "WEB01"}, "certificate": {"source": "self_signed"}, "findings": []}
 round_trips:
   description: WinRM commands the task sent (1).
   returned: always

@@ -32,7 +32,7 @@ author:
 options:
   host:
     description:
-      - Host name or IP address to connect to, as the client would. Usually C({{ ansible_host | default(inventory_hostname) }}).
+      - Host name or IP address to connect to, as the client would. Usually the host's C(ansible_host), or its inventory name without it (what the role passes).
       - When it resolves to several addresses, the first that accepts TCP is probed, and every trial uses that address.
     type: str
     required: true
