@@ -35,7 +35,7 @@ done
 # the `ansible` package in the venv (an installed collection, as `ansible-galaxy collection install ansible.windows`
 # leaves it), then the tarball is installed offline and must find its dependency there.
 installed="$tmp/installed"
-bundle=$("$bin/python" -c 'import ansible_collections.ansible.windows as w, os; print(os.path.dirname(w.__file__))')
+bundle=$("$bin/python" -c 'import importlib.util as u; print(list(u.find_spec("ansible_collections.ansible.windows").submodule_search_locations)[0])')
 mkdir -p "$installed/ansible_collections/ansible"
 cp -r "$bundle" "$installed/ansible_collections/ansible/windows"
 "$bin/ansible-galaxy" collection install --offline -p "$installed" "$tarball" >"$tmp/install.log" 2>&1 \

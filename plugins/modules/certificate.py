@@ -23,7 +23,7 @@ description:
   - A pinned certificate that is expired, expiring, lacks the Server Authentication EKU or has no usable private key
     is reported; it is replaced only when O(replacement_thumbprint) names a certificate in C(LocalMachine\My) that
     passes the same checks. An expired, missing, wrong-EKU or keyless pin is one the listener falls back from (RCM
-    events 1053, 1051, 1054, 1055: "The default certificate will be used ... from now on"), so the self-signed
+    events 1053, 1051, 1054, 1055, "The default certificate will be used ... from now on"), so the self-signed
     certificate behind it is checked and repaired as if nothing were pinned.
   - A restart of C(TermService) that would disconnect RDP sessions is not done unless O(allow_session_disruption=true);
     the module then changes nothing that depends on it, returns RV(restart_pending=true) with C(changed=false) and a
