@@ -52,7 +52,9 @@ def without_counters(snapshot: dict[str, t.Any]) -> dict[str, t.Any]:
         ("firewall-block-rule", "firewall", {"disable_blocking_rules": True}),
         ("tls-tls12-disabled", "tls", {}),
         ("tls-security-layer-rdp", "tls", {}),
-        ("tls-cipher-incompatible", "tls", {}),
+        # The cipher-suite order is a Group Policy value: written only when asked.
+        ("tls-cipher-incompatible", "tls", {"override_policy": True}),
+        ("policy-security-layer-nla", "tls", {"override_policy": True}),
     ],
 )
 def test_fault_is_repaired_and_a_second_run_changes_nothing(host_file: str, module: str, args: dict[str, t.Any]):
@@ -153,14 +155,32 @@ def test_transport_modes_round_trip():
     assert host.registry.get(key + "\\Client", "fClientDisableUDP") is None
 
 
+@pytest.mark.parametrize(
+    "host_file", ["policy-security-layer-nla", "policy-security-layer-both", "tls-cipher-incompatible"]
+)
+def test_group_policy_values_are_reported_and_left_alone_by_default(host_file: str):
+    host = load(host_file)
+    policy_keys = {key: dict(values) for key, values in host.snapshot()["registry"].items() if "\\Policies\\" in key}
+    result = run(host, "tls")
+    assert not result.get("failed"), result.get("msg")
+    assert not result.get("warnings")
+    after = {key: dict(values) for key, values in host.snapshot()["registry"].items() if "\\Policies\\" in key}
+    assert after == policy_keys
+    enforced = [f for f in result["findings"] if f["evidence"].get("enforced_by_policy")]
+    assert enforced and all(f["fix"]["options"]["override_policy"] is True for f in enforced)
+    assert not healthy_endpoint(host)
+
+
 def test_combined_faults_are_all_repaired():
     host = load("combined-seclayer-cipher")
-    result = run(host, "tls")
+    # NLA off by policy and the empty cipher-suite policy are Group Policy values: the override is explicit.
+    result = run(host, "tls", override_policy=True)
     assert {f["id"] for f in result["findings"]} >= {
         "tls.security_layer_rdp",
-        "tls.nla_disabled",
+        "tls.nla_disabled_policy",
         "tls.cipher_suites_empty",
     }
+    assert any("Group Policy puts its own value back" in warning for warning in result["warnings"])
     schannel.reboot(host)
     assert healthy_endpoint(host)
     assert listener.security_layer(host) == 2 and listener.user_authentication(host) == 1
