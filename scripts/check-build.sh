@@ -100,7 +100,9 @@ fi
 grep -q 'rdpfix-rdp' "$tmp/ee/_build/requirements.yml" || { echo "the EE does not install rdpfix.rdp"; exit 1; }
 mkdir -p "$tmp/ee-installed/ansible_collections/ansible"
 cp -r "$bundle" "$tmp/ee-installed/ansible_collections/ansible/windows"
-"$bin/ansible-galaxy" collection install --offline -p "$tmp/ee-installed" "$tmp/ee/_build/rdpfix-rdp" >/dev/null 2>&1
+ANSIBLE_COLLECTIONS_PATH="$tmp/ee-installed" \
+  "$bin/ansible-galaxy" collection install --offline -p "$tmp/ee-installed" "$tmp/ee/_build/rdpfix-rdp" \
+  >"$tmp/ee-install.log" 2>&1 || { cat "$tmp/ee-install.log"; exit 1; }
 introspected=$("$bin/ansible-builder" introspect "$tmp/ee-installed")
 for requirement in 'pywinrm' 'cryptography' 'krb5-workstation'; do
   echo "$introspected" | grep -q "$requirement.*rdpfix.rdp" \
