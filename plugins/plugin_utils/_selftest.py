@@ -133,7 +133,10 @@ def validate(
     if "anyOf" in schema:
         branches = [validate(instance, branch, root, where) for branch in schema["anyOf"]]
         if all(branches):
-            closest = min(branches, key=len)
+            # The closest form: one whose type matched, with the fewest errors.
+            mismatch = f"{where}: expected "
+            typed = [found for found in branches if not (len(found) == 1 and found[0].startswith(mismatch))]
+            closest = min(typed or branches, key=len)
             errors.append(f"{where}: matches none of the allowed forms (closest: {'; '.join(closest)})")
     if isinstance(instance, str) and "pattern" in schema and not re.search(schema["pattern"], instance):
         errors.append(f"{where}: {_describe(instance)} does not match {schema['pattern']}")

@@ -61,6 +61,8 @@ BREAKS: list[tuple[str, t.Callable[[t.Any], None], str]] = [
     ("system.info", lambda d: d["caller"]["privileges"].__setitem__("SeBackupPrivilege", "Enabled"), "SeBackup"),
     ("system.info", lambda d: d["runtime"].__setitem__("dotnet_framework_release", "528049"), "release"),
     ("listener.get", lambda d: d.__setitem__("ssl_certificate_sha1_hash", "ab" * 20), "sha1_hash"),
+    ("cert.list", lambda d: d["certificates"][0]["key"].__setitem__("open_error", "Zugriff verweigert"), "open_error"),
+    ("cert.list", lambda d: d["certificates"][0]["key"].pop("path"), "path"),
     ("listener.get", lambda d: d.__setitem__("extra", 1), "extra"),
     ("registry.get", lambda d: d["values"]["PortNumber"].__setitem__("value", "3389"), "PortNumber"),
     ("session.list", lambda d: d["sessions"][0].__setitem__("state", "Aktiv"), "state"),
