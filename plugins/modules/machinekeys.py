@@ -7,7 +7,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: machinekeys
 short_description: Find and repair a broken MachineKeys store or RDP private key (cause of RDP error 0x904 / 0x7)
-version_added: "1.0.0"
+version_added: "0.1.0"
 description:
   - Inspects the C(MachineKeys) folder ACL against the Windows default, the private key file behind the RDP listener's
     certificate (present, non-empty, owner SYSTEM, readable by NETWORK SERVICE, the entries Windows gives it on this OS

@@ -7,7 +7,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: restore
 short_description: List what rdpfix changed on a Windows host, and put it back from the backup manifests
-version_added: "1.0.0"
+version_added: "0.1.0"
 description:
   - Every rdpfix.rdp module that changes a host first saves what it replaces under the backup folder and lists it in
     a manifest. This module reads those manifests.

@@ -125,3 +125,20 @@ def test_ee_requirements_are_declared_where_ansible_builder_looks() -> None:
     assert (ROOT / ee["dependencies"]["system"]).read_text().strip()
     definition = (ROOT / "execution-environment.yml").read_text()
     assert "0.1.0" not in definition and ".tar.gz" not in definition
+
+
+def test_no_module_claims_a_version_after_this_one() -> None:
+    import ast
+
+    from ansible.module_utils.compat.version import LooseVersion
+
+    version = LooseVersion(str(yaml.safe_load((ROOT / "galaxy.yml").read_text())["version"]))
+    for path in sorted((ROOT / "plugins" / "modules").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        doc = next(
+            ast.literal_eval(node.value)
+            for node in tree.body
+            if isinstance(node, ast.Assign) and any(getattr(x, "id", None) == "DOCUMENTATION" for x in node.targets)
+        )
+        added = LooseVersion(str(yaml.safe_load(doc)["version_added"]))
+        assert added <= version, f"{path.name}: version_added {added} is after the collection's {version}"
