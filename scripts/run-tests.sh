@@ -37,7 +37,7 @@ stage "pytest unit+lab" "$bin/python" -m pytest -p no:cacheprovider -q -n 2 test
 stage "pytest system" "$bin/python" -m pytest -p no:cacheprovider -q -rs tests/system
 stage "ansible-test sanity" scripts/ansible-test-sanity.sh
 stage "ansible-lint" "$bin/ansible-lint" --offline
-stage "collection build" scripts/check-build.sh
+stage "collection build, install, galaxy-importer, ansible-builder" scripts/check-build.sh
 stage "molecule" "$bin/molecule" test -s default
 
 if [ ${#failed[@]} -gt 0 ]; then
