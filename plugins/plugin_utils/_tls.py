@@ -46,7 +46,8 @@ CIPHER_POLICY_VALUE = "Functions"
 FIPS_KEY = r"HKLM:\SYSTEM\CurrentControlSet\Control\Lsa\FIPSAlgorithmPolicy"
 # Schannel reads its settings at boot and Windows keeps no record of a change waiting for one, so rdpfix writes the
 # boot time (system.info) during which it changed them: a later run that finds the same boot time knows the reboot is
-# still pending, even when that run has nothing left to change (first run without rdpfix_server_allow_reboot, second with).
+# still pending, even when that run has nothing left to change (a first run without rdpfix_server_allow_reboot, a
+# second with it).
 PENDING_KEY = r"HKLM:\SOFTWARE\rdpfix\rdp"
 PENDING_VALUE = "SchannelChangedDuringBoot"
 
