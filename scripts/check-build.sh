@@ -22,7 +22,7 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
 "$bin/ansible-galaxy" collection build --force --output-path "$tmp" "$tmp/src" >/dev/null
 tarball=$(ls "$tmp"/rdpfix-rdp-*.tar.gz)
 files=$(tar -tzf "$tarball")
-unwanted=$(echo "$files" | grep -E '(^|/)\.|^tests/(lab|unit|system|output|windows|tools)/|^tests/[^/]+\.(py|cfg)$|^(inventory|molecule|scripts|benchmarks|build|reports|requirements|changelogs/fragments)/|^docs/(lab|benchmarks|handshake-vs-nmap)\.md$|^(Makefile|pyproject\.toml|ansible\.cfg|execution-environment\.yml)$|__pycache__|\.pyc$' || true)
+unwanted=$(echo "$files" | grep -E '(^|/)\.|^tests/(lab|unit|system|output|windows|tools)/|^tests/[^/]+\.(py|cfg)$|^(inventory|molecule|scripts|benchmarks|build|reports|requirements|changelogs/fragments)/|^docs/(lab|benchmarks|handshake-vs-nmap|windows-ci)\.md$|^(Makefile|pyproject\.toml|ansible\.cfg|execution-environment\.yml)$|__pycache__|\.pyc$' || true)
 if [ -n "$unwanted" ]; then
   echo "the collection tarball carries files it must leave out:"; echo "$unwanted" | head -20; exit 1
 fi
