@@ -151,3 +151,26 @@ def test_a_cng_key_neither_opened_nor_found_is_inaccessible_not_missing() -> Non
     certificate = run(host, "certificate", check_mode=True)
     assert "certificate.pinned_no_private_key" not in ids(certificate)
     assert certificate["certificate"]["key_state"] == "inaccessible"
+
+
+def test_the_default_certificate_repair_as_system() -> None:
+    host = load("caller-system-expired")
+    assert host.caller.identity == "system" and host.rdp_view(connect=False).failure == "reset_after_x224"
+    result = run(host, "certificate")
+    assert not result.get("failed"), result.get("msg")
+    assert result["changed"] is True and host.rdp_view(connect=False).failure is None
+    [info] = host.run_batch({"v": 1, "ops": [{"op": "system.info", "args": {}}]})["results"]
+    assert info["data"]["caller"]["system"] is True
+
+
+def test_the_locked_cng_key_of_a_pinned_certificate_is_repaired_in_place() -> None:
+    host = load("pinned-cng-key-locked")
+    [pinned] = host.stores.entries("My")
+    before = host.filesystem.get(pinned.key_link.path).content
+    assert host.rdp_view(connect=False).cert_pem != pinned.pem  # the listener falls back (1055)
+    result = run(host, "machinekeys")
+    assert not result.get("failed"), result.get("msg")
+    assert result["changed"] is True
+    assert host.rdp_view(connect=False).cert_pem == pinned.pem  # the pinned certificate is presented again
+    assert host.filesystem.get(pinned.key_link.path).content == before  # the key itself untouched
+    assert run(host, "machinekeys")["changed"] is False
