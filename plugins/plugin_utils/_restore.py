@@ -796,6 +796,7 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
     # semantics, so a key file whose ACL names no Administrators (build 17763 and later) could not be re-linked.
     acl_steps: dict[str, tuple[str, str]] = {}
     relink_files: dict[str, tuple[str, str]] = {}  # thumbprint -> (key file, the ACL it ends with)
+    prepared: set[str] = set()  # key files already given the temporary ACL
     for item in key_items:
         source = str(item["source"])
         saved_path = ntpath.join(manifest.directory, str(item["file"]))
@@ -813,6 +814,17 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
             backup.save_file_copy(
                 result.saves, source, name, "private_key_file", thumbprint=_key_owner(state, source), sddl=current.sddl
             )
+        if current.exists:
+            # The copy replaces the file in place and takes over its ACL, which from build 17763 names no
+            # Administrators (not even READ_CONTROL): SYSTEM and Administrators first, the recorded ACL at the end.
+            result.step(
+                "acl.set",
+                "set_acl",
+                f"let the copy and the re-link open {source}: SYSTEM and Administrators only until its ACL is restored",
+                path=source,
+                sddl=RELINK_KEY_SDDL,
+            )
+            prepared.add(source.casefold())
         result.step("file.copy", "restore_key", f"put the key file {source} back", src=saved_path, dest=source)
         if sddl:
             acl_steps[source.casefold()] = (source, str(sddl))
@@ -846,7 +858,7 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
             result.change(state, target, sorted([*result.predicted(state, target), thumbprint]))
         if with_key and (present is None or not present.has_private_key):
             relink = relink_files.get(thumbprint)
-            if relink is not None:
+            if relink is not None and relink[0].casefold() not in prepared:
                 # An overwritten file keeps its ACL, which from build 17763 names no Administrators: certutil could
                 # not open the key. SYSTEM and Administrators only while it re-links, then the recorded ACL.
                 result.step(

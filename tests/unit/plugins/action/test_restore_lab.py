@@ -254,11 +254,12 @@ def test_a_restore_that_stops_part_way_is_undone_from_its_own_manifest() -> None
     original = comparable(host)
     manifest_id = fix(host, "certificate", {})
     fixed = comparable(host)
-    # The key file cannot be written back: the new certificate is already removed (after its backup) when that fails.
+    # The key file cannot be written back (its temporary ACL first): the new certificate is already removed (after
+    # its backup) when that fails.
     host.filesystem.add_fault("C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys", "AccessDenied")
     stopped = run(host, manifest_id=manifest_id)
     assert stopped["failed"] is True and stopped["changed"] is True
-    assert f"restoring {manifest_id} stopped: file.copy failed: AccessDenied" in stopped["msg"]
+    assert f"restoring {manifest_id} stopped: acl.set failed: AccessDenied" in stopped["msg"]
     [backup] = stopped["backup"]
     assert backup["manifest_id"] in stopped["msg"]
     assert [item["status"] for item in stopped["manifests"]] == ["failed"]

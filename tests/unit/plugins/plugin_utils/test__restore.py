@@ -421,20 +421,20 @@ def test_a_certificate_run_is_undone_with_windows_new_certificate_saved_first(ce
     ]
     result = plan(host, items)
     # Saved before the new manifest: the new certificate's DER and the key file about to be overwritten. The
-    # overwritten file keeps its ACL, which on 17763+ keeps certutil -repairstore out: SYSTEM and Administrators
-    # until the re-link, the recorded ACL after it.
+    # overwritten file keeps its ACL, which on 17763+ keeps the copy (READ_CONTROL) and certutil -repairstore out:
+    # SYSTEM and Administrators before the copy, the recorded ACL after the re-link.
     assert [op["op"] for op in result.saves.ops] == ["file.write", "file.copy"]
     assert result.saves.ops[1]["args"]["src"] == KEY
     assert ops(result) == [
         "cert.remove",
+        "acl.set",
         "file.copy",
         "cert.import",
-        "acl.set",
         "cert.repair_key_link",
         "acl.set",
     ]
     assert result.steps[0].args == {"store": "Remote Desktop", "thumbprint": new.thumbprint}
-    assert result.steps[3].args == {"path": KEY, "sddl": rs.RELINK_KEY_SDDL}
+    assert result.steps[1].args == {"path": KEY, "sddl": rs.RELINK_KEY_SDDL}
     assert result.steps[5].args == {"path": KEY, "sddl": KEY_SDDL}
     kinds = [item["kind"] for item in result.backup.items]
     assert kinds == ["restores", "certificate", "private_key_file", "certificate_imported"]
