@@ -836,6 +836,7 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
         result.change(state, ("file", source), {"sha256": saved.sha256, "sddl": sddl or None})
 
     # 3. Certificates back, re-linked to their key files.
+    saved_keys = {str(item.get("thumbprint") or "").upper() for item in key_items}
     for item in cert_items:
         store = str(item["store"])
         thumbprint = str(item["thumbprint"]).upper()
@@ -856,7 +857,14 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
             result.imported_der[thumbprint] = body
             target = ("store", store)
             result.change(state, target, sorted([*result.predicted(state, target), thumbprint]))
-        if with_key and (present is None or not present.has_private_key):
+        if with_key and thumbprint not in saved_keys:
+            # The run found no key file to save (its key was missing or empty: what it repaired): there is nothing to
+            # link the certificate to, so it comes back without its dangling key link - said before the restore.
+            result.warnings.append(
+                f"the certificate {thumbprint} had no key file when the run removed it: it comes back without a key "
+                "link (there is nothing to link it to), as unusable as it was"
+            )
+        elif with_key and (present is None or not present.has_private_key):
             relink = relink_files.get(thumbprint)
             if relink is not None and relink[0].casefold() not in prepared:
                 # An overwritten file keeps its ACL, which from build 17763 names no Administrators: certutil could

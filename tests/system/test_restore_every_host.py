@@ -26,10 +26,20 @@ NOT_EXACT = {"pinned-missing-selfsigned-expired", "pinned-missing-selfsigned-exp
 
 
 def comparable(snapshot: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The host minus what a run and its restore legitimately leave: backups, events, counters, an empty registry key
+    the run created (the agent removes values, not keys: documented), and a certificate's link to a key file that does
+    not exist (a key the run found missing comes back without a link to nothing: documented, said before the restore).
+    """
     state = copy.deepcopy(snapshot)
     state["files"]["entries"] = {
         path: entry for path, entry in state["files"]["entries"].items() if not path.lower().startswith(BACKUPS)
     }
+    state["registry"] = {path: values for path, values in state["registry"].items() if values}
+    files = {path.lower() for path in state["files"]["entries"]}
+    for certificates in state["certificates"].values():
+        for cert in certificates:
+            if cert.get("key_path") and str(cert["key_path"]).lower() not in files:
+                cert.update(key_path=None, has_private_key=False)
     for volatile in ("events", "counters"):
         state.pop(volatile, None)
     return state
