@@ -142,3 +142,10 @@ def test_no_module_claims_a_version_after_this_one() -> None:
         )
         added = LooseVersion(str(yaml.safe_load(doc)["version_added"]))
         assert added <= version, f"{path.name}: version_added {added} is after the collection's {version}"
+
+
+def test_the_version_is_released_in_the_changelog() -> None:
+    version = str(yaml.safe_load((ROOT / "galaxy.yml").read_text())["version"])
+    changelog = yaml.safe_load((ROOT / "changelogs" / "changelog.yaml").read_text())
+    assert version in changelog["releases"] and changelog["releases"][version].get("release_date")
+    assert f"v{version}\n" in (ROOT / "CHANGELOG.rst").read_text()
