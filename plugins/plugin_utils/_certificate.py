@@ -913,6 +913,24 @@ def _plan_self_signed(state: HostState, options: CertificateOptions, result: Cer
 
 def _plan_restart(state: HostState, options: CertificateOptions, result: CertificatePlan) -> None:
     service = options.restart_service
+    exists, _status, start_type = _service_status(state, service)
+    if exists and start_type == "Disabled":
+        # Reached for a pin removal (a regeneration is blocked before): the restart would stop the service for good.
+        result.findings.append(
+            _finding(
+                "regeneration_blocked",
+                "critical",
+                f"{service} is disabled: restarting it would stop it and it could not start again, so the listener "
+                "cannot be made to re-read its certificate; nothing was changed (enable it, or choose another "
+                "restart_service)",
+            )
+        )
+        result.remove_certificates = []
+        result.remove_pin = False
+        result.start_services = []
+        result.regenerate = False
+        result.restart_service = None
+        return
     sessions = disrupted_sessions(state) if service == "TermService" else []
     result.restart_service = service
     if sessions and not options.allow_session_disruption:

@@ -160,3 +160,12 @@ def test_a_service_hanging_in_stop_pending_fails_the_operation_with_timeout() ->
         result = run(CertificateAction, host)
     # The old agent's Restart-Service never returns: no result document at all.
     assert result["failed"] and "returned no result" in result["msg"]
+
+
+def test_a_pin_removal_is_not_made_when_its_restart_service_is_disabled() -> None:
+    host = host_from("services: {SessionEnv: {status: Running, start_type: Disabled}}", base="pinned-missing")
+    before = host.snapshot()
+    result = run(CertificateAction, host, remove_missing_pin=True)
+    assert any(f["id"] == "certificate.regeneration_blocked" and "disabled" in f["title"] for f in result["findings"])
+    assert host.counters.writes == 0 and host.service("SessionEnv").status == "Running"
+    assert host.snapshot()["registry"] == before["registry"]
