@@ -128,6 +128,17 @@ class ActionModule(RdpfixAction):
             self.warn(f"{renewal.describe()}; restoring anyway (accept_certificate_renewal)")
         result["renewal_predicted"] = list(renewals)
 
+        disabled = rs.disabled_restarts(state, plans)
+        if disabled:
+            for plan in plans:
+                status = "refused" if plan.restart_service in disabled else "not_started"
+                summaries[plan.manifest.id] = rs.result_summary(plan.manifest, status)
+            result["manifests"] = list(summaries.values())
+            raise self._fail(
+                f"the restore would restart {', '.join(disabled)}, which is disabled: the restart would stop it and it "
+                "could not start again. Nothing was changed; enable it or give another restart_service",
+                **result,
+            )
         sessions = [session for plan in plans for session in rs.pending_restart(state, plan, options)]
         if sessions or self.check_mode:
             return self._predict(result, summaries, state, plans, pending=bool(sessions))

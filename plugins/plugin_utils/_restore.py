@@ -1148,6 +1148,20 @@ def predicted_renewals(state: HostState, plans: t.Sequence[ManifestPlan], now: d
     return found
 
 
+def disabled_restarts(state: HostState, plans: t.Sequence[ManifestPlan]) -> list[str]:
+    """The services the plans would restart that are disabled: a restart would stop them for good."""
+    if state.cert is None:
+        return []
+    found: list[str] = []
+    for plan in plans:
+        name = plan.restart_service
+        if name and name not in found:
+            info = state.cert.services.get(name) or {}
+            if info.get("exists") and info.get("start_type") == "Disabled":
+                found.append(name)
+    return found
+
+
 def renewed_certificates(state: HostState, plan: ManifestPlan, now: datetime) -> list[str]:
     """Valid self-signed certificates the re-read store holds that the plan did not put there (Windows' renewal)."""
     target: Target = ("store", certificate.SELF_SIGNED_STORE)

@@ -169,3 +169,20 @@ def test_a_pin_removal_is_not_made_when_its_restart_service_is_disabled() -> Non
     assert any(f["id"] == "certificate.regeneration_blocked" and "disabled" in f["title"] for f in result["findings"])
     assert host.counters.writes == 0 and host.service("SessionEnv").status == "Running"
     assert host.snapshot()["registry"] == before["registry"]
+
+
+def test_a_restore_that_would_restart_a_disabled_service_is_refused_before_it_starts() -> None:
+    from ansible_collections.rdpfix.rdp.plugins.action.restore import ActionModule as RestoreAction
+
+    host = host_from("", base="pinned-missing")
+    fixed = run(CertificateAction, host)
+    manifest_id = fixed["backup"]["manifest_id"]
+    assert fixed["changed"] and manifest_id
+    # Putting the pin back restarts SessionEnv, which an administrator has disabled since.
+    host.service("SessionEnv").start_type = "Disabled"
+    before, writes = host.snapshot(), host.counters.writes
+    result = run(RestoreAction, host, manifest_id=manifest_id)
+    assert result["failed"] and "SessionEnv, which is disabled" in result["msg"]
+    assert [(m["id"], m["status"]) for m in result["manifests"]] == [(manifest_id, "refused")]
+    assert host.counters.writes == writes and host.snapshot()["registry"] == before["registry"]
+    assert host.service("SessionEnv").status == "Running"
