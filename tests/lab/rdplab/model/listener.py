@@ -192,21 +192,24 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
         # Host Server authentication from now on" (Windows' message table, a third-party dump; 1051 and 1055 also
         # [RDSAuthEnc]): each falls back to the self-signed certificate, an expired pin included.
         cert = host.stores.find("My", pinned)
-        fallback = " The default certificate will be used for RD Session Host Server authentication from now on."
+        fallback = (
+            " The default certificate will be used for RD Session Host Server authentication from now on. Please "
+            "check the security settings by using the Remote Desktop Session Host Configuration tool in the "
+            "Administrative Tools folder."
+        )
         if cert is None:
             event(
                 1051,
                 "Warning",
-                "The Terminal Server has been configured to use SSL with user selected certificate, however, no "
-                "usable certificate was found with the specified SHA1 hash. The SHA1 hash of the certificate is in "
-                "the event data." + fallback,
+                "The RD Session Host Server is configured to use SSL with user selected certificate, however, no "
+                "usable certificate was found on the server." + fallback,
                 thumbprint=pinned,
             )
         elif cert.expired(now):
             event(
                 1053,
                 "Error",
-                "The Terminal Server is configured to use a certificate that is expired. The SHA1 hash of the "
+                "The RD Session Host Server is configured to use a certificate that is expired. The SHA1 hash of the "
                 "certificate is in the event data." + fallback,
                 thumbprint=pinned,
             )
@@ -214,7 +217,7 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
             event(
                 1054,
                 "Error",
-                "The Terminal Server authentication certificate configured for SSL does not contain an Enhanced Key "
+                "The RD Session Host Server is configured to use a certificate that does not contain an Enhanced Key "
                 "Usage attribute of Server Authentication. The SHA1 hash of the certificate is in the event data."
                 + fallback,
                 thumbprint=pinned,
@@ -225,8 +228,9 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
                 event(
                     1055,
                     "Error",
-                    "The Terminal Server is unable to access the private key of the certificate configured for SSL. "
-                    "The SHA1 hash of the certificate is in the event data." + fallback,
+                    "The RD Session Host Server is configured to use a certificate but is unable to access the "
+                    "private key associated with this certificate. The SHA1 hash of the certificate is in the event "
+                    "data." + fallback,
                     thumbprint=pinned,
                     reason=status.problem or "",
                 )
@@ -236,8 +240,10 @@ def choose_credential(host: WindowsHost, log: bool) -> ListenerCredential:
                     event(
                         1052,
                         "Warning",
-                        f"The Terminal Server is configured to use a certificate that will expire in {days} days. The "
-                        "SHA1 hash of the certificate is in the event data.",
+                        f"The RD Session Host Server is configured to use a certificate that will expire in {days} "
+                        "days. The SHA1 hash of the certificate is in the event data. Please check the security "
+                        "settings by using the Remote Desktop Session Host Configuration tool in the Administrative "
+                        "Tools folder.",
                         thumbprint=pinned,
                         days=str(days),
                     )
