@@ -642,7 +642,11 @@ def plan(state: HostState, options: CertificateOptions) -> CertificatePlan:
         repaired = (
             (result.regenerate and what in REGENERATION_TRIGGERS)
             or (result.remove_pin and what == "pinned_missing")
-            or (result.set_pin is not None and what.startswith("pinned_"))
+            or (
+                result.set_pin is not None
+                and what.startswith("pinned_")
+                and (what != "pinned_renewal_available" or item.get("fix") is not None)
+            )
         )
         if repaired and result.has_changes:
             item["fix"] = dict(repair)
@@ -741,6 +745,9 @@ def _decide(state: HostState, options: CertificateOptions) -> CertificatePlan:
             )
     elif pin in PIN_FALLBACK_STATES:
         pin_in_use = False  # the listener falls back to the self-signed certificate
+    if renewal is not None and result.set_pin is not None and result.set_pin is not renewal:
+        # replacement_thumbprint wins: the renewal stays reported, and no fix is claimed for it.
+        findings[[item["id"] for item in findings].index("certificate.pinned_renewal_available")]["fix"] = None
 
     # --- the self-signed certificate, when the listener uses it or falls back to it
     template_in_use = not pin_in_use and state.listener_hash_type == 2

@@ -548,3 +548,93 @@ def test_verification_waits_for_the_new_certificate_and_the_listener(cert_factor
     assert verification_problems(state, done, OPTIONS, decided) == []
     assert diff_view(done, 30)["thumbprint"] == thumbprint(fresh)
     assert diff_view(state, 30)["thumbprint"] == thumbprint(expired)
+
+
+# -------------------------------------------------------------------------------------------- renewal of a pin
+
+CNG_KEY = "C:\\ProgramData\\Microsoft\\Crypto\\Keys\\renewal-key"
+
+
+def pinned_with_renewal(
+    cert_factory: t.Any, *, renewal_key: str = "unreadable", subject: str = "web01.corp.example", days_left: int = 340
+) -> tuple[dict[str, t.Any], dict[str, t.Any], dict[str, t.Any]]:
+    """The pinned CA certificate expired 5 days ago, its renewal and the self-signed certificate (cert.list entries)."""
+    pinned = agent_cert(cert_factory.make("web01.corp.example", now=NOW, days_left=-5, days_old=365, ca_issued=True))
+    renewal = agent_cert(
+        cert_factory.make(subject, now=NOW, days_left=days_left, days_old=25, ca_issued=True),
+        key=renewal_key,
+        key_path=CNG_KEY,
+    )
+    self_signed = agent_cert(cert_factory.make("WEB01", now=NOW, days_left=150))
+    return pinned, renewal, self_signed
+
+
+def renewal_finding(findings: list[dict[str, t.Any]]) -> dict[str, t.Any]:
+    [item] = [item for item in findings if item["id"] == "certificate.pinned_renewal_available"]
+    return item
+
+
+def test_the_renewal_of_an_expired_pin_is_reported_with_what_blocks_it(cert_factory: t.Any) -> None:
+    pinned, renewal, self_signed = pinned_with_renewal(cert_factory)
+    state = state_of(OPTIONS, rd=[self_signed], my=[pinned, renewal], pin=pinned["thumbprint"])
+    result = plan(state, OPTIONS)
+    found = renewal_finding(result.findings)
+    assert found["evidence"]["renewal"]["thumbprint"] == renewal["thumbprint"]
+    assert found["evidence"]["blocked_by"] == [f"NETWORK SERVICE cannot read its private key file {CNG_KEY}"]
+    assert found["fix"]["options"] == {"repin_renewal": True}
+    assert result.set_pin is None and result.grant_key_read is None
+
+
+@pytest.mark.parametrize(
+    ("subject", "days_left"),
+    [("other.corp.example", 340), ("web01.corp.example", -1)],
+    ids=["another subject", "expired too"],
+)
+def test_only_a_valid_certificate_of_the_same_subject_is_a_renewal(
+    cert_factory: t.Any, subject: str, days_left: int
+) -> None:
+    pinned, renewal, self_signed = pinned_with_renewal(cert_factory, subject=subject, days_left=days_left)
+    state = state_of(OPTIONS, rd=[self_signed], my=[pinned, renewal], pin=pinned["thumbprint"])
+    assert "pinned_renewal_available" not in ids(plan(state, OPTIONS).findings)
+
+
+def test_repin_renewal_grants_network_service_read_on_that_key_and_pins_it(cert_factory: t.Any) -> None:
+    pinned, renewal, self_signed = pinned_with_renewal(cert_factory)
+    options = CertificateOptions(repin_renewal=True)
+    state = state_of(options, rd=[self_signed], my=[pinned, renewal], pin=pinned["thumbprint"])
+    result = plan(state, options)
+    assert result.set_pin is not None and result.set_pin.thumbprint == renewal["thumbprint"]
+    assert result.grant_key_read is not None
+    assert result.grant_key_read.previous_sddl == UNREADABLE_SDDL
+    assert result.grant_key_read.sddl == "O:SYG:SYD:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;FR;;;NS)"
+    assert [action.id for action in result.actions] == ["grant_key_read", "set_pin"]
+    assert renewal_finding(result.findings)["fix"]["options"] == {}
+    backup = BackupSet.create("certificate", "WEB01", "C:\\ProgramData\\rdpfix\\backups", NOW)
+    batch, index = build_apply_batch(state, options, result, backup)
+    names = [op["op"] for op in batch.ops]
+    # The key file is saved (with its ACL in the manifest) before the manifest; then the ACL, then the pin.
+    assert names.index("file.copy") < index.manifest < names.index("acl.set") < names.index("listener.set_certificate")
+    saved = next(item for item in backup.items if item["kind"] == "private_key_file")
+    assert saved["source"] == CNG_KEY and saved["sddl"] == UNREADABLE_SDDL
+    assert index.verify.personal is not None, "My is re-read to verify the grant"
+
+
+def test_a_renewal_no_grant_can_help_is_refused_when_asked(cert_factory: t.Any) -> None:
+    pinned, renewal, self_signed = pinned_with_renewal(cert_factory, renewal_key="gone")
+    state = state_of(OPTIONS, rd=[self_signed], my=[pinned, renewal], pin=pinned["thumbprint"])
+    found = renewal_finding(plan(state, OPTIONS).findings)
+    assert found["fix"] is None and "no private key" in found["title"]
+    with pytest.raises(PlanError, match="repin_renewal"):
+        plan(state, CertificateOptions(repin_renewal=True))
+
+
+def test_replacement_thumbprint_wins_over_the_renewal(cert_factory: t.Any) -> None:
+    pinned, renewal, self_signed = pinned_with_renewal(cert_factory)
+    other_der = cert_factory.make("web01.corp.example", now=NOW, days_left=200, ca_issued=True)
+    other = agent_cert(other_der, key_path=CNG_KEY)
+    options = CertificateOptions(replacement_thumbprint=other["thumbprint"], repin_renewal=True)
+    state = state_of(options, rd=[self_signed], my=[pinned, renewal, other], pin=pinned["thumbprint"])
+    result = plan(state, options)
+    assert result.set_pin is not None and result.set_pin.thumbprint == other["thumbprint"]
+    assert result.grant_key_read is None
+    assert renewal_finding(result.findings)["fix"] is None
