@@ -429,7 +429,8 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
             title = (
                 "The effective cipher-suite list is empty"
                 if empty
-                else f"No enabled cipher suite works with the listener's {state.key_type or 'certificate'} key"
+                else f"No enabled cipher suite works with the listener's {state.key_type or 'certificate'} key over "
+                f"an enabled protocol ({', '.join(p for p in on_after if p.startswith('TLS')) or 'none'})"
             )
             policy_set = CIPHER_POLICY_VALUE in state.cipher_policy
             if policy_usable:
@@ -443,7 +444,11 @@ def plan_tls(state: TlsState, options: TlsOptions) -> TlsPlan:
                     f"; the fix writes the cipher-suite order policy value ({CIPHER_POLICY_KEY}\\"
                     f"{CIPHER_POLICY_VALUE}), which needs override_policy: true"
                 )
-            can_fix = options.restore_cipher_suites and not policy_usable
+            # The AEAD list serves TLS 1.2 and 1.3 only: with neither on, writing it would change nothing usable.
+            restorable = bool(usable_suites(RESTORED_CIPHER_SUITES, state.key_type, on_after))
+            if not restorable and not policy_usable:
+                title += "; a list of AEAD suites needs TLS 1.2 or 1.3, which are off (enable_tls12)"
+            can_fix = options.restore_cipher_suites and not policy_usable and restorable
             will_fix = can_fix and options.override_policy
             plan.findings.append(
                 finding(

@@ -415,3 +415,18 @@ def test_client_outbound_rule_and_third_party_firewall():
         [created], 3389, _firewall.FirewallOptions(sides=("client",), client_programs=("mstsc",)), products
     )
     assert not again.changes
+
+
+def test_no_aead_list_is_written_where_neither_tls12_nor_tls13_is_on():
+    # TLS 1.0/1.1 only (TLS 1.2 kept off by enable_tls12=false) and an empty list: AEAD suites could serve nothing.
+    off = {"TLS 1.2": {"Enabled": dword(0)}}
+    options = _tls.TlsOptions(enable_tls12=False, override_policy=True)
+    plan = _tls.plan_tls(tls_state(os_build=17763, protocols=off, cipher_suites=[]), options)
+    [empty] = [f for f in plan.findings if f["id"] == "tls.cipher_suites_empty"]
+    assert empty["fix"] is None and "enable_tls12" in empty["title"]
+    assert not [c for c in plan.changes if c.path == _tls.CIPHER_POLICY_KEY]
+    # With TLS 1.2 turned back on, the same plan writes it.
+    fixed = _tls.plan_tls(
+        tls_state(os_build=17763, protocols=off, cipher_suites=[]), _tls.TlsOptions(override_policy=True)
+    )
+    assert [c for c in fixed.changes if c.path == _tls.CIPHER_POLICY_KEY]
