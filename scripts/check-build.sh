@@ -59,9 +59,11 @@ cat > "$tmp/site.yml" <<'YAML'
   roles:
     - rdpfix.rdp.rdpfix_client
 YAML
-(cd "$tmp" && "$bin/ansible-playbook" -i localhost, --syntax-check site.yml >/dev/null)
-for playbook in fix_rdp audit_rdp restore_rdp; do
-  (cd "$tmp" && "$bin/ansible-playbook" -i localhost, --syntax-check "rdpfix.rdp.$playbook" >/dev/null)
+printf '[windows]\nweb01\n[rdp_clients]\npc01\n' > "$tmp/hosts.ini"
+(cd "$tmp" && "$bin/ansible-playbook" -i hosts.ini --syntax-check site.yml >/dev/null)
+for playbook in "$installed"/ansible_collections/rdpfix/rdp/playbooks/*.yml; do
+  name=$(basename "$playbook" .yml)
+  (cd "$tmp" && "$bin/ansible-playbook" -i hosts.ini --syntax-check "rdpfix.rdp.$name" >/dev/null)
 done
 
 modules=$("$bin/ansible-doc" -l rdpfix.rdp | awk '{print $1}')
