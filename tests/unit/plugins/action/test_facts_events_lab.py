@@ -83,7 +83,7 @@ def test_every_logged_event_is_found_within_the_query_limits() -> None:
 def test_the_facts_batch_sends_only_queries_within_the_limit() -> None:
     from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _facts
 
-    batch, _ = _facts._events_reads(_facts.FactsOptions(), datetime(2026, 11, 25, tzinfo=UTC))
+    batch, _unused = _facts._events_reads(_facts.FactsOptions(), datetime(2026, 11, 25, tzinfo=UTC))
     [op] = batch.ops
     assert op["op"] == "events.query"
     for query in op["args"]["queries"]:
