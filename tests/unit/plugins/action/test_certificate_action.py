@@ -328,11 +328,17 @@ def test_agent_garbage_fails_naming_the_host() -> None:
 def test_documented_options_match_the_argument_spec() -> None:
     import yaml
 
-    from ansible_collections.rdpfix.rdp.plugins.doc_fragments.common import ModuleDocFragment
+    import importlib
+
     from ansible_collections.rdpfix.rdp.plugins.modules import certificate as docs
 
-    fragment = yaml.safe_load(ModuleDocFragment.DOCUMENTATION)["options"]
-    documented = yaml.safe_load(docs.DOCUMENTATION)["options"] | fragment
+    doc = yaml.safe_load(docs.DOCUMENTATION)
+    documented = dict(doc["options"])
+    for name in doc.get("extends_documentation_fragment", []):
+        fragment = importlib.import_module(
+            f"ansible_collections.rdpfix.rdp.plugins.doc_fragments.{name.split('.')[-1]}"
+        )
+        documented |= yaml.safe_load(fragment.ModuleDocFragment.DOCUMENTATION).get("options") or {}
     assert set(documented) == set(ActionModule.ARGUMENT_SPEC)
     for name, spec in ActionModule.ARGUMENT_SPEC.items():
         doc = documented[name]
