@@ -326,9 +326,9 @@ def test_agent_garbage_fails_naming_the_host() -> None:
 
 
 def test_documented_options_match_the_argument_spec() -> None:
-    import yaml
-
     import importlib
+
+    import yaml
 
     from ansible_collections.rdpfix.rdp.plugins.modules import certificate as docs
 
