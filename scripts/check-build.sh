@@ -38,7 +38,7 @@ installed="$tmp/installed"
 bundle=$("$bin/python" -c 'import importlib.util as u; print(list(u.find_spec("ansible_collections.ansible.windows").submodule_search_locations)[0])')
 mkdir -p "$installed/ansible_collections/ansible"
 cp -r "$bundle" "$installed/ansible_collections/ansible/windows"
-"$bin/ansible-galaxy" collection install --offline -p "$installed" "$tarball" >"$tmp/install.log" 2>&1 \
+ANSIBLE_COLLECTIONS_PATH="$installed" "$bin/ansible-galaxy" collection install --offline -p "$installed" "$tarball" >"$tmp/install.log" 2>&1 \
   || { cat "$tmp/install.log"; exit 1; }
 export ANSIBLE_COLLECTIONS_PATH="$installed"
 listed=$("$bin/ansible-galaxy" collection list -p "$installed" 2>/dev/null)
