@@ -514,6 +514,10 @@ function Read-FileSecurity {
 # Errors
 # --------------------------------------------------------------------------------------------------------------------
 
+# What a failing operation still reports (a guard's actual value, a lock's holder): set just before it throws, written
+# as the failed result's data by Invoke-Batch, cleared before every operation.
+$AgentErrorData = @{ Value = $null }
+
 # An exception carrying one of the protocol's error types; Get-AgentErrorType reads the tag back.
 function New-AgentException {
     param([string]$Type, [string]$Message)
@@ -1538,6 +1542,294 @@ function Get-CallerRecord {
     }
 }
 
+# --------------------------------------------------------------------------------------------------------------------
+# Guards (docs/agent-protocol.md, "Guards"): what a read answers now, compared with what the plan relied on. The rules
+# are the lab's (rdplab.ops.guard) rule for rule, first difference included. Both sides are compared as the controller
+# sees them: the read's data goes through JSON first, as the expectation did when the batch was read, so a hashtable
+# and a PSCustomObject are both objects, [int], [long] and [decimal] are numbers, and an array stays an array.
+# - null, true/false, numbers (by value: 1 equals 1.0; true is not 1), strings (ordinal, case-sensitive: the
+#   controller builds expectations from what the agent reported) must be the same kind and value;
+# - lists: same length, then element by element in order, with the same match (a one-element list never equals its
+#   element: that is an unrolled array);
+# - objects: every member of the expectation present (member names case-sensitive) with a matching value; with match
+#   'equal' the actual object has no other member.
+# --------------------------------------------------------------------------------------------------------------------
+
+# The operations a guard may read with: every read operation but the guard itself.
+$GuardReadOperations = @(
+    'system.info', 'registry.get', 'listener.get', 'cert.list', 'service.get', 'session.list', 'file.stat',
+    'file.read', 'dir.list', 'dir.read_each', 'util.sleep', 'dir.stat', 'events.query', 'firewall.rules.list',
+    'security_products.list', 'tls.cipher_suites.list'
+)
+$GuardStringShown = 80
+
+function Get-GuardKind {
+    param($Value)
+    if ($null -eq $Value) { return 'null' }
+    if ($Value -is [bool]) { return 'boolean' }
+    # PowerShell 7's ConvertFrom-Json reads ISO 8601 strings as dates; they are strings of the protocol.
+    if ($Value -is [string] -or $Value -is [char] -or $Value -is [datetime]) { return 'string' }
+    if ($Value -is [int] -or $Value -is [long] -or $Value -is [decimal] -or $Value -is [double] -or
+        $Value -is [single] -or $Value -is [uint32] -or $Value -is [uint64] -or $Value -is [int16] -or
+        $Value -is [uint16] -or $Value -is [byte] -or $Value -is [sbyte] -or
+        $Value.GetType().FullName -eq 'System.Numerics.BigInteger') {
+        return 'number'
+    }
+    if ($Value -is [System.Collections.IDictionary] -or $Value -is [System.Management.Automation.PSCustomObject]) {
+        return 'object'
+    }
+    if ($Value -is [System.Collections.IList]) { return 'list' }
+    return 'unknown'
+}
+
+function ConvertTo-GuardString {
+    param($Value)
+    if ($Value -is [datetime]) {
+        return ConvertTo-IsoUtc -Date $Value
+    }
+    return [string]$Value
+}
+
+function Test-GuardNumberEqual {
+    param($Left, $Right)
+    try {
+        return ([decimal]$Left) -eq ([decimal]$Right)
+    }
+    catch {
+        return ([double]$Left) -eq ([double]$Right)
+    }
+}
+
+function Format-GuardItems {
+    param([int]$Count)
+    if ($Count -eq 1) { return 'a list of 1 item' }
+    return 'a list of ' + $Count + ' items'
+}
+
+# A value as a difference names it: scalars as JSON (long strings cut), lists by length, objects by kind.
+function Format-GuardValue {
+    param($Value)
+    $kind = Get-GuardKind -Value $Value
+    if ($kind -eq 'null') { return 'null' }
+    if ($kind -eq 'boolean') { if ($Value) { return 'true' } else { return 'false' } }
+    if ($kind -eq 'number') { return [string]::Format([System.Globalization.CultureInfo]::InvariantCulture, '{0}', $Value) }
+    if ($kind -eq 'string') {
+        $text = ConvertTo-GuardString -Value $Value
+        if ($text.Length -gt $GuardStringShown) {
+            $text = $text.Substring(0, $GuardStringShown) + '...'
+        }
+        return '"' + $text + '"'
+    }
+    if ($kind -eq 'list') { return Format-GuardItems -Count $Value.Count }
+    if ($kind -eq 'object') { return 'an object' }
+    return 'a ' + $Value.GetType().FullName
+}
+
+# The member names of an object, in order.
+function Get-GuardMemberNames {
+    param($Value)
+    $names = New-Object System.Collections.Generic.List[string]
+    if ($Value -is [System.Collections.IDictionary]) {
+        foreach ($key in $Value.Keys) {
+            $names.Add([string]$key)
+        }
+    }
+    else {
+        foreach ($property in $Value.PSObject.Properties) {
+            $names.Add([string]$property.Name)
+        }
+    }
+    return , $names.ToArray()
+}
+
+# One member of an object by its exact (case-sensitive) name: @{ Found; Value } (a hashtable, so a list value is
+# never unrolled on the way out).
+function Get-GuardMember {
+    param($Value, [string]$Name)
+    if ($Value -is [System.Collections.IDictionary]) {
+        foreach ($key in $Value.Keys) {
+            if ([string]::Equals([string]$key, $Name, [System.StringComparison]::Ordinal)) {
+                return @{ Found = $true; Value = $Value[$key] }
+            }
+        }
+        return @{ Found = $false; Value = $null }
+    }
+    foreach ($property in $Value.PSObject.Properties) {
+        if ([string]::Equals([string]$property.Name, $Name, [System.StringComparison]::Ordinal)) {
+            return @{ Found = $true; Value = $property.Value }
+        }
+    }
+    return @{ Found = $false; Value = $null }
+}
+
+function Join-GuardPath {
+    param([string]$Path, [string]$Name)
+    if ($Path.Length -eq 0) { return $Name }
+    return $Path + '.' + $Name
+}
+
+# The first place Actual differs from Expected, as "where: expected X, found Y"; $null when they match.
+function Compare-GuardValue {
+    param($Expected, $Actual, [string]$Match, [string]$Path)
+    $where = if ($Path.Length -eq 0) { 'value' } else { $Path }
+    $expectedKind = Get-GuardKind -Value $Expected
+    $actualKind = Get-GuardKind -Value $Actual
+    if ($expectedKind -eq 'unknown') {
+        throw (New-AgentException 'InvalidArgument' "${where}: a guard cannot compare $(Format-GuardValue -Value $Expected)")
+    }
+    if ($expectedKind -ne $actualKind) {
+        return "${where}: expected $(Format-GuardValue -Value $Expected), found $(Format-GuardValue -Value $Actual)"
+    }
+    if ($expectedKind -eq 'list') {
+        if ($Expected.Count -ne $Actual.Count) {
+            return "${where}: expected $(Format-GuardItems -Count $Expected.Count), found $(Format-GuardItems -Count $Actual.Count)"
+        }
+        for ($index = 0; $index -lt $Expected.Count; $index++) {
+            $left = $Expected[$index]
+            $right = $Actual[$index]
+            $difference = Compare-GuardValue -Expected $left -Actual $right -Match $Match -Path ($where + '[' + $index + ']')
+            if ($null -ne $difference) {
+                return $difference
+            }
+        }
+        return $null
+    }
+    if ($expectedKind -eq 'object') {
+        foreach ($name in (Get-GuardMemberNames -Value $Expected)) {
+            $left = (Get-GuardMember -Value $Expected -Name $name).Value
+            $member = Get-GuardMember -Value $Actual -Name $name
+            $child = Join-GuardPath -Path $Path -Name $name
+            if (-not $member.Found) {
+                return "${child}: expected $(Format-GuardValue -Value $left), found nothing"
+            }
+            $right = $member.Value
+            $difference = Compare-GuardValue -Expected $left -Actual $right -Match $Match -Path $child
+            if ($null -ne $difference) {
+                return $difference
+            }
+        }
+        if ($Match -eq 'equal') {
+            foreach ($name in (Get-GuardMemberNames -Value $Actual)) {
+                if (-not (Get-GuardMember -Value $Expected -Name $name).Found) {
+                    $right = (Get-GuardMember -Value $Actual -Name $name).Value
+                    return "$(Join-GuardPath -Path $Path -Name $name): expected nothing, found $(Format-GuardValue -Value $right)"
+                }
+            }
+        }
+        return $null
+    }
+    $same = $false
+    if ($expectedKind -eq 'null') {
+        $same = $true
+    }
+    elseif ($expectedKind -eq 'boolean') {
+        $same = ([bool]$Expected -eq [bool]$Actual)
+    }
+    elseif ($expectedKind -eq 'number') {
+        $same = Test-GuardNumberEqual -Left $Expected -Right $Actual
+    }
+    else {
+        $same = [string]::Equals((ConvertTo-GuardString -Value $Expected), (ConvertTo-GuardString -Value $Actual), [System.StringComparison]::Ordinal)
+    }
+    if ($same) {
+        return $null
+    }
+    return "${where}: expected $(Format-GuardValue -Value $Expected), found $(Format-GuardValue -Value $Actual)"
+}
+
+# The guard's 'pick' steps, checked: a member name, or an object with one member 'where' (a non-empty object).
+function Get-GuardSteps {
+    param([hashtable]$Table)
+    $steps = Get-OpArgument -Table $Table -Name 'pick' -Default @()
+    if (-not ($steps -is [System.Collections.IList])) {
+        throw (New-AgentException 'InvalidArgument' "argument 'pick' must be a list of steps")
+    }
+    foreach ($step in $steps) {
+        if ($step -is [string] -and $step.Length -gt 0) {
+            continue
+        }
+        $valid = $false
+        if ((Get-GuardKind -Value $step) -eq 'object') {
+            $names = Get-GuardMemberNames -Value $step
+            $where = (Get-GuardMember -Value $step -Name 'where').Value
+            if ($names.Count -eq 1 -and $names[0] -ceq 'where' -and (Get-GuardKind -Value $where) -eq 'object') {
+                $fields = Get-GuardMemberNames -Value $where
+                $valid = $fields.Count -gt 0
+                foreach ($field in $fields) {
+                    if ($field.Length -eq 0) { $valid = $false }
+                }
+            }
+        }
+        if (-not $valid) {
+            throw (New-AgentException 'InvalidArgument' "a 'pick' step is a member name or {""where"": {field: value}}")
+        }
+    }
+    return , $steps
+}
+
+# The name a difference gives the picked value: certificates[thumbprint="AB..."].key
+function Get-GuardPickName {
+    param($Steps)
+    $name = ''
+    foreach ($step in $Steps) {
+        if ($step -is [string]) {
+            if ($name.Length -gt 0) { $name += '.' }
+            $name += $step
+            continue
+        }
+        $where = (Get-GuardMember -Value $step -Name 'where').Value
+        $parts = New-Object System.Collections.Generic.List[string]
+        foreach ($field in (Get-GuardMemberNames -Value $where)) {
+            $parts.Add($field + '=' + (Format-GuardValue -Value (Get-GuardMember -Value $where -Name $field).Value))
+        }
+        $name += '[' + ($parts.ToArray() -join ',') + ']'
+    }
+    return $name
+}
+
+# Follows the 'pick' steps: a member name takes that member of an object ($null when absent or not an object); a
+# where step keeps the elements of a list whose fields equal its values ($null when not a list). @{ Value }.
+function Select-GuardValue {
+    param($Data, $Steps)
+    $current = $Data
+    foreach ($step in $Steps) {
+        if ($step -is [string]) {
+            if ((Get-GuardKind -Value $current) -eq 'object') {
+                $current = (Get-GuardMember -Value $current -Name $step).Value
+            }
+            else {
+                $current = $null
+            }
+            continue
+        }
+        if ((Get-GuardKind -Value $current) -ne 'list') {
+            $current = $null
+            continue
+        }
+        $where = (Get-GuardMember -Value $step -Name 'where').Value
+        $kept = New-Object System.Collections.Generic.List[object]
+        foreach ($element in $current) {
+            if ((Get-GuardKind -Value $element) -ne 'object') {
+                continue
+            }
+            $keep = $true
+            foreach ($field in (Get-GuardMemberNames -Value $where)) {
+                $member = Get-GuardMember -Value $element -Name $field
+                $wanted = (Get-GuardMember -Value $where -Name $field).Value
+                if (-not $member.Found -or $null -ne (Compare-GuardValue -Expected $wanted -Actual $member.Value -Match 'equal' -Path '')) {
+                    $keep = $false
+                    break
+                }
+            }
+            if ($keep) {
+                $kept.Add($element)
+            }
+        }
+        $current = $kept.ToArray()
+    }
+    return @{ Value = $current }
+}
+
 $Operations = [ordered]@{
     'system.info' = {
         param($Args_)
@@ -2429,6 +2721,49 @@ $Operations = [ordered]@{
             })
         return [ordered]@{ available = $true; suites = $suites }
     }
+
+    'guard' = {
+        param($Args_)
+        $label = Get-StringArgument -Table $Args_ -Name 'label' -Required -NotEmpty
+        $read = Get-OpArgument -Table $Args_ -Name 'read' -Required
+        if ((Get-GuardKind -Value $read) -ne 'object') {
+            throw (New-AgentException 'InvalidArgument' "argument 'read' must be an object {op, args}")
+        }
+        $readTable = ConvertTo-ArgumentTable -Arguments $read
+        $op = $readTable['op']
+        if (-not ($op -is [string]) -or -not ($GuardReadOperations -ccontains $op)) {
+            throw (New-AgentException 'InvalidArgument' "a guard reads with a read operation, not '$op'")
+        }
+        $readArguments = $readTable['args']
+        if ($null -ne $readArguments -and (Get-GuardKind -Value $readArguments) -ne 'object') {
+            throw (New-AgentException 'InvalidArgument' "argument 'read.args' must be an object")
+        }
+        if (-not $Args_.ContainsKey('expect')) {
+            throw (New-AgentException 'InvalidArgument' "missing argument 'expect'")
+        }
+        $expected = $Args_['expect']
+        $match = Get-StringArgument -Table $Args_ -Name 'match' -Default 'equal'
+        if ($match -cne 'equal' -and $match -cne 'subset') {
+            throw (New-AgentException 'InvalidArgument' "argument 'match' must be equal or subset, got '$match'")
+        }
+        $steps = Get-GuardSteps -Table $Args_
+        try {
+            $data = Invoke-AgentOperation -Name $op -Arguments $readArguments
+        }
+        catch {
+            # The read's own error type: a guard that cannot read knows nothing, which is not a difference.
+            throw (New-AgentException (Get-AgentErrorType -ErrorRecord $_) ($label + ': ' + $op + ' failed: ' + $_.Exception.Message))
+        }
+        # The data as it travels to the controller, as the expectation travelled to the agent.
+        $travelled = ConvertFrom-Json -InputObject (ConvertTo-Json -InputObject $data -Depth 10 -Compress)
+        $actual = (Select-GuardValue -Data $travelled -Steps $steps).Value
+        $difference = Compare-GuardValue -Expected $expected -Actual $actual -Match $match -Path (Get-GuardPickName -Steps $steps)
+        if ($null -ne $difference) {
+            $AgentErrorData.Value = [ordered]@{ actual = $actual }
+            throw (New-AgentException 'GuardFailed' ($label + ': ' + $difference))
+        }
+        return [ordered]@{ actual = $actual }
+    }
 }
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -2464,17 +2799,22 @@ function Invoke-Batch {
             $results.Add([ordered]@{ op = $name; ok = $false; skipped = $true })
             continue
         }
+        $AgentErrorData.Value = $null
         try {
             $data = Invoke-AgentOperation -Name $name -Arguments $operation.args
             $results.Add([ordered]@{ op = $name; ok = $true; data = $data })
         }
         catch {
             $failed = $true
-            $results.Add([ordered]@{
-                    op = $name
-                    ok = $false
-                    error = [ordered]@{ type = Get-AgentErrorType -ErrorRecord $_; message = [string]$_.Exception.Message }
-                })
+            $failure = [ordered]@{
+                op = $name
+                ok = $false
+                error = [ordered]@{ type = Get-AgentErrorType -ErrorRecord $_; message = [string]$_.Exception.Message }
+            }
+            if ($null -ne $AgentErrorData.Value) {
+                $failure['data'] = $AgentErrorData.Value
+            }
+            $results.Add($failure)
         }
     }
     return [ordered]@{ v = $ProtocolVersion; results = $results.ToArray() }

@@ -51,6 +51,7 @@ READ_OPERATIONS: frozenset[str] = frozenset(
         "firewall.rules.list",
         "security_products.list",
         "tls.cipher_suites.list",
+        "guard",
     }
 )
 

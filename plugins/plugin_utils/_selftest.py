@@ -203,6 +203,16 @@ def first_batch(now: datetime, event_queries: t.Sequence[dict[str, JSON]]) -> tu
         Planned("service.get", {"names": list(SERVICES)}),
         Planned("session.list", {}),
         Planned("util.sleep", {"milliseconds": 0}),
+        # A guard that holds: its read, the JSON round trip and the comparison run as in an apply batch.
+        Planned(
+            "guard",
+            {
+                "label": "the self-test's own guard",
+                "read": {"op": "util.sleep", "args": {"milliseconds": 0}},
+                "expect": {"slept_ms": 0},
+                "match": "equal",
+            },
+        ),
         Planned(
             "events.query", {"since": since, "queries": [dict(q) for q in event_queries], "max_events": MAX_EVENTS}
         ),

@@ -13,9 +13,11 @@ class OpError(Exception):
 
     error_type = "Failed"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, data: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # What the failed operation still reports (a guard's actual value, a lock's holder): the result's ``data``.
+        self.data = data
 
 
 class NotFound(OpError):
@@ -40,6 +42,18 @@ class Unsupported(OpError):
 
 class Failed(OpError):
     error_type = "Failed"
+
+
+class GuardFailed(OpError):
+    """A guard's read no longer returns what the plan relied on (docs/agent-protocol.md, "Guards")."""
+
+    error_type = "GuardFailed"
+
+
+class Locked(OpError):
+    """Another run holds the host's rdpfix lock (docs/agent-protocol.md, "The run lock")."""
+
+    error_type = "Locked"
 
 
 # The error types a `fail_writes_under` fault may produce, by protocol name.

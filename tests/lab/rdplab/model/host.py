@@ -146,7 +146,7 @@ class WindowsHost:
         try:
             data = spec.func(self, args)
         except OpError as exc:
-            return _error(op_name, exc.error_type, exc.message)
+            return _error(op_name, exc.error_type, exc.message, exc.data)
         if spec.writes:
             self.counters.writes += 1
         return {"op": op_name, "ok": True, "data": data}
@@ -309,5 +309,9 @@ class WindowsHost:
         return f"WindowsHost({self.name!r})"
 
 
-def _error(op: str, error_type: str, message: str) -> dict[str, t.Any]:
-    return {"op": op, "ok": False, "error": {"type": error_type, "message": message}}
+def _error(op: str, error_type: str, message: str, data: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
+    result: dict[str, t.Any] = {"op": op, "ok": False, "error": {"type": error_type, "message": message}}
+    if data is not None:
+        # A failure that still reports something (a guard's actual value, a lock's holder), as the agent does.
+        result["data"] = data
+    return result

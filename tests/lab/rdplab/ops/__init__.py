@@ -10,7 +10,19 @@ import typing as t
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rdplab.ops import acl, certificates, events, files, firewall, listener, registry, services, sessions, system
+from rdplab.ops import (
+    acl,
+    certificates,
+    events,
+    files,
+    firewall,
+    guard,
+    listener,
+    registry,
+    services,
+    sessions,
+    system,
+)
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -60,6 +72,8 @@ OPS: dict[str, OpSpec] = {
     "firewall.rule.set": OpSpec(firewall.rule_set, writes=True),
     "firewall.rule.new": OpSpec(firewall.rule_new, writes=True),
     "firewall.rule.remove": OpSpec(firewall.rule_remove, writes=True),
+    # Guarded writes: the first operations of an apply batch (rdpfix.rdp plugin_utils/_guards.py)
+    "guard": OpSpec(guard.guard, writes=False),
 }
 
 READ_OPERATIONS = frozenset(name for name, spec in OPS.items() if not spec.writes)

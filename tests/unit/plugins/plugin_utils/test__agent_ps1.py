@@ -125,7 +125,7 @@ def operation_keys(source: bytes) -> list[str]:
     return [entry.key for entry in operation_table(source)]
 
 
-_TABLE_ROW = re.compile(r"^\|\s*`(?P<op>[a-z_]+(?:\.[a-z_]+)+)`\s*\|")
+_TABLE_ROW = re.compile(r"^\|\s*`(?P<op>[a-z_]+(?:\.[a-z_]+)*)`\s*\|")
 
 
 def documented_operations(doc_text: str) -> dict[str, bool]:
