@@ -35,7 +35,8 @@ help:
 	@echo "Commands outside make: use .venv/bin/<tool>, or 'source .venv/bin/activate' first."
 
 # --- environment ----------------------------------------------------------------------------------
-$(STAMP): requirements/runtime.txt requirements/test.txt tests/lab/pyproject.toml
+# The Debian packages first: pywinrm[kerberos] builds pykerberos against the Kerberos headers.
+$(STAMP): requirements/runtime.txt requirements/test.txt tests/lab/pyproject.toml | system-packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/test.txt

@@ -9,6 +9,7 @@
 #   chromium             a real headless browser for the fleet report's HTML test (driven over its debugging pipe)
 #   ShellCheck           the shell linter ansible-test sanity runs on the scripts (it skips the test without it)
 #   mono-mcs             a C# compiler: the agent's embedded C# must compile as C# 5 (Windows PowerShell 5.1's Add-Type)
+#   libkrb5-dev          Kerberos headers and krb5-config: pip builds pykerberos (pywinrm[kerberos]) against them
 #
 # Override a pin only on purpose:  XRDP_VERSION=... make setup
 # Chromium is not pinned to a build: Debian ships it from the security archive, which keeps only the newest build and
@@ -28,6 +29,7 @@ declare -A PINS=(
   [chromium]="${CHROMIUM_VERSION:-any}"
   [shellcheck]="${SHELLCHECK_VERSION:-0.9.0-1}"
   [mono-mcs]="${MONO_MCS_VERSION:-6.8.0.105+dfsg-3.3+deb12u1}"
+  [libkrb5-dev]="${LIBKRB5_DEV_VERSION:-1.20.1-2+deb12u5}"
 )
 
 installed_version() {
@@ -72,7 +74,7 @@ fi
 
 if [[ $(id -u) -ne 0 ]]; then
   if command -v sudo >/dev/null 2>&1; then
-    exec sudo --preserve-env=XRDP_VERSION,FREERDP_VERSION,XVFB_VERSION,NMAP_VERSION,CHROMIUM_VERSION,SHELLCHECK_VERSION,MONO_MCS_VERSION "$0" "$@"
+    exec sudo --preserve-env=XRDP_VERSION,FREERDP_VERSION,XVFB_VERSION,NMAP_VERSION,CHROMIUM_VERSION,SHELLCHECK_VERSION,MONO_MCS_VERSION,LIBKRB5_DEV_VERSION "$0" "$@"
   fi
   echo "install-system-packages: need root (or sudo) to install: ${missing[*]}" >&2
   exit 1
