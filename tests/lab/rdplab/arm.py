@@ -1,0 +1,897 @@
+"""The lab as an Azure cloud: Azure Resource Manager, a Microsoft Entra token endpoint and Run Command, on loopback.
+
+Started by ``rdplab up --azure`` (docs/lab.md, "The Azure cloud"). One HTTPS listener, its certificate issued by a CA
+of its own (written to the state directory; clients trust it through REQUESTS_CA_BUNDLE or the connection's
+ca_bundle option, never by turning verification off), serves:
+
+- the token endpoint a service principal uses (OpenID configuration + OAuth2 client credentials, as MSAL asks them),
+  and the managed identity endpoint (IMDS's path and parameters; the lab serves it over the same HTTPS listener);
+- the compute API of one subscription and resource group: VMs listed (statusOnly / instanceView), one VM, its
+  instance view, and the action Run Command: 202 with Azure-AsyncOperation and Location headers, the operation
+  polled until it ends, the result at the Location URL; 409 Conflict while another script runs on the VM; the last
+  4,096 bytes of stdout and stderr; a configurable latency per command.
+
+Behind each VM is the same simulated host as behind its WinRM endpoint. A Run Command script is recognised exactly
+(rendered again by the collection's plugins/plugin_utils/_run_command.py and compared), its command line and stdin
+handed to rdplab.bootstrap.recognise / run_safely as powershell.exe would receive them, with SYSTEM's token as the
+caller. The lab runs no PowerShell: what the script does around the command (compression, chunk files) is emulated
+here, and a script the lab does not recognise fails as Windows would not (stderr says the lab refused it).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import gzip
+import hashlib
+import importlib.util
+import ipaddress
+import json
+import logging
+import secrets
+import sys
+import threading
+import time
+import typing as t
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from rdplab import bootstrap
+from rdplab.model.token import CallerToken
+from rdplab.winrm import server_tls_context
+
+if t.TYPE_CHECKING:
+    from rdplab.winrm import HostSlot
+
+LOG = logging.getLogger("rdplab.arm")
+
+ARM_PORT = 8443
+CA_FILE = "azure-ca.pem"
+OUTPUT_LIMIT = 4096
+LOCATION = "westeurope"
+RESOURCE_GROUP = "rdpfix-lab"
+TENANT = "7e1d0c2b-0000-4000-8000-00000000a2e1"
+CLIENT_ID = "5f3a1c9e-0000-4000-8000-00000000c11e"
+SUBSCRIPTION = "2b8c6a4d-0000-4000-8000-0000000005b5"
+# Azure's answer while a script runs on the VM [RunCmd: one script at a time; azure-cli#32305 for the text].
+BUSY = "Run command extension execution is in progress. Please wait for completion before invoking a run command."
+# UNCONFIRMED wording: Azure refuses operations that need a running VM with OperationNotAllowed (409).
+NOT_RUNNING = "Operation 'runCommand' is not allowed on VM '{name}' since the VM is {state}."
+POWER_STATES = ("running", "stopped", "deallocated", "starting", "stopping", "deallocating")
+
+
+# --- the collection's Run Command scripts ---------------------------------------------------------------------------
+
+
+class _ScriptSource:
+    """The collection's _run_command.py, loaded by path and reloaded when it changes (as bootstrap loads _agent.py)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[int, int] | None = None
+        self._module: ModuleType | None = None
+
+    def module(self) -> ModuleType:
+        path = bootstrap.collection_root() / "plugins" / "plugin_utils" / "_run_command.py"
+        with self._lock:
+            info = path.stat()
+            key = (info.st_mtime_ns, info.st_size)
+            if self._module is None or key != self._key:
+                spec = importlib.util.spec_from_file_location("rdplab._collection_run_command", path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {path}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+                self._module, self._key = module, key
+            return self._module
+
+
+SCRIPTS = _ScriptSource()
+
+
+def result_blob(rc: int, stdout: bytes, stderr: bytes) -> str:
+    """What the exec script builds: 'RC OUTLEN ERRLEN' LF, stdout, stderr; gzip; base64."""
+    head = f"{rc} {len(stdout)} {len(stderr)}\n".encode("ascii")
+    return base64.b64encode(gzip.compress(head + stdout + stderr)).decode("ascii")
+
+
+def printed_chunk(header: str, run_id: str, blob: str, index: int, chunk: int) -> str:
+    """What Write-Output prints for one chunk: the header line and the chunk, each ending in CRLF."""
+    count = max(1, -(-len(blob) // chunk))
+    digest = hashlib.sha256(blob.encode("ascii")).hexdigest()
+    return f"{header} {run_id} {index} {count} {len(blob)} {digest}\r\n{blob[index * chunk : (index + 1) * chunk]}\r\n"
+
+
+def output_tail(text: str, limit: int = OUTPUT_LIMIT) -> str:
+    """Run Command keeps the last 4,096 bytes of the output [RunCmd]; the lab keeps them per stream (UNCONFIRMED: the
+    result has a StdOut and a StdErr status, each with its message; no source says whether the limit is per stream)."""
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[-limit:].decode("utf-8", errors="ignore")
+
+
+# --- the cloud's state ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Operation:
+    """One accepted Run Command: its async operation and its result."""
+
+    op_id: str
+    vm: ArmVm
+    started: str
+    done: threading.Event = field(default_factory=threading.Event)
+    status: str = "InProgress"
+    stdout: str = ""
+    stderr: str = ""
+    error: dict[str, str] | None = None
+    ended: str = ""
+
+
+@dataclass
+class ArmVm:
+    """A simulated host as an Azure VM: power state, agent, Run Command state and counters."""
+
+    name: str
+    slot: HostSlot
+    vm_id: str
+    power_state: str = "running"
+    agent: str = "Ready"  # Ready | Not Ready | missing
+    busy_until: float = 0.0
+    running: Operation | None = None
+    files: dict[str, tuple[float, str]] = field(default_factory=dict)  # run id -> (saved at, blob)
+    run_commands: int = 0
+    conflicts: int = 0
+    scripts: list[str] = field(default_factory=list)
+    # Per exec script: bytes of the command's stdout+stderr, characters of its compressed result blob.
+    results: list[dict[str, int]] = field(default_factory=list)
+
+    def resource_id(self) -> str:
+        return (
+            f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Compute/"
+            f"virtualMachines/{self.name}"
+        )
+
+    def nic_id(self) -> str:
+        return (
+            f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/"
+            f"networkInterfaces/{self.name}-nic"
+        )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ArmError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+class ArmCloud:
+    """The simulated cloud: VMs, tokens, operations, and its HTTPS listener."""
+
+    def __init__(self, slots: t.Sequence[tuple[str, HostSlot]], address: str, state_dir: Path, latency: float = 0.0):
+        self.address = address
+        self.port = ARM_PORT
+        self.latency = latency
+        self.client_secret = secrets.token_urlsafe(24)
+        self.token_lifetime = 3599
+        # The bytes kept of stderr: OUTPUT_LIMIT, or less to model a service that keeps less of it (stderr_limit=).
+        self.stderr_limit = OUTPUT_LIMIT
+        self.vms: dict[str, ArmVm] = {
+            name.lower(): ArmVm(name, slot, str(uuid.uuid5(uuid.NAMESPACE_URL, f"rdplab-vm:{name}")))
+            for name, slot in slots
+        }
+        self.tokens: dict[str, float] = {}  # token -> expiry (epoch seconds)
+        self.token_requests = 0
+        self.rejected_tokens = 0
+        self.operations: dict[str, Operation] = {}
+        self.lock = threading.Lock()
+        self.state_dir = state_dir
+        self.ca_pem, cert_pem, key_pem = _certificates(address)
+        self.ca_path = state_dir / CA_FILE
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.ca_path.write_bytes(self.ca_pem)
+        self.server = _ArmServer(self, (address, self.port))
+        self.server.socket = server_tls_context(cert_pem, key_pem).wrap_socket(self.server.socket, server_side=True)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://{self.address}:{self.port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def describe(self) -> dict[str, t.Any]:
+        return {
+            "endpoint": self.endpoint,
+            "ca_file": str(self.ca_path.resolve()),
+            "tenant": TENANT,
+            "client_id": CLIENT_ID,
+            "client_secret": self.client_secret,
+            "subscription": SUBSCRIPTION,
+            "resource_group": RESOURCE_GROUP,
+            "latency": self.latency,
+        }
+
+    def state(self) -> dict[str, t.Any]:
+        with self.lock:
+            return {
+                "token_requests": self.token_requests,
+                "rejected_tokens": self.rejected_tokens,
+                "latency": self.latency,
+                "stderr_limit": self.stderr_limit,
+                "vms": {
+                    vm.name: {
+                        "power_state": vm.power_state,
+                        "agent": vm.agent,
+                        "run_commands": vm.run_commands,
+                        "conflicts": vm.conflicts,
+                        "files": sorted(vm.files),
+                        "results": list(vm.results),
+                    }
+                    for vm in self.vms.values()
+                },
+            }
+
+    def configure(self, body: dict[str, t.Any]) -> dict[str, t.Any]:
+        """The lab's own control: power state, agent, busy time, latency, token expiry, counters."""
+        with self.lock:
+            if "latency" in body:
+                self.latency = float(body["latency"])
+            if "stderr_limit" in body:
+                self.stderr_limit = int(body["stderr_limit"])
+            if body.get("expire_tokens"):
+                # Every token issued so far is refused from now on (401 ExpiredAuthenticationToken).
+                self.tokens = dict.fromkeys(self.tokens, 0.0)
+            if body.get("reset_counters"):
+                self.token_requests = self.rejected_tokens = 0
+                for each in self.vms.values():
+                    each.run_commands = each.conflicts = 0
+                    each.scripts.clear()
+                    each.results.clear()
+            name = body.get("vm")
+            if name is not None:
+                vm = self._vm(str(name))
+                if "power_state" in body:
+                    if body["power_state"] not in POWER_STATES:
+                        raise ValueError(f"power_state must be one of {', '.join(POWER_STATES)}")
+                    vm.power_state = str(body["power_state"])
+                if "agent" in body:
+                    if body["agent"] not in ("Ready", "Not Ready", "missing"):
+                        raise ValueError("agent must be Ready, Not Ready or missing")
+                    vm.agent = str(body["agent"])
+                if "busy_seconds" in body:
+                    vm.busy_until = time.monotonic() + float(body["busy_seconds"])
+        return self.state()
+
+    # --- tokens ------------------------------------------------------------------------------------------------------
+
+    def issue_token(self) -> dict[str, t.Any]:
+        token = "rdplab." + secrets.token_urlsafe(32)
+        with self.lock:
+            self.token_requests += 1
+            self.tokens[token] = time.time() + self.token_lifetime
+        return {
+            "token_type": "Bearer",
+            "expires_in": self.token_lifetime,
+            "ext_expires_in": self.token_lifetime,
+            "access_token": token,
+        }
+
+    def check_token(self, authorization: str | None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        challenge = {
+            "WWW-Authenticate": f'Bearer authorization_uri="{self.endpoint}/{TENANT}", error="invalid_token", '
+            'error_description="The access token is invalid or has expired"'
+        }
+        with self.lock:
+            expiry = self.tokens.get(token) if scheme.lower() == "bearer" else None
+            if expiry is None:
+                self.rejected_tokens += 1
+                raise ArmError(401, "InvalidAuthenticationToken", "The access token is invalid or missing.", challenge)
+            if expiry <= time.time():
+                self.rejected_tokens += 1
+                raise ArmError(401, "ExpiredAuthenticationToken", "The access token has expired.", challenge)
+
+    # --- compute -----------------------------------------------------------------------------------------------------
+
+    def _vm(self, name: str) -> ArmVm:
+        vm = self.vms.get(name.lower())
+        if vm is None:
+            raise ArmError(
+                404,
+                "ResourceNotFound",
+                f"The Resource 'Microsoft.Compute/virtualMachines/{name}' under resource group '{RESOURCE_GROUP}' "
+                "was not found.",
+            )
+        return vm
+
+    def vm_document(self, vm: ArmVm, status: bool = False) -> dict[str, t.Any]:
+        host = vm.slot.host
+        document: dict[str, t.Any] = {
+            "name": vm.name,
+            "id": vm.resource_id(),
+            "type": "Microsoft.Compute/virtualMachines",
+            "location": LOCATION,
+            "tags": {"rdpfix": "lab", **{f"group_{g}": "true" for g in host.groups}},
+            "properties": {
+                "vmId": vm.vm_id,
+                "hardwareProfile": {"vmSize": "Standard_B2s"},
+                "storageProfile": {"osDisk": {"osType": "Windows", "name": f"{vm.name}-osdisk"}},
+                "osProfile": {"computerName": host.name[:15], "windowsConfiguration": {"provisionVMAgent": True}},
+                "networkProfile": {"networkInterfaces": [{"id": vm.nic_id(), "properties": {"primary": True}}]},
+                "provisioningState": "Succeeded",
+            },
+        }
+        if status:
+            document["properties"]["instanceView"] = self.instance_view(vm)
+        return document
+
+    def nic_document(self, vm: ArmVm) -> dict[str, t.Any]:
+        """The VM's one NIC: a private address (the host's loopback address), no public IP, as a VM behind a hub."""
+        subnet = (
+            f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/"
+            "virtualNetworks/rdpfix-lab-vnet/subnets/default"
+        )
+        return {
+            "name": f"{vm.name}-nic",
+            "id": vm.nic_id(),
+            "type": "Microsoft.Network/networkInterfaces",
+            "location": LOCATION,
+            "properties": {
+                "provisioningState": "Succeeded",
+                "ipConfigurations": [
+                    {
+                        "name": "ipconfig1",
+                        "id": vm.nic_id() + "/ipConfigurations/ipconfig1",
+                        "properties": {
+                            "privateIPAddress": vm.slot.address,
+                            "privateIPAllocationMethod": "Dynamic",
+                            "privateIPAddressVersion": "IPv4",
+                            "primary": True,
+                            "subnet": {"id": subnet},
+                        },
+                    }
+                ],
+                "primary": True,
+                "virtualMachine": {"id": vm.resource_id()},
+            },
+        }
+
+    def instance_view(self, vm: ArmVm) -> dict[str, t.Any]:
+        view: dict[str, t.Any] = {
+            "computerName": vm.slot.host.name[:15],
+            "osName": "Windows Server 2022 Datacenter",
+            "statuses": [
+                {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"},
+                {
+                    "code": f"PowerState/{vm.power_state}",
+                    "level": "Info",
+                    "displayStatus": f"VM {vm.power_state}",
+                },
+            ],
+        }
+        if vm.agent != "missing" and vm.power_state == "running":
+            view["vmAgent"] = {
+                "vmAgentVersion": "2.7.41491.1102",
+                "statuses": [
+                    {
+                        "code": "ProvisioningState/succeeded",
+                        "level": "Info" if vm.agent == "Ready" else "Warning",
+                        "displayStatus": vm.agent,
+                        "message": "GuestAgent is running and processing the extensions."
+                        if vm.agent == "Ready"
+                        else "VM status blob is found but not yet populated.",
+                    }
+                ],
+            }
+        return view
+
+    def run_command(self, name: str, body: dict[str, t.Any]) -> Operation:
+        vm = self._vm(name)
+        if body.get("commandId") != "RunPowerShellScript":
+            raise ArmError(404, "NotFound", "The entity was not found in this Azure location.")
+        script = body.get("script")
+        if not isinstance(script, list) or not all(isinstance(line, str) for line in script):
+            raise ArmError(400, "InvalidParameter", "The value of parameter script is invalid.")
+        with self.lock:
+            if vm.power_state != "running":
+                raise ArmError(409, "OperationNotAllowed", NOT_RUNNING.format(name=vm.name, state=vm.power_state))
+            if vm.running is not None or vm.busy_until > time.monotonic():
+                vm.conflicts += 1
+                raise ArmError(409, "Conflict", BUSY)
+            operation = Operation(op_id=str(uuid.uuid4()), vm=vm, started=_now())
+            vm.running = operation
+            vm.run_commands += 1
+            vm.scripts.append("\n".join(script))
+            self.operations[operation.op_id] = operation
+            latency = self.latency
+        threading.Thread(
+            target=self._execute, args=(operation, list(script), latency), name=f"runcmd-{vm.name}", daemon=True
+        ).start()
+        return operation
+
+    def _execute(self, operation: Operation, script: list[str], latency: float) -> None:
+        vm = operation.vm
+        try:
+            if latency > 0:
+                time.sleep(latency)
+            if vm.agent != "Ready":
+                # UNCONFIRMED: with no ready agent the extension never reports; Azure ends the operation failed.
+                operation.status = "Failed"
+                operation.error = {
+                    "code": "VMAgentStatusCommunicationError",
+                    "message": f"VM '{vm.name}' has not reported status for VM agent or extensions.",
+                }
+                return
+            stdout, stderr = self._script(vm, script)
+            operation.stdout, operation.stderr = output_tail(stdout), output_tail(stderr, self.stderr_limit)
+            operation.status = "Succeeded"
+        except Exception as exc:  # a lab bug: a failed script with the reason, not a dead server thread
+            LOG.exception("run command on %s failed", vm.name)
+            operation.stderr = f"rdplab: internal error: {type(exc).__name__}: {exc}"
+            operation.status = "Succeeded"
+        finally:
+            operation.ended = _now()
+            with self.lock:
+                vm.running = None
+            operation.done.set()
+            vm.slot.changed()
+
+    def _script(self, vm: ArmVm, script: list[str]) -> tuple[str, str]:
+        module = SCRIPTS.module()
+        request = module.parse_script(script)
+        header = str(module.HEADER)
+        if isinstance(request, module.ExecRequest):
+            found = bootstrap.recognise(request.command_line)
+            if isinstance(found, bootstrap.CommandOutcome):
+                outcome = found
+            else:
+                host = vm.slot.host
+                # Run Command runs scripts as SYSTEM [RunCmd]: the agent's token is SYSTEM's, whatever the host says.
+                with host.lock:
+                    caller = host.caller
+                    host.caller = CallerToken.system()
+                    try:
+                        outcome = bootstrap.run_safely(found, host, request.command_line, request.stdin)
+                    finally:
+                        host.caller = caller
+            blob = result_blob(outcome.rc, outcome.stdout, outcome.stderr)
+            count = max(1, -(-len(blob) // request.chunk))
+            with self.lock:
+                vm.results.append({"output_bytes": len(outcome.stdout) + len(outcome.stderr), "blob_chars": len(blob)})
+                # The exec script first removes result files left for longer than STALE_MINUTES, then saves its own
+                # when it has more than one chunk.
+                stale = time.time() - 60 * int(module.STALE_MINUTES)
+                vm.files = {run_id: saved for run_id, saved in vm.files.items() if saved[0] >= stale}
+                if count > 1:
+                    vm.files[request.run_id] = (time.time(), blob)
+            stdout = printed_chunk(header, request.run_id, blob, 0, request.chunk)
+            stderr = printed_chunk(header, request.run_id, blob, 1, request.chunk) if count > 1 else ""
+            return stdout, stderr
+        if isinstance(request, module.ChunkRequest):
+            with self.lock:
+                saved = vm.files.get(request.run_id)
+            if saved is None:
+                return "", (
+                    'Exception calling "ReadAllText" with "2" argument(s): "Could not find file '
+                    f"'C:\\Windows\\Temp\\rdpfix-rc-{request.run_id}.txt'.\"\r\n"
+                )
+            blob = saved[1]
+            count = max(1, -(-len(blob) // request.chunk))
+            if request.index >= count:
+                return "", 'Exception calling "Substring" with "2" argument(s): "startIndex cannot be larger."\r\n'
+            if request.index == count - 1:
+                with self.lock:
+                    vm.files.pop(request.run_id, None)
+            stdout = printed_chunk(header, request.run_id, blob, request.index, request.chunk)
+            stderr = ""
+            if request.index + 1 < count:
+                stderr = printed_chunk(header, request.run_id, blob, request.index + 1, request.chunk)
+            return stdout, stderr
+        return "", (
+            "rdplab: this simulated VM runs only the scripts of the rdpfix.rdp.azure_run_command connection "
+            "(exactly as plugins/plugin_utils/_run_command.py renders them); refused\r\n"
+        )
+
+    def operation_document(self, operation: Operation) -> dict[str, t.Any]:
+        document: dict[str, t.Any] = {
+            "name": operation.op_id,
+            "startTime": operation.started,
+            "status": operation.status,
+        }
+        if operation.done.is_set():
+            document["endTime"] = operation.ended
+            if operation.error:
+                document["error"] = operation.error
+            else:
+                document["properties"] = {"output": self.result_document(operation)}
+        return document
+
+    @staticmethod
+    def result_document(operation: Operation) -> dict[str, t.Any]:
+        return {
+            "value": [
+                {
+                    "code": "ComponentStatus/StdOut/succeeded",
+                    "level": "Info",
+                    "displayStatus": "Provisioning succeeded",
+                    "message": operation.stdout,
+                },
+                {
+                    "code": "ComponentStatus/StdErr/succeeded",
+                    "level": "Info",
+                    "displayStatus": "Provisioning succeeded",
+                    "message": operation.stderr,
+                },
+            ]
+        }
+
+
+def azure_inventory_document(azure: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The rdpfix.rdp.azure_vms inventory of a lab started with --azure (the same shape as an azure_rm config).
+
+    Credentials: the lab's service principal, in the file (a secret made up at every start). The connection variables
+    come from hostvar_expressions, as users of azure_rm add them: the resource ID, the lab's endpoints and CA.
+    """
+
+    def literal(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    return {
+        "plugin": "rdpfix.rdp.azure_vms",
+        "subscription_id": azure["subscription"],
+        "auth_source": "service_principal",
+        "client_id": azure["client_id"],
+        "secret": azure["client_secret"],
+        "tenant": azure["tenant"],
+        "resource_manager_endpoint": azure["endpoint"],
+        "authority_host": azure["endpoint"],
+        "disable_instance_discovery": True,
+        "ca_bundle": azure["ca_file"],
+        "include_vm_resource_groups": [azure["resource_group"]],
+        "plain_host_names": True,
+        "conditional_groups": {
+            "azure_vms": "true",
+            "windows": "os_profile.system == 'windows'",
+            "azure_running": "powerstate == 'running'",
+        },
+        "keyed_groups": [{"prefix": "azure_rg", "key": "resource_group"}, {"prefix": "azure_loc", "key": "location"}],
+        "hostvar_expressions": {
+            "ansible_connection": literal("rdpfix.rdp.azure_run_command"),
+            "ansible_azure_resource_id": "id",
+            "ansible_azure_auth_source": literal("service_principal"),
+            "ansible_azure_client_id": literal(azure["client_id"]),
+            "ansible_azure_secret": literal(azure["client_secret"]),
+            "ansible_azure_tenant": literal(azure["tenant"]),
+            "ansible_azure_resource_manager_endpoint": literal(azure["endpoint"]),
+            "ansible_azure_authority_host": literal(azure["endpoint"]),
+            "ansible_azure_disable_instance_discovery": "true",
+            "ansible_azure_ca_bundle": literal(azure["ca_file"]),
+            # The lab answers at once (latency set with `rdplab up --azure-latency`): poll and back off quickly.
+            "ansible_azure_run_command_poll_interval": "0.05",
+            "ansible_azure_run_command_conflict_backoff": "0.2",
+        },
+    }
+
+
+def write_azure_inventory(path: Path, azure: dict[str, t.Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Written by `rdplab up --azure`: the simulated fleet as Azure VMs. Regenerated on every start.\n"
+    body = yaml.safe_dump(azure_inventory_document(azure), sort_keys=False, default_flow_style=False)
+    path.write_text(header + body, encoding="utf-8")
+
+
+# --- HTTP -----------------------------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ArmServer
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        LOG.debug("arm: " + format, *args)
+
+    def _send(self, status: int, document: t.Any, headers: dict[str, str] | None = None) -> None:
+        payload = b"" if document is None else json.dumps(document).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("x-ms-request-id", str(uuid.uuid4()))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self, method: str) -> None:
+        cloud = self.server.cloud
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
+        lowered = [p.lower() for p in parts]
+        try:
+            body = self._body()
+            if parts[:1] == ["rdplab"]:
+                self._lab(method, parts, body)
+            elif method == "GET" and lowered == ["metadata", "endpoints"]:
+                self._send(200, self._cloud_metadata())
+            elif method == "GET" and lowered == ["metadata", "identity", "oauth2", "token"]:
+                if self.headers.get("Metadata", "").lower() != "true":
+                    self._send(
+                        400, {"error": "invalid_request", "error_description": "Required metadata header not specified"}
+                    )
+                else:
+                    document = cloud.issue_token()
+                    document["resource"] = query.get("resource", "")
+                    document["expires_in"] = str(document["expires_in"])
+                    self._send(200, document)
+            elif method == "GET" and len(parts) == 4 and lowered[1:] == ["v2.0", ".well-known", "openid-configuration"]:
+                self._send(200, self._openid(parts[0]))
+            elif method == "POST" and len(parts) == 4 and lowered[1:] == ["oauth2", "v2.0", "token"]:
+                self._token(parts[0], body)
+            elif lowered[:1] == ["subscriptions"]:
+                cloud.check_token(self.headers.get("Authorization"))
+                self._arm(method, parts, lowered, query, body)
+            else:
+                raise ArmError(404, "NotFound", f"no such endpoint: {method} {url.path}")
+        except ArmError as exc:
+            self._send(exc.status, {"error": {"code": exc.code, "message": exc.message}}, exc.headers)
+        except (ValueError, KeyError) as exc:
+            self._send(400, {"error": {"code": "BadRequest", "message": str(exc)}})
+        except Exception as exc:
+            LOG.exception("arm request failed")
+            self._send(500, {"error": {"code": "InternalServerError", "message": f"{type(exc).__name__}: {exc}"}})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    # --- Microsoft Entra ----------------------------------------------------------------------------------------------
+
+    def _openid(self, tenant: str) -> dict[str, t.Any]:
+        base = f"{self.server.cloud.endpoint}/{tenant}"
+        return {
+            "token_endpoint": f"{base}/oauth2/v2.0/token",
+            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+            "issuer": f"{base}/v2.0",
+            "jwks_uri": f"{base}/discovery/v2.0/keys",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "tenant_region_scope": "EU",
+        }
+
+    def _token(self, tenant: str, body: bytes) -> None:
+        cloud = self.server.cloud
+        form = dict(urllib.parse.parse_qsl(body.decode("utf-8")))
+        if tenant != TENANT:
+            self._send(
+                400, {"error": "invalid_tenant", "error_description": f"AADSTS90002: Tenant '{tenant}' not found."}
+            )
+        elif form.get("grant_type") != "client_credentials":
+            self._send(400, {"error": "unsupported_grant_type", "error_description": "AADSTS70003: unsupported grant"})
+        elif form.get("client_id") != CLIENT_ID or not secrets.compare_digest(
+            form.get("client_secret", ""), cloud.client_secret
+        ):
+            self._send(
+                401,
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent "
+                    "in the request is the client secret value, not the client secret ID.",
+                },
+            )
+        else:
+            self._send(200, cloud.issue_token())
+
+    def _cloud_metadata(self) -> dict[str, t.Any]:
+        endpoint = self.server.cloud.endpoint
+        return {
+            "name": "RdplabCloud",
+            "resourceManager": endpoint + "/",
+            "authentication": {"loginEndpoint": endpoint + "/", "audiences": [endpoint + "/"], "tenant": TENANT},
+        }
+
+    # --- Resource Manager ---------------------------------------------------------------------------------------------
+
+    def _arm(self, method: str, parts: list[str], lowered: list[str], query: dict[str, str], body: bytes) -> None:
+        cloud = self.server.cloud
+        if len(parts) < 2 or lowered[1] != SUBSCRIPTION.lower():
+            raise ArmError(
+                404,
+                "SubscriptionNotFound",
+                f"The subscription '{parts[1] if len(parts) > 1 else ''}' could not be found.",
+            )
+        rest = lowered[2:]
+        if method == "GET" and rest == ["providers", "microsoft.compute", "virtualmachines"]:
+            self._list(query)
+        elif (
+            method == "GET"
+            and rest[:4] == ["providers", "microsoft.compute", "locations", LOCATION]
+            and (len(rest) == 6 and rest[4] == "operations")
+        ):
+            self._operation(parts[7], query)
+        elif len(rest) >= 2 and rest[0] == "resourcegroups":
+            if rest[1] != RESOURCE_GROUP:
+                raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{parts[3]}' could not be found.")
+            tail = rest[2:]
+            if method == "GET" and tail == ["providers", "microsoft.compute", "virtualmachines"]:
+                self._list(query)
+            elif (
+                method == "GET"
+                and len(tail) == 4
+                and tail[:3] == ["providers", "microsoft.network", "networkinterfaces"]
+            ):
+                name = parts[7]
+                if not name.lower().endswith("-nic"):
+                    raise ArmError(404, "ResourceNotFound", f"The network interface '{name}' was not found.")
+                self._send(200, cloud.nic_document(cloud._vm(name[: -len("-nic")])))
+            elif len(tail) >= 4 and tail[:3] == ["providers", "microsoft.compute", "virtualmachines"]:
+                name = parts[7]
+                action = tail[4:]
+                if method == "GET" and not action:
+                    vm = cloud._vm(name)
+                    self._send(200, cloud.vm_document(vm, status=query.get("$expand") == "instanceView"))
+                elif method == "GET" and action == ["instanceview"]:
+                    self._send(200, cloud.instance_view(cloud._vm(name)))
+                elif method == "POST" and action == ["runcommand"]:
+                    operation = cloud.run_command(name, json.loads(body or b"{}"))
+                    base = (
+                        f"{cloud.endpoint}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations/"
+                        f"{LOCATION}/operations/{operation.op_id}"
+                    )
+                    api = urllib.parse.quote(query.get("api-version", ""))
+                    self._send(
+                        202,
+                        None,
+                        {
+                            "Azure-AsyncOperation": f"{base}?api-version={api}",
+                            "Location": f"{base}?monitor=true&api-version={api}",
+                        },
+                    )
+                else:
+                    raise ArmError(404, "NotFound", f"no such VM endpoint: {method} /{'/'.join(parts)}")
+            else:
+                raise ArmError(404, "NotFound", f"no such endpoint: {method} /{'/'.join(parts)}")
+        else:
+            raise ArmError(404, "NotFound", f"no such endpoint: {method} /{'/'.join(parts)}")
+
+    def _list(self, query: dict[str, str]) -> None:
+        cloud = self.server.cloud
+        status = query.get("statusOnly", "").lower() == "true" or query.get("$expand") == "instanceView"
+        self._send(200, {"value": [cloud.vm_document(vm, status=status) for vm in cloud.vms.values()]})
+
+    def _operation(self, op_id: str, query: dict[str, str]) -> None:
+        cloud = self.server.cloud
+        operation = cloud.operations.get(op_id)
+        if operation is None:
+            raise ArmError(404, "NotFound", f"operation {op_id} not found")
+        if query.get("monitor") == "true":
+            # The Location URL: 202 while the operation runs, then the result (or the operation's error).
+            if not operation.done.is_set():
+                self._send(202, None, {"Location": f"{cloud.endpoint}{self.path}"})
+            elif operation.error:
+                raise ArmError(500, operation.error["code"], operation.error["message"])
+            else:
+                self._send(200, cloud.result_document(operation))
+            return
+        self._send(200, cloud.operation_document(operation))
+
+    # --- the lab's own control ----------------------------------------------------------------------------------------
+
+    def _lab(self, method: str, parts: list[str], body: bytes) -> None:
+        cloud = self.server.cloud
+        if method == "GET" and parts == ["rdplab", "state"]:
+            self._send(200, cloud.state())
+        elif method == "POST" and parts == ["rdplab", "configure"]:
+            document = json.loads(body or b"{}")
+            if not isinstance(document, dict):
+                raise ValueError("the body must be a JSON object")
+            self._send(200, cloud.configure(document))
+        elif method == "GET" and len(parts) == 3 and parts[1] == "scripts":
+            vm = cloud._vm(parts[2])
+            self._send(200, {"scripts": list(vm.scripts)})
+        else:
+            raise ArmError(404, "NotFound", f"no such lab endpoint: {method} /{'/'.join(parts)}")
+
+
+class _ArmServer(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, cloud: ArmCloud, address: tuple[str, int]) -> None:
+        self.cloud = cloud
+        try:
+            super().__init__(address, _Handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen for Azure on {address[0]}:{address[1]}: {exc.strerror}") from exc
+
+
+def _certificates(address: str) -> tuple[bytes, bytes, bytes]:
+    """A CA of the lab's cloud and the listener's certificate issued by it: (CA PEM, certificate PEM, key PEM)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rdplab Azure CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "management.rdplab")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("management.rdplab"), x509.IPAddress(ipaddress.ip_address(address))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return (
+        ca.public_bytes(serialization.Encoding.PEM),
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key_pem,
+    )
