@@ -1830,6 +1830,192 @@ function Select-GuardValue {
     return @{ Value = $current }
 }
 
+# --------------------------------------------------------------------------------------------------------------------
+# The run lock (docs/agent-protocol.md, "The run lock"): one file whose JSON record names the run holding the host:
+# {token, owner, acquired, expires, process: {id, started}}. lock.acquire creates it atomically (the record is written
+# under a temporary name, then moved into place: a move never replaces an existing file), renews it when the token is
+# the caller's, and takes over a record whose time has expired or whose agent process is gone (a batch that was cut
+# or crashed); anything else is held, and it polls until wait_ms has passed. A record is rewritten only through a
+# handle opened with FileShare.None, so two takers never both win. lock.release deletes the file only when the record
+# is the caller's. The policy (time to live, how long to wait, who may hold it) is the controller's.
+# --------------------------------------------------------------------------------------------------------------------
+
+$LockMaxTtlSeconds = 86400
+$LockMaxWaitMilliseconds = 60000
+$HResultSharingViolation = -2147024864  # 0x80070020 ERROR_SHARING_VIOLATION
+
+function Get-LockPath {
+    param([hashtable]$Table)
+    $path = Get-StringArgument -Table $Table -Name 'path'
+    if ($path.Length -eq 0) {
+        return [System.IO.Path]::Combine([string]$env:ProgramData, 'rdpfix', 'run.lock')
+    }
+    return $path
+}
+
+function Get-BoundedIntegerArgument {
+    param([hashtable]$Table, [string]$Name, [int]$Minimum, [int]$Maximum, $Default = $null)
+    $value = Get-OpArgument -Table $Table -Name $Name -Default $Default -Required:($null -eq $Default)
+    $kind = Get-GuardKind -Value $value
+    if ($kind -ne 'number' -or [decimal]$value -ne [math]::Truncate([decimal]$value) -or [decimal]$value -lt $Minimum -or [decimal]$value -gt $Maximum) {
+        throw (New-AgentException 'InvalidArgument' "argument '$Name' must be an integer from $Minimum to $Maximum")
+    }
+    return [int]$value
+}
+
+function ConvertFrom-IsoUtc {
+    param([string]$Text)
+    $styles = [System.Globalization.DateTimeStyles]::AssumeUniversal -bor [System.Globalization.DateTimeStyles]::AdjustToUniversal
+    return [datetime]::ParseExact($Text, "yyyy-MM-dd'T'HH:mm:ss'Z'", [System.Globalization.CultureInfo]::InvariantCulture, $styles)
+}
+
+# This agent process, as a lock record names it: its id and start time (a reused id has another start time).
+function Get-AgentProcessRecord {
+    $process = [System.Diagnostics.Process]::GetCurrentProcess()
+    return [ordered]@{ id = [int]$process.Id; started = ConvertTo-IsoUtc -Date $process.StartTime }
+}
+
+# Whether the agent process a record names still runs. A process whose start time may not be read counts as running.
+function Test-LockProcessAlive {
+    param($Record)
+    if ($null -eq $Record.process) {
+        return $true
+    }
+    try {
+        $process = [System.Diagnostics.Process]::GetProcessById([int]$Record.process.id)
+    }
+    catch [System.ArgumentException] {
+        return $false
+    }
+    try {
+        return (ConvertTo-IsoUtc -Date $process.StartTime) -ceq (ConvertTo-GuardString -Value $Record.process.started)
+    }
+    catch {
+        return $true
+    }
+}
+
+# A lock file's record. A file that is not a record (damaged, or not rdpfix's) is held by nobody known until its last
+# write time plus the caller's time to live.
+function Read-LockRecord {
+    param([byte[]]$Bytes, [string]$Path, [int]$TtlSeconds)
+    $record = $null
+    try {
+        $record = ConvertFrom-Json -InputObject ([System.Text.Encoding]::UTF8.GetString($Bytes))
+    }
+    catch {
+        $record = $null
+    }
+    if ($null -ne $record -and $record.token -is [string] -and $null -ne $record.expires) {
+        try {
+            $expires = ConvertFrom-IsoUtc -Text (ConvertTo-GuardString -Value $record.expires)
+            return @{
+                Expires = $expires
+                Record = [ordered]@{
+                    token = [string]$record.token
+                    owner = $record.owner
+                    acquired = ConvertTo-GuardString -Value $record.acquired
+                    expires = ConvertTo-IsoUtc -Date $expires
+                    process = $record.process
+                }
+            }
+        }
+        catch {
+            $record = $null
+        }
+    }
+    $written = [System.IO.File]::GetLastWriteTimeUtc($Path)
+    $expires = $written.AddSeconds($TtlSeconds)
+    return @{
+        Expires = $expires
+        Record = [ordered]@{ token = $null; owner = $null; acquired = ConvertTo-IsoUtc -Date $written; expires = ConvertTo-IsoUtc -Date $expires; process = $null }
+    }
+}
+
+function Test-LockBusyError {
+    param($ErrorRecord)
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        # Another agent holds the file open (sharing violation), or it is being deleted (access denied meanwhile).
+        if ($exception.HResult -eq $HResultSharingViolation -or $exception -is [System.UnauthorizedAccessException] -or
+            $exception -is [System.IO.FileNotFoundException]) {
+            return $true
+        }
+        $exception = $exception.InnerException
+    }
+    return $false
+}
+
+# One attempt: @{ Acquired; Record; Previous; Holder } or $null when the file was busy (try again).
+function Invoke-LockAttempt {
+    param([string]$Path, [string]$Token, $Owner, [int]$TtlSeconds, $Process)
+    $now = [datetime]::UtcNow
+    $record = [ordered]@{
+        token = $Token
+        owner = $Owner
+        acquired = ConvertTo-IsoUtc -Date $now
+        expires = ConvertTo-IsoUtc -Date ($now.AddSeconds($TtlSeconds))
+        process = $Process
+    }
+    $bytes = [System.Text.Encoding]::UTF8.GetBytes((ConvertTo-Json -InputObject $record -Depth 10 -Compress))
+    $folder = [System.IO.Path]::GetDirectoryName([System.IO.Path]::GetFullPath($Path))
+    $null = [System.IO.Directory]::CreateDirectory($folder)
+    if (-not [System.IO.File]::Exists($Path)) {
+        $temporary = $Path + '.rdpfix-' + [guid]::NewGuid().ToString('N') + '.tmp'
+        try {
+            [System.IO.File]::WriteAllBytes($temporary, $bytes)
+            try {
+                [System.IO.File]::Move($temporary, $Path)
+                return @{ Acquired = $true; Record = $record; Previous = $null; Holder = $null }
+            }
+            catch [System.IO.IOException] {
+                if (-not [System.IO.File]::Exists($Path)) {
+                    throw
+                }
+                # Another run created it first: read it below.
+            }
+        }
+        finally {
+            if ([System.IO.File]::Exists($temporary)) {
+                [System.IO.File]::Delete($temporary)
+            }
+        }
+    }
+    try {
+        # pitfall-ok: file-io-without-backup-semantics the lock file is the agent's own (inherited ACL), opened exclusively to rewrite it
+        $stream = New-Object System.IO.FileStream($Path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::ReadWrite, [System.IO.FileShare]::None)
+    }
+    catch {
+        if (Test-LockBusyError -ErrorRecord $_) {
+            return $null
+        }
+        throw
+    }
+    try {
+        $buffer = New-Object System.IO.MemoryStream
+        $stream.CopyTo($buffer)
+        $found = Read-LockRecord -Bytes $buffer.ToArray() -Path $Path -TtlSeconds $TtlSeconds
+        $current = $found.Record
+        $ours = $current.token -ceq $Token
+        if (-not $ours -and $found.Expires -gt $now -and (Test-LockProcessAlive -Record $current)) {
+            return @{ Acquired = $false; Record = $null; Previous = $null; Holder = $current }
+        }
+        if ($ours) {
+            # A renewal keeps the time it was first taken.
+            $record['acquired'] = $current.acquired
+            $bytes = [System.Text.Encoding]::UTF8.GetBytes((ConvertTo-Json -InputObject $record -Depth 10 -Compress))
+        }
+        $stream.SetLength(0)
+        $stream.Write($bytes, 0, $bytes.Length)
+        $stream.Flush($true)
+        $previous = if ($ours) { $null } else { $current }
+        return @{ Acquired = $true; Record = $record; Previous = $previous; Holder = $null }
+    }
+    finally {
+        $stream.Dispose()
+    }
+}
+
 $Operations = [ordered]@{
     'system.info' = {
         param($Args_)
@@ -2764,6 +2950,70 @@ $Operations = [ordered]@{
         }
         return [ordered]@{ actual = $actual }
     }
+
+    'lock.acquire' = {
+        param($Args_)
+        $path = Get-LockPath -Table $Args_
+        $token = Get-StringArgument -Table $Args_ -Name 'token' -Required -NotEmpty
+        $owner = Get-OpArgument -Table $Args_ -Name 'owner' -Required
+        if ((Get-GuardKind -Value $owner) -ne 'object') {
+            throw (New-AgentException 'InvalidArgument' "argument 'owner' must be an object")
+        }
+        $ttl = Get-BoundedIntegerArgument -Table $Args_ -Name 'ttl_seconds' -Minimum 1 -Maximum $LockMaxTtlSeconds
+        $wait = Get-BoundedIntegerArgument -Table $Args_ -Name 'wait_ms' -Minimum 0 -Maximum $LockMaxWaitMilliseconds -Default 0
+        $poll = Get-BoundedIntegerArgument -Table $Args_ -Name 'poll_ms' -Minimum 100 -Maximum 10000 -Default 1000
+        $process = Get-AgentProcessRecord
+        $clock = [System.Diagnostics.Stopwatch]::StartNew()
+        while ($true) {
+            $attempt = $null
+            try {
+                $attempt = Invoke-LockAttempt -Path $path -Token $token -Owner $owner -TtlSeconds $ttl -Process $process
+            }
+            catch {
+                # A lock file being deleted by its holder refuses access for a moment; past the wait, the error stands.
+                if (-not (Test-LockBusyError -ErrorRecord $_) -or $clock.ElapsedMilliseconds -ge $wait) {
+                    throw
+                }
+            }
+            if ($null -ne $attempt -and $attempt.Acquired) {
+                return [ordered]@{ acquired = $true; path = $path; lock = $attempt.Record; previous = $attempt.Previous; waited_ms = [int]$clock.ElapsedMilliseconds }
+            }
+            $remaining = $wait - $clock.ElapsedMilliseconds
+            if ($remaining -le 0) {
+                $holder = if ($null -ne $attempt) { $attempt.Holder } else { $null }
+                $AgentErrorData.Value = [ordered]@{ path = $path; holder = $holder; now = ConvertTo-IsoUtc -Date ([datetime]::UtcNow); waited_ms = [int]$clock.ElapsedMilliseconds }
+                $until = if ($null -ne $holder) { $holder.expires } else { 'unknown' }
+                throw (New-AgentException 'Locked' "the rdpfix run lock $path is held by another run until $until")
+            }
+            Start-Sleep -Milliseconds ([int][math]::Min($poll, $remaining))
+        }
+    }
+
+    'lock.release' = {
+        param($Args_)
+        $path = Get-LockPath -Table $Args_
+        $token = Get-StringArgument -Table $Args_ -Name 'token' -Required -NotEmpty
+        if (-not [System.IO.File]::Exists($path)) {
+            return [ordered]@{ released = $false; holder = $null }
+        }
+        # FileShare.Delete: the file is deleted while this handle reads it, so nobody takes it in between.
+        # pitfall-ok: file-io-without-backup-semantics the lock file is the agent's own (inherited ACL)
+        $stream = New-Object System.IO.FileStream($path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::Read, [System.IO.FileShare]::Delete)
+        try {
+            $buffer = New-Object System.IO.MemoryStream
+            $stream.CopyTo($buffer)
+            $found = Read-LockRecord -Bytes $buffer.ToArray() -Path $path -TtlSeconds 0
+            if ($found.Record.token -cne $token) {
+                # Taken over after this run's lock expired or its process was judged gone: not this run's to delete.
+                return [ordered]@{ released = $false; holder = $found.Record }
+            }
+            [System.IO.File]::Delete($path)
+        }
+        finally {
+            $stream.Dispose()
+        }
+        return [ordered]@{ released = $true; holder = $null }
+    }
 }
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -2795,7 +3045,8 @@ function Invoke-Batch {
     $failed = $false
     foreach ($operation in $operations) {
         $name = [string]$operation.op
-        if ($failed -and $onError -eq 'stop') {
+        # An operation marked "always" (a lock's release) runs even after a failure stopped the batch.
+        if ($failed -and $onError -eq 'stop' -and $operation.always -ne $true) {
             $results.Add([ordered]@{ op = $name; ok = $false; skipped = $true })
             continue
         }

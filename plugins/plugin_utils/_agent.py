@@ -74,6 +74,8 @@ WRITE_OPERATIONS: frozenset[str] = frozenset(
         "firewall.rule.set",
         "firewall.rule.new",
         "firewall.rule.remove",
+        "lock.acquire",
+        "lock.release",
     }
 )
 
@@ -141,6 +143,13 @@ class Batch:
             raise ValueError(f"unknown agent operation {op!r}")
         self.ops.append({"op": op, "args": args})
         return len(self.ops) - 1
+
+    def add_always(self, op: str, **args: t.Any) -> int:
+        """Append an operation that runs even after a failure stopped the batch (a lock's release); the operations
+        after it are still skipped. See docs/agent-protocol.md, "Batch"."""
+        position = self.add(op, **args)
+        self.ops[position]["always"] = True
+        return position
 
     @property
     def writes(self) -> bool:

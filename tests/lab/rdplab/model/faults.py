@@ -12,6 +12,7 @@ from rdplab.model.errors import WRITE_FAULT_ERRORS, OpError
 from rdplab.model.filesystem import validate_path
 from rdplab.model.sessions import WTS_STATES
 from rdplab.model.stores import RDP_STORE
+from rdplab.model.timeutil import iso
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -110,6 +111,34 @@ def break_selfsigned_key(host: WindowsHost, params: dict[str, t.Any]) -> None:
         raise ValueError(f"parameter 'mode' must be delete, empty or deny_network_service, got {mode!r}")
 
 
+def hold_run_lock(host: WindowsHost, params: dict[str, t.Any]) -> None:
+    """Another run holds the host's rdpfix run lock (docs/agent-protocol.md, "The run lock"): its record, written as
+    that run's agent wrote it, expiring in ``seconds``; ``alive`` false: that run's agent process has ended (a batch
+    cut or crashed), so the lock is stale although its time has not run out."""
+    import json
+    import ntpath
+
+    seconds = _param(params, "seconds", int, 600)
+    alive = _param(params, "alive", bool, True)
+    owner = params.get("owner") or {"controller": "ansible-ctl-2", "pid": 4242, "run": "other-run", "user": "awx"}
+    if not isinstance(owner, dict):
+        raise ValueError(f"parameter 'owner' must be a mapping, got {owner!r}")
+    now = host.clock()
+    process = {"id": 7000 + len(host.other_agent_processes) * 4, "started": iso(now - timedelta(seconds=5))}
+    if alive:
+        host.other_agent_processes.append(process)
+    record = {
+        "token": _param(params, "token", str, "other-run-token"),
+        "owner": owner,
+        "acquired": iso(now - timedelta(seconds=5)),
+        "expires": iso(now + timedelta(seconds=seconds)),
+        "process": process,
+    }
+    path = ntpath.join(host.system.program_data, "rdpfix", "run.lock")
+    host.filesystem.make_dirs(ntpath.dirname(path))
+    host.filesystem.write(path, json.dumps(record, separators=(",", ":")).encode("utf-8"))
+
+
 FAULTS: dict[str, FaultHandler] = {
     "expire_selfsigned": expire_selfsigned,
     "remove_pinned_cert": remove_pinned_cert,
@@ -118,4 +147,5 @@ FAULTS: dict[str, FaultHandler] = {
     "clear_write_faults": clear_write_faults,
     "add_session": add_session,
     "break_selfsigned_key": break_selfsigned_key,
+    "hold_run_lock": hold_run_lock,
 }

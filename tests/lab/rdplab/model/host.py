@@ -88,6 +88,10 @@ class WindowsHost:
         self.lock = threading.RLock()
         self.selfsigned_generation = 0
         self.faults: list[dict[str, object]] = []
+        # The running batch's agent process, and agent processes of other runs (the hold_run_lock fault).
+        self._agent_pid = 4000
+        self.running_agent: dict[str, t.Any] | None = None
+        self.other_agent_processes: list[dict[str, t.Any]] = []
         self.firewall = Firewall.windows_default()
         # Who the agent runs as (host file `caller:`), and the agent process of the current batch.
         self.caller: CallerToken = CallerToken.administrator(system.hostname, username)
@@ -122,17 +126,43 @@ class WindowsHost:
         with self.lock:
             # Each batch is a new PowerShell process: a fresh copy of the caller's token, privileges as at logon.
             self.process = self.caller.start_process()
+            self._start_agent_process()
             for item in operations:
                 name = item.get("op") if isinstance(item, dict) else None
                 op_name = name if isinstance(name, str) else repr(name)
-                if stopped:
+                # An operation marked "always" (a lock's release) runs even after a failure stopped the batch.
+                if stopped and not (isinstance(item, dict) and item.get("always") is True):
                     results.append({"op": op_name, "ok": False, "skipped": True})
                     continue
                 result = self._run_one(OPS, item, op_name)
                 results.append(result)
                 if not result["ok"] and on_error == "stop":
                     stopped = True
+            self.running_agent = None
         return {"v": PROTOCOL_VERSION, "results": results}
+
+    # -- agent processes (what a run lock's record names) --------------------------------------------------------
+
+    def _start_agent_process(self) -> None:
+        # One batch runs at a time in the lab: a new batch means every earlier agent process has ended (a batch cut
+        # by a terminate included).
+        self._agent_pid += 4
+        self.running_agent = {"id": self._agent_pid, "started": iso(self.clock())}
+
+    def agent_process_record(self) -> dict[str, t.Any]:
+        """The running batch's agent process: ``{id, started}`` as the agent reports its own."""
+        if self.running_agent is None:
+            self._start_agent_process()
+        assert self.running_agent is not None
+        return dict(self.running_agent)
+
+    def agent_process_alive(self, process: object) -> bool:
+        """Whether the agent process a lock record names still runs: the running batch's, or one the
+        ``hold_run_lock`` fault keeps alive (another controller's run in progress). A record without a process (not
+        rdpfix's) counts as running, as on Windows."""
+        if not isinstance(process, dict):
+            return True
+        return process == self.running_agent or process in self.other_agent_processes
 
     def _run_one(self, ops: t.Mapping[str, t.Any], item: object, op_name: str) -> dict[str, t.Any]:
         spec = ops.get(op_name)

@@ -18,6 +18,7 @@ from rdplab.ops import (
     firewall,
     guard,
     listener,
+    lock,
     registry,
     services,
     sessions,
@@ -74,6 +75,9 @@ OPS: dict[str, OpSpec] = {
     "firewall.rule.remove": OpSpec(firewall.rule_remove, writes=True),
     # Guarded writes: the first operations of an apply batch (rdpfix.rdp plugin_utils/_guards.py)
     "guard": OpSpec(guard.guard, writes=False),
+    # The run lock: the first and last operations of an apply batch (rdpfix.rdp plugin_utils/_lock.py)
+    "lock.acquire": OpSpec(lock.lock_acquire, writes=True),
+    "lock.release": OpSpec(lock.lock_release, writes=True),
 }
 
 READ_OPERATIONS = frozenset(name for name, spec in OPS.items() if not spec.writes)

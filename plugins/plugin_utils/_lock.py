@@ -1,0 +1,190 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The per-host run lock: every batch that writes takes the host's lock first and releases it last.
+
+The agent's ``lock.acquire`` and ``lock.release`` (docs/agent-protocol.md, "The run lock") are primitives on a file
+under ``%ProgramData%\\rdpfix``; this module is the policy. ``wrap`` puts ``lock.acquire`` at the front of a write
+batch and ``lock.release`` at its end, flagged ``always`` so that it runs even after a failure stopped the batch.
+So two controllers, two AWX jobs or two forks on one host never interleave their changes: the second waits at most
+``LOCK_WAIT_MS`` on the host (the agent polls every ``LOCK_POLL_MS``), then fails saying who holds the lock and until
+when. A batch killed half-way (a cut connection, a crash) cannot release: its record names its agent process, which
+the next run sees gone, and in any case the record expires after ``LOCK_TTL_SECONDS``.
+
+The lock covers the writes; what changed between a plan's read and its writes is the guards' concern (``_guards``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import secrets
+import socket
+import typing as t
+from dataclasses import dataclass
+
+from ._agent import Batch, BatchResult, OpResult
+
+ACQUIRE = "lock.acquire"
+RELEASE = "lock.release"
+LOCKED = "Locked"
+
+# Longer than any apply batch can run: each service stop and start it waits for is bounded at 60 s, and no batch
+# restarts more than a few services. A crashed batch's record is normally taken over at once (its process is gone).
+LOCK_TTL_SECONDS = 900
+# How long a run waits for another run's lock, on the host, before it fails; and how often the agent looks again.
+LOCK_WAIT_MS = 30000
+LOCK_POLL_MS = 1000
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for the uid (a container without a passwd entry)
+        return None
+
+
+@dataclass(frozen=True)
+class RunLock:
+    """The lock one module run takes: its token (unique per run) and the owner record the host shows to others."""
+
+    token: str
+    owner: dict[str, t.Any]
+    ttl_seconds: int = LOCK_TTL_SECONDS
+    wait_ms: int = LOCK_WAIT_MS
+    poll_ms: int = LOCK_POLL_MS
+    path: str | None = None  # None: %ProgramData%\rdpfix\run.lock
+
+    @classmethod
+    def for_run(cls, module: str, host: str, run: str | None = None, **policy: t.Any) -> RunLock:
+        """The lock of one module run on ``host``: owner = this controller, process and run."""
+        token = f"{run or secrets.token_hex(8)}"
+        owner = {
+            "controller": socket.gethostname(),
+            "pid": os.getpid(),
+            "user": _user(),
+            "module": f"rdpfix.rdp.{module}",
+            "host": host,
+            "run": token,
+        }
+        return cls(token=token, owner=owner, **policy)
+
+    def acquire_args(self) -> dict[str, t.Any]:
+        args: dict[str, t.Any] = {
+            "token": self.token,
+            "owner": self.owner,
+            "ttl_seconds": self.ttl_seconds,
+            "wait_ms": self.wait_ms,
+            "poll_ms": self.poll_ms,
+        }
+        if self.path:
+            args["path"] = self.path
+        return args
+
+    def release_args(self) -> dict[str, t.Any]:
+        args: dict[str, t.Any] = {"token": self.token}
+        if self.path:
+            args["path"] = self.path
+        return args
+
+
+@dataclass(frozen=True)
+class LockedBatch:
+    """A write batch inside the lock: what is sent, and where the caller's own operations are in its results."""
+
+    batch: Batch
+    acquire: int
+    release: int
+    count: int  # the caller's operations, at positions acquire + 1 .. acquire + count
+
+    def own(self, result: BatchResult) -> BatchResult:
+        """The results of the caller's operations, at the positions the caller gave them."""
+        return BatchResult(result.host, list(result.results[self.acquire + 1 : self.acquire + 1 + self.count]))
+
+
+def is_locked(batch: Batch) -> bool:
+    return bool(batch.ops) and batch.ops[0]["op"] == ACQUIRE
+
+
+def wrap(batch: Batch, lock: RunLock) -> LockedBatch:
+    """The batch with ``lock.acquire`` first and ``lock.release`` last (always run). A read-only batch is never
+    locked: audits and check mode neither wait nor write."""
+    if not batch.writes:
+        raise ValueError("only a batch that writes takes the run lock")
+    if batch.on_error != "stop":
+        raise ValueError("a locked batch runs with on_error: stop, so that nothing runs without the lock")
+    wire = dataclasses.replace(batch, ops=[])
+    acquire = wire.add(ACQUIRE, **lock.acquire_args())
+    wire.ops.extend(batch.ops)
+    release = wire.add_always(RELEASE, **lock.release_args())
+    return LockedBatch(wire, acquire, release, len(batch.ops))
+
+
+def describe_holder(holder: object) -> str:
+    """``run 1a2b of rdpfix.rdp.certificate from ctl01 (pid 4242, user awx), taken 2026-..Z, expires 2026-..Z``."""
+    if not isinstance(holder, dict):
+        return "another run (its lock record could not be read)"
+    owner = holder.get("owner") if isinstance(holder.get("owner"), dict) else {}
+    assert isinstance(owner, dict)
+    if not owner:
+        who = "a run that left no owner (the lock file is not an rdpfix record)"
+    else:
+        details = [
+            f"pid {owner['pid']}" if owner.get("pid") is not None else "",
+            f"user {owner.get('user')}" if owner.get("user") else "",
+        ]
+        extra = ", ".join(item for item in details if item)
+        who = (
+            f"run {owner.get('run') or holder.get('token')} of {owner.get('module') or 'rdpfix'} "
+            f"from {owner.get('controller') or 'an unknown controller'}" + (f" ({extra})" if extra else "")
+        )
+    return (
+        f"{who}, taken {holder.get('acquired') or 'at an unknown time'}, expires {holder.get('expires') or 'unknown'}"
+    )
+
+
+def refusal(host: str, outcome: OpResult, lock: RunLock) -> str:
+    """The message of a run that did not get the lock (nothing was changed: every later operation was skipped)."""
+    if outcome.error_type == LOCKED:
+        holder = outcome.data.get("holder")
+        waited = outcome.data.get("waited_ms")
+        seconds = (int(waited) if isinstance(waited, int) else lock.wait_ms) // 1000
+        until = holder.get("expires") if isinstance(holder, dict) else None
+        return (
+            f"{host}: another rdpfix run holds this host's run lock ({outcome.data.get('path') or 'run.lock'}): "
+            f"{describe_holder(holder)}. Waited {seconds} s; nothing was changed. Run again when it has finished"
+            + (f"; its lock expires at {until} at the latest" if until else "")
+        )
+    return (
+        f"{host}: the rdpfix run lock could not be taken ({outcome.error_type or 'Failed'}: "
+        f"{outcome.error_message or ''}); nothing was changed"
+    )
+
+
+def release_warning(host: str, result: BatchResult, locked: LockedBatch) -> str | None:
+    """A warning when the release did not release this run's lock (taken over meanwhile, or the release failed)."""
+    outcome = result[locked.release]
+    if outcome.skipped:
+        return None
+    if not outcome.ok:
+        return (
+            f"{host}: the rdpfix run lock could not be released ({outcome.error_type}: {outcome.error_message}); "
+            f"it expires on its own"
+        )
+    if outcome.data.get("released") is False and outcome.data.get("holder") is not None:
+        return (
+            f"{host}: this run's lock had been taken over before it ended, by {describe_holder(outcome.data['holder'])}"
+        )
+    return None
+
+
+def takeover_warning(host: str, result: BatchResult, locked: LockedBatch) -> str | None:
+    """A warning when this run took over a lock left by another run (expired, or its agent process was gone)."""
+    outcome = result[locked.acquire]
+    previous = outcome.data.get("previous") if outcome.ok else None
+    if not previous:
+        return None
+    return (
+        f"{host}: took over the rdpfix run lock left by {describe_holder(previous)}: that run ended without "
+        "releasing it (cut or crashed); its changes, if any, are in its backup manifest"
+    )
