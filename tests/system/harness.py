@@ -20,8 +20,43 @@ BIN = Path(sys.executable).parent
 HOSTS_DIR = ROOT / "tests" / "lab" / "hosts"
 FLEETS_DIR = ROOT / "tests" / "lab" / "fleets"
 
-# Every lab of a test session gets its own 127.0.N network, so labs never share an address or port.
-_networks = itertools.count(int(os.environ.get("RDPFIX_TEST_NETWORK_START", "120")))
+
+class _Networks:
+    """The 127.0.N networks of this test process, so that labs never share an address or port.
+
+    RDPFIX_TEST_NETWORK_START (default 120) is the first N. Under pytest-xdist each worker (gw0, gw1, ...) takes its own
+    block of RDPFIX_TEST_NETWORKS_PER_WORKER networks (default 10) after it: gw0 from N, gw1 from N + 10, and so on;
+    without xdist the process takes the first block. Within its block a process goes round, skipping the networks of
+    labs it still runs, so a long session never leaves the block however many labs it starts.
+    """
+
+    def __init__(self) -> None:
+        start = int(os.environ.get("RDPFIX_TEST_NETWORK_START", "120"))
+        self.size = int(os.environ.get("RDPFIX_TEST_NETWORKS_PER_WORKER", "10"))
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+        self.first = start + index * self.size
+        if self.size < 1 or self.first < 1 or self.first + self.size - 1 > 254:
+            raise RuntimeError(
+                f"worker {worker}: networks 127.0.{self.first}-{self.first + self.size - 1} are outside 127.0.1-254; "
+                "lower RDPFIX_TEST_NETWORK_START or RDPFIX_TEST_NETWORKS_PER_WORKER"
+            )
+        self.in_use: set[int] = set()
+        self._turn = itertools.cycle(range(self.first, self.first + self.size))
+
+    def __iter__(self) -> _Networks:
+        return self
+
+    def __next__(self) -> int:
+        """The next network of the block that no running lab of this process has (labs from start_lab are known)."""
+        for _ in range(self.size):
+            candidate = next(self._turn)
+            if candidate not in self.in_use:
+                return candidate
+        raise RuntimeError(f"all {self.size} networks from 127.0.{self.first} are taken by labs this process runs")
+
+
+_networks = _Networks()
 
 
 def ansible_env(**extra: str) -> dict[str, str]:
@@ -78,6 +113,7 @@ class Lab:
 
     def down(self) -> None:
         _rdplab("down", "--state-dir", str(self.state_dir), check=False)
+        _networks.in_use.discard(int(self.network.rsplit(".", 1)[1]))
 
 
 @dataclass
@@ -137,7 +173,8 @@ def run_playbook(
 
 
 def start_lab(tmp_path: Path, host_files: list[Path]) -> Lab:
-    network = f"127.0.{next(_networks)}"
+    number = next(_networks)
+    network = f"127.0.{number}"
     state_dir = tmp_path / "lab-state"
     inventory = tmp_path / "inventory.yml"
     proc = _rdplab(
@@ -153,4 +190,5 @@ def start_lab(tmp_path: Path, host_files: list[Path]) -> Lab:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"rdplab up failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    _networks.in_use.add(number)
     return Lab(state_dir=state_dir, inventory=inventory, network=network, host_files=host_files)
