@@ -60,19 +60,27 @@ cat > "$tmp/site.yml" <<'YAML'
     - rdpfix.rdp.rdpfix_client
 YAML
 printf '[windows]\nweb01\n[rdp_clients]\npc01\n' > "$tmp/hosts.ini"
-(cd "$tmp" && "$bin/ansible-playbook" -i hosts.ini --syntax-check site.yml >/dev/null)
+# One ansible-playbook for all of them (it checks each playbook it is given, and fails when any one fails).
+playbooks=()
 for playbook in "$installed"/ansible_collections/rdpfix/rdp/playbooks/*.yml; do
-  name=$(basename "$playbook" .yml)
-  (cd "$tmp" && "$bin/ansible-playbook" -i hosts.ini --syntax-check "rdpfix.rdp.$name" >/dev/null)
+  playbooks+=("rdpfix.rdp.$(basename "$playbook" .yml)")
 done
+[ ${#playbooks[@]} -gt 0 ] || { echo "the installed collection has no playbooks"; exit 1; }
+(cd "$tmp" && "$bin/ansible-playbook" -i hosts.ini --syntax-check site.yml "${playbooks[@]}" >/dev/null)
 
+# One ansible-doc for every module and one for both roles: it fails when a page cannot be rendered, and each page must
+# be there (ansible-doc only warns about a name it does not find).
 modules=$("$bin/ansible-doc" -l rdpfix.rdp | awk '{print $1}')
 [ -n "$modules" ] || { echo "ansible-doc lists no modules in the installed collection"; exit 1; }
+# shellcheck disable=SC2086 # one argument per module name
+pages=$("$bin/ansible-doc" $modules) || { echo "ansible-doc cannot render every module of: $modules"; exit 1; }
+pages+=$'\n'$("$bin/ansible-doc" -t role rdpfix.rdp.rdpfix_server rdpfix.rdp.rdpfix_client) \
+  || { echo "ansible-doc cannot render the roles"; exit 1; }
 for module in $modules; do
-  "$bin/ansible-doc" "$module" >/dev/null || { echo "ansible-doc cannot render $module"; exit 1; }
+  grep -q "^> MODULE $module " <<<"$pages" || { echo "ansible-doc renders no page for $module"; exit 1; }
 done
 for role in rdpfix_server rdpfix_client; do
-  "$bin/ansible-doc" -t role "rdpfix.rdp.$role" >/dev/null || { echo "ansible-doc cannot render role $role"; exit 1; }
+  grep -q "^> ROLE: \*rdpfix.rdp.$role\* " <<<"$pages" || { echo "ansible-doc renders no page for role $role"; exit 1; }
 done
 
 # galaxy-importer, configured in tests/galaxy-importer.cfg (no container, so no ansible-test: sanity runs on its own).
