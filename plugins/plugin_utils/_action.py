@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
 from ansible.plugins.action import ActionBase
 
-from ._agent import AgentError, Batch, BatchResult, OperationError, run_batch
+from ._agent import AgentError, Batch, BatchResult, Builder, OperationError, run_batch
 
 # Options every module that changes a host shares; documented once in the ``rdpfix.rdp.common`` doc fragment (and the
 # modules that take it form the ``rdpfix.rdp.backup`` action group).
@@ -139,6 +139,26 @@ class BackupSet:
         return {"manifest_id": self.manifest_id, "path": self.directory, "items": self.items}
 
 
+def async_refusal(action: str) -> str:
+    """Why an rdpfix module refuses ``async`` (docs/architecture.md, "async")."""
+    return (
+        f"{action} does not support async: it decides on the controller between its round trips to the host (read, "
+        "plan, back up and change, verify), so there is no single job the host could run in the background, and "
+        "Ansible would report the raw answer of one batch instead of the module's result. Run it without async: each "
+        "round trip is one short command; for many hosts at once, raise forks or use the free strategy"
+    )
+
+
+def not_windows(action: str, host: str, shell: object) -> str:
+    """The refusal for a host that is not reached through a Windows shell (a delegation to localhost, for instance)."""
+    family = getattr(shell, "SHELL_FAMILY", None) or type(shell).__module__.rsplit(".", 1)[-1]
+    return (
+        f"{action} runs on Windows hosts only, and {host} is reached with the '{family}' shell: nothing was sent. "
+        "Target (or delegate_to) a Windows host: ansible_connection winrm or psrp, or ssh with "
+        "ansible_shell_type powershell"
+    )
+
+
 class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
     """Base of the rdpfix.rdp action plugins.
 
@@ -167,6 +187,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.round_trips = 0
         self.warnings: list[str] = []
         self.now = utc_now()
+        self.task_vars: dict[str, t.Any] = {}
+        self._builder: Builder | None = None
 
     @abc.abstractmethod
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -179,7 +201,21 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         """Send one batch: exactly one command over the connection, counted in ``round_trips``."""
         if batch.ops:
             self.round_trips += 1
-        return run_batch(self._connection, self.host, batch)
+        return run_batch(self._connection, self.host, batch, self.wire_builder())
+
+    def wire_builder(self) -> Builder:
+        """How this task's batches are sent: Ansible's PowerShell module exec wrapper with the agent as the module,
+        the task's become (runas) and ``environment:`` (``_wrapper.ModuleWrapper``)."""
+        if self._builder is None:
+            # Imported here: _wrapper imports ansible-core's executor, which the local runner of the Windows CI (where
+            # Ansible cannot run) never needs.
+            from ._wrapper import wrapper_for  # noqa: PLC0415
+
+            environment: dict[str, t.Any] = {}
+            if getattr(self._task, "environment", None) and self._templar is not None:
+                self._compute_environment_string(environment)
+            self._builder = wrapper_for(self._connection, self.task_vars, environment)
+        return self._builder
 
     def apply_with_backup(
         self,
@@ -244,6 +280,14 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         if message not in self.warnings:
             self.warnings.append(message)
 
+    def delegated_host(self, task_vars: dict[str, t.Any]) -> str | None:
+        """The inventory name of the host a ``delegate_to`` task contacts (None without delegation)."""
+        target = getattr(self._task, "delegate_to", None)
+        if not target:
+            return None
+        delegated = (task_vars.get("ansible_delegated_vars") or {}).get(target) or {}
+        return str(delegated.get("inventory_hostname") or target)
+
     def run(self, tmp: str | None = None, task_vars: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
         # ActionBase.run is not called: it would prepare a remote temporary directory, which the agent never needs.
         del tmp
@@ -254,10 +298,18 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.round_trips = 0
         self.warnings = []
         self.now = utc_now()
+        self.task_vars, self._builder = task_vars, None
         result: dict[str, t.Any] = {"changed": False}
 
+        delegated = self.delegated_host(task_vars)
+        if delegated:
+            # Label everything with the host actually contacted.
+            self.host = delegated
         if self._task.async_val:
-            return self._finish(result | {"failed": True, "msg": f"{self._task.action} does not support async"})
+            return self._finish(result | {"failed": True, "msg": async_refusal(self._task.action)})
+        shell = getattr(self._connection, "_shell", None)
+        if shell is not None and not getattr(shell, "_IS_WINDOWS", False):
+            return self._finish(result | {"failed": True, "msg": not_windows(self._task.action, self.host, shell)})
         try:
             _validation, params = self.validate_argument_spec(
                 argument_spec=self.ARGUMENT_SPEC,

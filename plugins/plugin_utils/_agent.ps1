@@ -7,6 +7,12 @@
 #
 # Runs on Windows PowerShell 5.1 and PowerShell 7. This file must stay ASCII: Windows PowerShell 5.1 reads script
 # text without a BOM in the ANSI code page.
+#
+# The controller runs this file the way Ansible runs any PowerShell module (docs/agent-protocol.md, "Transport"): its
+# exec wrapper sets $complex_args, whose "batch" is the batch JSON, and takes what this script writes to stdout as the
+# module's result. The #Requires line is what marks the file as a PowerShell module to Ansible's wrapper builder.
+# Run directly (powershell.exe -File), the batch is the -BatchJson parameter.
+#Requires -Version 5.1
 
 param([string]$BatchJson)
 
@@ -3085,6 +3091,16 @@ function Write-AgentOutput {
 }
 
 try {
+    if (-not $BatchJson) {
+        # Ansible's module wrapper: the module arguments are the global $complex_args (a hashtable).
+        if (Test-Path -LiteralPath 'Variable:\complex_args') {
+            $moduleArguments = Get-Variable -Name complex_args -Scope Global -ValueOnly
+            $BatchJson = [string]$moduleArguments['batch']
+        }
+    }
+    if (-not $BatchJson) {
+        throw 'no batch: expected the module argument "batch" or the -BatchJson parameter'
+    }
     $batch = ConvertFrom-Json -InputObject $BatchJson
     if ($null -eq $batch -or $batch.v -ne $ProtocolVersion) {
         throw "unsupported batch: protocol version $ProtocolVersion expected"
@@ -3093,7 +3109,8 @@ try {
     Write-AgentOutput -Text (ConvertTo-Json -InputObject $document -Depth 10 -Compress)
 }
 catch {
-    # No result document: the controller reports an agent failure with this text.
-    [Console]::Error.WriteLine('rdpfix agent: ' + $_.Exception.Message)
+    # No result document: a failed module result, which the controller reports as an agent failure with this text.
+    $failure = [ordered]@{ failed = $true; msg = 'rdpfix agent: ' + $_.Exception.Message }
+    Write-AgentOutput -Text (ConvertTo-Json -InputObject $failure -Compress)
     exit 1
 }

@@ -2,13 +2,14 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Run batches of agent operations on a Windows host over the task's connection.
 
-One batch is one ``exec_command`` call, that is one WinRM command (one round trip). The command line is a fixed
-bootstrap; the batch and the agent script travel on stdin. See docs/agent-protocol.md.
+One batch is one ``exec_command`` call, that is one command over WinRM, PSRP or SSH (one round trip). What is sent is
+built by a *builder* (``_wrapper.ModuleWrapper`` in the action plugins: Ansible's PowerShell module exec wrapper with
+the agent as the module and the batch as its argument); this module only sends it and reads the result document.
+See docs/agent-protocol.md. It imports nothing from ansible-core but its exception classes.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import typing as t
@@ -19,19 +20,6 @@ from ansible.errors import AnsibleConnectionFailure, AnsibleError
 PROTOCOL_VERSION = 1
 
 AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_agent.ps1")
-
-# The bootstrap reads stdin to its end: line 1 is the batch JSON, the rest is the agent script.
-BOOTSTRAP = (
-    "$ErrorActionPreference = 'Stop'\n"
-    "$rdpfixInput = [Console]::In.ReadToEnd()\n"
-    "$rdpfixSplit = $rdpfixInput.IndexOf([char]10)\n"
-    "$rdpfixBatch = $rdpfixInput.Substring(0, $rdpfixSplit).Trim()\n"
-    "$rdpfixAgent = [ScriptBlock]::Create($rdpfixInput.Substring($rdpfixSplit + 1))\n"
-    "& $rdpfixAgent -BatchJson $rdpfixBatch\n"
-)
-
-# Exactly ansible-core's PowerShell prefix: the winrm connection then passes the command through unchanged.
-COMMAND_PREFIX = "PowerShell -NoProfile -NonInteractive -ExecutionPolicy Unrestricted -EncodedCommand "
 
 READ_OPERATIONS: frozenset[str] = frozenset(
     {
@@ -190,26 +178,29 @@ class _Connection(t.Protocol):
     ) -> tuple[int, bytes, bytes]: ...
 
 
+@dataclass(frozen=True)
+class WireCommand:
+    """What one batch sends: the command line and its standard input."""
+
+    command: str
+    stdin: bytes
+
+
+# Builds the command of one batch (``_wrapper.ModuleWrapper``: Ansible's module exec wrapper carrying the agent).
+Builder = t.Callable[[Batch], WireCommand]
+
+
 def agent_script() -> str:
     with open(AGENT_PATH, encoding="utf-8") as handle:
         return handle.read()
 
 
-def bootstrap_command() -> str:
-    """The command line every batch runs; it never changes, so it can be verified by the lab."""
-    return COMMAND_PREFIX + base64.b64encode(BOOTSTRAP.encode("utf-16-le")).decode("ascii")
-
-
-def build_stdin(batch: Batch, script: str | None = None) -> bytes:
-    """Line 1 the batch, then the agent script."""
-    body = batch.to_json() + "\n" + (agent_script() if script is None else script)
-    return body.encode("utf-8")
-
-
 def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int) -> BatchResult:
-    """Turn the agent's stdout into a BatchResult, or raise AgentError saying what went wrong."""
+    """Turn the module result on stdout (the agent's document) into a BatchResult, or raise AgentError saying what
+    went wrong: no document, a failed module result (the agent's own failure, or the exec wrapper's: a become that was
+    refused, for instance), or a document of the wrong shape."""
     text = stdout.decode("utf-8", errors="replace").strip()
-    # PowerShell may print a BOM or progress noise before the document: take the last line that is JSON.
+    # PowerShell may print a BOM or noise around the document: take the last line that is a JSON object.
     document: t.Any = None
     for raw_line in reversed(text.splitlines()):
         line = raw_line.strip().lstrip("\ufeff")
@@ -222,6 +213,12 @@ def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int
     if document is None:
         detail = stderr.decode("utf-8", errors="replace").strip() or text or "no output"
         raise AgentError(f"the rdpfix agent on {host} returned no result (rc={rc}): {detail[:2000]}")
+    if isinstance(document, dict) and document.get("failed") and "results" not in document:
+        message = str(document.get("msg") or "failed without a message")
+        detail = stderr.decode("utf-8", errors="replace").strip()
+        raise AgentError(
+            f"the rdpfix agent on {host} failed (rc={rc}): {message[:2000]}" + (f" [{detail[:500]}]" if detail else "")
+        )
     if (
         not isinstance(document, dict)
         or document.get("v") != PROTOCOL_VERSION
@@ -248,12 +245,15 @@ def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int
     return BatchResult(host=host, results=results)
 
 
-def run_batch(connection: _Connection, host: str, batch: Batch) -> BatchResult:
-    """Send one batch over the connection: exactly one exec_command, that is one WinRM command."""
+def run_batch(connection: _Connection, host: str, batch: Batch, build: Builder) -> BatchResult:
+    """Send one batch over the connection: exactly one exec_command (one round trip), as ``build`` makes it.
+
+    ``sudoable=True``: the task's become (runas) travels inside the payload, as for any Windows module."""
     if not batch.ops:
         return BatchResult(host=host, results=[])
+    wire = build(batch)
     try:
-        rc, stdout, stderr = connection.exec_command(bootstrap_command(), in_data=build_stdin(batch), sudoable=False)
+        rc, stdout, stderr = connection.exec_command(wire.command, in_data=wire.stdin, sudoable=True)
     except AnsibleConnectionFailure:
         raise
     except AnsibleError:

@@ -1,10 +1,12 @@
 """The Windows CI harness (tests/windows/rdpfix_local.py) against the lab: its powershell.exe is a stand-in
 (tests/windows/fake_powershell.py) that hands the process's arguments and stdin to a simulated host, which accepts
-nothing but the exact agent bootstrap and script - so the local runner's command construction is what is tested."""
+nothing but the runner's exact local bootstrap and the unmodified agent script (``LocalPowerShellHost`` below, as
+powershell.exe would run them) - so the local runner's command construction is what is tested."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socketserver
 import subprocess
@@ -31,6 +33,25 @@ sys.path.insert(0, str(WINDOWS))
 import rdpfix_local  # noqa: E402
 
 
+def local_powershell(host: t.Any, command_line: str, stdin: bytes) -> tuple[int, bytes, bytes]:
+    """powershell.exe running the runner's local bootstrap on a simulated host: only that command line, only the
+    collection's agent script after the batch line; the agent's answer is its one-line document."""
+    if command_line != rdpfix_local.LOCAL_COMMAND:
+        return 1, b"", f"not the local bootstrap: {command_line[:80]!r}".encode()
+    line, _newline, script = stdin.partition(b"\n")
+    with open(_agent.AGENT_PATH, encoding="utf-8") as handle:
+        expected = handle.read().encode("utf-8")
+    if hashlib.sha256(script).digest() != hashlib.sha256(expected).digest():
+        return 1, b"", b"the script on stdin differs from the collection's _agent.ps1"
+    try:
+        with host.lock:
+            document = host.run_batch(json.loads(line))
+    except ValueError as exc:
+        failed = {"failed": True, "msg": f"rdpfix agent: invalid batch: {exc}"}
+        return 1, json.dumps(failed).encode() + b"\r\n", b""
+    return 0, json.dumps(document).encode() + b"\r\n", b""
+
+
 class FakeWindows:
     """One simulated host behind the stand-in powershell.exe; records every process's arguments."""
 
@@ -46,11 +67,11 @@ class FakeWindows:
                 with owner.host.lock:
                     owner.host.counters.winrm_commands += 1
                 command_line = " ".join(["PowerShell", *request["argv"]])
-                outcome = rdplab_bootstrap.execute(owner.host, command_line, base64.b64decode(request["stdin_b64"]))
+                rc, stdout, stderr = local_powershell(owner.host, command_line, base64.b64decode(request["stdin_b64"]))
                 answer = {
-                    "rc": outcome.rc,
-                    "stdout_b64": base64.b64encode(outcome.stdout).decode("ascii"),
-                    "stderr_b64": base64.b64encode(outcome.stderr).decode("ascii"),
+                    "rc": rc,
+                    "stdout_b64": base64.b64encode(stdout).decode("ascii"),
+                    "stderr_b64": base64.b64encode(stderr).decode("ascii"),
                 }
                 self.wfile.write(json.dumps(answer).encode("utf-8"))
 
@@ -108,7 +129,7 @@ def failed_checks(document: dict[str, t.Any]) -> list[t.Any]:
 
 def test_the_process_gets_the_bootstrap_arguments() -> None:
     connection = rdpfix_local.LocalPowerShell(STAND_IN)
-    command = _agent.bootstrap_command()
+    command = rdpfix_local.LOCAL_COMMAND
     argv = connection.argv(command)
     assert argv[:2] == STAND_IN
     encoded = command.rsplit(" ", 1)[1]
@@ -142,9 +163,8 @@ def test_a_changed_agent_is_refused_and_reported(windows: Windows) -> None:
     connection = rdpfix_local.LocalPowerShell(STAND_IN)
     batch = _agent.Batch(on_error="continue")
     batch.add("system.info")
-    rc, stdout, stderr = connection.exec_command(
-        _agent.bootstrap_command(), _agent.build_stdin(batch, script="Write-Output 'not the agent'")
-    )
+    wire = rdpfix_local.local_command(batch, script="Write-Output 'not the agent'")
+    rc, stdout, stderr = connection.exec_command(wire.command, wire.stdin)
     assert (rc, stdout) == (1, b"")
     assert b"differs from the collection's _agent.ps1" in stderr
 

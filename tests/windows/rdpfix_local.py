@@ -2,8 +2,10 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Run rdpfix agent batches on the local Windows machine, without Ansible (Ansible does not run on Windows).
 
-The batch goes through the collection's own runner (``_agent.run_batch``): the same bootstrap command line and the
-same stdin (batch line + agent script) as over WinRM, only the connection is a local ``powershell.exe`` process. The
+The batch goes through the collection's own runner (``_agent.run_batch``) and its own agent script; only the wrapper
+differs from what the action plugins send: Ansible's module exec wrapper cannot be built where Ansible does not run, so
+a small bootstrap (``LOCAL_BOOTSTRAP``) reads the batch line and the agent script from stdin and calls the agent with
+``-BatchJson`` - the agent's entry point for a direct run - in a local ``powershell.exe`` process. The
 scenarios below settle, on a real Windows machine, what the lab can only model; ``.github/workflows/windows.yml`` runs
 them (docs/windows-ci.md). On Linux the tests run the same code against the lab, with a stand-in for powershell.exe.
 
@@ -17,6 +19,7 @@ when a check failed.
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import json
 import os
@@ -120,6 +123,25 @@ def default_powershell() -> list[str]:
     return ["powershell.exe"]
 
 
+# Reads stdin to its end: line 1 is the batch JSON, the rest is the agent script, called with -BatchJson.
+LOCAL_BOOTSTRAP = (
+    "$ErrorActionPreference = 'Stop'\n"
+    "$rdpfixInput = [Console]::In.ReadToEnd()\n"
+    "$rdpfixSplit = $rdpfixInput.IndexOf([char]10)\n"
+    "$rdpfixBatch = $rdpfixInput.Substring(0, $rdpfixSplit).Trim()\n"
+    "$rdpfixAgent = [ScriptBlock]::Create($rdpfixInput.Substring($rdpfixSplit + 1))\n"
+    "& $rdpfixAgent -BatchJson $rdpfixBatch\n"
+)
+LOCAL_PREFIX = "PowerShell -NoProfile -NonInteractive -ExecutionPolicy Unrestricted -EncodedCommand "
+LOCAL_COMMAND = LOCAL_PREFIX + base64.b64encode(LOCAL_BOOTSTRAP.encode("utf-16-le")).decode("ascii")
+
+
+def local_command(batch: t.Any, script: str | None = None) -> t.Any:
+    """The runner's builder: the local bootstrap, then the batch line and the agent script on stdin."""
+    body = batch.to_json() + "\n" + (agent.agent_script() if script is None else script)
+    return agent.WireCommand(command=LOCAL_COMMAND, stdin=body.encode("utf-8"))
+
+
 class LocalPowerShell:
     """A connection whose ``exec_command`` starts a local process: ``powershell.exe`` in place of the bootstrap's
     ``PowerShell``, the bootstrap's own arguments after it, the batch and agent on stdin."""
@@ -148,7 +170,7 @@ def run(connection: LocalPowerShell, ops: Sequence[tuple[str, dict[str, t.Any]]]
     batch = agent.Batch(on_error=on_error)
     for op, args in ops:
         batch.add(op, **args)
-    return agent.run_batch(connection, "localhost", batch)
+    return agent.run_batch(connection, "localhost", batch, local_command)
 
 
 # ---------------------------------------------------------------------------------------------------- outcomes
@@ -204,12 +226,12 @@ def scenario_selftest(connection: LocalPowerShell, options: argparse.Namespace) 
     now = datetime.now(UTC)
     schemas = selftest.load_schemas()
     batch, planned = selftest.first_batch(now, events.QUERIES)
-    results = selftest.collect(planned, agent.run_batch(connection, "localhost", batch))
+    results = selftest.collect(planned, agent.run_batch(connection, "localhost", batch, local_command))
     system = results["system.info"].get("data") or {}
     key = selftest.rdp_key_record(results["listener.get"].get("data"), results["cert.list"].get("data"))
     key_path = key.get("path") if key else None
     batch, planned = selftest.second_batch(str(system.get("program_data") or "C:\\ProgramData"), key_path)
-    results.update(selftest.collect(planned, agent.run_batch(connection, "localhost", batch)))
+    results.update(selftest.collect(planned, agent.run_batch(connection, "localhost", batch, local_command)))
     report = selftest.build_report(
         "localhost", results, schemas, generated_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"), round_trips=2
     )

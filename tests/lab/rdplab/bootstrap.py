@@ -1,25 +1,35 @@
-"""Decide what a command received over WinRM may do on a simulated host.
+"""Decide what a command received over WinRM, PSRP or SSH may do on a simulated host.
 
 The lab executes nothing but what the collection really sends. A command is run only when a *recogniser* claims it:
-today the rdpfix agent bootstrap (the exact command line of ``_agent.bootstrap_command()`` with the batch and the exact
-agent script on stdin). Everything else is refused with exit code 1 and a message on stderr, so that a command the lab
-does not model can never look like it succeeded. Further recognisers (the fixed commands ansible.windows.win_reboot
-sends, for instance) are added to ``RECOGNISERS``.
+
+- ``AnsibleModuleWrapper``: Ansible's PowerShell module execution path, which is how the collection runs its agent
+  (plugins/plugin_utils/_wrapper.py). The command line is the bootstrap every pipelined Windows module runs
+  (``bootstrap_wrapper.ps1``, base64 UTF-16LE); stdin, read line by line as the bootstrap's ``$input`` reads it, is the
+  exec wrapper's manifest, then the exec manifest: every script in it must be byte for byte the installed ansible-core's
+  (exec, module and become wrappers, Ansible.* utilities), and the module script must be the collection's
+  ``_agent.ps1`` (SHA-256). The batch is the module argument ``batch``. With ``become`` (Ansible's runas wrapper), the
+  account and password are checked as Windows' LogonUser would, and the batch runs with that account's token.
+- ``WinReboot`` (rdplab.reboot): the fixed commands ansible.windows.win_reboot sends.
+
+Everything else - another module, a tampered agent, async (not modelled), another wrapper - is refused with exit code
+1 and a message on stderr, so that a command the lab does not model can never look like it succeeded.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-import importlib.util
 import json
 import os
-import sys
+import pkgutil
+import re
 import threading
 import typing as t
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
+from rdplab.model.token import SID_SYSTEM, CallerToken
 from rdplab.ops.services import CommandHangs
 from rdplab.reboot import WinReboot
 
@@ -27,11 +37,23 @@ if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
 
 REFUSAL = (
-    "rdplab: this simulated Windows host only runs the rdpfix agent (the exact bootstrap command line with the batch "
-    "and the unmodified plugins/plugin_utils/_agent.ps1 on stdin); refused: {reason}\r\n"
+    "rdplab: this simulated Windows host only runs the rdpfix agent through Ansible's PowerShell module wrapper (the "
+    "unmodified plugins/plugin_utils/_agent.ps1 as the module, the batch as its argument); refused: {reason}\r\n"
 )
 
 COLLECTION_ROOT_ENV = "RDPLAB_COLLECTION_ROOT"
+
+# The exec manifest's separator line (bootstrap_wrapper.ps1 and exec_wrapper.ps1 stop reading a part at it).
+SEPARATOR = "\0\0\0\0"
+
+# What powershell.exe prints for the names Windows cannot map to a SID (NTAccount.Translate).
+NOT_MAPPED = "Some or all identity references could not be translated."
+# LogonUser's answer to a wrong password [Win32 error 1326], as Ansible.AccessToken's Win32Exception formats it.
+BAD_PASSWORD = "The user name or password is incorrect"
+ERROR_LOGON_FAILURE = 1326
+
+# Names that resolve to LocalSystem (NTAccount.Translate accepts the account name with or without its domain).
+SYSTEM_NAMES = frozenset({"system", "nt authority\\system", "localsystem", SID_SYSTEM.lower()})
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,13 @@ def refusal(reason: str) -> CommandOutcome:
     return CommandOutcome(rc=1, stdout=b"", stderr=REFUSAL.format(reason=reason).encode("utf-8"))
 
 
+def encoded_command(script: str) -> str:
+    """The command line PowerShell gets for a script passed as ``-EncodedCommand`` (what Ansible's shell plugin
+    builds; psrp and Azure Run Command endpoints re-encode the script they received this way)."""
+    encoded = base64.b64encode(script.encode("utf-16-le")).decode("ascii")
+    return f"PowerShell -NoProfile -NonInteractive -ExecutionPolicy Unrestricted -EncodedCommand {encoded}"
+
+
 def collection_root() -> Path:
     """The collection checkout whose agent the lab accepts (this package lives in <root>/tests/lab/rdplab)."""
     override = os.environ.get(COLLECTION_ROOT_ENV)
@@ -56,16 +85,11 @@ def collection_root() -> Path:
 
 
 class _AgentSource:
-    """The collection's ``_agent.py`` and ``_agent.ps1``, re-read whenever they change on disk.
-
-    Both files are edited while the lab runs (and tests point the lab at other checkouts), so neither the bootstrap
-    command line nor the script hash is fixed at import time: they are cached by path, modification time and size.
-    """
+    """The collection's ``_agent.ps1``, re-hashed whenever it changes on disk (it is edited while the lab runs, and
+    tests point the lab at other checkouts): cached by path, modification time and size."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._module_key: tuple[str, int, int] | None = None
-        self._module: ModuleType | None = None
         self._script_key: tuple[str, int, int] | None = None
         self._script_digest: bytes | None = None
 
@@ -74,42 +98,25 @@ class _AgentSource:
         info = path.stat()
         return (str(path), info.st_mtime_ns, info.st_size)
 
-    def module(self) -> ModuleType:
-        path = collection_root() / "plugins" / "plugin_utils" / "_agent.py"
-        with self._lock:
-            key = self._key(path)
-            if self._module is None or key != self._module_key:
-                spec = importlib.util.spec_from_file_location("rdplab._collection_agent", path)
-                if spec is None or spec.loader is None:
-                    raise ImportError(f"cannot load the agent runner from {path}")
-                module = importlib.util.module_from_spec(spec)
-                # dataclasses resolve their module through sys.modules while the class body executes.
-                sys.modules[spec.name] = module
-                spec.loader.exec_module(module)
-                self._module, self._module_key = module, key
-            return self._module
-
-    def bootstrap_command(self) -> str:
-        return str(self.module().bootstrap_command())
+    def path(self) -> Path:
+        return collection_root() / "plugins" / "plugin_utils" / "_agent.ps1"
 
     def script_digest(self) -> bytes:
-        """SHA-256 of the agent script exactly as the controller sends it.
-
-        The controller reads _agent.ps1 as UTF-8 text (universal newlines) and sends it UTF-8 encoded, so that
-        is what is hashed here; any other byte on the wire is a different script.
-        """
-        path = collection_root() / "plugins" / "plugin_utils" / "_agent.ps1"
+        """SHA-256 of the agent file's bytes: Ansible's module builder reads the module in binary and sends it as is."""
+        path = self.path()
         with self._lock:
             key = self._key(path)
             if self._script_digest is None or key != self._script_key:
-                with open(path, encoding="utf-8") as handle:
-                    text = handle.read()
-                self._script_digest = hashlib.sha256(text.encode("utf-8")).digest()
+                self._script_digest = hashlib.sha256(path.read_bytes()).digest()
                 self._script_key = key
             return self._script_digest
 
 
 AGENT_SOURCE = _AgentSource()
+
+
+class RecogniserUnavailable(Exception):
+    """A recogniser cannot decide (its reference files are missing)."""
 
 
 class Recogniser(t.Protocol):
@@ -127,60 +134,304 @@ class Recogniser(t.Protocol):
         """Emulate the command on the host."""
 
 
-class AgentBootstrap:
-    """The rdpfix agent: bootstrap command line, stdin = batch JSON line + agent script."""
+# -- Ansible's PowerShell module execution path ---------------------------------------------------------------------
 
-    name = "rdpfix-agent"
+
+class _AnsibleScripts:
+    """The installed ansible-core's Windows executor scripts and module utilities: what the lab accepts as Ansible's."""
+
+    PACKAGE = "ansible.executor.powershell"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bootstrap: str | None = None
+        self._cache: dict[str, bytes | None] = {}
+
+    def bootstrap_command(self) -> str:
+        """The command line of every pipelined Windows module: the shell plugin's ``build_module_command``."""
+        with self._lock:
+            if self._bootstrap is None:
+                try:
+                    from ansible.plugins.shell.powershell import ShellModule
+                except ImportError as exc:
+                    raise RecogniserUnavailable(f"ansible-core is not installed: {exc}") from exc
+                self._bootstrap = str(ShellModule().build_module_command("", "#!powershell", "")).strip()
+            return self._bootstrap
+
+    def script(self, name: str) -> bytes | None:
+        """The bytes ansible-core sends for a manifest script of this name (None: not one of ansible-core's)."""
+        with self._lock:
+            if name not in self._cache:
+                self._cache[name] = self._load(name)
+            return self._cache[name]
+
+    def _load(self, name: str) -> bytes | None:
+        if "/" in name or "\\" in name:
+            return None
+        if name.endswith(".ps1") and not name.startswith("Ansible."):
+            try:
+                from ansible.executor.powershell.module_manifest import _get_powershell_script
+            except ImportError:
+                return None
+            try:
+                return bytes(_get_powershell_script(name))
+            except Exception:  # not an executor script
+                return None
+        package = (
+            "ansible.module_utils.csharp"
+            if name.endswith(".cs")
+            else "ansible.module_utils.powershell"
+            if name.endswith(".psm1")
+            else None
+        )
+        if package is None or not name.startswith("Ansible."):
+            return None
+        try:
+            return pkgutil.get_data(package, name)
+        except (OSError, ImportError):
+            return None
+
+
+ANSIBLE_SCRIPTS = _AnsibleScripts()
+
+
+@dataclass(frozen=True)
+class Become:
+    """Ansible's runas wrapper: who the batch is to run as."""
+
+    user: str
+    password: str | None
+    logon_type: str
+    logon_flags: str
+
+
+@dataclass(frozen=True)
+class ModuleRun:
+    """A payload recognised as the rdpfix agent through Ansible's module wrapper."""
+
+    batch: dict[str, t.Any]
+    become: Become | None
+    environment: dict[str, str]
+
+
+class PayloadRefused(Exception):
+    """The payload is not the collection's agent through Ansible's wrapper; the message says what differs."""
+
+
+def _lines(stdin: bytes) -> list[str]:
+    """stdin as the bootstrap's ``$input`` reads it: lines, split at LF or CRLF; a last empty line is no line."""
+    try:
+        text = stdin.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadRefused(f"stdin is not UTF-8: {exc}") from exc
+    lines = re.split(r"\r?\n", text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _json_object(text: str, what: str) -> dict[str, t.Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise PayloadRefused(f"{what} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise PayloadRefused(f"{what} is not a JSON object")
+    return value
+
+
+def _script_bytes(entry: object, name: str) -> bytes:
+    if not isinstance(entry, dict) or not isinstance(entry.get("script"), str):
+        raise PayloadRefused(f"manifest script {name!r} has no base64 'script'")
+    try:
+        return base64.b64decode(entry["script"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PayloadRefused(f"manifest script {name!r} is not base64: {exc}") from exc
+
+
+def parse_module_payload(stdin: bytes) -> ModuleRun:
+    """Check a module wrapper payload and extract the batch; PayloadRefused says what is not as Ansible sends it."""
+    lines = _lines(stdin)
+    if SEPARATOR not in lines:
+        raise PayloadRefused("stdin has no exec wrapper manifest (no separator line)")
+    split = lines.index(SEPARATOR)
+    if split != 1 or len(lines) != 3:
+        raise PayloadRefused(
+            "stdin is not '<exec wrapper line>', the separator, '<exec manifest line>' "
+            f"({split} line(s) before the separator, {len(lines)} in all)"
+        )
+    wrapper = _json_object(lines[0], "the exec wrapper line")
+    exec_wrapper = ANSIBLE_SCRIPTS.script("exec_wrapper.ps1")
+    if exec_wrapper is None:
+        raise RecogniserUnavailable("ansible-core's exec_wrapper.ps1 cannot be read")
+    if wrapper.get("name") != "exec_wrapper" or wrapper.get("script") != exec_wrapper.decode("utf-8"):
+        raise PayloadRefused("the exec wrapper is not ansible-core's exec_wrapper.ps1")
+    params = wrapper.get("params")
+    if not isinstance(params, dict) or set(params) - {"MinOSVersion", "MinPSVersion", "TempPath"}:
+        raise PayloadRefused(f"unexpected exec wrapper parameters: {params!r:.200}")
+
+    manifest = _json_object(lines[2], "the exec manifest")
+    scripts = manifest.get("scripts")
+    actions = manifest.get("actions")
+    if not isinstance(scripts, dict) or not isinstance(actions, list) or not actions:
+        raise PayloadRefused("the exec manifest has no scripts or no actions")
+    if manifest.get("signed_hashlist"):
+        raise PayloadRefused("signed hash lists (WDAC) are not modelled")
+    names = [item.get("name") if isinstance(item, dict) else None for item in actions]
+    if names not in (["module_wrapper.ps1"], ["become_wrapper.ps1", "module_wrapper.ps1"]):
+        if "async_wrapper.ps1" in names:
+            raise PayloadRefused("async (async_wrapper.ps1) is not modelled")
+        raise PayloadRefused(f"unexpected wrapper actions {names!r}")
+    module = actions[-1].get("params")
+    if not isinstance(module, dict):
+        raise PayloadRefused("module_wrapper.ps1 has no parameters")
+    module_script = module.get("Script")
+    if not isinstance(module_script, str) or module_script not in scripts:
+        raise PayloadRefused("module_wrapper.ps1's Script is not in the manifest")
+    if module.get("ForModule") is not True or module.get("CSharpModules") or module.get("PowerShellModules"):
+        raise PayloadRefused("the module is not run as a module without module utilities")
+    for name, entry in scripts.items():
+        content = _script_bytes(entry, name)
+        if name == module_script:
+            try:
+                expected = AGENT_SOURCE.script_digest()
+            except OSError as exc:
+                raise RecogniserUnavailable(f"the collection's agent script cannot be read: {exc}") from exc
+            if hashlib.sha256(content).digest() != expected:
+                raise PayloadRefused(f"the module {name!r} is not the collection's _agent.ps1")
+            continue
+        reference = ANSIBLE_SCRIPTS.script(name)
+        if reference is None:
+            raise PayloadRefused(f"manifest script {name!r} is not one of ansible-core's")
+        if content != reference:
+            raise PayloadRefused(f"manifest script {name!r} differs from the installed ansible-core's")
+
+    variables = module.get("Variables")
+    if (
+        not isinstance(variables, list)
+        or len(variables) != 1
+        or not isinstance(variables[0], dict)
+        or variables[0].get("Name") != "complex_args"
+        or not isinstance(variables[0].get("Value"), dict)
+    ):
+        raise PayloadRefused("the module arguments are not one complex_args object")
+    arguments: dict[str, t.Any] = variables[0]["Value"]
+    unknown = sorted(key for key in arguments if key != "batch" and not key.startswith("_ansible_"))
+    if unknown:
+        raise PayloadRefused(f"unexpected module arguments {unknown}")
+    if not isinstance(arguments.get("batch"), str):
+        raise PayloadRefused("the module argument 'batch' (the batch JSON) is missing")
+    batch = _json_object(arguments["batch"], "the batch")
+    environment = module.get("Environment") or {}
+    if not isinstance(environment, dict):
+        raise PayloadRefused("the module environment is not an object")
+
+    become: Become | None = None
+    if len(actions) == 2:
+        become_params = actions[0].get("params") or {}
+        secure = actions[0].get("secure_params") or {}
+        if not isinstance(become_params, dict) or not isinstance(secure, dict):
+            raise PayloadRefused("become_wrapper.ps1 parameters are not objects")
+        if set(become_params) - {"BecomeUser", "LogonType", "LogonFlags"} or set(secure) - {"BecomePassword"}:
+            raise PayloadRefused(f"unexpected become parameters {sorted(become_params)} {sorted(secure)}")
+        password = secure.get("BecomePassword")
+        become = Become(
+            user=str(become_params.get("BecomeUser") or ""),
+            password=None if password is None else str(password),
+            logon_type=str(become_params.get("LogonType") or "Interactive"),
+            logon_flags=str(become_params.get("LogonFlags") or "WithProfile"),
+        )
+    return ModuleRun(batch=batch, become=become, environment={str(k): str(v) for k, v in environment.items()})
+
+
+def exec_wrapper_failure(message: str) -> CommandOutcome:
+    """What Ansible's exec wrapper prints when an action (the become wrapper) throws: a failed result, rc 1."""
+    document = {"failed": True, "msg": f"failure during exec_wrapper: {message}", "exception": message}
+    return CommandOutcome(rc=1, stdout=(json.dumps(document) + "\r\n").encode("utf-8"), stderr=b"")
+
+
+def become_token(host: WindowsHost, become: Become) -> CallerToken | CommandOutcome:
+    """The token runas gives, or the failure Ansible's become wrapper reports (docs/lab.md, "become")."""
+    call = 'Exception calling "CreateProcessAsUser" with "9" argument(s): '
+    user = become.user[2:] if become.user.startswith(".\\") else become.user
+    if user.lower() in SYSTEM_NAMES:
+        # LocalSystem needs no password: the wrapper duplicates a SYSTEM token.
+        return CallerToken.system()
+    account = user.split("\\", 1)[1] if "\\" in user else user
+    domain = user.split("\\", 1)[0] if "\\" in user else "."
+    known_domains = {".", host.system.hostname.lower()}
+    if account.lower() != host.username.lower() or domain.lower() not in known_domains:
+        return exec_wrapper_failure(f'{call}"{NOT_MAPPED}"')
+    if become.password is not None and become.password != host.password:
+        shown = account if domain == "." and "\\" not in become.user else f"{domain}\\{account}"
+        logon = f".\\{account}" if domain == "." else shown
+        return exec_wrapper_failure(
+            f'{call}"Failed to logon {logon} ({BAD_PASSWORD}, Win32ErrorCode {ERROR_LOGON_FAILURE} - '
+            f'0x{ERROR_LOGON_FAILURE:08X})"'
+        )
+    # The account's own (elevated) token: by LogonUser with the password, else a duplicate of its logon's token.
+    return CallerToken.administrator(host.system.hostname, host.username)
+
+
+def _run_as(host: WindowsHost, token: CallerToken | None, batch: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Run the batch with ``token`` (None: the caller's own) and record who ran it. Call with the host locked."""
+    saved = getattr(host, "caller", None)
+    if token is not None:
+        host.caller = token
+    try:
+        identities = getattr(host, "batch_identities", None)
+        if identities is not None and saved is not None:
+            identities.append(host.caller.user)
+        return host.run_batch(batch)
+    finally:
+        if token is not None and saved is not None:
+            host.caller = saved
+
+
+class AnsibleModuleWrapper:
+    """The rdpfix agent run through Ansible's PowerShell module exec wrapper (optionally with runas)."""
+
+    name = "ansible-module-wrapper"
+    # The bootstrap reads its input with $input: over PSRP that is the pipeline input (rdplab.psrp).
+    stdin_source = "pipeline"
 
     def matches(self, command_line: str) -> bool:
-        try:
-            return command_line == AGENT_SOURCE.bootstrap_command()
-        except (OSError, ImportError) as exc:
-            # No collection to compare with: nothing can match, and the refusal must say why.
-            raise RecogniserUnavailable(f"the collection's agent runner cannot be loaded: {exc}") from exc
+        return command_line.strip() == ANSIBLE_SCRIPTS.bootstrap_command()
 
     def wants_stdin(self) -> bool:
         return True
 
     def run(self, host: WindowsHost, command_line: str, stdin: bytes) -> CommandOutcome:
-        split = stdin.find(b"\n")
-        if split < 0:
-            return refusal("stdin is not '<batch JSON line>\\n<agent script>'")
-        batch_line, script = stdin[:split], stdin[split + 1 :]
         try:
-            expected = AGENT_SOURCE.script_digest()
-        except OSError as exc:
-            return refusal(f"the collection's agent script cannot be read: {exc}")
-        if hashlib.sha256(script).digest() != expected:
-            return refusal("the agent script on stdin differs from the collection's _agent.ps1")
-        try:
-            batch = json.loads(batch_line.decode("utf-8"))
-        except ValueError as exc:
-            return refusal(f"the batch line is not JSON: {exc}")
-        if not isinstance(batch, dict):
-            return refusal("the batch line is not a JSON object")
+            payload = parse_module_payload(stdin)
+        except PayloadRefused as exc:
+            return refusal(str(exc))
+        except RecogniserUnavailable as exc:
+            return refusal(str(exc))
+        token: CallerToken | None = None
+        if payload.become is not None:
+            found = become_token(host, payload.become)
+            if isinstance(found, CommandOutcome):
+                return found
+            token = found
         try:
             with host.lock:
-                document = host.run_batch(batch)
+                document = _run_as(host, token, payload.batch)
         except CommandHangs as exc:
-            # On Windows the command would never return: the controller's WinRM operation times out with no result
+            # On Windows the command would never return: the controller's operation times out with no result
             # document. The lab ends it at once (no stdout, rc 1) and says why, rather than hold the shell.
-            message = f"rdplab: the agent hangs and this WinRM command would never return a result: {exc}\r\n"
+            message = f"rdplab: the agent hangs and this command would never return a result: {exc}\r\n"
             return CommandOutcome(rc=1, stdout=b"", stderr=message.encode("utf-8"))
         except ValueError as exc:
-            # BatchError: the real agent stops without a result document and a non-zero exit.
-            message = f"rdpfix agent: invalid batch: {exc}\r\n"
-            return CommandOutcome(rc=1, stdout=b"", stderr=message.encode("utf-8"))
-        # Write-Output of one string: one line, terminated the Windows way.
+            # BatchError: the real agent prints a failed module result and exits 1.
+            failed = {"failed": True, "msg": f"rdpfix agent: invalid batch: {exc}"}
+            return CommandOutcome(rc=1, stdout=(json.dumps(failed) + "\r\n").encode("utf-8"), stderr=b"")
+        # The agent writes one line; the module wrapper passes it on as the module's output.
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False) + "\r\n"
         return CommandOutcome(rc=0, stdout=body.encode("utf-8"), stderr=b"")
 
 
-class RecogniserUnavailable(Exception):
-    """A recogniser cannot decide (its reference files are missing)."""
-
-
-RECOGNISERS: list[Recogniser] = [AgentBootstrap(), WinReboot()]
+RECOGNISERS: list[Recogniser] = [AnsibleModuleWrapper(), WinReboot()]
 
 
 def command_line_of(command: str, arguments: t.Sequence[str]) -> str:
@@ -198,7 +449,7 @@ def recognise(command_line: str) -> Recogniser | CommandOutcome:
         except RecogniserUnavailable as exc:
             problems.append(str(exc))
     shown = command_line if len(command_line) <= 120 else command_line[:117] + "..."
-    reason = f"command line {shown!r} is not the agent bootstrap"
+    reason = f"command line {shown!r} is not Ansible's module bootstrap"
     if problems:
         reason += " (" + "; ".join(problems) + ")"
     return refusal(reason)

@@ -16,6 +16,7 @@ import yaml
 from winrm.protocol import Protocol
 
 from rdplab import bootstrap
+from rdplab.ansible_client import module_command
 from rdplab.winrm import port_free
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -94,22 +95,21 @@ def test_inventory_describes_the_fleet(lab: dict[str, Path]) -> None:
 
 
 def test_agent_batch_through_the_running_lab_counts_one_command(lab: dict[str, Path]) -> None:
-    agent = bootstrap.AGENT_SOURCE.module()
     state(lab, "--reset-counters")
     protocol = Protocol(
         f"https://{NETWORK}.10:5986/wsman", transport="basic", username="rdpadmin", password="Lab-Healthy-1!",
         server_cert_validation="ignore", operation_timeout_sec=5, read_timeout_sec=10,
     )  # fmt: skip
-    batch = agent.Batch(on_error="continue")
-    batch.add("system.info")
+    command, stdin = module_command({"v": 1, "on_error": "continue", "ops": [{"op": "system.info", "args": {}}]})
     shell_id = protocol.open_shell(codepage=65001)
-    program, _space, arguments = agent.bootstrap_command().partition(" ")
+    program, _space, arguments = command.partition(" ")
     command_id = protocol.run_command(shell_id, program, arguments.split(" "), console_mode_stdin=False)
-    protocol.send_command_input(shell_id, command_id, agent.build_stdin(batch), end=True)
-    stdout, stderr, rc = protocol.get_command_output(shell_id, command_id)
+    protocol.send_command_input(shell_id, command_id, stdin, end=True)
+    stdout, _stderr, rc = protocol.get_command_output(shell_id, command_id)
     protocol.cleanup_command(shell_id, command_id)
     protocol.close_shell(shell_id)
-    assert agent.parse_output("healthy", rc, stdout, stderr, expected=1).data(0)["hostname"] == "WEB01"
+    assert rc == 0
+    assert json.loads(stdout)["results"][0]["data"]["hostname"] == "WEB01"
     counters = state(lab, "--host", "healthy")["healthy"]["counters"]
     assert (counters["winrm_shells"], counters["winrm_commands"], counters["writes"]) == (1, 1, 0)
 

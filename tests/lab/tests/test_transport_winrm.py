@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import random
-import shutil
+import sys
+import tempfile
 import threading
 import typing as t
 from pathlib import Path
@@ -17,6 +19,7 @@ from winrm.exceptions import InvalidCredentialsError, WinRMOperationTimeoutError
 from winrm.protocol import Protocol
 
 from rdplab import bootstrap
+from rdplab.ansible_client import module_command
 from rdplab.direct import DirectConnection
 from rdplab.model.host import Counters, RdpView, WindowsHost
 from rdplab.server import HostRuntime
@@ -26,7 +29,10 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 HOST_FILE = REPO_ROOT / "tests" / "lab" / "hosts" / "healthy.yml"
 USER, PASSWORD = "rdpadmin", "Lab-Healthy-1!"
 # CRLF line endings and non-ASCII text: the script must survive the trip byte for byte.
-AGENT_SCRIPT = "param([string]$BatchJson)\r\n# agent for the transport tests: é ü 中\r\nWrite-Output '{}'\r\n"
+AGENT_SCRIPT = (
+    "#Requires -Version 5.1\r\nparam([string]$BatchJson)\r\n# agent for the transport tests: é ü 中\r\n"
+    "Write-Output '{}'\r\n"
+)
 SYSTEM_INFO_BATCH: dict[str, t.Any] = {"v": 1, "on_error": "continue", "ops": [{"op": "system.info", "args": {}}]}
 TEST_KEY = "HKLM:\\SOFTWARE\\rdplab-transport-test"
 WRITE_BATCH: dict[str, t.Any] = {
@@ -88,11 +94,10 @@ class FakeHost:
 
 @pytest.fixture
 def collection_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A checkout with the real agent runner and a known agent script; the lab is pointed at it."""
+    """A checkout with a known agent script; the lab is pointed at it."""
     root = tmp_path / "collection"
     utils = root / "plugins" / "plugin_utils"
     utils.mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "plugins" / "plugin_utils" / "_agent.py", utils / "_agent.py")
     (utils / "_agent.ps1").write_bytes(AGENT_SCRIPT.encode("utf-8"))
     monkeypatch.setenv(bootstrap.COLLECTION_ROOT_ENV, str(root))
     return root
@@ -100,14 +105,23 @@ def collection_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def agent(collection_root: Path) -> t.Any:
-    """The collection's _agent module (the same file the lab compares with)."""
-    return bootstrap.AGENT_SOURCE.module()
+    """The collection's _agent module (the batch runner and result parser), loaded from this checkout."""
+    spec = importlib.util.spec_from_file_location("rdplab_test_agent", REPO_ROOT / "plugins/plugin_utils/_agent.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def agent_stdin(batch: dict[str, t.Any], script: str = AGENT_SCRIPT) -> bytes:
-    # What _agent.build_stdin sends: the controller reads the .ps1 in text mode, so CRLF arrives as LF.
-    text_as_read = script.replace("\r\n", "\n")
-    return (json.dumps(batch, separators=(",", ":")) + "\n" + text_as_read).encode("utf-8")
+def wire(batch: dict[str, t.Any], script: str | None = None) -> tuple[str, bytes]:
+    """(command line, stdin) of Ansible's module wrapper running the agent (by default the one the lab accepts)."""
+    if script is None:
+        return module_command(batch)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "agent.ps1"
+        path.write_bytes(script.encode("utf-8"))
+        return module_command(batch, agent=path)
 
 
 @pytest.fixture
@@ -134,7 +148,8 @@ def protocol(scheme: str = "https", password: str = PASSWORD) -> Protocol:
     port = 5986 if scheme == "https" else 5985
     return Protocol(
         f"{scheme}://{ADDRESS}:{port}/wsman",
-        transport="basic",
+        # Over HTTP only sealed messages pass (AllowUnencrypted false): NTLM with message encryption.
+        transport="ntlm" if scheme == "http" else "basic",
         username=USER,
         password=password,
         server_cert_validation="ignore",
@@ -161,7 +176,7 @@ def run_with_stdin(proto: Protocol, command_line: str, stdin: bytes) -> tuple[by
 def test_protocol_round_trip_of_an_agent_batch(
     runtime: HostRuntime, host: WindowsHost, agent: t.Any, scheme: str
 ) -> None:
-    stdout, stderr, rc = run_with_stdin(protocol(scheme), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))
+    stdout, stderr, rc = run_with_stdin(protocol(scheme), *wire(SYSTEM_INFO_BATCH))
     assert (rc, stderr) == (0, b"")
     assert json.loads(stdout) == host.run_batch(SYSTEM_INFO_BATCH)
     # The controller's own parser accepts it.
@@ -170,7 +185,7 @@ def test_protocol_round_trip_of_an_agent_batch(
 
 
 def test_a_write_batch_changes_the_host_once(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
-    stdout, _stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(WRITE_BATCH))
+    stdout, _stderr, rc = run_with_stdin(protocol(), *wire(WRITE_BATCH))
     assert rc == 0
     assert json.loads(stdout)["results"][0]["ok"] is True
     assert marker(host) == {"type": "REG_DWORD", "value": 7}
@@ -181,13 +196,15 @@ def test_session_level_agent_batch_over_https(runtime: HostRuntime, host: Window
     session = winrm.Session(
         f"https://{ADDRESS}:5986/wsman", auth=(USER, PASSWORD), transport="basic", server_cert_validation="ignore"
     )
-    stdout, _stderr, rc = run_with_stdin(session.protocol, agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))
+    stdout, _stderr, rc = run_with_stdin(session.protocol, *wire(SYSTEM_INFO_BATCH))
     assert rc == 0
     assert json.loads(stdout)["results"][0]["op"] == "system.info"
 
 
 def test_session_run_cmd_of_anything_else_is_refused(runtime: HostRuntime, host: WindowsHost) -> None:
-    session = winrm.Session(f"http://{ADDRESS}:5985/wsman", auth=(USER, PASSWORD), transport="basic")
+    session = winrm.Session(
+        f"https://{ADDRESS}:5986/wsman", auth=(USER, PASSWORD), transport="basic", server_cert_validation="ignore"
+    )
     response = session.run_cmd("ipconfig", ["/all"])
     assert response.status_code == 1
     assert b"only runs the rdpfix agent" in response.std_err
@@ -200,15 +217,15 @@ def test_wrong_password_is_401(runtime: HostRuntime) -> None:
         protocol("https", password="wrong").open_shell()
     answer = requests.post(f"http://{ADDRESS}:5985/wsman", data=b"<x/>", timeout=5)
     assert answer.status_code == 401
-    assert answer.headers["WWW-Authenticate"].startswith("Basic")
+    assert 'Basic realm="WSMAN"' in answer.headers["WWW-Authenticate"]
 
 
 def test_modified_agent_script_is_refused(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
     tampered = AGENT_SCRIPT.replace("Write-Output", "Remove-Item C:\\ -Recurse; Write-Output")
-    stdout, stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(WRITE_BATCH, tampered))
+    stdout, stderr, rc = run_with_stdin(protocol(), *wire(WRITE_BATCH, tampered))
     assert rc == 1
     assert stdout == b""
-    assert b"differs from the collection's _agent.ps1" in stderr
+    assert b"is not the collection's _agent.ps1" in stderr
     assert marker(host) is None
     assert host.counters.writes == 0
 
@@ -219,15 +236,16 @@ def test_agent_script_edits_on_disk_are_followed(
     new_script = AGENT_SCRIPT + "# a later revision\r\n"
     ps1 = collection_root / "plugins" / "plugin_utils" / "_agent.ps1"
     ps1.write_bytes(new_script.encode("utf-8"))
-    old = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH, AGENT_SCRIPT))
-    new = run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH, new_script))
+    old = run_with_stdin(protocol(), *wire(SYSTEM_INFO_BATCH, AGENT_SCRIPT))
+    new = run_with_stdin(protocol(), *wire(SYSTEM_INFO_BATCH, new_script))
     assert (old[2], new[2]) == (1, 0)
 
 
 def test_bootstrap_with_extra_argument_is_refused(runtime: HostRuntime, host: WindowsHost, agent: t.Any) -> None:
-    _stdout, stderr, rc = run_with_stdin(protocol(), agent.bootstrap_command() + " -Foo", agent_stdin(WRITE_BATCH))
+    command, stdin = wire(WRITE_BATCH)
+    _stdout, stderr, rc = run_with_stdin(protocol(), command + " -Foo", stdin)
     assert rc == 1
-    assert b"is not the agent bootstrap" in stderr
+    assert b"is not Ansible's module bootstrap" in stderr
     assert marker(host) is None
 
 
@@ -235,9 +253,9 @@ def test_counters_count_each_shell_and_command_once(runtime: HostRuntime, host: 
     proto = protocol()
     shell_id = proto.open_shell()
     for command_line, stdin in [
-        (agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH)),
+        wire(SYSTEM_INFO_BATCH),
         ("ipconfig", b""),
-        (agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH)),
+        wire(SYSTEM_INFO_BATCH),
     ]:
         program, _space, arguments = command_line.partition(" ")
         command_id = proto.run_command(shell_id, program, arguments.split(" ") if arguments else ())
@@ -255,11 +273,11 @@ def test_stdin_in_several_chunks_and_output_over_several_receives(
     # A batch larger than one envelope: Ansible sends stdin in 200,000-byte chunks, the output comes back in parts.
     args = {"content_b64": "QUJD" * 100_000}
     big = {"v": 1, "on_error": "stop", "ops": [{"op": "file.write", "args": args}]}
-    payload = agent_stdin(big)
+    command, payload = wire(big)
     runtime = HostRuntime(ADDRESS, fake)  # type: ignore[arg-type]
     runtime.start()
     try:
-        output, receives, rc = _chunked_round_trip(agent, payload)
+        output, receives, rc = _chunked_round_trip(command, payload)
     finally:
         runtime.stop()
     assert receives > 1
@@ -267,10 +285,10 @@ def test_stdin_in_several_chunks_and_output_over_several_receives(
     assert json.loads(output)["results"][0]["data"]["echo"] == args
 
 
-def _chunked_round_trip(agent: t.Any, payload: bytes) -> tuple[bytes, int, int]:
+def _chunked_round_trip(command: str, payload: bytes) -> tuple[bytes, int, int]:
     proto = protocol()
     shell_id = proto.open_shell(codepage=65001)
-    program, _space, arguments = agent.bootstrap_command().partition(" ")
+    program, _space, arguments = command.partition(" ")
     command_id = proto.run_command(shell_id, program, arguments.split(" "), console_mode_stdin=False)
     chunks = [payload[i : i + 200_000] for i in range(0, len(payload), 200_000)]
     for index, chunk in enumerate(chunks):
@@ -292,9 +310,9 @@ def test_receive_before_stdin_is_closed_times_out_and_client_polls(
 ) -> None:
     proto = protocol()
     shell_id = proto.open_shell()
-    program, _space, arguments = agent.bootstrap_command().partition(" ")
+    command, payload = wire(SYSTEM_INFO_BATCH)
+    program, _space, arguments = command.partition(" ")
     command_id = proto.run_command(shell_id, program, arguments.split(" "))
-    payload = agent_stdin(SYSTEM_INFO_BATCH)
     proto.send_command_input(shell_id, command_id, payload[:10], end=False)
     with pytest.raises(WinRMOperationTimeoutError):
         proto.get_command_output_raw(shell_id, command_id)
@@ -305,7 +323,7 @@ def test_receive_before_stdin_is_closed_times_out_and_client_polls(
 
 
 def test_unknown_action_is_a_soap_fault(runtime: HostRuntime) -> None:
-    proto = protocol("http")
+    proto = protocol("https")
     message = {
         "env:Envelope": proto.build_wsman_header(
             action="http://schemas.xmlsoap.org/ws/2004/09/transfer/Get",
@@ -332,7 +350,7 @@ def test_shells_are_independent_under_concurrency(runtime: HostRuntime, host: Wi
 
     def one() -> None:
         try:
-            results.append(run_with_stdin(protocol(), agent.bootstrap_command(), agent_stdin(SYSTEM_INFO_BATCH))[2])
+            results.append(run_with_stdin(protocol(), *wire(SYSTEM_INFO_BATCH))[2])
         except BaseException as exc:
             errors.append(exc)
 
@@ -354,7 +372,9 @@ def test_direct_connection_runs_the_agent_and_counts_like_winrm(host: WindowsHos
     batch = agent.Batch(on_error="continue")
     batch.add("system.info")
     # The collection's own runner, reading the agent script from the checkout the lab compares with.
-    result = agent.run_batch(connection, "healthy", batch)
+    result = agent.run_batch(
+        connection, "healthy", batch, lambda sent: agent.WireCommand(*wire(json.loads(sent.to_json())))
+    )
     assert result.data(0)["hostname"] == "WEB01"
     assert (host.counters.winrm_shells, host.counters.winrm_commands) == (1, 1)
 
@@ -362,7 +382,7 @@ def test_direct_connection_runs_the_agent_and_counts_like_winrm(host: WindowsHos
 def test_direct_connection_refuses_like_winrm(host: WindowsHost, agent: t.Any) -> None:
     connection = DirectConnection(host)
     encoded = base64.b64encode("ipconfig".encode("utf-16-le")).decode()
-    rc, stdout, stderr = connection.exec_command(agent.COMMAND_PREFIX + encoded)
+    rc, stdout, stderr = connection.exec_command(wire(SYSTEM_INFO_BATCH)[0].rsplit(" ", 1)[0] + " " + encoded)
     assert (rc, stdout) == (1, b"")
     assert b"only runs the rdpfix agent" in stderr
     assert host.counters.winrm_commands == 1
@@ -370,10 +390,11 @@ def test_direct_connection_refuses_like_winrm(host: WindowsHost, agent: t.Any) -
 
 def test_invalid_batch_exits_non_zero(host: WindowsHost, agent: t.Any) -> None:
     connection = DirectConnection(host)
-    stdin = b'{"v": 99, "ops": []}\n' + AGENT_SCRIPT.replace("\r\n", "\n").encode()
-    rc, stdout, stderr = connection.exec_command(agent.bootstrap_command(), in_data=stdin)
-    assert (rc, stdout) == (1, b"")
-    assert b"invalid batch" in stderr
+    command, stdin = wire({"v": 99, "ops": []})
+    rc, stdout, _stderr = connection.exec_command(command, in_data=stdin)
+    assert rc == 1
+    assert json.loads(stdout)["failed"] is True
+    assert "invalid batch" in json.loads(stdout)["msg"]
 
 
 def test_default_collection_root_is_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -384,6 +405,7 @@ def test_default_collection_root_is_this_checkout(monkeypatch: pytest.MonkeyPatc
 
 def test_missing_collection_is_a_refusal_naming_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(bootstrap.COLLECTION_ROOT_ENV, str(tmp_path))
-    outcome = bootstrap.execute(FakeHost(), "PowerShell -EncodedCommand AAAA", b"")  # type: ignore[arg-type]
+    command, stdin = module_command(SYSTEM_INFO_BATCH, agent=REPO_ROOT / "plugins" / "plugin_utils" / "_agent.ps1")
+    outcome = bootstrap.execute(FakeHost(), command, stdin)  # type: ignore[arg-type]
     assert outcome.rc == 1
-    assert b"cannot be loaded" in outcome.stderr
+    assert b"agent script cannot be read" in outcome.stderr

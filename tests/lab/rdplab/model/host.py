@@ -96,6 +96,8 @@ class WindowsHost:
         # Who the agent runs as (host file `caller:`), and the agent process of the current batch.
         self.caller: CallerToken = CallerToken.administrator(system.hostname, username)
         self.process: AgentProcess = self.caller.start_process()
+        # Who ran each batch (the token's user, in order): the caller, or the account of Ansible's become (runas).
+        self.batch_identities: list[str] = []
         # Schannel's protocols and cipher suites as latched at boot (rdplab.model.schannel): the build's defaults
         # until a host file's registry is loaded (schema.build_host latches again) or the host reboots.
         self.schannel: schannel.SchannelState = schannel.compute(self)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from ansible.errors import AnsibleConnectionFailure
+from ansible.plugins.shell.powershell import ShellModule as PowerShellShell
 
 from ansible_collections.rdpfix.rdp.plugins.action.certificate import ActionModule
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
@@ -62,9 +63,11 @@ class ScriptedHost:
         }
 
     def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
-        assert cmd == _agent.bootstrap_command()
+        # Ansible's module bootstrap, the batch inside its manifest as the agent module's argument.
+        assert cmd == PowerShellShell().build_module_command("", "#!powershell", "").strip()
         self.commands += 1
-        batch = json.loads((in_data or b"").decode().split("\n", 1)[0])
+        manifest = json.loads((in_data or b"").decode().split("\n")[2])
+        batch = json.loads(manifest["actions"][-1]["params"]["Variables"][0]["Value"]["batch"])
         self.batches.append(batch)
         results: list[dict[str, t.Any]] = []
         stopped = False
@@ -156,12 +159,6 @@ def run_action(host: ScriptedHost, check_mode: bool = False, diff: bool = True, 
     task = SimpleNamespace(args=args, check_mode=check_mode, diff=diff, async_val=0, action="rdpfix.rdp.certificate")
     action = ActionModule(task, host, SimpleNamespace(remote_addr="127.0.0.2"), None, None, None)
     return action.run(task_vars={"inventory_hostname": "web01"})
-
-
-@pytest.fixture(autouse=True)
-def small_agent(monkeypatch: t.Any) -> None:
-    # The scripted host reads line 1 only; the real script's content is the agent engineer's business.
-    monkeypatch.setattr(_agent, "agent_script", lambda: "# agent\n")
 
 
 def test_compliant_host_costs_exactly_one_round_trip(cert_factory: t.Any) -> None:

@@ -17,7 +17,7 @@ schema = pytest.importorskip("rdplab.model.schema")
 
 from ansible_collections.rdpfix.rdp.plugins.action.certificate import ActionModule as CertificateAction  # noqa: E402
 from ansible_collections.rdpfix.rdp.plugins.action.firewall import ActionModule as FirewallAction  # noqa: E402
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent, _firewall, _restore  # noqa: E402
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent, _firewall, _restore, _wrapper  # noqa: E402
 
 HOSTS = Path(__file__).resolve().parents[3] / "lab" / "hosts"
 BEFORE = agent_code.AgentCode(
@@ -49,7 +49,7 @@ def run(action_class: t.Any, host: t.Any, **args: t.Any) -> dict[str, t.Any]:
 def read_firewall(host: t.Any) -> t.Any:
     batch = _agent.Batch(on_error="continue")
     reads = _firewall.add_reads(batch, _firewall.FirewallOptions())
-    result = _agent.run_batch(rdplab_direct.DirectConnection(host), host.name, batch)
+    result = _agent.run_batch(rdplab_direct.DirectConnection(host), host.name, batch, _wrapper.ModuleWrapper())
     return _firewall.state_from(result, reads)
 
 

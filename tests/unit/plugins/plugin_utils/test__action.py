@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 from ansible.errors import AnsibleConnectionFailure
+from ansible.plugins.loader import become_loader, shell_loader
 
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
     SESSION_ARGUMENT_SPEC,
@@ -21,6 +21,13 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     new_manifest_id,
 )
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
+
+
+def batch_of(stdin: bytes) -> dict[str, t.Any]:
+    """The batch inside Ansible's module wrapper payload: the module argument ``batch`` of module_wrapper.ps1."""
+    manifest = json.loads(stdin.decode("utf-8").split("\n")[2])
+    module = manifest["actions"][-1]["params"]
+    return t.cast(dict[str, t.Any], json.loads(module["Variables"][0]["Value"]["batch"]))
 
 
 class EchoConnection:
@@ -35,7 +42,7 @@ class EchoConnection:
         self.commands += 1
         if self.exc is not None:
             raise self.exc
-        batch = json.loads((in_data or b"").decode().split("\n", 1)[0])
+        batch = batch_of(in_data or b"")
         results = [
             {"op": item["op"], "ok": False, "error": {"type": "AccessDenied", "message": "no"}}
             if item["op"] == self.fail
@@ -79,11 +86,6 @@ def run(
     return Sample(task, connection, SimpleNamespace(remote_addr="127.0.0.9"), None, None, None).run(
         task_vars={"inventory_hostname": "web07"}
     )
-
-
-@pytest.fixture(autouse=True)
-def small_agent(monkeypatch: t.Any) -> None:
-    monkeypatch.setattr(_agent, "agent_script", lambda: "# agent\n")
 
 
 def test_success_counts_round_trips_and_keeps_diff_only_in_diff_mode() -> None:
@@ -175,3 +177,69 @@ def test_backup_set_orders_backup_before_manifest() -> None:
         {"kind": "registry_value", "path": "HKLM:\\X", "name": "Y", "previous": None},
     ]
     assert backup.manifest()["created"] == "2026-01-02T03:04:05Z"
+
+
+# --- how the batches reach the host: become, delegation, async ----------------------------------------------------
+
+
+class WindowsEcho(EchoConnection):
+    """EchoConnection with what Ansible's Windows connections carry: a PowerShell shell and maybe a become plugin."""
+
+    def __init__(self, become: t.Any = None, shell: str = "powershell") -> None:
+        super().__init__()
+        self._shell = shell_loader.get(shell)
+        self.become = become
+        self.sent: list[tuple[str, bytes, bool]] = []
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        self.sent.append((cmd, in_data or b"", sudoable))
+        return super().exec_command(cmd, in_data, sudoable)
+
+
+def run_task(connection: t.Any, task_vars: dict[str, t.Any], **task: t.Any) -> dict[str, t.Any]:
+    fields = {"args": {"batches": 2}, "check_mode": False, "diff": False, "async_val": 0, "action": "rdpfix.rdp.sample"}
+    action = Sample(SimpleNamespace(**(fields | task)), connection, SimpleNamespace(remote_addr="x"), None, None, None)
+    return action.run(task_vars=task_vars)
+
+
+def test_become_rides_in_each_batch_and_costs_no_extra_command() -> None:
+    runas = become_loader.get("runas")
+    runas.set_options(direct={"become_user": "SYSTEM"})
+    connection = WindowsEcho(become=runas)
+    result = run_task(connection, {"inventory_hostname": "web07"})
+    assert result["round_trips"] == len(connection.sent) == 2
+    for command, stdin, sudoable in connection.sent:
+        manifest = json.loads(stdin.decode("utf-8").split("\n")[2])
+        assert [item["name"] for item in manifest["actions"]] == ["become_wrapper.ps1", "module_wrapper.ps1"]
+        assert manifest["actions"][0]["params"]["BecomeUser"] == "SYSTEM"
+        assert command == connection._shell.build_module_command("", "#!powershell", "").strip()
+        assert sudoable is True
+
+
+def test_delegation_to_a_host_without_a_windows_shell_is_refused_before_anything_is_sent() -> None:
+    connection = WindowsEcho(shell="sh")
+    task_vars = {
+        "inventory_hostname": "web07",
+        "ansible_delegated_vars": {"localhost": {"inventory_hostname": "localhost"}},
+    }
+    result = run_task(connection, task_vars, delegate_to="localhost")
+    assert result["failed"] is True
+    assert "runs on Windows hosts only" in result["msg"]
+    assert "localhost is reached with the 'sh' shell" in result["msg"]
+    assert (connection.sent, result["round_trips"]) == ([], 0)
+
+
+def test_results_of_a_delegated_task_name_the_host_contacted() -> None:
+    connection = WindowsEcho()
+    task_vars = {"inventory_hostname": "web07", "ansible_delegated_vars": {"jump01": {"inventory_hostname": "jump01"}}}
+    result = run_task(connection, task_vars, delegate_to="jump01")
+    assert result["host"] == "jump01"
+    assert len(connection.sent) == result["round_trips"] == 2
+
+
+def test_async_is_refused_with_the_reason_before_anything_is_sent() -> None:
+    connection = WindowsEcho()
+    result = run_task(connection, {"inventory_hostname": "web07"}, async_val=60)
+    assert result["failed"] is True
+    assert result["msg"].startswith("rdpfix.rdp.sample does not support async: it decides on the controller")
+    assert (connection.sent, result["round_trips"]) == ([], 0)

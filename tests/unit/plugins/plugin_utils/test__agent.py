@@ -1,26 +1,24 @@
 # Copyright: contributors to rdpfix.rdp
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Unit tests of the Python side of the agent protocol: command line, stdin layout, output parsing, one round trip."""
+"""Unit tests of the Python side of the agent protocol: batches, output parsing, one exec_command per batch.
+
+What a batch is wrapped in (Ansible's module exec wrapper) is tested in test__wrapper.py."""
 
 from __future__ import annotations
 
-import base64
 import json
 import typing as t
 
 import pytest
 from ansible.errors import AnsibleConnectionFailure, AnsibleError
-from ansible.plugins.shell.powershell import _common_args
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import (
     AgentError,
     Batch,
     OperationError,
-    bootstrap_command,
-    build_stdin,
+    WireCommand,
     parse_output,
     run_batch,
 )
@@ -51,59 +49,19 @@ class RecordingConnection:
         return self.reply
 
 
-# --- the command line -------------------------------------------------------------------------------------------
+# --- what run_batch sends -----------------------------------------------------------------------------------------
 
 
-def test_bootstrap_command_starts_with_ansible_cores_powershell_arguments() -> None:
-    parts = bootstrap_command().split(" ")
-    # The winrm connection splits an already-encoded command on spaces and runs parts[0] with parts[1:].
-    assert parts[: len(_common_args) + 1] == [*_common_args, "-EncodedCommand"]
-    assert len(parts) == len(_common_args) + 2
+def fixed_builder(command: str = "PowerShell -EncodedCommand X", stdin: bytes = b"payload") -> t.Any:
+    """A builder that records the batches it is given and always builds the same command."""
+    built: list[Batch] = []
 
+    def build(batch: Batch) -> WireCommand:
+        built.append(batch)
+        return WireCommand(command=command, stdin=stdin)
 
-def test_winrm_connection_would_not_encode_the_bootstrap_again() -> None:
-    # The same test the winrm connection plugin makes before deciding to wrap a command in another -EncodedCommand.
-    from ansible.plugins.loader import shell_loader
-
-    shell = shell_loader.get("powershell")
-    encoded_prefix = shell._encode_script("", as_list=False, strict_mode=False, preserve_rc=False)
-    assert bootstrap_command().startswith(encoded_prefix)
-
-
-def test_encoded_command_decodes_to_the_bootstrap() -> None:
-    encoded = bootstrap_command().split(" ")[-1]
-    assert base64.b64decode(encoded).decode("utf-16-le") == _agent.BOOTSTRAP
-
-
-def test_bootstrap_invokes_the_agent_with_the_batch_line() -> None:
-    # The bootstrap's contract with build_stdin: split at the first LF, call the rest with -BatchJson <line 1>.
-    assert "IndexOf([char]10)" in _agent.BOOTSTRAP
-    assert "-BatchJson $rdpfixBatch" in _agent.BOOTSTRAP
-
-
-# --- stdin --------------------------------------------------------------------------------------------------------
-
-
-def test_stdin_is_the_batch_line_then_the_agent_script() -> None:
-    batch = Batch(on_error="continue")
-    key = "HKLM:\\SOFTWARE\\Microsoft\\Cryptography"
-    batch.add("registry.get", path=key, names=["MachineGuid"])
-    first, rest = build_stdin(batch, script="param([string]$BatchJson)\nline two\n").decode("utf-8").split("\n", 1)
-    assert json.loads(first) == {
-        "v": 1,
-        "on_error": "continue",
-        "ops": [{"op": "registry.get", "args": {"path": key, "names": ["MachineGuid"]}}],
-    }
-    assert rest == "param([string]$BatchJson)\nline two\n"
-
-
-def test_stdin_carries_the_real_agent_by_default() -> None:
-    batch = Batch()
-    batch.add("system.info")
-    _first, rest = build_stdin(batch).decode("utf-8").split("\n", 1)
-    with open(_agent.AGENT_PATH, encoding="utf-8") as handle:
-        assert rest == handle.read()
-    assert rest.lstrip().startswith("#") or rest.lstrip().startswith("param")
+    build.built = built  # type: ignore[attr-defined]
+    return build
 
 
 @given(
@@ -261,20 +219,38 @@ def test_skipped_operations_are_not_failures_but_have_no_data() -> None:
 # --- run_batch ----------------------------------------------------------------------------------------------------
 
 
-def test_run_batch_is_one_exec_command_without_become() -> None:
+def test_run_batch_is_one_sudoable_exec_command_of_what_the_builder_made() -> None:
     batch = Batch(on_error="continue")
     batch.add("system.info")
     batch.add("service.get", names=["TermService"])
     stdout = document(ok("system.info", hostname="WEB01"), ok("service.get", services={}))
     connection = RecordingConnection(reply=(0, stdout, b""))
-    result = run_batch(connection, HOST, batch)
-    assert connection.calls == [(bootstrap_command(), build_stdin(batch), False)]
+    build = fixed_builder("PowerShell -EncodedCommand QQA=", b"manifest")
+    result = run_batch(connection, HOST, batch, build)
+    # sudoable=True: become (runas) is part of the payload, as for every Windows module.
+    assert connection.calls == [("PowerShell -EncodedCommand QQA=", b"manifest", True)]
+    assert build.built == [batch]
     assert result.data(0) == {"hostname": "WEB01"}
 
 
 def test_run_batch_of_nothing_sends_nothing() -> None:
     connection = RecordingConnection()
-    assert run_batch(connection, HOST, Batch()).results == []
+    build = fixed_builder()
+    assert run_batch(connection, HOST, Batch(), build).results == []
+    assert connection.calls == []
+    assert build.built == []
+
+
+def test_a_builder_failure_sends_nothing() -> None:
+    batch = Batch()
+    batch.add("system.info")
+    connection = RecordingConnection()
+
+    def refuse(_batch: Batch) -> WireCommand:
+        raise AgentError("Become plugin sudo is not supported by the Windows exec wrapper")
+
+    with pytest.raises(AgentError, match="sudo"):
+        run_batch(connection, HOST, batch, refuse)
     assert connection.calls == []
 
 
@@ -284,7 +260,7 @@ def test_run_batch_maps_transport_exceptions_to_connection_failures(raw: Excepti
     batch.add("system.info")
     connection = RecordingConnection(raises=raw)
     with pytest.raises(AnsibleConnectionFailure) as raised:
-        run_batch(connection, HOST, batch)
+        run_batch(connection, HOST, batch, fixed_builder())
     assert HOST in str(raised.value)
     assert raised.value.__cause__ is raw
     assert len(connection.calls) == 1
@@ -295,7 +271,7 @@ def test_run_batch_lets_ansible_errors_through_unchanged(error: AnsibleError) ->
     batch = Batch()
     batch.add("system.info")
     with pytest.raises(type(error)) as raised:
-        run_batch(RecordingConnection(raises=error), HOST, batch)
+        run_batch(RecordingConnection(raises=error), HOST, batch, fixed_builder())
     assert raised.value is error
 
 
@@ -304,4 +280,27 @@ def test_run_batch_reports_an_agent_that_printed_nothing() -> None:
     batch.add("system.info")
     connection = RecordingConnection(reply=(1, b"", b"#< CLIXML\r\n<Objs>At line:1 char:1</Objs>"))
     with pytest.raises(AgentError, match="CLIXML"):
-        run_batch(connection, HOST, batch)
+        run_batch(connection, HOST, batch, fixed_builder())
+
+
+# --- failed module results ----------------------------------------------------------------------------------------
+
+
+def test_a_failed_module_result_is_an_agent_error_with_its_message() -> None:
+    # What Ansible's exec wrapper prints when runas refuses the logon (docs/lab.md, "become").
+    stdout = (
+        b'{"failed": true, "msg": "failure during exec_wrapper: Exception calling \\"CreateProcessAsUser\\" with '
+        b'\\"9\\" argument(s): \\"Failed to logon .\\\\\\\\admin (The user name or password is incorrect, '
+        b'Win32ErrorCode 1326 - 0x0000052E)\\""}\r\n'
+    )
+    with pytest.raises(AgentError) as raised:
+        parse_output(HOST, 1, stdout, b"", expected=1)
+    assert HOST in str(raised.value)
+    assert "Failed to logon" in str(raised.value)
+    assert "rc=1" in str(raised.value)
+
+
+def test_the_agents_own_failure_document_is_an_agent_error() -> None:
+    stdout = b'{"failed":true,"msg":"rdpfix agent: unsupported batch: protocol version 1 expected"}\n'
+    with pytest.raises(AgentError, match="unsupported batch"):
+        parse_output(HOST, 1, stdout, b"", expected=1)

@@ -22,7 +22,7 @@ import pytest
 import tree_sitter_pwsh
 from tree_sitter import Language, Node, Parser
 
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _wrapper
 
 ROOT = Path(__file__).resolve().parents[4]
 AGENT_PS1 = ROOT / "plugins" / "plugin_utils" / "_agent.ps1"
@@ -204,14 +204,18 @@ def test_ascii_check_catches_a_typographic_quote() -> None:
     assert non_ascii_lines("$a = 1\n$b = \u2018x\u2019\n".encode()) == [2]
 
 
-def test_agent_declares_the_batch_parameter_the_bootstrap_passes(agent_source: bytes) -> None:
+def test_agent_takes_the_batch_from_the_module_argument_or_its_parameter(agent_source: bytes) -> None:
     root = parse(agent_source)
     param_blocks = [child for child in root.children if child.type == "param_block"]
     assert len(param_blocks) == 1, "the agent must start with one script-level param block"
     parameters = [node for node in _walk(param_blocks[0]) if node.type == "script_parameter"]
     assert [_text(node).replace(" ", "") for node in parameters] == ["[string]$BatchJson"]
-    # The bootstrap calls the agent script block with exactly this parameter name.
-    assert re.search(r"& \$\w+ -BatchJson \$\w+", _agent.BOOTSTRAP)
+    text = agent_source.decode("ascii")
+    # Ansible's module wrapper sets the global $complex_args; the batch is the argument _wrapper.py names.
+    assert re.search(r"Get-Variable -Name complex_args -Scope Global", text)
+    assert f"$moduleArguments['{_wrapper.BATCH_ARGUMENT}']" in text
+    # The #Requires line is what makes Ansible's builder treat the file as a PowerShell module.
+    assert re.search(r"(?m)^#Requires -Version 5\.1$", text)
 
 
 def test_operation_table_keys_are_documented_operations(agent_source: bytes, doc_text: str) -> None:
