@@ -109,6 +109,15 @@ def allows_unencrypted(host: WindowsHost) -> bool:
         return host.registry.dword(SERVICE_KEY, SERVICE_VALUE) == 1
 
 
+def allows_credssp(host: WindowsHost) -> bool:
+    """WSMan:\\localhost\\Service\\Auth\\CredSSP (Enable-WSManCredSSP -Role Server); false by default."""
+    with host.lock:
+        policy = host.registry.dword(POLICY_KEY, "AllowCredSSP")
+        if policy is not None:
+            return policy == 1
+        return host.registry.dword(SERVICE_KEY, "auth_credssp") == 1
+
+
 def basic_matches(host: WindowsHost, header_value: str) -> bool:
     try:
         decoded = base64.b64decode(header_value.strip(), validate=True).decode("utf-8")
@@ -139,9 +148,12 @@ class ConnectionAuth:
         self.scheme: str | None = None  # "basic" or "negotiate" once authenticated
         self.user: str | None = None
 
-    @staticmethod
-    def challenge() -> list[tuple[str, str]]:
-        return [("WWW-Authenticate", value) for value in CHALLENGES]
+    def challenge(self, host: WindowsHost | None = None) -> list[tuple[str, str]]:
+        offered = list(CHALLENGES)
+        if host is not None and self.tls and allows_credssp(host):
+            # CredSSP is offered only over HTTPS here (over HTTP it would need its own message wrapping).
+            offered.append("CredSSP")
+        return [("WWW-Authenticate", value) for value in offered]
 
     def forget(self) -> None:
         self.context = self._pending = self.scheme = self.user = None
@@ -154,45 +166,48 @@ class ConnectionAuth:
             if self.scheme == "negotiate" and self.context is not None:
                 return Decision(True)
             self.forget()
-            return Decision(False, self.challenge())
+            return Decision(False, self.challenge(host))
         if scheme == "basic":
             self.forget()
             if basic_matches(host, value):
                 self.scheme, self.user = "basic", host.username
                 return Decision(True)
-            return Decision(False, self.challenge())
+            return Decision(False, self.challenge(host))
         if scheme == "negotiate":
-            return self._negotiate(host, value)
+            return self._negotiate(host, value, "negotiate")
+        if scheme == "credssp" and self.tls and allows_credssp(host):
+            return self._negotiate(host, value, "credssp")
         self.forget()
-        return Decision(False, self.challenge())
+        return Decision(False, self.challenge(host))
 
-    def _negotiate(self, host: WindowsHost, value: str) -> Decision:
+    def _negotiate(self, host: WindowsHost, value: str, protocol: str) -> Decision:
         try:
             token = base64.b64decode(value.strip(), validate=True)
         except binascii.Error:
             self.forget()
-            return Decision(False, self.challenge())
+            return Decision(False, self.challenge(host))
         if self._pending is None:
             # A new exchange (also on an authenticated connection: the client re-authenticates).
             self.forget()
         try:
             store = _account_store(host)
             if self._pending is None:
-                self._pending = _with_store(
-                    store,
-                    lambda: spnego.server(protocol="negotiate", options=spnego.NegotiateOptions.use_negotiate),
+                options = (
+                    spnego.NegotiateOptions.use_negotiate if protocol == "negotiate" else spnego.NegotiateOptions.none
                 )
+                self._pending = _with_store(store, lambda: spnego.server(protocol=protocol, options=options))
             pending = self._pending
             out_token = _with_store(store, lambda: pending.step(token))
         except (SpnegoError, AuthRejected, ValueError) as exc:
-            LOG.info("NTLM logon to %s failed: %s", host.name, exc)
+            LOG.info("%s logon to %s failed: %s", protocol, host.name, exc)
             self.forget()
-            return Decision(False, self.challenge())
-        headers = [("WWW-Authenticate", "Negotiate " + base64.b64encode(out_token).decode())] if out_token else []
+            return Decision(False, self.challenge(host))
+        name = "Negotiate" if protocol == "negotiate" else "CredSSP"
+        headers = [("WWW-Authenticate", f"{name} " + base64.b64encode(out_token).decode())] if out_token else []
         if not pending.complete:
             return Decision(False, headers)
         self.context, self._pending = pending, None
-        self.scheme, self.user = "negotiate", str(pending.client_principal or host.username)
+        self.scheme, self.user = protocol, str(getattr(pending, "client_principal", None) or host.username)
         return Decision(True, headers)
 
     # -- message encryption ---------------------------------------------------------------------------------------
