@@ -27,6 +27,7 @@ from rdplab.winrm import (
 )
 
 if t.TYPE_CHECKING:
+    from rdplab.arm import ArmCloud
     from rdplab.model.host import WindowsHost
 
 LOG = logging.getLogger("rdplab.server")
@@ -94,7 +95,9 @@ def reset_counters(host: WindowsHost) -> None:
 class HostRuntime:
     """The listeners of one host."""
 
-    def __init__(self, address: str, host: WindowsHost) -> None:
+    def __init__(self, address: str, host: WindowsHost, ssh_client_keys: t.Sequence[t.Any] = ()) -> None:
+        from rdplab.ssh import SshEndpoint
+
         self.slot = HostSlot(address, host)
         cert_pem, key_pem = self_signed_certificate(host.name, [address])
         self.http = WinRMServer(self.slot, WINRM_HTTP_PORT)
@@ -103,12 +106,21 @@ class HostRuntime:
         except OSError:
             self.http.server_close()
             raise
+        # Windows OpenSSH with PowerShell as the default shell (rdplab.ssh), port 22.
+        self.ssh = SshEndpoint(self.slot, authorized_keys=ssh_client_keys)
+        try:
+            self.ssh.bind()
+        except OSError:
+            self.http.server_close()
+            self.https.server_close()
+            raise
         self.rdp = RdpEndpoint(address, lambda: self.slot.host)
         self.slot.on_change.append(self.rdp.sync)
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         self.rdp.start()
+        self.ssh.start()
         for server in (self.http, self.https):
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
             thread.start()
@@ -118,6 +130,7 @@ class HostRuntime:
         for server in (self.http, self.https):
             server.shutdown()
             server.server_close()
+        self.ssh.stop()
         self.rdp.stop()
 
     def describe(self) -> dict[str, t.Any]:
@@ -125,6 +138,8 @@ class HostRuntime:
             "address": self.slot.address,
             "winrm_http": WINRM_HTTP_PORT,
             "winrm_https": WINRM_HTTPS_PORT,
+            "ssh_port": self.ssh.bound_port,
+            "commands_by_channel": dict(sorted(self.slot.commands_by_channel.items())),
             "rdp_port": self.rdp.bound_port,
         }
 
@@ -140,6 +155,20 @@ class Lab:
         self.control: ThreadingHTTPServer | None = None
         self.stopped = threading.Event()
         self._lock = threading.Lock()
+        # The lab as an Azure cloud (rdplab.arm), when started with --azure.
+        self.azure: ArmCloud | None = None
+        # The key every host's SSH server accepts for its administrator (administrators_authorized_keys).
+        from rdplab.ssh import generate_key
+
+        self.ssh_client_key = generate_key()
+
+    def start_azure(self, state_dir: Path, latency: float) -> None:
+        """Serve the fleet as Azure VMs: ARM, token endpoint and Run Command on network.1 (rdplab.arm)."""
+        from rdplab.arm import ArmCloud
+
+        slots = [(name, runtime.slot) for name, runtime in self.runtimes.items()]
+        self.azure = ArmCloud(slots, control_address(self.network), state_dir, latency)
+        self.azure.start()
 
     def start(self) -> None:
         """Bind everything or nothing: a port already in use is an OSError naming it."""
@@ -147,7 +176,7 @@ class Lab:
             for index, host in enumerate(self.hosts):
                 address = host_address(self.network, index)
                 try:
-                    runtime = HostRuntime(address, host)
+                    runtime = HostRuntime(address, host, [self.ssh_client_key])
                 except OSError as exc:
                     raise OSError(exc.errno, f"cannot listen for WinRM on {address}: {exc.strerror}") from exc
                 self.runtimes[host.name] = runtime
@@ -159,6 +188,9 @@ class Lab:
         threading.Thread(target=self.control.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
 
     def stop(self) -> None:
+        if self.azure is not None:
+            self.azure.stop()
+            self.azure = None
         if self.control is not None:
             self.control.shutdown()
             self.control.server_close()
@@ -195,6 +227,8 @@ class Lab:
                     **runtime.describe(),
                     "counters": counters_dict(host),
                     "snapshot": host.snapshot(),
+                    # Who ran each batch (the caller, or become's account): rdplab.bootstrap records it.
+                    "batch_identities": list(getattr(host, "batch_identities", [])),
                 }
                 if zero_counters:
                     reset_counters(host)
@@ -327,6 +361,9 @@ def write_state(state_dir: Path, lab: Lab) -> Path:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "hosts": lab.describe(),
     }
+    if lab.azure is not None:
+        document["azure"] = lab.azure.describe()
+    document["ssh"] = write_ssh_files(state_dir, lab)
     target = state_dir / STATE_FILE
     temporary = state_dir / (STATE_FILE + ".tmp")
     temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -334,12 +371,34 @@ def write_state(state_dir: Path, lab: Lab) -> Path:
     return target
 
 
-def serve_forever(host_files: t.Sequence[Path], network: str, state_dir: Path) -> int:
-    """Run the lab in this process until SIGTERM/SIGINT or a shutdown request; 0 on a clean stop."""
+def write_ssh_files(state_dir: Path, lab: Lab) -> dict[str, str]:
+    """The SSH client key the hosts accept and a known_hosts file with every host's key, for clients of the lab."""
+    ssh_dir = state_dir / "ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    key_path = ssh_dir / "id_ed25519"
+    key_path.touch(mode=0o600)
+    key_path.chmod(0o600)
+    key_path.write_bytes(lab.ssh_client_key.export_private_key())
+    known_hosts = ssh_dir / "known_hosts"
+    known_hosts.write_text("".join(r.ssh.known_hosts_line() + "\n" for r in lab.runtimes.values()), encoding="utf-8")
+    return {"private_key": str(key_path.resolve()), "known_hosts": str(known_hosts.resolve())}
+
+
+def serve_forever(
+    host_files: t.Sequence[Path], network: str, state_dir: Path, azure_latency: float | None = None
+) -> int:
+    """Run the lab in this process until SIGTERM/SIGINT or a shutdown request; 0 on a clean stop. With an
+    azure_latency (seconds per Run Command), the fleet is also served as Azure VMs (rdplab.arm)."""
     import signal
 
     lab = Lab(host_files, network)
     lab.start()
+    if azure_latency is not None:
+        try:
+            lab.start_azure(state_dir, azure_latency)
+        except BaseException:
+            lab.stop()
+            raise
     LOG.info("lab serving %d host(s): %s", len(lab.runtimes), json.dumps(lab.describe()))
     state_path = write_state(state_dir, lab)
 

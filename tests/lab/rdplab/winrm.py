@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import dataclasses
 import datetime
-import hmac
 import ipaddress
 import logging
 import re
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from rdplab import bootstrap
+from rdplab import bootstrap, psrp, wsman_auth
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -109,6 +110,10 @@ class HostSlot:
         self._host = host
         self.lock = threading.Lock()
         self.shells: dict[str, Shell] = {}
+        # Runspace pools of the PowerShell resource URI (rdplab.psrp.Pool by ShellId).
+        self.psrp_pools: dict[str, t.Any] = {}
+        # Commands per way they arrived, e.g. "winrs/http/negotiate/sealed", "psrp/https/basic", "ssh/publickey".
+        self.commands_by_channel: collections.Counter[str] = collections.Counter()
         # Called after a command has run on the host (the RDP listener follows the host's new state at once).
         self.on_change: list[t.Callable[[], None]] = []
 
@@ -120,6 +125,8 @@ class HostSlot:
         with self.lock:
             self._host = host
             self.shells.clear()
+            self.psrp_pools.clear()
+            self.commands_by_channel.clear()
         self.changed()
 
     def changed(self) -> None:
@@ -154,6 +161,9 @@ class Request:
     operation_timeout: float
     max_envelope: int
     body: ET.Element
+    resource_uri: str = ""
+    # How the request arrived: "<http|https>/<basic|negotiate>[/sealed]" (set by the HTTP layer).
+    channel: str = ""
 
 
 def parse_request(payload: bytes) -> Request:
@@ -180,6 +190,7 @@ def parse_request(payload: bytes) -> Request:
         operation_timeout=_parse_duration(_text(root, "s:Header/w:OperationTimeout")),
         max_envelope=max_envelope,
         body=body if body is not None else ET.Element("Body"),
+        resource_uri=_text(root, "s:Header/w:ResourceURI") or "",
     )
 
 
@@ -218,8 +229,13 @@ class WinRMEndpoint:
     def __init__(self, slot: HostSlot, url: str) -> None:
         self.slot = slot
         self.url = url
+        self.psrp = psrp.PsrpEndpoint(slot, url, WSManFault)
 
     def handle(self, request: Request) -> bytes:
+        if psrp.is_psrp(request.resource_uri):
+            # The same listener serves PowerShell remoting, told apart by the resource URI.
+            action, body = self.psrp.handle(request, request.resource_uri)
+            return envelope(action, request.message_id, body)
         handlers: dict[str, t.Callable[[Request], tuple[str, str]]] = {
             ACTION_CREATE: self._create,
             ACTION_COMMAND: self._command,
@@ -279,6 +295,8 @@ class WinRMEndpoint:
         host = self.slot.host
         with host.lock:
             host.counters.winrm_commands += 1
+        with self.slot.lock:
+            self.slot.commands_by_channel[f"winrs/{request.channel}"] += 1
         program = _text(request.body, "rsp:CommandLine/rsp:Command") or ""
         arguments = [node.text or "" for node in request.body.findall("rsp:CommandLine/rsp:Arguments", Q)]
         command_line = bootstrap.command_line_of(program, arguments)
@@ -403,30 +421,30 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: t.Any) -> None:
         LOG.debug("%s %s", self.server.slot.address, format % args)
 
-    def _reply(self, status: int, payload: bytes, extra_headers: dict[str, str] | None = None) -> None:
+    def _reply(
+        self,
+        status: int,
+        payload: bytes,
+        extra_headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        content_type: str = "application/soap+xml;charset=UTF-8",
+    ) -> None:
         self.send_response(status)
         if payload:
-            self.send_header("Content-Type", "application/soap+xml;charset=UTF-8")
-        for name, value in (extra_headers or {}).items():
+            self.send_header("Content-Type", content_type)
+        headers = extra_headers.items() if isinstance(extra_headers, dict) else (extra_headers or [])
+        for name, value in headers:
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if payload:
             self.wfile.write(payload)
 
-    def _authorised(self) -> bool:
-        header = self.headers.get("Authorization", "")
-        scheme, _space, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, _colon, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        host = self.server.slot.host
-        # Windows account names are case-insensitive, passwords are not.
-        user_ok = user.lower() == host.username.lower() or user.lower().endswith("\\" + host.username.lower())
-        return user_ok and hmac.compare_digest(password.encode("utf-8"), host.password.encode("utf-8"))
+    def _auth(self) -> wsman_auth.ConnectionAuth:
+        # One per TCP connection: NTLM authenticates the connection (keep-alive requests share this handler).
+        auth: wsman_auth.ConnectionAuth | None = getattr(self, "_connection_auth", None)
+        if auth is None:
+            auth = self._connection_auth = wsman_auth.ConnectionAuth(tls=self.server.tls is not None)
+        return auth
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -434,18 +452,45 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/").lower() != "/wsman":
             self._reply(404, b"")
             return
-        if not self._authorised():
-            self._reply(401, b"", {"WWW-Authenticate": 'Basic realm="WSMAN"'})
+        host = self.server.slot.host
+        auth = self._auth()
+        decision = auth.authenticate(host, self.headers.get("Authorization", ""))
+        if not decision.proceed:
+            self._reply(401, b"", decision.headers)
+            return
+        try:
+            message, sealed = auth.unseal(self.headers.get("Content-Type", ""), payload)
+        except wsman_auth.AuthRejected:
+            auth.forget()
+            self._reply(401, b"", auth.challenge(host))
+            return
+        except wsman_auth.BadMessage as exc:
+            LOG.info("%s: bad encrypted message: %s", self.server.slot.address, exc)
+            self._reply(400, b"")
+            return
+        if not message:
+            # The empty request a client sends to finish authentication before it seals messages.
+            self._reply(200, b"", decision.headers)
+            return
+        if not sealed and self.server.tls is None and not wsman_auth.allows_unencrypted(host):
+            # AllowUnencrypted is false: over HTTP only sealed messages are accepted.
+            LOG.info("%s: unencrypted %s message over HTTP refused", self.server.slot.address, auth.scheme)
+            auth.forget()
+            self._reply(401, b"", auth.challenge(host))
             return
         relates_to = ""
+        status = 200
         try:
-            request = parse_request(payload)
+            channel = f"{'https' if self.server.tls else 'http'}/{auth.scheme}" + ("/sealed" if sealed else "")
+            request = dataclasses.replace(parse_request(message), channel=channel)
             relates_to = request.message_id
             response = self.server.endpoint.handle(request)
         except WSManFault as fault:
-            self._reply(500, fault_envelope(fault, relates_to, self.server.slot.address))
-            return
-        self._reply(200, response)
+            status, response = 500, fault_envelope(fault, relates_to, self.server.slot.address)
+        if sealed:
+            self._reply(status, auth.seal(response), decision.headers, content_type=wsman_auth.ENCRYPTED_CONTENT_TYPE)
+        else:
+            self._reply(status, response, decision.headers)
 
     def do_GET(self) -> None:
         # The WinRM listener answers only SOAP POSTs.
