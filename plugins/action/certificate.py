@@ -9,6 +9,7 @@ import typing as t
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
     SESSION_ARGUMENT_SPEC,
+    SNAPSHOT_ARGUMENT_SPEC,
     ActionFailed,
     BackupSet,
     RdpfixAction,
@@ -43,6 +44,7 @@ class ActionModule(RdpfixAction):
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
         **SESSION_ARGUMENT_SPEC,
+        **SNAPSHOT_ARGUMENT_SPEC,
         "expiry_threshold_days": {"type": "int", "default": 30},
         "regenerate_self_signed": {"type": "bool", "default": True},
         "remove_missing_pin": {"type": "bool", "default": True},
@@ -67,7 +69,7 @@ class ActionModule(RdpfixAction):
         options = self.options
         threshold = options.expiry_threshold_days
         read_batch, read_index = build_read_batch(options)
-        state = parse_state(self.run_batch(read_batch), read_index, self.now)
+        state = parse_state(self.read(read_batch), read_index, self.now)
         result: dict[str, t.Any] = {
             "changed": False,
             "certificate": describe(state, threshold),

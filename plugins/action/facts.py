@@ -17,6 +17,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import ActionFailed, RdpfixAction, iso_utc
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._findings import urgency
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._firewall import PROFILE_BITS
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._snapshot import Snapshot
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._tls import LEGACY_CHOICES, NLA_CHOICES
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import SIDES
 
@@ -60,6 +61,7 @@ class ActionModule(RdpfixAction):
         "tls_nla": {"type": "str", "default": "enabled", "choices": list(NLA_CHOICES)},
         "tls_override_policy": {"type": "bool", "default": False},
         "connect_name": {"type": "str"},
+        "gather_events": {"type": "bool", "default": True},
     }
 
     options: facts.FactsOptions
@@ -88,10 +90,15 @@ class ActionModule(RdpfixAction):
             raise ActionFailed(str(exc)) from exc
 
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
-        del params
-        read = facts.build_read_batch(self.options, self.now)
+        # Without the event log history: the read a fixing run needs (the role's snapshot), and no more.
+        concerns = facts.CONCERNS if params["gather_events"] else tuple(c for c in facts.CONCERNS if c.name != "events")
+        read = facts.build_read_batch(self.options, self.now, concerns)
         result = self.run_batch(read.merged.batch)
-        gathered = facts.evaluate(read, result, self.options, self.now)
+        gathered = facts.evaluate(read, result, self.options, self.now, concerns)
+        # Every fixing module's reads (the event log history is the audit's alone): what they plan from when given
+        # this result as their snapshot.
+        kept = sorted({p for name, mapped in read.merged.positions.items() if name != "events" for p in mapped})
+        snapshot = Snapshot.from_batch(self.host, iso_utc(self.now), read.merged.batch, result, kept)
         address = self._address()
         if self.options.connect_name:
             gathered.findings += self._name_findings(self.options.connect_name, address, gathered.facts)
@@ -109,6 +116,7 @@ class ActionModule(RdpfixAction):
             "fixed_by": overview["fixed_by"],
             "findings": gathered.findings,
             "rdp": gathered.facts,
+            "snapshot": snapshot.to_dict(),
             "ansible_facts": {"rdpfix_rdp": dict(gathered.facts, findings=gathered.findings)},
         }
 

@@ -8,7 +8,12 @@ import functools
 import typing as t
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _firewall as firewall
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import COMMON_ARGUMENT_SPEC, ActionFailed, RdpfixAction
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
+    COMMON_ARGUMENT_SPEC,
+    SNAPSHOT_ARGUMENT_SPEC,
+    ActionFailed,
+    RdpfixAction,
+)
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
 
 
@@ -16,6 +21,7 @@ class ActionModule(RdpfixAction):
     MODULE_NAME = "firewall"
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
+        **SNAPSHOT_ARGUMENT_SPEC,
         "sides": {"type": "list", "elements": "str", "default": ["server"], "choices": ["server", "client"]},
         "profiles": {
             "type": "list",
@@ -52,7 +58,7 @@ class ActionModule(RdpfixAction):
         read = Batch(on_error="continue")
         system_index = read.add("system.info")
         reads = firewall.add_reads(read, self.options)
-        found = self.run_batch(read)
+        found = self.read(read)
         try:
             plan = firewall.plan_state(firewall.state_from(found, reads), self.options)
         except firewall.FirewallPlanError as exc:

@@ -11,6 +11,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
     SESSION_ARGUMENT_SPEC,
+    SNAPSHOT_ARGUMENT_SPEC,
     ActionFailed,
     BackupSet,
     RdpfixAction,
@@ -24,6 +25,7 @@ class ActionModule(RdpfixAction):
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
         **SESSION_ARGUMENT_SPEC,
+        **SNAPSHOT_ARGUMENT_SPEC,
         "strategy": {"type": "str", "default": "permissions", "choices": list(mk.STRATEGIES)},
         "state": {"type": "str", "default": "present", "choices": ["present", "restored"]},
         "manifest_id": {"type": "str"},
@@ -46,12 +48,12 @@ class ActionModule(RdpfixAction):
         """One round trip; a second only on a host whose ProgramData is not C:\\ProgramData. ``wait_ms``: wait on
         the host before reading (polls after a restart)."""
         batch, index = mk.build_read_batch(self.options, self.now, wait_ms=wait_ms)
-        result = self.run_batch(batch)
+        result = self.read(batch)
         system = result[index.cert.system]
         program_data = str((system.data if system.ok else {}).get("program_data") or mk.DEFAULT_PROGRAM_DATA)
         if program_data.casefold() != mk.DEFAULT_PROGRAM_DATA.casefold():
             batch, index = mk.build_read_batch(self.options, self.now, program_data)
-            result = self.run_batch(batch)
+            result = self.read(batch)
         return mk.parse_state(result, index, self.now, program_data)
 
     # -------------------------------------------------------------------------------------------------- run

@@ -9,7 +9,11 @@ import functools
 import typing as t
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _tls as tls
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import COMMON_ARGUMENT_SPEC, RdpfixAction
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
+    COMMON_ARGUMENT_SPEC,
+    SNAPSHOT_ARGUMENT_SPEC,
+    RdpfixAction,
+)
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import stage_registry_changes
 
@@ -18,6 +22,7 @@ class ActionModule(RdpfixAction):
     MODULE_NAME = "tls"
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
+        **SNAPSHOT_ARGUMENT_SPEC,
         "enable_tls12": {"type": "bool", "default": True},
         "enable_tls13": {"type": "bool", "default": True},
         "legacy_protocols": {"type": "list", "elements": "str", "default": [], "choices": list(tls.LEGACY_CHOICES)},
@@ -39,7 +44,7 @@ class ActionModule(RdpfixAction):
         )
         read = Batch(on_error="continue")
         reads = tls.add_reads(read)
-        found = self.run_batch(read)
+        found = self.read(read)
         plan = tls.plan_tls(tls.state_from(found, reads), options)
         for warning in plan.warnings:
             self.warn(warning)

@@ -9,7 +9,12 @@ import functools
 import typing as t
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _transport as transport
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import COMMON_ARGUMENT_SPEC, ActionFailed, RdpfixAction
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
+    COMMON_ARGUMENT_SPEC,
+    SNAPSHOT_ARGUMENT_SPEC,
+    ActionFailed,
+    RdpfixAction,
+)
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
 
 
@@ -17,6 +22,7 @@ class ActionModule(RdpfixAction):
     MODULE_NAME = "transport"
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **COMMON_ARGUMENT_SPEC,
+        **SNAPSHOT_ARGUMENT_SPEC,
         "mode": {"type": "str", "default": "tcp_only", "choices": list(transport.MODES)},
         "sides": {"type": "list", "elements": "str", "default": ["server"], "choices": list(transport.SIDES)},
     }
@@ -30,7 +36,7 @@ class ActionModule(RdpfixAction):
         read = Batch(on_error="continue")
         system_index = read.add("system.info")
         reads = transport.add_reads(read)
-        found = self.run_batch(read)
+        found = self.read(read)
         plan = transport.plan_transport(transport.state_from(found, reads), params["mode"], params["sides"])
         result: dict[str, t.Any] = {
             "changed": bool(plan.changes),

@@ -35,6 +35,7 @@ author:
   - rdpfix maintainers (@rdpfix)
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.snapshot
   - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
 options:
@@ -155,6 +156,18 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+snapshot:
+  description:
+    - The O(snapshot) given, updated with what this run read and what its apply batch re-read after its changes, for
+      the next module of the play to plan from.
+  returned: when O(snapshot) was given
+  type: dict
+replanned:
+  description:
+    - Why the plan made from O(snapshot) was dropped (the guard that found the host changed), after which the host was
+      read again and the plan made anew; null when the snapshot held.
+  returned: when O(snapshot) was given
+  type: str
 changed:
   description: Whether the host was changed (in check mode, whether it would be).
   returned: always

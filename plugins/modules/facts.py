@@ -27,6 +27,13 @@ description:
     with the clients - for example Schannel 36874 when old clients offer only TLS 1.0).
   - Never changes the host; check mode runs exactly the same reads.
 options:
+  gather_events:
+    description:
+      - Read the event log history (O(event_days)). V(false) reads only what the fixing modules plan from, for a
+        RV(snapshot) to repair from (the C(rdpfix.rdp.rdpfix_server) role does); the events' findings are then absent.
+    type: bool
+    default: true
+    version_added: 0.2.0
   event_days:
     description: How many days of event log history to read (1 to 365).
     type: int
@@ -154,6 +161,15 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+snapshot:
+  description:
+    - Every read of the fixing modules as this batch returned it (not the event log history), with the host it was
+      taken on - what M(rdpfix.rdp.server) and the fixing modules' O(rdpfix.rdp.firewall#module:snapshot) option plan
+      from instead of reading the host again. Plain data in a versioned format (C(format), C(host), C(taken),
+      C(reads)); a module refuses a snapshot of another host or format.
+  returned: success
+  type: dict
+  version_added: 0.2.0
 findings:
   description:
     - What is wrong or worth knowing, most urgent first, in the shape of the collection's findings documentation.

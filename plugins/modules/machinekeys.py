@@ -59,6 +59,7 @@ options:
     default: false
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.snapshot
   - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
 notes:
@@ -91,6 +92,18 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+snapshot:
+  description:
+    - The O(snapshot) given, updated with what this run read and what its apply batch re-read after its changes, for
+      the next module of the play to plan from.
+  returned: when O(snapshot) was given
+  type: dict
+replanned:
+  description:
+    - Why the plan made from O(snapshot) was dropped (the guard that found the host changed), after which the host was
+      read again and the plan made anew; null when the snapshot held.
+  returned: when O(snapshot) was given
+  type: str
 findings:
   description: What was found, each with id, severity, title, cause, evidence and fix.
   returned: state=present

@@ -35,6 +35,7 @@ description:
   - Previous values are recorded in a backup manifest before anything is written. Check mode changes nothing.
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.snapshot
   - rdpfix.rdp.attributes
 options:
   enable_tls12:
@@ -89,6 +90,18 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+snapshot:
+  description:
+    - The O(snapshot) given, updated with what this run read and what its apply batch re-read after its changes, for
+      the next module of the play to plan from.
+  returned: when O(snapshot) was given
+  type: dict
+replanned:
+  description:
+    - Why the plan made from O(snapshot) was dropped (the guard that found the host changed), after which the host was
+      read again and the plan made anew; null when the snapshot held.
+  returned: when O(snapshot) was given
+  type: str
 findings:
   description: Findings (id, severity, title, cause, evidence, fix).
   returned: always

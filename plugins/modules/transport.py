@@ -20,6 +20,7 @@ description:
   - Check mode changes nothing and reports what would change; C(--diff) shows the values before and after.
 extends_documentation_fragment:
   - rdpfix.rdp.common
+  - rdpfix.rdp.snapshot
   - rdpfix.rdp.attributes
 options:
   mode:
@@ -50,6 +51,18 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+snapshot:
+  description:
+    - The O(snapshot) given, updated with what this run read and what its apply batch re-read after its changes, for
+      the next module of the play to plan from.
+  returned: when O(snapshot) was given
+  type: dict
+replanned:
+  description:
+    - Why the plan made from O(snapshot) was dropped (the guard that found the host changed), after which the host was
+      read again and the plan made anew; null when the snapshot held.
+  returned: when O(snapshot) was given
+  type: str
 findings:
   description: Findings in the shape of the collection's findings documentation (id, severity, title, cause, evidence, fix).
   returned: always

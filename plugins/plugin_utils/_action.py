@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import dataclasses
 import json
 import ntpath
 import secrets
@@ -23,7 +24,9 @@ from datetime import UTC, datetime
 from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
 from ansible.plugins.action import ActionBase
 
-from ._agent import AgentError, Batch, BatchResult, Builder, OperationError, run_batch
+from ._agent import READ_OPERATIONS, AgentError, Batch, BatchResult, Builder, OperationError, OpResult, run_batch
+from ._guards import GUARD_FAILED, GUARD_OP, Guard
+from ._snapshot import Snapshot, SnapshotError, describe, expectation, guarded
 
 # Options every module that changes a host shares; documented once in the ``rdpfix.rdp.common`` doc fragment (and the
 # modules that take it form the ``rdpfix.rdp.backup`` action group).
@@ -37,10 +40,25 @@ SESSION_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
     "allow_session_disruption": {"type": "bool", "default": False},
 }
 
+# The fixing modules' ``snapshot`` option: plan from a snapshot taken earlier in the play (rdpfix.rdp.facts) instead of
+# reading the host again; documented in the ``rdpfix.rdp.snapshot`` fragment.
+SNAPSHOT_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
+    "snapshot": {"type": "raw"},
+}
+
 # Backups hold private keys: only SYSTEM and Administrators may read them, nothing is inherited from ProgramData.
 BACKUP_DIR_SDDL = "O:BAG:SYD:PAI(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
+
+
+# How many operations at the end of a batch re-read what the plan relied on (set on the batches run_batch sends).
+REREADS_ATTRIBUTE = "rdpfix_rereads"
+
+
+class StaleSnapshot(Exception):
+    """A guard at the start of an apply batch found the host changed since what the plan relied on; nothing was
+    written."""
 
 
 class ActionFailed(Exception):
@@ -187,6 +205,13 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.round_trips = 0
         self.warnings: list[str] = []
         self.now = utc_now()
+        # Planning from a snapshot: the snapshot (kept current by every read and write of this run), and the reads
+        # the plan took from it, which the next write batch guards and re-reads.
+        self.snapshot: Snapshot | None = None
+        self.relied_on: dict[str, tuple[str, dict[str, t.Any], dict[str, t.Any]]] = {}
+        self.replanned: str | None = None
+        # Set by rdpfix.rdp.server to carry the write batches of several modules in one round trip.
+        self.batch_sender: Callable[[Batch], BatchResult] | None = None
         self.task_vars: dict[str, t.Any] = {}
         self._builder: Builder | None = None
 
@@ -197,11 +222,65 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
     def validate_params(self, params: dict[str, t.Any]) -> None:
         """Checks the argument spec cannot express; raise ``ActionFailed``. Runs before the connection is used."""
 
-    def run_batch(self, batch: Batch) -> BatchResult:
+    def send(self, batch: Batch) -> BatchResult:
         """Send one batch: exactly one command over the connection, counted in ``round_trips``."""
+        if self.batch_sender is not None:
+            return self.batch_sender(batch)
         if batch.ops:
             self.round_trips += 1
         return run_batch(self._connection, self.host, batch, self.wire_builder())
+
+    def run_batch(self, batch: Batch) -> BatchResult:
+        """Send one batch (one round trip). Planning from a snapshot, the first batch that writes starts with a guard
+        per read the plan took from the snapshot and ends by re-reading them; a failed guard raises StaleSnapshot
+        (nothing was written). Every read keeps the snapshot current."""
+        if self.snapshot is None or not batch.ops:
+            return self.send(batch)
+        guards: list[dict[str, t.Any]] = []
+        rereads: list[dict[str, t.Any]] = []
+        if batch.writes and self.relied_on:
+            for op, args, data in self.relied_on.values():
+                guard = Guard(describe(op, args), op, args, expectation(op, data), match="subset")
+                guards.append({"op": GUARD_OP, "args": guard.op_args()})
+                rereads.append({"op": op, "args": args})
+            self.relied_on = {}
+        wire = dataclasses.replace(batch, ops=[*guards, *batch.ops, *rereads])
+        # rdpfix.rdp.server moves every module's re-reads after all the writes of a shared batch.
+        setattr(wire, REREADS_ATTRIBUTE, len(rereads))
+        sent = self.send(wire)
+        for position, outcome in enumerate(sent.results[: len(guards)]):
+            if not outcome.ok:
+                label = guards[position]["args"]["label"]
+                if outcome.error_type == GUARD_FAILED:
+                    raise StaleSnapshot(outcome.error_message or label)
+                raise ActionFailed(
+                    f"{self.host}: the check of {label} before the changes failed "
+                    f"({outcome.error_type or 'Failed'}: {outcome.error_message or ''}); nothing was changed"
+                )
+        own = sent.results[len(guards) : len(guards) + len(batch.ops)]
+        answered = [*own, *sent.results[len(guards) + len(batch.ops) :]]
+        for operation, outcome in zip([*batch.ops, *rereads], answered, strict=True):
+            if operation["op"] in READ_OPERATIONS and outcome.ok:
+                self.snapshot.put(operation["op"], operation["args"], outcome)
+        return BatchResult(sent.host, list(own))
+
+    def read(self, batch: Batch) -> BatchResult:
+        """The results of a read batch: from the snapshot when one was given (what is not in it is read from the
+        host, in one batch), else from the host. A batch that waits on the host (a poll) is always sent."""
+        if self.snapshot is None or any(item["op"] == "util.sleep" for item in batch.ops):
+            return self.run_batch(batch)
+        found: list[OpResult | None] = [self.snapshot.lookup(item["op"], item["args"]) for item in batch.ops]
+        missing = [position for position, outcome in enumerate(found) if outcome is None]
+        if missing:
+            fresh = self.run_batch(dataclasses.replace(batch, ops=[batch.ops[position] for position in missing]))
+            for position, outcome in zip(missing, fresh.results, strict=True):
+                found[position] = outcome
+        results = [outcome for outcome in found if outcome is not None]
+        for item, outcome in zip(batch.ops, results, strict=True):
+            if outcome.ok and guarded(item["op"]):
+                key = json.dumps([item["op"], item["args"]], sort_keys=True)
+                self.relied_on[key] = (item["op"], item["args"], outcome.data)
+        return BatchResult(self.host, results)
 
     def wire_builder(self) -> Builder:
         """How this task's batches are sent: Ansible's PowerShell module exec wrapper with the agent as the module,
@@ -298,6 +377,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.round_trips = 0
         self.warnings = []
         self.now = utc_now()
+        self.snapshot, self.relied_on, self.replanned = None, {}, None
         self.task_vars, self._builder = task_vars, None
         result: dict[str, t.Any] = {"changed": False}
 
@@ -319,13 +399,33 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
                 required_by=self.REQUIRED_BY or None,
             )
             self.validate_params(params)
+            if params.get("snapshot") is not None:
+                self.snapshot = Snapshot.from_option(params["snapshot"], self.host)
+        except SnapshotError as exc:
+            return self._finish(result | {"failed": True, "msg": f"Invalid arguments: snapshot: {exc}"})
         except AnsibleActionFail as exc:
             return self._finish(result | {"failed": True, "msg": f"Invalid arguments: {exc.message}"})
         except ActionFailed as exc:
             return self._finish(result | exc.result | {"failed": True, "msg": f"Invalid arguments: {exc.msg}"})
 
         try:
-            result.update(self.run_task(params))
+            try:
+                result.update(self.run_task(params))
+            except StaleSnapshot as exc:
+                # Nothing was written: read the host again and plan once more from what it is now.
+                self.replanned = str(exc)
+                self.warnings = []
+                self.warn(f"The host changed since the snapshot ({exc}); it was read again and the plan made anew")
+                assert self.snapshot is not None
+                self.snapshot.reads.clear()
+                self.relied_on = {}
+                try:
+                    result.update(self.run_task(params))
+                except StaleSnapshot as again:
+                    raise ActionFailed(
+                        f"{self.host}: the host changed again between the new read and the write ({again}); "
+                        "nothing was changed"
+                    ) from again
             if "findings" in result:
                 result["unresolved"] = self.unresolved(params, result["findings"])
         except ActionFailed as exc:
@@ -339,6 +439,9 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             result.update(failed=True, msg=exc.message)
         if not self.diff_mode:
             result.pop("diff", None)
+        if self.snapshot is not None:
+            result["snapshot"] = self.snapshot.to_dict()
+            result["replanned"] = self.replanned
         return self._finish(result)
 
     def _finish(self, result: dict[str, t.Any]) -> dict[str, t.Any]:

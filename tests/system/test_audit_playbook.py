@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 import yaml
 from harness import FLEETS_DIR, Lab, run_playbook
+from role_results import results_of
 
 pytestmark = pytest.mark.system
 
 FACTS_TASK = "rdpfix.rdp.rdpfix_server : Gather Remote Desktop facts and findings (one WinRM command, read-only)"
-# The role's fixing tasks, by the module each runs (tasks/*.yml).
+# The role's concerns, by the module each runs (one result each: role_results.results_of).
 ROLE_TASKS = {
-    "rdpfix.rdp.machinekeys": (
-        "rdpfix.rdp.rdpfix_server : Repair the MachineKeys store and the RDP listener's private key"
-    ),
-    "rdpfix.rdp.certificate": "rdpfix.rdp.rdpfix_server : Ensure the RDP listener has a usable certificate",
-    "rdpfix.rdp.firewall": "rdpfix.rdp.rdpfix_server : Let RDP through Windows Firewall and report what blocks it",
-    "rdpfix.rdp.transport": "rdpfix.rdp.rdpfix_server : Set the RDP transport policy",
-    "rdpfix.rdp.tls": "rdpfix.rdp.rdpfix_server : Check and repair the listener's TLS settings",
+    module: module
+    for module in (
+        "rdpfix.rdp.machinekeys",
+        "rdpfix.rdp.certificate",
+        "rdpfix.rdp.firewall",
+        "rdpfix.rdp.transport",
+        "rdpfix.rdp.tls",
+    )
 }
 
 
@@ -127,7 +129,7 @@ def test_audit_and_check_mode_agree_on_the_demo_fleet(lab_factory: t.Callable[..
     would_change = {
         (name, module)
         for module, task in ROLE_TASKS.items()
-        for name, result in check.results(task).items()
+        for name, result in results_of(check, task).items()
         if result.get("changed")
     }
     assert fixable == would_change

@@ -12,6 +12,7 @@ import typing as t
 import pytest
 import yaml
 from harness import Lab, PlaybookRun, run_playbook
+from role_results import APPLY_TASK, SNAPSHOT_TASK, concern_results
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
 
@@ -19,7 +20,6 @@ pytestmark = pytest.mark.system
 
 BROKEN = ["expired-selfsigned", "missing-selfsigned", "pinned-missing", "active-sessions"]
 HEALTHY = ["healthy"]
-CERT_TASK = "rdpfix.rdp.rdpfix_server : Ensure the RDP listener has a usable certificate"
 SUMMARY_TASK = "Show what was found and done"
 
 
@@ -52,13 +52,14 @@ def test_audit_fix_rerun(fleet: Lab) -> None:
     for host in ["expired-selfsigned", "missing-selfsigned"]:
         assert not tls_handshake_ok(fleet, host), f"{host} should fail the handshake before the fix"
 
-    # 1. Audit: check mode reports what it would change, with a diff, and writes nothing.
+    # 1. Audit: check mode reports what it would change, with a diff, and writes nothing: one read per host.
     fleet.reset_counters()
     audit = run_playbook("playbooks/fix_rdp.yml", fleet.inventory, check=True, diff=True)
     assert audit.rc == 0, audit.stdout + audit.stderr
     assert writes(fleet) == dict.fromkeys(before, 0)
+    assert commands(fleet) == dict.fromkeys(before, 1)
     assert audit.changed_hosts() == set(BROKEN)
-    cert_results = audit.results(CERT_TASK)
+    cert_results = concern_results(audit, "certificate")
     assert cert_results["expired-selfsigned"]["changed"] is True
     assert "diff" in cert_results["expired-selfsigned"], "--diff must show before/after"
     assert cert_results["healthy"]["changed"] is False
@@ -75,31 +76,40 @@ def test_audit_fix_rerun(fleet: Lab) -> None:
         for part in ("certificates", "registry", "files", "services", "sessions"):
             assert state_after_audit[name]["snapshot"][part] == before[name]["snapshot"][part], (name, part)
 
-    # 2. Fix.
+    # 2. Fix: one read per host (the snapshot), and one apply batch on a host with something to change.
     fleet.reset_counters()
     fix = run_playbook("playbooks/fix_rdp.yml", fleet.inventory)
     assert fix.rc == 0, fix.stdout + fix.stderr
     assert fix.changed_hosts() == set(BROKEN)
+    assert commands(fleet) == {name: 2 if name in BROKEN else 1 for name in before}
     for host in BROKEN + HEALTHY:
         assert tls_handshake_ok(fleet, host), f"{host} must complete a TLS handshake after the fix"
-    results = fix.results(CERT_TASK)
+    results = concern_results(fix, "certificate")
     for host in BROKEN:
         assert results[host]["backup"]["manifest_id"], f"{host}: a change must leave a backup manifest"
-    # Round trips: one per module on a healthy host; the certificate repair adds exactly one apply batch.
-    assert results["healthy"]["round_trips"] == 1
-    assert results["expired-selfsigned"]["round_trips"] == 2
+    # Round trips as the tasks count them: the snapshot's read, then the apply batch the certificate's changes
+    # travelled in; nothing planned from the snapshot reads again.
+    assert {host: result["round_trips"] for host, result in fix.results(SNAPSHOT_TASK).items()} == dict.fromkeys(
+        before, 1
+    )
+    applied = fix.results(APPLY_TASK)
+    assert {host: result["round_trips"] for host, result in applied.items()} == {
+        name: 1 if name in BROKEN else 0 for name in before
+    }
+    assert results["healthy"]["round_trips"] == 0
+    assert results["expired-selfsigned"]["round_trips"] == 1
+    assert all(result["replanned_concerns"] == [] for result in applied.values())
     # Sessions survived: the default restart (SessionEnv) keeps them.
     sessions = fleet.host("active-sessions")["snapshot"]["sessions"]
     assert any(s["state"] == "Active" for s in sessions), sessions
 
-    # 3. Rerun: nothing left to change, nothing written, one command per module and host.
+    # 3. Rerun: nothing left to change, nothing written, one command per host (the snapshot's read).
     fleet.reset_counters()
     rerun = run_playbook("playbooks/fix_rdp.yml", fleet.inventory)
     assert rerun.rc == 0
     assert rerun.changed_hosts() == set()
     assert writes(fleet) == dict.fromkeys(before, 0)
-    modules_in_role = 4  # machinekeys, certificate, firewall, tls (transport: keep by default, skipped)
-    assert set(commands(fleet).values()) == {modules_in_role}
+    assert commands(fleet) == dict.fromkeys(before, 1)
     assert [line.split(":")[0] for line in summary(rerun, "healthy") if not line.startswith(" ")] == [
         "machinekeys",
         "certificate",

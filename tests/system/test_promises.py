@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from harness import HOSTS_DIR, Lab, PlaybookRun, run_playbook, start_lab
+from role_results import results_of
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
 
@@ -34,8 +35,8 @@ HOSTS = [
 ]
 ROLE = "rdpfix.rdp.rdpfix_server : "
 TASK = {
-    "tls": ROLE + "Check and repair the listener's TLS settings",
-    "certificate": ROLE + "Ensure the RDP listener has a usable certificate",
+    "tls": "tls",  # the concerns' results: role_results.results_of
+    "certificate": "certificate",
     "sessions": ROLE + "Read the RDP sessions right before the reboot",
     "reboot": ROLE + "Reboot so that Schannel changes take effect",
     "waits": ROLE + "Report a reboot that waits for the users on the host",
@@ -81,7 +82,7 @@ def failed(run: PlaybookRun) -> set[str]:
 
 
 def summary_line(run: PlaybookRun, name: str, module: str) -> str:
-    lines = run.results(TASK["summary"])[name]["msg"]
+    lines = results_of(run, TASK["summary"])[name]["msg"]
     return next(line for line in lines if line.startswith(f"{module}:"))
 
 
@@ -91,7 +92,7 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
     # 0. Without permission to reboot: tls-tls12-disabled gets its registry fix and a pending reboot (nobody on it).
     first = run_playbook("playbooks/fix_rdp.yml", lab.inventory, limit="tls-tls12-disabled")
     assert first.rc == 0, first.stdout[-3000:] + first.stderr
-    assert first.results(TASK["tls"])["tls-tls12-disabled"]["reboot_required"] is True
+    assert results_of(first, TASK["tls"])["tls-tls12-disabled"]["reboot_required"] is True
     # Then a user logs on. The next run changes nothing in the registry: only a read at the reboot can see him.
     lab.fault("tls-tls12-disabled", "add_session", user="CORP\\frank", state="Active")
 
@@ -104,34 +105,34 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
     after = snapshots(lab)
     # Only the verification fails a host: RDP is still refused where nothing was left pending or for a decision.
     assert failed(run) == {"verify-connections-denied"}, run.stdout[-3000:] + run.stderr
-    message = run.results(TASK["fail"])["verify-connections-denied"]["msg"]
+    message = results_of(run, TASK["fail"])["verify-connections-denied"]["msg"]
     assert "RDP still does not connect after the repair" in message and "rdpfix_server_verify=false" in message
-    assert run.results(TASK["probe"])["verify-connections-denied"]["connectable"] is False
+    assert results_of(run, TASK["probe"])["verify-connections-denied"]["connectable"] is False
 
     waiting = {"sessions-tls12-disabled": "CORP\\alice", "sessions-firewall-tls12": "CORP\\dave"}
     waiting["tls-tls12-disabled"] = "CORP\\frank"
-    sessions_read = run.results(TASK["sessions"])
+    sessions_read = results_of(run, TASK["sessions"])
     for name, user in waiting.items():
         assert users(after[name]) == users(before[name]) or name == "tls-tls12-disabled", name
         assert user in sessions_read[name]["users"], sessions_read[name]
-        assert run.results(TASK["reboot"])[name].get("skipped"), name
+        assert results_of(run, TASK["reboot"])[name].get("skipped"), name
         assert after[name]["system"]["boot_time"] == before[name]["system"]["boot_time"], f"{name} was rebooted"
-        assert user in run.results(TASK["waits"])[name]["msg"]
+        assert user in results_of(run, TASK["waits"])[name]["msg"]
         line = summary_line(run, name, "tls")
         assert "reboot required" in line and f"waiting for the session(s) of {user}" in line, line
     assert [u for _id, u, _state in users(after["tls-tls12-disabled"])] == ["CORP\\frank"]
     assert users(after["sessions-tls12-disabled"]) == [(2, "CORP\\alice", "Active"), (3, "CORP\\bob", "Disconnected")]
     # The firewall repair opened the port, the TLS repair waits for the reboot: the verification ran and, with the
     # reboot pending, did not fail the host.
-    probed = run.results(TASK["probe"])["sessions-firewall-tls12"]
+    probed = results_of(run, TASK["probe"])["sessions-firewall-tls12"]
     assert probed["connectable"] is False
-    assert run.results(TASK["fail"])["sessions-firewall-tls12"].get("skipped")
+    assert results_of(run, TASK["fail"])["sessions-firewall-tls12"].get("skipped")
     # A TermService restart that would end sessions waits too.
-    certificate = run.results(TASK["certificate"])["active-sessions"]
+    certificate = results_of(run, TASK["certificate"])["active-sessions"]
     assert certificate["restart_pending"] is True
     assert users(after["active-sessions"]) == users(before["active-sessions"]) != []
     # The moved listener: the verification probed 3390, where the firewall repair opened it.
-    moved = run.results(TASK["probe"])["firewall-moved-port"]
+    moved = results_of(run, TASK["probe"])["firewall-moved-port"]
     assert moved["connectable"] is True and moved["target"]["port"] == 3390
 
     # 2. Told not to verify (a controller that cannot reach RDP), the same host passes.
@@ -153,7 +154,7 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
     assert consent.rc == 0, consent.stdout[-3000:] + consent.stderr
     rebooted = snapshots(lab)
     for name in ("sessions-tls12-disabled", "tls-tls12-disabled"):
-        assert consent.results(TASK["reboot"])[name]["rebooted"] is True
+        assert results_of(consent, TASK["reboot"])[name]["rebooted"] is True
         assert rebooted[name]["system"]["boot_time"] != before[name]["system"]["boot_time"]
         assert users(rebooted[name]) == [], "a reboot ends every session"
         assert connects(lab, name, rebooted[name])
@@ -174,5 +175,5 @@ def test_the_audit_probes_the_listeners_real_port(lab: Lab) -> None:
         },
     )
     assert audit.rc == 0, audit.stdout[-3000:] + audit.stderr
-    result = audit.results(TASK["audit_probe"])["firewall-moved-port"]
+    result = results_of(audit, TASK["audit_probe"])["firewall-moved-port"]
     assert result["target"]["port"] == 3390, result["target"]

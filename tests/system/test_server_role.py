@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from harness import BIN, HOSTS_DIR, ROOT, Lab, PlaybookRun, ansible_env, run_playbook, start_lab
+from role_results import results_of
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
 
@@ -107,11 +108,12 @@ REPORTED_ONLY: dict[str, tuple[str, str, bool]] = {
     "firewall-public-moved-port": ("firewall", "firewall.rdp_tcp_blocked_active_profile", False),
 }
 TASKS = {
-    "machinekeys": "rdpfix.rdp.rdpfix_server : Repair the MachineKeys store and the RDP listener's private key",
-    "certificate": "rdpfix.rdp.rdpfix_server : Ensure the RDP listener has a usable certificate",
-    "firewall": "rdpfix.rdp.rdpfix_server : Let RDP through Windows Firewall and report what blocks it",
-    "transport": "rdpfix.rdp.rdpfix_server : Set the RDP transport policy",
-    "tls": "rdpfix.rdp.rdpfix_server : Check and repair the listener's TLS settings",
+    # The concerns: one result each, shown by the role's last loop (role_results.results_of).
+    "machinekeys": "machinekeys",
+    "certificate": "certificate",
+    "firewall": "firewall",
+    "transport": "transport",
+    "tls": "tls",
     "reboot": "rdpfix.rdp.rdpfix_server : Reboot so that Schannel changes take effect",
     "pending": "rdpfix.rdp.rdpfix_server : Report a pending reboot",
 }
@@ -283,7 +285,7 @@ def finding_ids(result: dict[str, t.Any]) -> set[str]:
 def refused_module(run: PlaybookRun, name: str) -> str | None:
     """The module whose task failed the host in a fix run (the role stops there), or None."""
     for module, task in MODULE_TASKS.items():
-        if run.results(task).get(name, {}).get("failed"):
+        if results_of(run, task).get(name, {}).get("failed"):
             return module
     return None
 
@@ -402,10 +404,10 @@ def test_check_mode_writes_nothing_and_predicts_the_repair(fleet: FleetRuns) -> 
             "Schannel",
         }, name
     # Check mode announces a reboot where the apply run will reboot, and reboots nothing itself.
-    assert fleet.check.results(TASKS["reboot"]).keys() == fleet.apply.results(TASKS["reboot"]).keys()
+    assert results_of(fleet.check, TASKS["reboot"]).keys() == results_of(fleet.apply, TASKS["reboot"]).keys()
     # What check mode says will change is what changes (the diff is shown).
     assert fleet.check.changed_hosts() == fleet.apply.changed_hosts()
-    tls = fleet.check.results(TASKS["tls"])
+    tls = results_of(fleet.check, TASKS["tls"])
     assert all("diff" in result for result in tls.values())
 
 
@@ -433,7 +435,7 @@ def test_the_audit_and_check_mode_agree_on_every_host_file(fleet: FleetRuns) -> 
     would_change = {
         (name, module)
         for module, task in MODULE_TASKS.items()
-        for name, result in fleet.check.results(task).items()
+        for name, result in results_of(fleet.check, task).items()
         if result.get("changed")
     }
     assert fixed_by_the_role == would_change
@@ -455,7 +457,7 @@ def test_refusals_are_predicted_by_the_audit_and_check_mode_on_every_host_file(f
         assert predicted == (REFUSED[name][0] if name in REFUSED else None), name
     assert failed_hosts(fleet.apply) == failed_hosts(fleet.rerun) == set(REFUSED)
     for name, (module, finding, _connects) in REFUSED.items():
-        check, real = (run.results(MODULE_TASKS[module])[name] for run in (fleet.check, fleet.apply))
+        check, real = (results_of(run, MODULE_TASKS[module])[name] for run in (fleet.check, fleet.apply))
         assert check["msg"] == real["msg"] and "nothing was changed" in real["msg"], (check["msg"], real["msg"])
         assert finding in finding_ids(check) and finding in finding_ids(real)
         assert real["changed"] is False and not real.get("backup"), f"{name}: a refusal changes nothing"
@@ -463,7 +465,7 @@ def test_refusals_are_predicted_by_the_audit_and_check_mode_on_every_host_file(f
     # module together, as check mode said.
     for name in ("machinekeys-rdp-key-deleted-folder-acl", "machinekeys-rdp-key-deleted-legacy"):
         for module in ("rdpfix.rdp.machinekeys", "rdpfix.rdp.certificate"):
-            check, real = (run.results(MODULE_TASKS[module])[name] for run in (fleet.check, fleet.apply))
+            check, real = (results_of(run, MODULE_TASKS[module])[name] for run in (fleet.check, fleet.apply))
             assert not check.get("failed") and not real.get("failed"), (name, module, real.get("msg"))
             assert check["changed"] == real["changed"], (name, module)
         assert fleet.connects_after[name], name
@@ -476,12 +478,12 @@ def test_the_auto_enrolled_renewal_is_pinned_where_asked(fleet: FleetRuns) -> No
     thumbprint = renewal["evidence"]["renewal"]["thumbprint"]
     # Judged with the host's opt-in, the audit's fix is the run's own (options {}), as check mode's.
     assert renewal["fix"]["module"] == "rdpfix.rdp.certificate" and renewal["fix"]["options"] == {}
-    real = fleet.apply.results(TASKS["certificate"])[name]
+    real = results_of(fleet.apply, TASKS["certificate"])[name]
     assert [action["action"] for action in real["actions"]] == ["grant_key_read", "set_pin"]
     pin = reg_value(fleet.after_apply[name], RDP_TCP, "SSLCertificateSHA1Hash")
     assert str(pin).replace(" ", "").upper() == thumbprint, pin
     assert fleet.connects_after[name]
-    assert not fleet.rerun.results(TASKS["certificate"])[name]["changed"]
+    assert not results_of(fleet.rerun, TASKS["certificate"])[name]["changed"]
 
 
 def test_every_fault_is_repaired_unless_the_role_only_reports_it(fleet: FleetRuns) -> None:
@@ -499,9 +501,9 @@ def test_every_fault_is_repaired_unless_the_role_only_reports_it(fleet: FleetRun
 
 def test_faults_left_by_default_are_reported_not_passed(fleet: FleetRuns) -> None:
     for name, (task, finding, _connects) in REPORTED_ONLY.items():
-        result = fleet.apply.results(TASKS[task])[name]
+        result = results_of(fleet.apply, TASKS[task])[name]
         assert finding in finding_ids(result), (name, finding_ids(result))
-        rerun = fleet.rerun.results(TASKS[task])[name]
+        rerun = results_of(fleet.rerun, TASKS[task])[name]
         assert finding in finding_ids(rerun), f"{name}: the finding must stay reported on every run"
     block = rules(fleet.after_apply["firewall-block-rule"])["Block-Legacy-Admin-Ports"]
     assert block["enabled"], "a block rule is disabled only with rdpfix_server_firewall_disable_blocking_rules"
@@ -526,15 +528,15 @@ def test_the_rerun_changes_nothing(fleet: FleetRuns) -> None:
     assert failed_hosts(fleet.rerun) == set(REFUSED), fleet.rerun.stdout[-3000:] + fleet.rerun.stderr
     assert fleet.rerun.changed_hosts() == set()
     assert counters(fleet.after_rerun) == dict.fromkeys(ALL_HOSTS, 0)
-    assert fleet.rerun.results(TASKS["reboot"]) == {} or all(
-        result.get("skipped") for result in fleet.rerun.results(TASKS["reboot"]).values()
+    assert results_of(fleet.rerun, TASKS["reboot"]) == {} or all(
+        result.get("skipped") for result in results_of(fleet.rerun, TASKS["reboot"]).values()
     )
     for name in SERVERS:
         assert fleet.after_rerun[name]["system"] == fleet.after_apply[name]["system"], f"{name} rebooted again"
 
 
 def test_only_hosts_with_schannel_changes_were_rebooted(fleet: FleetRuns) -> None:
-    tls = fleet.apply.results(TASKS["tls"])
+    tls = results_of(fleet.apply, TASKS["tls"])
     needing = {name for name, result in tls.items() if result.get("reboot_required")}
     assert {"tls-tls12-disabled", "combined-all", "combined-machinekeys-tls12"} <= needing
     rebooted = {
@@ -544,7 +546,7 @@ def test_only_hosts_with_schannel_changes_were_rebooted(fleet: FleetRuns) -> Non
     }
     assert set(WAITS_FOR_SESSIONS) <= needing
     assert rebooted == needing - set(WAITS_FOR_SESSIONS)
-    reboots = fleet.apply.results(TASKS["reboot"])
+    reboots = results_of(fleet.apply, TASKS["reboot"])
     waiting = fleet.apply.results("rdpfix.rdp.rdpfix_server : Report a reboot that waits for the users on the host")
     for name in WAITS_FOR_SESSIONS:
         assert reboots[name].get("skipped"), reboots[name]
@@ -632,7 +634,7 @@ def test_no_policy_value_is_written_without_an_explicit_option_on_every_host_fil
         assert written_somewhere
     # Where a policy enforces a downgrade and no option overrides it, the run says so.
     for name in ("policy-security-layer-nla", "policy-security-layer-both", "policy-nla-listener-layer"):
-        titles = [f["title"] for f in fleet.apply.results(TASKS["tls"])[name]["findings"]]
+        titles = [f["title"] for f in results_of(fleet.apply, TASKS["tls"])[name]["findings"]]
         assert any("enforced by Group Policy" in title and "next Group Policy refresh" in title for title in titles)
 
 
@@ -664,7 +666,7 @@ def test_client_role_fixes_the_client_side_and_reports_the_rest(fleet: FleetRuns
     assert without(after["firewall"], "rules") == without(fleet.before[client]["firewall"], "rules")
     inbound_before = {n: r for n, r in rules(fleet.before[client]).items() if r["direction"] == "Inbound"}
     assert {n: r for n, r in rules(after).items() if r["direction"] == "Inbound"} == inbound_before
-    assert all(client not in fleet.apply.results(task) for task in TASKS.values())
+    assert all(client not in results_of(fleet.apply, task) for task in TASKS.values())
     assert reg_value(after, POLICY, "SelectTransport") is None
     # The second run finds the client as the first left it.
     assert not fleet.rerun.results(CLIENT_TASKS["firewall"])[client]["changed"]
@@ -700,9 +702,9 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
         "playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_server_allow_reboot": False, **OVERRIDE}
     )
     assert first.rc == 0, first.stdout[-3000:] + first.stderr
-    assert set(first.results(TASKS["pending"])) == set(REBOOT_HOSTS)
-    assert all(first.results(TASKS["tls"])[name]["reboot_required"] for name in REBOOT_HOSTS)
-    assert all(result.get("skipped") for result in first.results(TASKS["reboot"]).values())
+    assert set(results_of(first, TASKS["pending"])) == set(REBOOT_HOSTS)
+    assert all(results_of(first, TASKS["tls"])[name]["reboot_required"] for name in REBOOT_HOSTS)
+    assert all(result.get("skipped") for result in results_of(first, TASKS["reboot"]).values())
     pending = snapshots(lab, zero_counters=True)
     for name in REBOOT_HOSTS:
         assert pending[name]["system"]["boot_time"] == before[name]["system"]["boot_time"]
@@ -714,7 +716,7 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
     )
     assert waiting.rc == 0, waiting.stdout[-3000:] + waiting.stderr
     assert waiting.changed_hosts() == set()
-    assert set(waiting.results(TASKS["pending"])) == set(REBOOT_HOSTS)
+    assert set(results_of(waiting, TASKS["pending"])) == set(REBOOT_HOSTS)
     assert counters(snapshots(lab, zero_counters=True)) == dict.fromkeys(REBOOT_HOSTS, 0)
 
     # With permission: the next run still knows the reboot is pending, and win_reboot restarts the host.
@@ -722,7 +724,7 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
         "playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_server_allow_reboot": True, **OVERRIDE}
     )
     assert second.rc == 0, second.stdout[-3000:] + second.stderr
-    reboots = second.results(TASKS["reboot"])
+    reboots = results_of(second, TASKS["reboot"])
     after = snapshots(lab, zero_counters=True)
     for name in REBOOT_HOSTS:
         assert reboots[name].get("rebooted") is True, reboots[name]

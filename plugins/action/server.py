@@ -1,0 +1,301 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Action plugin of rdpfix.rdp.server: the server concerns of one host planned from one snapshot and repaired in one
+apply batch. Documented in modules/server.py.
+
+Each concern is run by its own module's action plugin (the same code as a task of that module, with the options given
+under the concern's name and the snapshot), each in its own thread. Whenever a module sends a batch, it waits; once
+every running module is waiting or done, the batches wait for are sent together, in the role's order, as one batch
+(one round trip): every module's guards first, then each module's backup and changes. The certificate is planned
+after the key store's repair is done, since that repair can change what the certificate needs. The connection is used
+by this thread only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import typing as t
+
+from ansible_collections.rdpfix.rdp.plugins.action import certificate as certificate_action
+from ansible_collections.rdpfix.rdp.plugins.action import firewall as firewall_action
+from ansible_collections.rdpfix.rdp.plugins.action import machinekeys as machinekeys_action
+from ansible_collections.rdpfix.rdp.plugins.action import tls as tls_action
+from ansible_collections.rdpfix.rdp.plugins.action import transport as transport_action
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
+    REREADS_ATTRIBUTE,
+    SNAPSHOT_ARGUMENT_SPEC,
+    ActionFailed,
+    RdpfixAction,
+    StaleSnapshot,
+)
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch, BatchResult
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._guards import GUARD_OP
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._snapshot import Snapshot, SnapshotError
+
+# The role's order: the key store before the certificate (Windows never renews a certificate whose key it cannot
+# read), then the firewall, the transport policy and TLS.
+CONCERNS: dict[str, type[RdpfixAction]] = {
+    "machinekeys": machinekeys_action.ActionModule,
+    "certificate": certificate_action.ActionModule,
+    "firewall": firewall_action.ActionModule,
+    "transport": transport_action.ActionModule,
+    "tls": tls_action.ActionModule,
+}
+# A concern planned only once the ones named here are done (their writes change what it plans from).
+AFTER: dict[str, tuple[str, ...]] = {"certificate": ("machinekeys",)}
+# Longest wait for a module's thread between two of its batches (its planning is pure and fast; a stuck module
+# fails the host instead of hanging the play).
+THREAD_WAIT_S = 300.0
+
+
+@dataclasses.dataclass
+class _Concern:
+    name: str
+    action: RdpfixAction
+    thread: threading.Thread | None = None
+    pending: Batch | None = None
+    reply: BatchResult | BaseException | None = None
+    result: dict[str, t.Any] | None = None
+    carried: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+class ActionModule(RdpfixAction):
+    MODULE_NAME = "server"
+    ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
+        **SNAPSHOT_ARGUMENT_SPEC,
+        **{name: {"type": "dict"} for name in CONCERNS},
+        "report": {"type": "dict"},
+    }
+    MUTUALLY_EXCLUSIVE: t.ClassVar[list[list[str]]] = [["report", "snapshot"]]
+
+    def validate_params(self, params: dict[str, t.Any]) -> None:
+        if params["report"] is not None:
+            return
+        if params["snapshot"] is None:
+            raise ActionFailed("snapshot is required (the registered result of rdpfix.rdp.facts for this host)")
+        if not any(params[name] is not None for name in CONCERNS):
+            raise ActionFailed(f"name at least one concern to run: {', '.join(CONCERNS)}")
+        for name in CONCERNS:
+            if params[name] is not None and "snapshot" in params[name]:
+                raise ActionFailed(f"{name}.snapshot: give the snapshot once, as this module's snapshot option")
+
+    def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
+        if params["report"] is not None:
+            return self._report(params["report"])
+        assert self.snapshot is not None
+        self._lock = threading.Condition()
+        self._task_vars = getattr(self, "_rdpfix_task_vars", {})
+        order = [name for name in CONCERNS if params[name] is not None]
+        concerns: dict[str, _Concern] = {}
+        stopped_at: str | None = None
+        while True:
+            started = False
+            merged = self._merge(self.snapshot, [concerns[name] for name in order if name in concerns])
+            for name in order:
+                if name in concerns or stopped_at is not None or not self._ready(name, order, concerns):
+                    continue
+                concerns[name] = self._start(name, params[name], merged)
+                started = True
+            self._wait_quiet(list(concerns.values()))
+            if started:
+                # A module that was waiting for another may start now: every batch that can travel together does.
+                continue
+            failed = next(
+                (name for name in order if name in concerns and (concerns[name].result or {}).get("failed")), None
+            )
+            if failed is not None and stopped_at is None:
+                # As in the role's separate tasks: a module that fails ends the host's run; those after it do not
+                # change anything.
+                stopped_at = failed
+                for name in order[order.index(failed) + 1 :]:
+                    if name in concerns and not concerns[name].done:
+                        self._answer(concerns[name], ActionFailed("not run: an earlier concern failed"))
+                self._wait_quiet(list(concerns.values()))
+            waiting = [concerns[name] for name in order if name in concerns and concerns[name].pending is not None]
+            if waiting:
+                self._send_together(waiting)
+                continue
+            if all(item.done for item in concerns.values()) and (
+                stopped_at is not None or all(name in concerns for name in order)
+            ):
+                break
+        kept = order if stopped_at is None else order[: order.index(stopped_at) + 1]
+        results = {name: self._shaped(concerns[name]) for name in kept if name in concerns}
+        self.snapshot = self._merge(self.snapshot, [concerns[name] for name in kept if name in concerns])
+        replanned = [name for name, result in results.items() if result.get("replanned")]
+        for name in replanned:
+            self.warn(f"{name}: the host changed since the snapshot; it was read again and the plan made anew")
+        outcome: dict[str, t.Any] = {
+            "changed": any(result.get("changed") for result in results.values()),
+            "concerns": results,
+            "replanned_concerns": replanned,
+        }
+        unreachable = next((result for result in results.values() if result.get("unreachable")), None)
+        if unreachable is not None:
+            # The connection failed under a batch: the host is unreachable, as for a task of that module.
+            outcome.update(unreachable=True, msg=str(unreachable.get("msg") or f"{self.host}: unreachable"))
+        elif stopped_at is not None:
+            outcome["failed_concern"] = stopped_at
+            outcome["failed"] = True
+            outcome["msg"] = str(results.get(stopped_at, {}).get("msg") or f"{stopped_at} failed")
+        return outcome
+
+    # ------------------------------------------------------------------------------------------------ threads
+
+    @staticmethod
+    def _ready(name: str, order: list[str], concerns: dict[str, _Concern]) -> bool:
+        """Whether every concern this one is planned after is done (or not run at all)."""
+        return all(
+            before not in order or (before in concerns and concerns[before].done) for before in AFTER.get(name, ())
+        )
+
+    def _start(self, name: str, args: dict[str, t.Any], snapshot: Snapshot) -> _Concern:
+        task = self._task.copy(exclude_parent=False, exclude_tasks=True) if hasattr(self._task, "copy") else None
+        if task is None:
+            task = copy.copy(self._task)
+        task.args = dict(args, snapshot=snapshot.to_dict())
+        action = CONCERNS[name](
+            task, self._connection, self._play_context, self._loader, self._templar, self._shared_loader_obj
+        )
+        item = _Concern(name, action)
+
+        def sender(batch: Batch) -> BatchResult:
+            with self._lock:
+                item.pending, item.reply = batch, None
+                self._lock.notify_all()
+                if not self._lock.wait_for(lambda: item.reply is not None, timeout=THREAD_WAIT_S):
+                    raise ActionFailed(f"{self.host}: {name}: no answer from the batch it waits for")
+                reply, item.reply = item.reply, None
+            if isinstance(reply, BaseException):
+                raise reply
+            assert reply is not None
+            return reply
+
+        action.batch_sender = sender
+
+        def work() -> None:
+            try:
+                result = action.run(task_vars=self._task_vars)
+            except BaseException as exc:  # reported as the concern's failure, never lost in a thread
+                result = {"failed": True, "msg": f"{self.host}: {name}: {exc}"}
+            with self._lock:
+                item.result = result
+                item.pending = None
+                self._lock.notify_all()
+
+        item.thread = threading.Thread(target=work, name=f"rdpfix-{name}", daemon=True)
+        item.thread.start()
+        return item
+
+    def _wait_quiet(self, items: list[_Concern]) -> None:
+        """Until every started module is done or waits for a batch."""
+        with self._lock:
+            quiet = self._lock.wait_for(
+                lambda: all(item.done or (item.pending is not None and item.reply is None) for item in items),
+                timeout=THREAD_WAIT_S,
+            )
+        if not quiet:
+            raise ActionFailed(f"{self.host}: a module did not finish planning in {THREAD_WAIT_S:g} s")
+
+    def _answer(self, item: _Concern, reply: BatchResult | BaseException) -> None:
+        with self._lock:
+            item.pending, item.reply = None, reply
+            self._lock.notify_all()
+
+    def _send_together(self, waiting: list[_Concern]) -> None:
+        """One round trip for every waiting module whose batch stops at an error (writes), one for those that read
+        on (polls); within each, the role's order, every module's guards first."""
+        for on_error in ("stop", "continue"):
+            group = [item for item in waiting if item.pending is not None and item.pending.on_error == on_error]
+            if not group:
+                continue
+            batches = [item.pending for item in group if item.pending is not None]
+            guards = [[op for op in batch.ops if op["op"] == GUARD_OP] for batch in batches]
+            counts = [int(getattr(batch, REREADS_ATTRIBUTE, 0)) for batch in batches]
+            rest = [[op for op in batch.ops if op["op"] != GUARD_OP] for batch in batches]
+            own = [part[: len(part) - count] for part, count in zip(rest, counts, strict=True)]
+            rereads = [part[len(part) - count :] for part, count in zip(rest, counts, strict=True)]
+            # Guards first, then each module's changes in order, then every re-read, so that what the snapshot keeps
+            # is the host after all of them.
+            ops = [op for part in (*guards, *own, *rereads) for op in part]
+            combined = dataclasses.replace(batches[0], ops=ops)
+            try:
+                sent = self.send(combined)
+            except BaseException as exc:  # every module waiting on it learns why
+                for item in group:
+                    self._answer(item, exc)
+                continue
+            guard_results = sent.results[: sum(len(part) for part in guards)]
+            stale = next((result for result in guard_results if not result.ok), None)
+            offset_guard = 0
+            offset_own = len(guard_results)
+            offset_reread = offset_own + sum(len(part) for part in own)
+            for item, own_guards, own_ops, own_rereads in zip(group, guards, own, rereads, strict=True):
+                item.carried += 1
+                mine = (
+                    sent.results[offset_guard : offset_guard + len(own_guards)]
+                    + sent.results[offset_own : offset_own + len(own_ops)]
+                    + sent.results[offset_reread : offset_reread + len(own_rereads)]
+                )
+                offset_guard += len(own_guards)
+                offset_own += len(own_ops)
+                offset_reread += len(own_rereads)
+                own_stale = any(not result.ok for result in mine[: len(own_guards)])
+                if stale is not None and not own_stale:
+                    # Its own guards held, but another module's stopped the batch before anything was written.
+                    self._answer(item, StaleSnapshot(stale.error_message or "another concern's guard failed"))
+                else:
+                    self._answer(item, BatchResult(sent.host, mine))
+            self._wait_quiet(group)
+
+    # ------------------------------------------------------------------------------------------------ results
+
+    @staticmethod
+    def _merge(base: Snapshot, items: list[_Concern]) -> Snapshot:
+        """The snapshot with what each module read or re-read after its writes, in the role's order."""
+        merged = Snapshot(dict(base.host), base.taken, dict(base.reads))
+        for item in items:
+            own = item.action.snapshot
+            if own is None:
+                continue
+            for key, entry in own.reads.items():
+                if base.reads.get(key) != entry:
+                    merged.reads[key] = entry
+        return merged
+
+    def _shaped(self, item: _Concern) -> dict[str, t.Any]:
+        result = dict(item.result or {})
+        result.pop("snapshot", None)
+        # The round trips that carried this module's batches (shared with the other modules in them).
+        result["round_trips"] = item.carried + int(result.get("round_trips") or 0)
+        result["module"] = f"rdpfix.rdp.{item.name}"
+        return result
+
+    def _report(self, report: dict[str, t.Any]) -> dict[str, t.Any]:
+        """One module's result from an earlier run of this module, as this task's result: nothing is sent."""
+        shown = dict(report)
+        for warning in shown.pop("warnings", None) or []:
+            self.warn(str(warning))
+        if shown.get("failed"):
+            raise ActionFailed(str(shown.pop("msg", "failed")), **{k: v for k, v in shown.items() if k != "failed"})
+        self.reported_round_trips = int(shown.pop("round_trips", 0) or 0)
+        return shown
+
+    reported_round_trips: int | None = None
+
+    def run(self, tmp: str | None = None, task_vars: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
+        self._rdpfix_task_vars = task_vars or {}
+        self.reported_round_trips = None
+        result = super().run(tmp, task_vars)
+        if self.reported_round_trips is not None:
+            result["round_trips"] = self.reported_round_trips
+        return result
+
+
+__all__ = ["ActionModule", "SnapshotError"]

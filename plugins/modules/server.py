@@ -1,0 +1,119 @@
+# Copyright: contributors to rdpfix.rdp
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# The code is the action plugin plugins/action/server.py; this file holds its documentation.
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: server
+short_description: Repair several Remote Desktop concerns of a server from one snapshot, in one apply batch
+version_added: 0.2.0
+description:
+  - Runs M(rdpfix.rdp.machinekeys), M(rdpfix.rdp.certificate), M(rdpfix.rdp.firewall), M(rdpfix.rdp.transport) and
+    M(rdpfix.rdp.tls) - those named in its options, each with the options given under its name - on one host, every one
+    planning from the same O(snapshot) (the registered result of M(rdpfix.rdp.facts)), and sends the changes of all of
+    them in one batch, that is one WinRM command.
+  - The batch starts with the guards of every module (what each plan relied on, compared with the host at the write -
+    a host that changed since the snapshot stops the batch before its first write; each module then reads again and
+    plans anew once, see RV(replanned_concerns)); then, in the order machinekeys, certificate, firewall, transport, tls,
+    each module's backup and manifest followed by its changes, and the re-reads that keep the snapshot current.
+  - The certificate is planned once the key store's repair is done (Windows never renews a certificate whose key it
+    cannot read, and the key repair can renew it); where both need changes, the certificate's are a second apply batch.
+    Polls that wait for Windows to create a new self-signed certificate (at most 2, each waiting 5 seconds on the host
+    first, as in M(rdpfix.rdp.certificate)) are read-only batches, shared by the modules waiting at the same time.
+  - A module that fails (a refusal, in check mode too) ends the run for the modules after it, as separate tasks would;
+    those that were already applied in the same batch are reported with their changes.
+  - Each module's result is returned under RV(concerns) in the shape of that module's own result; O(report) shows
+    one of them as a task's result, so a play can show one line and diff per concern (the C(rdpfix.rdp.rdpfix_server)
+    role does, in a loop).
+extends_documentation_fragment:
+  - rdpfix.rdp.attributes
+attributes:
+  check_mode:
+    support: full
+    description: Every module plans in check mode; nothing is sent to the host beyond what the snapshot lacks.
+  diff_mode:
+    support: full
+    description: Each concern's result carries its own diff; O(report) shows it.
+  platform:
+    platforms: windows
+options:
+  snapshot:
+    description:
+      - The registered result of M(rdpfix.rdp.facts) for this host (or its C(snapshot) value). Refused when taken on
+        another host or by another version's format. Required unless O(report) is given.
+    type: raw
+  machinekeys:
+    description: Run M(rdpfix.rdp.machinekeys) with these options (omit to leave the key store alone).
+    type: dict
+  certificate:
+    description: Run M(rdpfix.rdp.certificate) with these options.
+    type: dict
+  firewall:
+    description: Run M(rdpfix.rdp.firewall) with these options.
+    type: dict
+  transport:
+    description: Run M(rdpfix.rdp.transport) with these options.
+    type: dict
+  tls:
+    description: Run M(rdpfix.rdp.tls) with these options.
+    type: dict
+  report:
+    description:
+      - One item of RV(concerns) of an earlier run, returned as this task's result (changed, diff, findings, backup;
+        failed when that module failed), and nothing is sent. For one output line per concern.
+    type: dict
+author: rdpfix maintainers (@rdpfix)
+"""
+
+EXAMPLES = r"""
+- name: Read the host once
+  rdpfix.rdp.facts:
+  register: rdp_snapshot
+
+- name: Repair the certificate and the firewall in one apply batch
+  rdpfix.rdp.server:
+    snapshot: "{{ rdp_snapshot }}"
+    certificate: {}
+    firewall:
+      profiles: [Domain, Private]
+  register: rdp_repair
+
+- name: One result per concern, each with its own diff
+  rdpfix.rdp.server:
+    report: "{{ item.value }}"
+  loop: "{{ rdp_repair.concerns | dict2items }}"
+  loop_control:
+    label: "{{ item.key }}"
+"""
+
+RETURN = r"""
+concerns:
+  description:
+    - Per module run, in the order they ran, its result as that module returns it (C(changed), C(findings), C(diff),
+      C(backup), C(actions) or C(changes), C(failed) and C(msg) when it failed), plus C(module) and C(round_trips)
+      (the batches that carried its operations, shared with the other modules in them).
+  returned: unless O(report) is given
+  type: dict
+failed_concern:
+  description: The module whose failure ended the run (those after it did not run).
+  returned: when a module failed
+  type: str
+replanned_concerns:
+  description: The modules whose plan was dropped because the host changed since the snapshot, and made anew.
+  returned: unless O(report) is given
+  type: list
+  elements: str
+snapshot:
+  description: The snapshot, updated with every read and re-read of the run, for later tasks to plan from.
+  returned: unless O(report) is given
+  type: dict
+round_trips:
+  description:
+    - WinRM commands the task sent - 0 in check mode or when nothing changes, 1 for the apply batch, plus the read
+      batch of a module that plans anew, a certificate change after a key store repair, and the documented polls.
+      With O(report), the round trips of the reported module.
+  returned: always
+  type: int
+"""
