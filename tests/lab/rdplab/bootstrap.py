@@ -29,6 +29,7 @@ import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
+from rdplab import transport_faults
 from rdplab.model.token import SID_SYSTEM, CallerToken
 from rdplab.ops.services import CommandHangs
 from rdplab.reboot import WinReboot
@@ -467,6 +468,10 @@ def run_safely(recogniser: Recogniser, host: WindowsHost, command_line: str, std
     """Run a recogniser; a bug in the lab becomes a failed command with its message, not a dead connection."""
     try:
         return recogniser.run(host, command_line, stdin)
+    except transport_faults.BatchCancelled:
+        # Terminated between two operations (rdplab.transport_faults): the process is gone and writes no result
+        # document; the client that sent terminate never reads the exit code (which one Windows gives: UNCONFIRMED).
+        return CommandOutcome(rc=1, stdout=b"", stderr=b"")
     except Exception as exc:
         message = f"rdplab: internal error while emulating {recogniser.name}: {type(exc).__name__}: {exc}\r\n"
         return CommandOutcome(rc=1, stdout=b"", stderr=message.encode("utf-8"))

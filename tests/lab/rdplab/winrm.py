@@ -19,8 +19,10 @@ import re
 import socket
 import socketserver
 import ssl
+import sys
 import tempfile
 import threading
+import time
 import typing as t
 import uuid
 import xml.etree.ElementTree as ET
@@ -34,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from rdplab import bootstrap, psrp, wsman_auth
+from rdplab import bootstrap, psrp, transport_faults, wsman_auth
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -94,6 +96,8 @@ class Command:
     finished: threading.Event = field(default_factory=threading.Event)
     stdout_sent: int = 0
     stderr_sent: int = 0
+    # The transport fault armed for this command, and its cancellation (Signal terminate): rdplab.transport_faults.
+    context: transport_faults.CommandContext = field(default_factory=transport_faults.CommandContext)
 
 
 @dataclass
@@ -300,11 +304,16 @@ class WinRMEndpoint:
         program = _text(request.body, "rsp:CommandLine/rsp:Command") or ""
         arguments = [node.text or "" for node in request.body.findall("rsp:CommandLine/rsp:Arguments", Q)]
         command_line = bootstrap.command_line_of(program, arguments)
+        context = transport_faults.arm(host)
+        if context.kind() == "drop_before":
+            # The request never reached a shell: no command exists, nothing runs.
+            raise transport_faults.DropConnection("drop_before")
         found = bootstrap.recognise(command_line)
         command = Command(
             command_id=str(uuid.uuid4()).upper(),
             command_line=command_line,
             recogniser=None if isinstance(found, bootstrap.CommandOutcome) else found,
+            context=context,
         )
         if isinstance(found, bootstrap.CommandOutcome):
             LOG.info("%s: refused command %.120r", self.slot.address, command_line)
@@ -319,13 +328,14 @@ class WinRMEndpoint:
 
     def _start(self, command: Command, host: WindowsHost) -> None:
         recogniser = command.recogniser
-        if recogniser is None or command.started:
+        if recogniser is None or command.started or command.context.cancel.is_set():
             return
         command.started = True
         stdin = bytes(command.stdin)
 
         def work() -> None:
-            command.outcome = bootstrap.run_safely(recogniser, host, command.command_line, stdin)
+            with transport_faults.running(command.context):
+                command.outcome = bootstrap.run_safely(recogniser, host, command.command_line, stdin)
             self.slot.changed()
             command.finished.set()
 
@@ -357,6 +367,11 @@ class WinRMEndpoint:
         # Windows holds a Receive until there is output or the client's OperationTimeout expires; answer a little
         # before the client's own deadline so the fault arrives, not a read timeout.
         wait = max(0.2, min(request.operation_timeout - 0.5, MAX_RECEIVE_WAIT))
+        fault = command.context.fault
+        if fault is not None and fault.kind == "cut_at_op":
+            # A stalled host behind a stalled network: no answer at all until the batch ends or the fault's time
+            # passes, so the client's read timeout fires and it signals terminate.
+            wait = fault.seconds
         if not command.finished.wait(wait):
             raise WSManFault(
                 "The WS-Management service cannot complete the operation within the time specified in "
@@ -366,6 +381,14 @@ class WinRMEndpoint:
             )
         outcome = command.outcome
         assert outcome is not None
+        if fault is not None and command.stdout_sent == 0 and command.stderr_sent == 0:
+            # The command has run to its end: the answer that would deliver its output is lost or late.
+            if fault.kind == "drop_after":
+                raise transport_faults.DropConnection("drop_after")
+            if fault.kind == "http500_after":
+                raise WSManFault("The WS-Management service cannot process the request: an internal error occurred.")
+            if fault.kind == "delay_after":
+                time.sleep(fault.seconds)
         # Large output goes out over several Receives, each envelope under the client's MaxEnvelopeSize.
         budget = max(1024, (request.max_envelope - 4096) * 3 // 4)
         with self.slot.lock:
@@ -399,10 +422,13 @@ class WinRMEndpoint:
         code = _text(request.body, "rsp:Signal/rsp:Code") or ""
         self._command_of(shell, command_id)
         if code == SIGNAL_TERMINATE:
-            # A command still running in the model finishes there; only its output is dropped, as on Windows
-            # where terminate stops the process but not what it already changed.
+            # Terminate ends the process [MS-WSMV 3.1.4.12]: a batch still running stops before its next operation
+            # (what it already changed stays changed), its output is dropped, and a command that has not started
+            # never will (docs/lab.md, "Cut batches and transport faults").
             with self.slot.lock:
-                shell.commands.pop(command_id or "", None)
+                command = shell.commands.pop(command_id or "", None)
+            if command is not None:
+                transport_faults.terminate(command.context)
         return NS_SHELL + "/SignalResponse", "<rsp:SignalResponse/>"
 
     def _delete(self, request: Request) -> tuple[str, str]:
@@ -528,6 +554,10 @@ class WinRMServer(ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
     def handle_error(self, request: t.Any, client_address: t.Any) -> None:
+        if isinstance(sys.exc_info()[1], transport_faults.DropConnection | BrokenPipeError | ConnectionResetError):
+            # An injected drop, or a client that went away (after a delayed answer): not an error of the lab.
+            LOG.info("%s: connection with %s closed: %r", self.slot.address, client_address, sys.exc_info()[1])
+            return
         LOG.exception("%s: error while serving %s", self.slot.address, client_address)
 
 

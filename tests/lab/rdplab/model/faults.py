@@ -6,6 +6,7 @@ import typing as t
 from collections.abc import Callable
 from datetime import timedelta
 
+from rdplab import transport_faults
 from rdplab.model import listener
 from rdplab.model.certs import Certificate, build_certificate
 from rdplab.model.errors import WRITE_FAULT_ERRORS, OpError
@@ -148,4 +149,7 @@ FAULTS: dict[str, FaultHandler] = {
     "add_session": add_session,
     "break_selfsigned_key": break_selfsigned_key,
     "hold_run_lock": hold_run_lock,
+    # The remote-management transport (rdplab.transport_faults): dropped, failed or held answers, cut batches.
+    "transport": transport_faults.inject,
+    "clear_transport_faults": transport_faults.clear,
 }

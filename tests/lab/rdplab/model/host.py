@@ -7,6 +7,7 @@ import typing as t
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rdplab import transport_faults
 from rdplab.model import listener, schannel
 from rdplab.model.errors import BatchError, Failed, NotFound, OpError
 from rdplab.model.events import EventLog
@@ -24,6 +25,7 @@ if t.TYPE_CHECKING:
     from datetime import datetime
 
     from rdplab.model.certs import LabCA
+    from rdplab.transport_faults import TransportFault
 
 PROTOCOL_VERSION = 1
 
@@ -92,6 +94,8 @@ class WindowsHost:
         self._agent_pid = 4000
         self.running_agent: dict[str, t.Any] | None = None
         self.other_agent_processes: list[dict[str, t.Any]] = []
+        # Faults of the remote-management transport (rdplab.transport_faults), armed per command by the endpoints.
+        self.transport_faults: list[TransportFault] = []
         self.firewall = Firewall.windows_default()
         # Who the agent runs as (host file `caller:`), and the agent process of the current batch.
         self.caller: CallerToken = CallerToken.administrator(system.hostname, username)
@@ -129,9 +133,11 @@ class WindowsHost:
             # Each batch is a new PowerShell process: a fresh copy of the caller's token, privileges as at logon.
             self.process = self.caller.start_process()
             self._start_agent_process()
-            for item in operations:
+            for position, item in enumerate(operations):
                 name = item.get("op") if isinstance(item, dict) else None
                 op_name = name if isinstance(name, str) else repr(name)
+                # A terminate signalled by the client ends the process between two operations (BatchCancelled).
+                transport_faults.before_op(position)
                 # An operation marked "always" (a lock's release) runs even after a failure stopped the batch.
                 if stopped and not (isinstance(item, dict) and item.get("always") is True):
                     results.append({"op": op_name, "ok": False, "skipped": True})
