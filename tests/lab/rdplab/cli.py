@@ -1,9 +1,10 @@
 """rdplab: start, inspect, perturb and stop a simulated Windows fleet.
 
-rdplab up [--network 127.0.0] [--state-dir .lab] [--inventory inventory/lab.yml] HOSTS...
+rdplab up [--network 127.0.0] [--state-dir .lab] [--inventory inventory/lab.yml] [--azure] HOSTS...
 rdplab state [--host NAME] [--reset-counters]
 rdplab reset
 rdplab fault HOST NAME [key=value ...]
+rdplab azure [--vm NAME] [key=value ...]   (a lab started with --azure: its cloud's state, or change it)
 rdplab down
 rdplab serve ...            (the background process `up` starts; runs in the foreground)
 """
@@ -161,6 +162,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / server.LOG_FILE
     command = [sys.executable, "-m", "rdplab.cli", "serve", "--network", network, "--state-dir", str(state_dir)]
+    if args.azure:
+        command += ["--azure-latency", str(args.azure_latency)]
     command += [str(p) for p in host_files]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -189,6 +192,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     entries = [(host, state["hosts"][host.name]["address"], _configured_rdp_port(host)) for host in hosts]
     write_inventory(inventory_path, entries)
     print(f"lab up: pid {state['pid']}, control {state['control']}, log {log_path}, inventory {inventory_path}")
+    if args.azure:
+        from rdplab.arm import write_azure_inventory
+
+        azure_path = Path(args.azure_inventory or inventory_path.with_name("lab.azure_vms.yml")).resolve()
+        write_azure_inventory(azure_path, state["azure"])
+        cloud = state["azure"]
+        print(f"azure: Resource Manager {cloud['endpoint']}, CA {cloud['ca_file']}, inventory {azure_path}")
     print(f"{'host':<20} {'address':<16} {'winrm':<11} rdp")
     for name, info in state["hosts"].items():
         rdp = info["rdp_port"] if info["rdp_port"] is not None else "not listening"
@@ -218,7 +228,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         return server.serve_forever(
-            [Path(p) for p in args.hosts], server.validate_network(args.network), Path(args.state_dir)
+            [Path(p) for p in args.hosts],
+            server.validate_network(args.network),
+            Path(args.state_dir),
+            azure_latency=args.azure_latency,
         )
     except OSError as exc:
         # Cannot bind: die loudly so `up` reports it, instead of serving half a fleet.
@@ -264,6 +277,36 @@ def cmd_fault(args: argparse.Namespace) -> int:
     state = running_state(Path(args.state_dir))
     control(state, "POST", "/fault", {"host": args.host, "name": args.name, "params": _parse_params(args.params)})
     print(f"fault {args.name} injected on {args.host}")
+    return 0
+
+
+def cmd_azure(args: argparse.Namespace) -> int:
+    """The lab's Azure cloud: print its state, or change a VM (power state, agent, busy) or the cloud."""
+    import ssl
+
+    state = running_state(Path(args.state_dir))
+    azure = state.get("azure")
+    if not azure:
+        raise LabError("this lab was started without --azure")
+    body = _parse_params(args.settings)
+    if args.vm:
+        body["vm"] = args.vm
+    method, path = ("POST", "/rdplab/configure") if body else ("GET", "/rdplab/state")
+    request = urllib.request.Request(
+        azure["endpoint"] + path,
+        data=json.dumps(body).encode("utf-8") if method == "POST" else None,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    context = ssl.create_default_context(cafile=azure["ca_file"])
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            document = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise LabError(exc.read().decode("utf-8", errors="replace")) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise LabError(f"the lab's Azure endpoint {azure['endpoint']} does not answer: {exc}") from exc
+    print(json.dumps(document, indent=2))
     return 0
 
 
@@ -314,12 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     up = with_state_dir(commands.add_parser("up", help="start the lab in the background"))
     up.add_argument("--network", default=DEFAULT_NETWORK, help="first three octets of the hosts' loopback addresses")
     up.add_argument("--inventory", default=DEFAULT_INVENTORY, help="where to write the Ansible inventory")
+    up.add_argument("--azure", action="store_true", help="also serve the fleet as Azure VMs (ARM + Run Command)")
+    up.add_argument("--azure-latency", type=float, default=0.0, help="seconds each Run Command takes (Azure: ~20)")
+    up.add_argument("--azure-inventory", help="where to write the Azure inventory (default: beside --inventory)")
     up.add_argument("hosts", nargs="+", help="host YAML files, directories of them, or fleet files")
     up.set_defaults(func=cmd_up)
 
     serve = with_state_dir(commands.add_parser("serve", help="run the lab in the foreground (what `up` starts)"))
     serve.add_argument("--network", default=DEFAULT_NETWORK)
     serve.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    serve.add_argument("--azure-latency", type=float, help="serve the fleet as Azure VMs, with this latency")
     serve.add_argument("hosts", nargs="+")
     serve.set_defaults(func=cmd_serve)
 
@@ -336,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("name")
     fault.add_argument("params", nargs="*", metavar="key=value")
     fault.set_defaults(func=cmd_fault)
+
+    azure = with_state_dir(commands.add_parser("azure", help="the lab's Azure cloud: state, or change it"))
+    azure.add_argument("--vm", help="the VM to change (power_state=, agent=, busy_seconds=)")
+    azure.add_argument("settings", nargs="*", metavar="key=value", help="latency=, expire_tokens=true, ...")
+    azure.set_defaults(func=cmd_azure)
 
     down = with_state_dir(commands.add_parser("down", help="stop the lab and clean its state directory"))
     down.set_defaults(func=cmd_down)
