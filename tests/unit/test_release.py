@@ -112,6 +112,23 @@ def test_galaxy_metadata_declares_the_dependency_and_no_placeholder() -> None:
     assert "GNU GENERAL PUBLIC LICENSE" in (ROOT / "LICENSE").read_text()
 
 
+def test_ansible_lint_skips_no_rule_and_warns_only_while_there_is_no_repository() -> None:
+    # The anchors (ansible.windows, microsoft.ad) skip no rule; the missing repository URL is reported on every run.
+    config = yaml.safe_load((ROOT / ".ansible-lint").read_text())
+    galaxy = yaml.safe_load((ROOT / "galaxy.yml").read_text())
+    assert config["profile"] == "production"
+    assert not config.get("skip_list")
+    assert (config.get("warn_list") or []) == ([] if galaxy.get("repository") else ["galaxy[no-repository]"])
+
+
+def test_the_readmes_name_only_the_tested_controller_python() -> None:
+    tested = f"Python {sys.version_info.major}.{sys.version_info.minor}"
+    for readme in ("README.md", "roles/rdpfix_server/README.md", "roles/rdpfix_client/README.md"):
+        text = " ".join((ROOT / readme).read_text().split())
+        assert f"ansible-core 2.19 on {tested}" in text, readme
+        assert not re.search(r"ansible-core 2\.19 on Python [0-9.]+ or later", text), readme
+
+
 def test_requires_ansible_covers_exactly_the_tested_ansible_core() -> None:
     from ansible.module_utils.compat.version import LooseVersion
 
