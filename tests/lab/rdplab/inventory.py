@@ -92,7 +92,9 @@ def transport_vars(
             "ansible_shell_type": "powershell",
             "ansible_port": ssh_port,
             "ansible_ssh_private_key_file": ssh["private_key"],
-            # The lab's host keys are known: check them, as against any server.
+            # The lab's host keys are known: check them, as against any server (also where host key checking is
+            # turned off for the run, as the system tests' environment does).
+            "ansible_ssh_host_key_checking": True,
             "ansible_ssh_common_args": f"-o UserKnownHostsFile={ssh['known_hosts']} -o StrictHostKeyChecking=yes",
         }
     raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
