@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import typing as t
 
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _guards
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
     SESSION_ARGUMENT_SPEC,
@@ -104,6 +105,10 @@ class ActionModule(RdpfixAction):
         backup = BackupSet.create(self.MODULE_NAME, state.hostname, backup_root(params, state.program_data), self.now)
         apply_batch, apply_index = build_apply_batch(state, options, decided, backup)
         applied = self.run_batch(apply_batch)
+        changed_since = _guards.guard_failure(applied, apply_index.guards)
+        if changed_since is not None:
+            # Stopped before its first write (no backup either): read again and plan once more.
+            raise _guards.HostChanged(str(changed_since))
         result["backup"] = backup.summary()
         last_action = max((position for position, _action in apply_index.actions), default=apply_index.manifest)
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import typing as t
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _certificate as certificate
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _guards
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
@@ -99,6 +100,10 @@ class ActionModule(RdpfixAction):
         backup = mk.new_backup(state.cert.hostname, root, self.now)
         batch, index = mk.build_apply_batch(state, self.options, decided, backup)
         applied = self.run_batch(batch)
+        changed_since = _guards.guard_failure(applied, index.guards)
+        if changed_since is not None:
+            # Stopped before its first write (no backup either): read again and plan once more.
+            raise _guards.HostChanged(str(changed_since))
         result["backup"] = backup.summary()
         self._raise_on_apply_failure(applied, index, backup, result)
 

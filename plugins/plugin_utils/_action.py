@@ -24,8 +24,9 @@ from datetime import UTC, datetime
 from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
 from ansible.plugins.action import ActionBase
 
+from . import _lock
 from ._agent import READ_OPERATIONS, AgentError, Batch, BatchResult, Builder, OperationError, OpResult, run_batch
-from ._guards import GUARD_FAILED, GUARD_OP, Guard
+from ._guards import GUARD_FAILED, GUARD_OP, Guard, HostChanged
 from ._snapshot import Snapshot, SnapshotError, describe, expectation, guarded
 
 # Options every module that changes a host shares; documented once in the ``rdpfix.rdp.common`` doc fragment (and the
@@ -56,7 +57,7 @@ MANIFEST_VERSION = 1
 REREADS_ATTRIBUTE = "rdpfix_rereads"
 
 
-class StaleSnapshot(Exception):
+class StaleSnapshot(HostChanged):
     """A guard at the start of an apply batch found the host changed since what the plan relied on; nothing was
     written."""
 
@@ -212,6 +213,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.replanned: str | None = None
         # Set by rdpfix.rdp.server to carry the write batches of several modules in one round trip.
         self.batch_sender: Callable[[Batch], BatchResult] | None = None
+        # The host's run lock this run takes in each write batch (_lock), created at the first write.
+        self.run_lock: _lock.RunLock | None = None
         self.task_vars: dict[str, t.Any] = {}
         self._builder: Builder | None = None
 
@@ -226,9 +229,30 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         """Send one batch: exactly one command over the connection, counted in ``round_trips``."""
         if self.batch_sender is not None:
             return self.batch_sender(batch)
+        if batch.writes and not _lock.is_locked(batch):
+            return self._send_locked(batch)
         if batch.ops:
             self.round_trips += 1
         return run_batch(self._connection, self.host, batch, self.wire_builder())
+
+    def _send_locked(self, batch: Batch) -> BatchResult:
+        """A write batch inside the host's run lock (``_lock``): ``lock.acquire`` first, ``lock.release`` last (it
+        runs even when the batch stops). A run that does not get the lock fails naming the holder; nothing was
+        changed. The caller sees the results of its own operations only."""
+        if self.run_lock is None:
+            self.run_lock = _lock.RunLock.for_run(self.MODULE_NAME, self.host)
+        locked = _lock.wrap(batch, self.run_lock)
+        sent = self.send(locked.batch)
+        acquired = sent[locked.acquire]
+        if not acquired.ok:
+            raise ActionFailed(_lock.refusal(self.host, acquired, self.run_lock))
+        for warning in (
+            _lock.takeover_warning(self.host, sent, locked),
+            _lock.release_warning(self.host, sent, locked),
+        ):
+            if warning:
+                self.warn(warning)
+        return locked.own(sent)
 
     def run_batch(self, batch: Batch) -> BatchResult:
         """Send one batch (one round trip). Planning from a snapshot, the first batch that writes starts with a guard
@@ -411,17 +435,18 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         try:
             try:
                 result.update(self.run_task(params))
-            except StaleSnapshot as exc:
+            except HostChanged as exc:
                 # Nothing was written: read the host again and plan once more from what it is now.
                 self.replanned = str(exc)
                 self.warnings = []
-                self.warn(f"The host changed since the snapshot ({exc}); it was read again and the plan made anew")
-                assert self.snapshot is not None
-                self.snapshot.reads.clear()
+                since = "the snapshot" if self.snapshot is not None else "it was read"
+                self.warn(f"The host changed since {since} ({exc}); it was read again and the plan made anew")
+                if self.snapshot is not None:
+                    self.snapshot.reads.clear()
                 self.relied_on = {}
                 try:
                     result.update(self.run_task(params))
-                except StaleSnapshot as again:
+                except HostChanged as again:
                     raise ActionFailed(
                         f"{self.host}: the host changed again between the new read and the write ({again}); "
                         "nothing was changed"

@@ -132,6 +132,13 @@ class Batch:
         self.ops.append({"op": op, "args": args})
         return len(self.ops) - 1
 
+    def require(self, position: int, data: dict[str, t.Any]) -> int:
+        """Require an operation's data to hold ``data`` (compared as a guard's ``subset``): one that ran but did less
+        (``cert.remove`` answering ``removed: false``) fails with ``NotDone`` and, with ``on_error: stop``, stops the
+        batch there. See docs/agent-protocol.md, "Batch"."""
+        self.ops[position]["expect"] = data
+        return position
+
     def add_always(self, op: str, **args: t.Any) -> int:
         """Append an operation that runs even after a failure stopped the batch (a lock's release); the operations
         after it are still skipped. See docs/agent-protocol.md, "Batch"."""

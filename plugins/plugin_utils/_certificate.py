@@ -27,7 +27,7 @@ from datetime import datetime
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import summarize_certificate
 
-from . import _sddl
+from . import _guards, _sddl
 from ._action import BackupSet
 from ._agent import AgentContractError, Batch, BatchResult, OpResult
 from ._findings import finding, fix
@@ -987,6 +987,7 @@ class ApplyIndex:
     manifest: int  # the last backup operation: a failure up to here means nothing was changed
     actions: list[tuple[int, Action]]
     verify: VerifyIndex
+    guards: list[int] = field(default_factory=list)  # checked before the first write (_guards)
 
 
 def save_certificate(batch: Batch, backup: BackupSet, cert: StoredCertificate) -> int:
@@ -1002,19 +1003,62 @@ def save_certificate(batch: Batch, backup: BackupSet, cert: StoredCertificate) -
     )
 
 
+def write_guards(state: HostState, options: CertificateOptions, result: CertificatePlan) -> list[_guards.Guard]:
+    """What the plan relied on that can change before its apply batch runs, checked by the batch's first operations
+    (docs/agent-protocol.md, "Guards"): no user logged on since the read when it restarts TermService without
+    allow_session_disruption; every certificate it removes, or whose key it re-ACLs, still there with the same key
+    file record (path, size, owner, ACL); the listener still bound to the certificate it saw, and the pin as it read
+    it; the services a restart and Windows' regeneration need, as they were (one stopped since would make the
+    regeneration impossible after the certificate is gone)."""
+    guards: list[_guards.Guard] = []
+    restarts = {action.details["service"] for action in result.actions if action.id == "restart_service"}
+    if "TermService" in restarts and not options.allow_session_disruption:
+        guards.append(_guards.sessions_unchanged(state.sessions))
+    touched = list(result.remove_certificates)
+    if result.grant_key_read is not None:
+        touched.append(result.grant_key_read.cert)
+    for cert in touched:
+        guards.append(_guards.certificate_unchanged(cert.store, {"thumbprint": cert.thumbprint, "key": cert.key}))
+    if result.remove_certificates or result.remove_pin or result.set_pin is not None:
+        guards.append(_guards.listener_binding(state.listener_thumbprint, options.terminal_name))
+    if (result.remove_pin or result.set_pin is not None) and state.pinned_value is not None:
+        guards.append(
+            _guards.registry_values(options.winstation_key, [PIN_VALUE_NAME], {PIN_VALUE_NAME: state.pinned_value})
+        )
+    if result.regenerate or restarts or result.start_services:
+        names = dict.fromkeys((*PREREQUISITE_SERVICES, *restarts, *result.start_services))
+        services = {name: state.services[name] for name in names if name in state.services}
+        if services:
+            guards.append(_guards.services_unchanged(services))
+    return guards
+
+
 def build_apply_batch(
-    state: HostState, options: CertificateOptions, result: CertificatePlan, backup: BackupSet
+    state: HostState,
+    options: CertificateOptions,
+    result: CertificatePlan,
+    backup: BackupSet,
+    extra_guards: t.Sequence[_guards.Guard] = (),
 ) -> tuple[Batch, ApplyIndex]:
-    """Backup, manifest, changes, restart, settle, re-read: one ``on_error: stop`` batch (one round trip)."""
+    """Guards, backup, manifest, changes, restart, settle, re-read: one ``on_error: stop`` batch (one round trip).
+    ``extra_guards``: what a calling planner relied on besides (machinekeys: the key file it moves aside)."""
     batch = Batch(on_error="stop")
+    guarded = _guards.add_guards(batch, [*extra_guards, *write_guards(state, options, result)])
     backup.planned_actions = [action.description for action in result.actions]
     backup.begin(batch)
     for cert in result.remove_certificates:
         save_certificate(batch, backup, cert)
         key_path = (cert.key or {}).get("path")
         if cert.key_state in ("readable", "unreadable", "inaccessible", "unknown") and key_path:
+            # With its ACL and owner, as read: a restore puts the key file back as it was (a copy gets a new ACL).
             backup.save_file_copy(
-                batch, str(key_path), f"{cert.thumbprint}.key", "private_key_file", thumbprint=cert.thumbprint
+                batch,
+                str(key_path),
+                f"{cert.thumbprint}.key",
+                "private_key_file",
+                thumbprint=cert.thumbprint,
+                sddl=(cert.key or {}).get("sddl"),
+                owner=(cert.key or {}).get("owner"),
             )
     if result.grant_key_read is not None:
         grant = result.grant_key_read
@@ -1042,6 +1086,8 @@ def build_apply_batch(
             positions.append((batch.add("service.start", name=action.details["service"]), action))
         elif action.id == "remove_certificate":
             index = batch.add("cert.remove", store=action.details["store"], thumbprint=action.details["thumbprint"])
+            # A certificate already gone (another run removed it) stops the batch before the restart.
+            batch.require(index, {"removed": True})
             positions.append((index, action))
         elif action.id == "remove_pin":
             positions.append((batch.add("registry.remove", path=options.winstation_key, name=PIN_VALUE_NAME), action))
@@ -1060,7 +1106,7 @@ def build_apply_batch(
     if result.restart_service:
         batch.add("util.sleep", milliseconds=SETTLE_MS)
     verify = add_verify_reads(batch, options, personal=result.grant_key_read is not None)
-    return batch, ApplyIndex(manifest=manifest, actions=positions, verify=verify)
+    return batch, ApplyIndex(manifest=manifest, actions=positions, verify=verify, guards=guarded)
 
 
 def build_poll_batch(options: CertificateOptions, personal: bool = False) -> tuple[Batch, VerifyIndex]:

@@ -93,11 +93,15 @@ def certificate_unchanged(store: str, certificate: dict[str, JSON]) -> Guard:
     """A certificate the plan acts on (removes, re-binds, whose key it moves or repairs) is still in ``store``, with
     the same key record (provider, path, size, owner, ACL). ``certificate``: one entry of ``cert.list``'s list."""
     thumbprint = str(certificate.get("thumbprint") or "").upper()
+    expect: dict[str, JSON] = {"thumbprint": thumbprint}
+    if certificate.get("key") is not None:
+        # A plan that knows no key record (one built for another module's regeneration) guards the presence only.
+        expect["key"] = certificate["key"]
     return Guard(
         label=f"certificate {thumbprint} in {store} is the one the plan saw",
         op="cert.list",
         args={"store": store},
-        expect=[{"thumbprint": thumbprint, "key": certificate.get("key")}],
+        expect=[expect],
         match="subset",
         pick=("certificates", {"where": {"thumbprint": thumbprint}}),
     )
@@ -165,6 +169,11 @@ def services_unchanged(services: dict[str, dict[str, JSON]]) -> Guard:
 # --------------------------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class HostChanged(Exception):
+    """A guard at the start of an apply batch found the host changed since the plan's read: nothing was written.
+    The action reads the host again and plans once more (``RdpfixAction.run``)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from ._agent import Batch, BatchResult, OpResult
 ACQUIRE = "lock.acquire"
 RELEASE = "lock.release"
 LOCKED = "Locked"
+OPERATIONS = frozenset({ACQUIRE, RELEASE})
 
 # Longer than any apply batch can run: each service stop and start it waits for is bounded at 60 s, and no batch
 # restarts more than a few services. A crashed batch's record is normally taken over at once (its process is gone).

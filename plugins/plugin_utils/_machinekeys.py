@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 from . import _certificate as certificate
 from . import _findings as findings
+from . import _guards
 from . import _sddl as sd
 from ._action import BackupSet
 from ._agent import Batch, BatchResult
@@ -870,6 +871,7 @@ class ApplyIndex:
     cert: certificate.ApplyIndex | None
     store: int
     cng_store: int
+    guards: list[int] = field(default_factory=list)  # checked before the first write (_guards)
 
 
 def _stage_changes(state: State, result: Plan, backup: _StagedBackup) -> None:
@@ -918,15 +920,41 @@ def _stage_changes(state: State, result: Plan, backup: _StagedBackup) -> None:
             backup.stage("file.move", src=key.path, dest=ntpath.join(backup.directory, name))
 
 
+def write_guards(state: State, result: Plan) -> list[_guards.Guard]:
+    """What this module's plan relied on, checked before its first write (docs/agent-protocol.md, "Guards"): the
+    key file it moves aside is still the certificate's, with the size, owner and ACL it read; each file or folder whose
+    ACL it replaces still has the ACL it read (the backup records that ACL as the one to restore)."""
+    guards: list[_guards.Guard] = []
+    if result.regeneration is not None:
+        key = result.regeneration.key
+        guards.append(
+            _guards.certificate_unchanged(key.cert.store, {"thumbprint": key.cert.thumbprint, "key": key.cert.key})
+        )
+    for change in result.acl_changes:
+        guards.append(
+            _guards.Guard(
+                label=f"the ACL of {change.path} is the one the plan saw",
+                op="file.stat",
+                args={"path": change.path},
+                expect={"exists": True, "sddl": change.previous},
+                match="subset",
+            )
+        )
+    return guards
+
+
 def build_apply_batch(state: State, options: Options, result: Plan, backup: _StagedBackup) -> tuple[Batch, ApplyIndex]:
-    """Backup and manifest, this module's changes, then the certificate planner's regeneration, then re-reads."""
+    """Guards, backup and manifest, this module's changes, then the certificate planner's regeneration, then
+    re-reads."""
     _stage_changes(state, result, backup)
     actions = [str(action["description"]) for action in result.actions()]
     cert_index: certificate.ApplyIndex | None = None
+    guards = write_guards(state, result)
+    guarded: list[int] = []
     if result.regeneration is not None:
         regeneration = result.regeneration
         batch, cert_index = certificate.build_apply_batch(
-            regeneration.cert_state, options.certificate_options(), regeneration.cert_plan, backup
+            regeneration.cert_state, options.certificate_options(), regeneration.cert_plan, backup, guards
         )
         backup.planned_actions = actions
         manifest = cert_index.manifest
@@ -935,12 +963,14 @@ def build_apply_batch(state: State, options: Options, result: Plan, backup: _Sta
         batch.ops[manifest] = _manifest_op(backup)
     else:
         batch = Batch(on_error="stop")
+        guarded = _guards.add_guards(batch, guards)
         backup.planned_actions = actions
         backup.begin(batch)
         manifest = backup.finish(batch)
     store = batch.add("dir.stat", path=state.store.path)
     cng_store = batch.add("dir.stat", path=state.cng_store.path)
-    return batch, ApplyIndex(manifest, list(backup.staged_positions), cert_index, store, cng_store)
+    guard_positions = cert_index.guards if cert_index is not None else guarded
+    return batch, ApplyIndex(manifest, list(backup.staged_positions), cert_index, store, cng_store, guard_positions)
 
 
 def _manifest_op(backup: BackupSet) -> dict[str, t.Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import typing as t
 from dataclasses import asdict, dataclass, field
@@ -185,7 +186,15 @@ class WindowsHost:
             data = spec.func(self, args)
         except OpError as exc:
             return _error(op_name, exc.error_type, exc.message, exc.data)
-        if spec.writes:
+        expected = item.get("expect") if isinstance(item, dict) else None
+        if expected is not None:
+            # What the batch requires the operation to have done, compared as the agent does (a guard's subset).
+            from rdplab.ops.guard import first_difference
+
+            difference = first_difference(expected, json.loads(json.dumps(data)), "subset")
+            if difference is not None:
+                return _error(op_name, "NotDone", f"it did not do what the batch required ({difference})", data)
+        if spec.writes and spec.counted:
             self.counters.writes += 1
         return {"op": op_name, "ok": True, "data": data}
 

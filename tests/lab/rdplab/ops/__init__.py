@@ -35,6 +35,9 @@ OpFunction = Callable[["WindowsHost", dict[str, t.Any]], dict[str, t.Any]]
 class OpSpec:
     func: OpFunction
     writes: bool  # a successful call counts as one write; a read must never change the host
+    # The run lock's operations are writes, but bookkeeping that a batch undoes itself (lock.release): not counted, so
+    # that ``writes`` counts the changes a module made to the host.
+    counted: bool = True
 
 
 OPS: dict[str, OpSpec] = {
@@ -76,8 +79,8 @@ OPS: dict[str, OpSpec] = {
     # Guarded writes: the first operations of an apply batch (rdpfix.rdp plugin_utils/_guards.py)
     "guard": OpSpec(guard.guard, writes=False),
     # The run lock: the first and last operations of an apply batch (rdpfix.rdp plugin_utils/_lock.py)
-    "lock.acquire": OpSpec(lock.lock_acquire, writes=True),
-    "lock.release": OpSpec(lock.lock_release, writes=True),
+    "lock.acquire": OpSpec(lock.lock_acquire, writes=True, counted=False),
+    "lock.release": OpSpec(lock.lock_release, writes=True, counted=False),
 }
 
 READ_OPERATIONS = frozenset(name for name, spec in OPS.items() if not spec.writes)

@@ -21,6 +21,11 @@ KEY_PATH = "C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys\\f686aace6942fb
 PREREQUISITES = ("CertPropSvc", "KeyIso", "CryptSvc", "SessionEnv", "TermService", "UmRdpService")
 
 
+class GuardDifference(t.NamedTuple):
+    message: str
+    actual: t.Any
+
+
 class ScriptedHost:
     """Executes the agent's batches against a few dictionaries, enough for the certificate module.
 
@@ -52,6 +57,7 @@ class ScriptedHost:
         self.commands = 0
         self.writes = 0
         self.batches: list[dict[str, t.Any]] = []
+        self.lock: dict[str, t.Any] | None = None
 
     @staticmethod
     def cert_entry(der: bytes) -> dict[str, t.Any]:
@@ -72,7 +78,7 @@ class ScriptedHost:
         results: list[dict[str, t.Any]] = []
         stopped = False
         for item in batch["ops"]:
-            if stopped:
+            if stopped and not item.get("always"):
                 results.append({"op": item["op"], "ok": False, "skipped": True})
                 continue
             if item["op"] == self.fail_op:
@@ -80,6 +86,17 @@ class ScriptedHost:
                 stopped = batch["on_error"] == "stop"
                 continue
             data = getattr(self, "op_" + item["op"].replace(".", "_"))(**item["args"])
+            if isinstance(data, GuardDifference):
+                results.append(
+                    {
+                        "op": "guard",
+                        "ok": False,
+                        "error": {"type": "GuardFailed", "message": data.message},
+                        "data": {"actual": data.actual},
+                    }
+                )
+                stopped = batch["on_error"] == "stop"
+                continue
             if item["op"] in _agent.WRITE_OPERATIONS:
                 self.writes += 1
             results.append({"op": item["op"], "ok": True, "data": data})
@@ -148,6 +165,35 @@ class ScriptedHost:
             self.countdown = self.regeneration_delay
             self.regenerate_when_due()
         return {"status": "Running"}
+
+    def op_lock_acquire(self, token: str, owner: dict[str, t.Any], **policy: t.Any) -> dict[str, t.Any]:
+        self.lock = {"token": token, "owner": owner}
+        return {"acquired": True, "path": "C:\\ProgramData\\rdpfix\\run.lock", "lock": self.lock, "previous": None}
+
+    def op_lock_release(self, token: str) -> dict[str, t.Any]:
+        released, self.lock = self.lock is not None and self.lock["token"] == token, None
+        return {"released": released, "holder": None}
+
+    def op_guard(self, label: str, read: dict[str, t.Any], expect: t.Any, match: str, pick: t.Any = ()) -> t.Any:
+        # The agent's comparison for what these tests guard: equal values, or a subset of an object's members.
+        actual: t.Any = getattr(self, "op_" + read["op"].replace(".", "_"))(**read.get("args", {}))
+        for step in pick:
+            if isinstance(step, str):
+                actual = actual.get(step) if isinstance(actual, dict) else None
+            else:
+                where = step["where"]
+                actual = [item for item in actual or [] if all(item.get(k) == v for k, v in where.items())]
+
+        def holds(expected: t.Any, found: t.Any) -> bool:
+            if isinstance(expected, dict) and isinstance(found, dict) and match == "subset":
+                return all(key in found and holds(value, found[key]) for key, value in expected.items())
+            if isinstance(expected, list) and isinstance(found, list) and len(expected) == len(found):
+                return all(holds(left, right) for left, right in zip(expected, found, strict=True))
+            return bool(expected == found)
+
+        if not holds(expect, actual):
+            return GuardDifference(f"{label}: {actual!r}", actual)
+        return {"actual": actual}
 
     def regenerate_when_due(self) -> None:
         if self.countdown is not None and self.countdown <= 0 and not self.rd:

@@ -474,7 +474,17 @@ def test_apply_batch_backs_up_before_anything_destructive(cert_factory: t.Any) -
     decided = plan(state, options)
     backup = BackupSet.create("certificate", "WEB01", "C:\\ProgramData\\rdpfix\\backups", NOW)
     batch, index = build_apply_batch(state, options, decided, backup)
-    ops = [item["op"] for item in batch.ops]
+    # First the guards: what the plan relied on, checked before anything is written (_guards).
+    labels = [item["args"]["label"] for item in batch.ops[: len(index.guards)]]
+    assert index.guards == list(range(len(labels)))
+    assert labels == [
+        f"certificate {thumbprint(expired)} in Remote Desktop is the one the plan saw",
+        f"the RDP-Tcp listener still uses certificate {'AB' * 20}",
+        "the values SSLCertificateSHA1Hash of " + options.winstation_key + " are the ones the plan saw",
+        "the services CertPropSvc, CryptSvc, KeyIso, SessionEnv are as the plan saw them",
+    ]
+    g = len(index.guards)
+    ops = [item["op"] for item in batch.ops[g:]]
     assert batch.on_error == "stop"
     assert ops == [
         "dir.create",
@@ -489,18 +499,21 @@ def test_apply_batch_backs_up_before_anything_destructive(cert_factory: t.Any) -
         "registry.get",
         "cert.list",
     ]
-    assert index.manifest == 3
-    assert batch.ops[0]["args"]["path"] == backup.directory
-    assert batch.ops[0]["args"]["sddl"].startswith("O:BAG:SYD:P")  # not inherited from ProgramData
-    assert base64.b64decode(batch.ops[1]["args"]["content_b64"]) == expired
-    assert batch.ops[2]["args"] == {"src": RDP_KEY_PATH, "dest": f"{backup.directory}\\{thumbprint(expired)}.key"}
-    manifest = json.loads(base64.b64decode(batch.ops[3]["args"]["content_b64"]))
-    assert batch.ops[3]["args"]["path"].endswith("\\manifest.json")
+    assert index.manifest == g + 3
+    assert batch.ops[g]["args"]["path"] == backup.directory
+    assert batch.ops[g]["args"]["sddl"].startswith("O:BAG:SYD:P")  # not inherited from ProgramData
+    assert base64.b64decode(batch.ops[g + 1]["args"]["content_b64"]) == expired
+    assert batch.ops[g + 2]["args"] == {"src": RDP_KEY_PATH, "dest": f"{backup.directory}\\{thumbprint(expired)}.key"}
+    manifest = json.loads(base64.b64decode(batch.ops[g + 3]["args"]["content_b64"]))
+    assert batch.ops[g + 3]["args"]["path"].endswith("\\manifest.json")
     assert manifest["id"] == backup.manifest_id and manifest["module"] == "rdpfix.rdp.certificate"
     assert [item["kind"] for item in manifest["items"]] == ["certificate", "private_key_file", "registry_value"]
+    # The key file's ACL and owner as read: a restore gives the key back exactly (a copy would get a new ACL).
+    assert manifest["items"][1]["sddl"] == state.self_signed[0].key["sddl"]
+    assert "owner" in manifest["items"][1]
     assert manifest["items"][2]["previous"] == {"type": "REG_BINARY", "value": "ab" * 20}
-    assert batch.ops[6]["args"] == {"name": "SessionEnv", "force": False}
-    assert [position for position, _action in index.actions] == [4, 5, 6]
+    assert batch.ops[g + 6]["args"] == {"name": "SessionEnv", "force": False}
+    assert [position for position, _action in index.actions] == [g + 4, g + 5, g + 6]
 
 
 def test_manifest_id_format() -> None:
