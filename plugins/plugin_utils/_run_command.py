@@ -81,6 +81,7 @@ function ConvertTo-RdpfixGzip([IO.MemoryStream]$Data) {{
     return ,$target.ToArray()
 }}
 $rdpfixStale = [DateTime]::UtcNow.AddMinutes(-{stale_minutes})
+# pitfall-ok: silent-read-error best-effort removal of stale result files; no result is read here
 Get-ChildItem -LiteralPath (Join-Path $env:SystemRoot 'Temp') -Filter 'rdpfix-rc-*.txt' -ErrorAction SilentlyContinue |
     Where-Object {{ $_.LastWriteTimeUtc -lt $rdpfixStale }} | Remove-Item -Force -ErrorAction SilentlyContinue
 $rdpfixStdin = ConvertFrom-RdpfixGzip $rdpfixStdinZip
@@ -133,6 +134,7 @@ $rdpfixChunk = {chunk}
 """
     + _PRINT_CHUNK
     + """\
+# pitfall-ok: file-io-without-backup-semantics the result file is written and read by SYSTEM itself
 $rdpfixBlob = [IO.File]::ReadAllText($rdpfixFile, [Text.Encoding]::ASCII)
 $rdpfixHash = [Security.Cryptography.SHA256]::Create().ComputeHash([Text.Encoding]::ASCII.GetBytes($rdpfixBlob))
 $rdpfixHex = ([BitConverter]::ToString($rdpfixHash) -replace '-', '').ToLowerInvariant()
@@ -319,7 +321,7 @@ def decode_result(chunks: t.Sequence[Chunk]) -> CommandResult:
         raise RunCommandProtocolError("the reassembled result does not match its SHA-256")
     try:
         data = gzip.decompress(base64.b64decode(blob, validate=True))
-        head, _, streams = data.partition(b"\n")
+        head, streams = data.split(b"\n", 1)
         rc_text, out_length, err_length = head.decode("ascii").split(" ")
         out_size, err_size = int(out_length), int(err_length)
     except (ValueError, OSError, EOFError) as exc:

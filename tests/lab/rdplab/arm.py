@@ -299,7 +299,7 @@ class ArmCloud:
         }
 
     def check_token(self, authorization: str | None) -> None:
-        scheme, _, token = (authorization or "").partition(" ")
+        scheme, token = (authorization or "").partition(" ")[::2]
         challenge = {
             "WWW-Authenticate": f'Bearer authorization_uri="{self.endpoint}/{TENANT}", error="invalid_token", '
             'error_description="The access token is invalid or has expired"'
