@@ -74,7 +74,7 @@ unit: setup
 	$(BIN)/python -m pytest -q tests/unit tests/lab/tests
 
 system: setup
-	$(BIN)/python -m pytest -q tests/system
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests/system
 
 sanity: setup
 	@scripts/ansible-test-sanity.sh

@@ -32,9 +32,12 @@ stage "mypy (tools)" "$bin/mypy" --strict scripts/ps_pitfalls.py tests/windows
 stage "powershell pitfalls" "$bin/python" scripts/ps_pitfalls.py plugins/plugin_utils/_agent.ps1
 # The Windows CI workflow (.github/workflows/windows.yml), checked here since it cannot run here.
 stage "actionlint" scripts/actionlint.sh
-# Unit and lab tests in two processes; the system tests one at a time (each starts labs, real servers, a browser).
+# Unit and lab tests in two processes. The system tests in two processes too, a test module per process at a time
+# (--dist loadfile: a module's shared lab and playbook runs happen once), longest modules first (tests/system/conftest.py
+# orders them; --no-loadscope-reorder keeps that order); each process starts its labs on its own 127.0.N networks.
 stage "pytest unit+lab" "$bin/python" -m pytest -p no:cacheprovider -q -n 2 tests/unit tests/lab/tests
-stage "pytest system" "$bin/python" -m pytest -p no:cacheprovider -q -rs tests/system
+stage "pytest system" "$bin/python" -m pytest -p no:cacheprovider -q -rs -n 2 --dist loadfile --no-loadscope-reorder \
+  tests/system
 stage "ansible-test sanity" scripts/ansible-test-sanity.sh
 stage "ansible-lint" "$bin/ansible-lint" --offline
 stage "collection build, install, galaxy-importer, ansible-builder" scripts/check-build.sh
