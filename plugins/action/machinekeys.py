@@ -104,7 +104,7 @@ class ActionModule(RdpfixAction):
         if changed_since is not None:
             # Stopped before its first write (no backup either): read again and plan once more.
             raise _guards.HostChanged(str(changed_since))
-        result["backup"] = backup.summary()
+        result["backup"] = backup.summary_after(applied)
         self._raise_on_apply_failure(applied, index, backup, result)
 
         result["changed"] = True

@@ -62,6 +62,7 @@ extends_documentation_fragment:
   - rdpfix.rdp.snapshot
   - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 notes:
   - After a permissions repair no service is restarted; the listener opens its key for each new connection in the
     collection's lab. Microsoft's article restarts TermService after the same repair; if connections still fail on a
@@ -139,7 +140,11 @@ backup:
       description: Folder on the host holding the saved items and C(manifest.json).
       type: str
     items:
-      description: What was saved.
+      description:
+        - What was saved.
+        - Each item the run carries out (a key or the store moved aside, an ACL replaced, the store created) has a
+          C(status), C(done), C(failed) (its operation failed: it did not happen) or C(not_run) (the run stopped
+          before it). The manifest on the host says C(planned) until the run has done them all, then C(done).
       type: list
       elements: dict
 restart_pending:

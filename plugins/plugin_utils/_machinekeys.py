@@ -846,14 +846,64 @@ class _StagedBackup(BackupSet):
 
     staged: list[tuple[str, dict[str, t.Any]]]
     staged_positions: list[int]
+    # For each staged operation, the manifest item it carries out (the item recorded just before it).
+    staged_items: list[int]
 
     def stage(self, op: str, **args: t.Any) -> None:
         self.staged.append((op, args))
+        self.staged_items.append(len(self.items) - 1)
+
+    # The manifest written again after the staged operations, saying they were done (None: nothing staged).
+    done_position: int | None
+
+    def manifest(self, done: bool = False) -> dict[str, t.Any]:
+        """Version 2: each item this batch carries out has a ``status``, ``planned`` in the manifest written before
+        the changes and ``done`` in the one written again after them; a run that stopped in between leaves
+        ``planned``, which a restore judges on the host (``_restore.move_not_done``)."""
+        document = super().manifest()
+        carried = set(self.staged_items)
+        document["v"] = MANIFEST_VERSION_STATUS
+        document["items"] = [
+            item | ({"status": "done" if done else "planned"} if position in carried else {})
+            for position, item in enumerate(self.items)
+        ]
+        return document
 
     def finish(self, batch: Batch) -> int:
         position = super().finish(batch)
         self.staged_positions = [batch.add(op, **args) for op, args in self.staged]
+        self.done_position = None
+        if self.staged:
+            self.done_position = len(batch.ops)
+            batch.ops.append(_manifest_op(self, done=True))
         return position
+
+    def statuses(self, result: BatchResult) -> dict[int, str]:
+        """What the apply batch did of each item it carries out: ``done`` (every operation of the item succeeded),
+        ``failed`` (one failed: a failed move or ACL write has not happened), ``not_run`` (the batch stopped
+        before it). Items that only record a backup are not listed."""
+        found: dict[int, str] = {}
+        for item, position in zip(self.staged_items, self.staged_positions, strict=True):
+            outcome = result[position] if position < len(result.results) else None
+            status = "not_run" if outcome is None or outcome.skipped else ("done" if outcome.ok else "failed")
+            previous = found.get(item)
+            if previous is None or previous == "done":
+                found[item] = status
+        return found
+
+    def summary_after(self, result: BatchResult) -> dict[str, t.Any]:
+        """The ``backup`` return value with each carried-out item's status (see ``statuses``)."""
+        summary = self.summary()
+        statuses = self.statuses(result)
+        summary["items"] = [
+            item | ({"status": statuses[position]} if position in statuses else {})
+            for position, item in enumerate(self.items)
+        ]
+        return summary
+
+
+# Manifests whose carried-out items say whether they were done (see _StagedBackup.manifest); restore reads 1 and 2.
+MANIFEST_VERSION_STATUS = 2
 
 
 def new_backup(host: str, root: str, now: datetime | None = None) -> _StagedBackup:
@@ -861,6 +911,8 @@ def new_backup(host: str, root: str, now: datetime | None = None) -> _StagedBack
     backup = _StagedBackup(base.manifest_id, base.directory, base.module, base.host, base.created)
     backup.staged = []
     backup.staged_positions = []
+    backup.staged_items = []
+    backup.done_position = None
     return backup
 
 
@@ -959,8 +1011,10 @@ def build_apply_batch(state: State, options: Options, result: Plan, backup: _Sta
         backup.planned_actions = actions
         manifest = cert_index.manifest
         # build_apply_batch wrote the manifest before this module's planned action list was complete: rewrite it in
-        # place (same position, so no index moves).
+        # place (same position, so no index moves), and its "done" copy after the staged changes.
         batch.ops[manifest] = _manifest_op(backup)
+        if backup.done_position is not None:
+            batch.ops[backup.done_position] = _manifest_op(backup, done=True)
     else:
         batch = Batch(on_error="stop")
         guarded = _guards.add_guards(batch, guards)
@@ -973,8 +1027,9 @@ def build_apply_batch(state: State, options: Options, result: Plan, backup: _Sta
     return batch, ApplyIndex(manifest, list(backup.staged_positions), cert_index, store, cng_store, guard_positions)
 
 
-def _manifest_op(backup: BackupSet) -> dict[str, t.Any]:
-    document = json.dumps(backup.manifest(), indent=2, sort_keys=True).encode("utf-8")
+def _manifest_op(backup: BackupSet, done: bool = False) -> dict[str, t.Any]:
+    content = backup.manifest(done=True) if done and isinstance(backup, _StagedBackup) else backup.manifest()
+    document = json.dumps(content, indent=2, sort_keys=True).encode("utf-8")
     return {
         "op": "file.write",
         "args": {

@@ -56,6 +56,8 @@ MODULE_PREFIX = "rdpfix.rdp."
 MANIFEST_FILE = "manifest.json"
 RESTORED_MARKER = mk.RESTORED_MARKER
 MANIFEST_VERSION = 1
+# Version 2 (machinekeys): the items a run carries out say whether they were done (``status``: planned, done).
+MANIFEST_VERSIONS = (1, 2)
 # 20261125T103000Z-certificate-1a2b: what new_manifest_id makes. Anything else is refused before a host is contacted.
 MANIFEST_ID_RE = re.compile(r"^(?P<time>\d{8}T\d{6}Z)-(?P<module>[a-z][a-z0-9_]{0,39})-(?P<token>[0-9a-f]{4,32})$")
 # A self-signed certificate whose NotBefore lies between the certificate run's creation time minus the back-dating
@@ -211,8 +213,10 @@ def parse_manifest(result: BatchResult, positions: tuple[int, int], manifest_id:
         raise RestoreError(f"the manifest {manifest_id} is malformed (no item list)")
     if document.get("id") != manifest_id:
         raise RestoreError(f"the manifest in {directory} names {document.get('id')!r}, not {manifest_id}")
-    if document.get("v") != MANIFEST_VERSION:
-        raise RestoreError(f"the manifest {manifest_id} has version {document.get('v')!r}; this module reads version 1")
+    if document.get("v") not in MANIFEST_VERSIONS:
+        raise RestoreError(
+            f"the manifest {manifest_id} has version {document.get('v')!r}; this module reads versions 1 and 2"
+        )
     module = str(document.get("module") or "")
     if not module.startswith(MODULE_PREFIX):
         raise RestoreError(f"the manifest {manifest_id} was not written by rdpfix.rdp (module {module!r})")
@@ -395,6 +399,9 @@ def needs_of(manifests: t.Iterable[Manifest], root: str) -> Needs:
                 needs.stat(str(item["path"]))
             elif kind in ("store_moved", "key_moved"):
                 needs.stat(ntpath.join(manifest.directory, str(item["file"])))
+                # Where it was moved from: still there when the move never happened (it failed, or never ran).
+                if item.get("source"):
+                    needs.stat(str(item["source"]))
         if manifest.module == "rdpfix.rdp.certificate":
             needs.certificate = True  # the certificate Windows created after the run
     return needs
@@ -448,6 +455,7 @@ class FileState:
     exists: bool
     sha256: str | None = None
     sddl: str | None = None
+    size: int | None = None
 
     def view(self) -> dict[str, t.Any] | None:
         return {"sha256": self.sha256, "sddl": self.sddl} if self.exists else None
@@ -547,7 +555,13 @@ def parse_state(result: BatchResult, index: StateIndex, needs: Needs, now: datet
             errors.append(_error(result, position) or "")
             continue
         data = item.data
-        files[key] = FileState(bool(data.get("exists")), data.get("sha256"), data.get("sddl") or None)
+        size = data.get("size")
+        files[key] = FileState(
+            bool(data.get("exists")),
+            data.get("sha256"),
+            data.get("sddl") or None,
+            size if isinstance(size, int) and not isinstance(size, bool) else None,
+        )
     contents: dict[str, bytes | None] = {}
     for key, position in index.contents.items():
         item = result[position]
@@ -684,19 +698,46 @@ def plan_manifest(state: HostState, manifest: Manifest, root: str, backup: Backu
     return result
 
 
+def move_not_done(state: HostState, manifest: Manifest, item: dict[str, t.Any]) -> bool:
+    """Whether a ``store_moved`` / ``key_moved`` item of ``manifest`` was never carried out: its run wrote the manifest
+    first, then the move failed or never ran. The manifest's own record says so (``status``, manifests from version
+    2); an older one is judged on the host: nothing in the backup, and the source still where it was (same size)."""
+    status = item.get("status")
+    if status in ("failed", "not_run"):
+        return True
+    if status == "done":
+        return False
+    saved = state.file(ntpath.join(manifest.directory, str(item["file"])))
+    source = state.file(str(item.get("source") or ""))
+    if saved.exists or not item.get("source") or not source.exists:
+        return False
+    return item.get("kind") != "key_moved" or item.get("size") in (None, source.size)
+
+
 def _plan_machinekeys(state: HostState, manifest: Manifest, root: str, result: ManifestPlan) -> None:
     if state.keys is None:
         raise RestoreError(f"the key store was not read for {manifest.id}")
+    skipped: list[dict[str, t.Any]] = []
     for item in manifest.items:
         if item.get("kind") in ("store_moved", "key_moved"):
             saved = ntpath.join(manifest.directory, str(item["file"]))
+            if move_not_done(state, manifest, item):
+                # Nothing of it to put back: the rest of the manifest is restored.
+                skipped.append(item)
+                result.warnings.append(
+                    f"{item.get('source')} was not moved by {manifest.id} (its run stopped before or at that move): "
+                    "it is where it was, nothing of it to put back"
+                )
+                continue
             if not state.file(saved).exists:
                 # machinekeys' restore moves a saved store back into place: a later restore holds it now.
                 raise RestoreError(
                     f"{saved} is no longer in the backup (an earlier restore put it back, and a later one saved it "
                     "again under its own manifest): restore the newest manifest that holds it instead"
                 )
-    result.machinekeys = mk.plan_restore(state.keys, manifest.raw(), root, result.backup)
+    raw = manifest.raw()
+    raw["items"] = [item for item in raw["items"] if item not in skipped]
+    result.machinekeys = mk.plan_restore(state.keys, raw, root, result.backup)
     if result.machinekeys.has_changes:
         result.change(state, ("machinekeys",), {"restored_from": manifest.id})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import typing as t
 from pathlib import Path
 from types import SimpleNamespace
@@ -271,4 +272,27 @@ def test_a_restore_that_stops_part_way_is_undone_from_its_own_manifest() -> None
     # The original was never marked restored: it can be restored now.
     restored = run(host, manifest_id=manifest_id)
     assert not restored.get("failed"), restored.get("msg")
+    assert comparable(host) == original
+
+
+def test_a_manifest_whose_key_move_failed_restores_what_was_done() -> None:
+    # The manifest is written before the key file is moved aside; the move then fails. Nothing of the item was done:
+    # the manifest says so (status planned, never done), the module's result says failed, and the restore puts back
+    # the rest instead of refusing with a reason that never happened ("an earlier restore put it back").
+    host = load("machinekeys-rdp-key-no-ns")
+    original = comparable(host)
+    host.filesystem.add_fault("C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys", "AccessDenied")
+    failed = run(host, "machinekeys", strategy="regenerate")
+    assert failed["failed"] is True, failed
+    manifest_id = failed["backup"]["manifest_id"]
+    [item] = [entry for entry in failed["backup"]["items"] if entry["kind"] == "key_moved"]
+    assert item["status"] == "failed"
+    on_host = json.loads(host.filesystem.get(f"{BACKUPS}\\backups\\{manifest_id}\\manifest.json").content)
+    assert on_host["v"] == 2
+    assert [entry["status"] for entry in on_host["items"] if entry["kind"] == "key_moved"] == ["planned"]
+    host.filesystem.faults.clear()
+    restored = run(host, manifest_id=[manifest_id])
+    assert not restored.get("failed"), restored.get("msg")
+    assert "an earlier restore" not in str(restored)
+    assert any("was not moved" in warning for warning in restored.get("warnings", [])), restored.get("warnings")
     assert comparable(host) == original

@@ -160,7 +160,7 @@ def test_certificate_bodies_are_left_out_of_the_list() -> None:
     [
         (read_result(None, exists=False), "there is no backup manifest"),
         (read_result(document(id="20261125T103000Z-tls-0000")), "names '20261125T103000Z-tls-0000'"),
-        (read_result(document(v=2)), "version 2"),
+        (read_result(document(v=3)), "version 3"),
         (read_result(document(module="someone.else")), "not written by rdpfix.rdp"),
         (read_result(document(items="all")), "malformed"),
         (
