@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import typing as t
+from datetime import timedelta
 
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _guards
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _guards, _outcome
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
     SESSION_ARGUMENT_SPEC,
@@ -15,8 +16,14 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     BackupSet,
     RdpfixAction,
     backup_root,
+    iso_utc,
 )
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import BatchResult, OperationError
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import (
+    WRITE_OPERATIONS,
+    Batch,
+    BatchResult,
+    OperationError,
+)
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._certificate import (
     RESTARTABLE_SERVICES,
     VERIFY_POLLS,
@@ -38,6 +45,9 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._certificate import (
     refusal_finding,
     verification_problems,
 )
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._events import parse_events
+
+RCM_PROVIDER = "Microsoft-Windows-TerminalServices-RemoteConnectionManager"
 
 
 class ActionModule(RdpfixAction):
@@ -113,7 +123,7 @@ class ActionModule(RdpfixAction):
         last_action = max((position for position, _action in apply_index.actions), default=apply_index.manifest)
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
         if failed_at is not None and failed_at <= last_action:
-            raise ActionFailed(self._apply_failure(applied, failed_at, apply_index, backup), **result)
+            raise ActionFailed(self._apply_failure(apply_batch, applied, failed_at, apply_index, backup), **result)
 
         result["changed"] = True
         result["actions"] = [action.to_dict("done") for action in decided.actions]
@@ -124,6 +134,17 @@ class ActionModule(RdpfixAction):
             polls += 1
             poll_batch, poll_index = build_poll_batch(options, personal=decided.grant_key_read is not None)
             after_state, problems = self._reread(state, self.run_batch(poll_batch), poll_index, decided)
+        refused = self._regeneration_refused() if problems and decided.regenerate else None
+        if refused:
+            # Windows said why it made no certificate (a full or unwritable MachineKeys folder, a stopped service):
+            # that is the cause, not the time it takes.
+            raise ActionFailed(
+                f"{self.host}: Windows could not create the new self-signed certificate: {refused}. "
+                f"What was removed is saved under backup manifest {backup.manifest_id} ({backup.directory}); put it "
+                f"back with rdpfix.rdp.restore manifest_id={backup.manifest_id}",
+                **result,
+                after=diff_view(after_state, threshold),
+            )
         if problems:
             raise ActionFailed(
                 f"{self.host}: the changes were made but are not visible yet: {'; '.join(problems)}. "
@@ -163,16 +184,42 @@ class ActionModule(RdpfixAction):
         result["diff"] = {"before": result["before"], "after": result["after"]}
         return result
 
-    def _apply_failure(self, applied: BatchResult, failed_at: int, index: ApplyIndex, backup: BackupSet) -> str:
-        failed = applied[failed_at]
-        error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}".rstrip(": ")
-        if failed_at <= index.manifest:
-            return (
-                f"{self.host}: the backup could not be written to {backup.directory} ({error}); "
-                "nothing was changed on the host"
-            )
-        done = [action.description for position, action in index.actions if position < failed_at]
-        return (
-            f"{self.host}: {error}. Done before it: {'; '.join(done) or 'nothing'}. Everything changed is saved "
-            f"under backup manifest {backup.manifest_id} ({backup.directory}) and can be restored from it"
+    def _regeneration_refused(self) -> str | None:
+        """The newest Remote Connection Manager 1057/1058 logged since this run started ("failed to create / replace
+        the self-signed certificate", with Windows' status), or None."""
+        batch = Batch(on_error="continue")
+        position = batch.add(
+            "events.query",
+            since=iso_utc(self.now - timedelta(minutes=1)),
+            queries=[{"log": "System", "providers": [RCM_PROVIDER], "ids": [1057, 1058]}],
+            max_events=5,
+        )
+        answer = self.run_batch(batch)[position]
+        if not answer.ok:
+            return None
+        events = parse_events(answer.data.get("events") or [])
+        if not events:
+            return None
+        event = events[0]
+        status = event.data.get("status") or event.message[:300]
+        return f"Remote Connection Manager event {event.id} at {event.time}: {status}"
+
+    def _apply_failure(
+        self, batch: Batch, applied: BatchResult, failed_at: int, index: ApplyIndex, backup: BackupSet
+    ) -> str:
+        # What was and was not changed, from the batch's own results.
+        changes = [
+            position
+            for position, item in enumerate(batch.ops)
+            if position > index.manifest and item["op"] in WRITE_OPERATIONS
+        ]
+        return _outcome.failure_message(
+            self.host,
+            batch,
+            applied,
+            failed_at=failed_at,
+            manifest=index.manifest,
+            changes=changes,
+            backup=backup,
+            labels={position: action.description for position, action in index.actions},
         )

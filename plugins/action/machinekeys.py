@@ -7,7 +7,7 @@ from __future__ import annotations
 import typing as t
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _certificate as certificate
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _guards
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _guards, _outcome
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _machinekeys as mk
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     COMMON_ARGUMENT_SPEC,
@@ -18,7 +18,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     RdpfixAction,
     backup_root,
 )
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import BatchResult
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch, BatchResult
 
 
 class ActionModule(RdpfixAction):
@@ -105,7 +105,7 @@ class ActionModule(RdpfixAction):
             # Stopped before its first write (no backup either): read again and plan once more.
             raise _guards.HostChanged(str(changed_since))
         result["backup"] = backup.summary_after(applied)
-        self._raise_on_apply_failure(applied, index, backup, result)
+        self._raise_on_apply_failure(batch, applied, index, backup, result)
 
         result["changed"] = True
         result["actions"] = [action | {"status": "done"} for action in actions]
@@ -141,28 +141,18 @@ class ActionModule(RdpfixAction):
         return problems
 
     def _raise_on_apply_failure(
-        self, applied: BatchResult, index: mk.ApplyIndex, backup: BackupSet, result: dict[str, t.Any]
+        self, batch: Batch, applied: BatchResult, index: mk.ApplyIndex, backup: BackupSet, result: dict[str, t.Any]
     ) -> None:
-        last_change = max(
-            [*index.changes, *(pos for pos, _a in (index.cert.actions if index.cert else []))], default=index.manifest
-        )
+        changes = [*index.changes, *(pos for pos, _a in (index.cert.actions if index.cert else []))]
+        last_change = max(changes, default=index.manifest)
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
         if failed_at is None or failed_at > last_change:
             return
-        failed = applied[failed_at]
-        error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}".rstrip(": ")
-        if failed_at <= index.manifest:
-            raise ActionFailed(
-                f"{self.host}: the backup could not be written to {backup.directory} ({error}); "
-                "nothing was changed on the host",
-                **result,
-            )
-        raise ActionFailed(
-            f"{self.host}: {error} after part of the repair was made. Everything changed is saved under backup "
-            f"manifest {backup.manifest_id} ({backup.directory}); put it back with state=restored "
-            f"manifest_id={backup.manifest_id}",
-            **result,
+        # What was and was not changed comes from the batch's own results: a first change that failed made nothing.
+        message = _outcome.failure_message(
+            self.host, batch, applied, failed_at=failed_at, manifest=index.manifest, changes=changes, backup=backup
         )
+        raise ActionFailed(message, **result)
 
     # -------------------------------------------------------------------------------------------------- restore
 

@@ -24,8 +24,18 @@ from datetime import UTC, datetime
 from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
 from ansible.plugins.action import ActionBase
 
-from . import _lock
-from ._agent import READ_OPERATIONS, AgentError, Batch, BatchResult, Builder, OperationError, OpResult, run_batch
+from . import _agent, _lock, _outcome
+from ._agent import (
+    READ_OPERATIONS,
+    AgentError,
+    Batch,
+    BatchResult,
+    Builder,
+    OperationError,
+    OpResult,
+    OutcomeUnknown,
+    run_batch,
+)
 from ._guards import GUARD_FAILED, GUARD_OP, Guard, HostChanged
 from ._snapshot import Snapshot, SnapshotError, describe, expectation, guarded
 
@@ -80,9 +90,13 @@ def iso_utc(moment: datetime) -> str:
 
 
 def new_manifest_id(module: str, now: datetime | None = None, token: str | None = None) -> str:
-    """``20261125T103000Z-certificate-1a2b``: sortable by time, unique per run, and says which module wrote it."""
+    """``20261125T103000Z-certificate-1f40c``: sortable by time, unique per run, and says which module wrote it.
+
+    The token starts with the milliseconds (three hex digits), so two manifests of the same second (a run that failed
+    and its rerun) still sort in the order they were made: a newest-first restore depends on it."""
     moment = (now or utc_now()).astimezone(UTC)
-    return f"{moment.strftime('%Y%m%dT%H%M%SZ')}-{module}-{token or secrets.token_hex(2)}"
+    token = token or f"{moment.microsecond // 1000:03x}{secrets.token_hex(1)}"
+    return f"{moment.strftime('%Y%m%dT%H%M%SZ')}-{module}-{token}"
 
 
 def backup_root(params: dict[str, t.Any], program_data: str | None) -> str:
@@ -117,6 +131,8 @@ class BackupSet:
         return cls(manifest_id, ntpath.join(root, manifest_id), module, host, iso_utc(moment))
 
     def begin(self, batch: Batch) -> int:
+        # Named by the batch, so that a lost answer reports this manifest (OutcomeUnknown).
+        batch.manifest_id, batch.manifest_dir = self.manifest_id, self.directory
         return batch.add("dir.create", path=self.directory, sddl=BACKUP_DIR_SDDL)
 
     def save_content(self, batch: Batch, file_name: str, content: bytes, kind: str, **details: t.Any) -> int:
@@ -233,7 +249,13 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             return self._send_locked(batch)
         if batch.ops:
             self.round_trips += 1
-        return run_batch(self._connection, self.host, batch, self.wire_builder())
+        answered = run_batch(self._connection, self.host, batch, self.wire_builder())
+        if batch.writes and any(
+            item.ok and item.op in _agent.WRITE_OPERATIONS and item.op not in _lock.OPERATIONS
+            for item in answered.results
+        ):
+            self.written.append(batch.manifest_id)
+        return answered
 
     def _send_locked(self, batch: Batch) -> BatchResult:
         """A write batch inside the host's run lock (``_lock``): ``lock.acquire`` first, ``lock.release`` last (it
@@ -347,17 +369,17 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         result["backup"] = backup.summary()
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
         if failed_at is not None:
-            failed = applied[failed_at]
-            error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}".rstrip(": ")
-            if failed_at <= manifest:
-                raise ActionFailed(
-                    f"{self.host}: the backup could not be written to {backup.directory} ({error}); "
-                    "nothing was changed on the host",
-                    **result,
-                )
-            raise ActionFailed(
-                f"{self.host}: {error}. {saved} are recorded in backup manifest {backup.manifest_id}", **result
+            changes = [
+                position
+                for position, item in enumerate(batch.ops)
+                if position > manifest and item["op"] in _agent.WRITE_OPERATIONS
+            ]
+            message = _outcome.failure_message(
+                self.host, batch, applied, failed_at=failed_at, manifest=manifest, changes=changes, backup=backup
             )
+            if failed_at > manifest:
+                message += f" ({saved} are recorded in the manifest)"
+            raise ActionFailed(message, **result)
         return applied
 
     def unresolved(self, params: dict[str, t.Any], findings: t.Sequence[dict[str, t.Any]]) -> list[str]:
@@ -378,6 +400,13 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             if repair.get("module") != own or any(params.get(k) != v for k, v in options.items()):
                 left.append(str(item.get("id")))
         return left
+
+    def _written_note(self) -> str:
+        """For a failure after changes were made in this run: which manifests hold them."""
+        if not self.written:
+            return ""
+        named = ", ".join(manifest or "(no manifest)" for manifest in self.written)
+        return f"; this run had already made changes on the host before (backup manifest {named})"
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -402,6 +431,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.warnings = []
         self.now = utc_now()
         self.snapshot, self.relied_on, self.replanned = None, {}, None
+        # Manifest ids of the write batches this run has had answered (a later failure says changes were made).
+        self.written: list[str | None] = []
         self.task_vars, self._builder = task_vars, None
         result: dict[str, t.Any] = {"changed": False}
 
@@ -456,8 +487,12 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         except ActionFailed as exc:
             result.update(exc.result)
             result.update(failed=True, msg=exc.msg)
+        except OutcomeUnknown as exc:
+            # The changes were sent and the answer lost: read the host again and say what it shows (_outcome).
+            result.update(_outcome.resolve(self, params, exc))
         except AnsibleConnectionFailure as exc:
-            result.update(unreachable=True, msg=f"{self.host}: {exc.message}")
+            result.update(unreachable=True, msg=f"{self.host}: {exc.message}{self._written_note()}")
+            result["changed"] = result.get("changed") or bool(self.written)
         except OperationError as exc:
             result.update(failed=True, msg=exc.message, failed_operation=exc.op, error_type=exc.error_type)
         except AgentError as exc:

@@ -100,6 +100,114 @@ class OperationError(AnsibleError):
         self.error_message = message
 
 
+class OutcomeUnknown(AnsibleError):
+    """A batch that changes the host was sent, and its answer was lost (dropped connection, read timeout, an HTTP 500
+    after the command ran): the host may have applied all, part or none of it.
+
+    Not an AnsibleConnectionFailure: the host was reached, so the task fails (its result, with the manifest id, stays
+    in the play's results and reaches ``rescue``) instead of the host silently leaving the play as unreachable. The
+    backup manifest the controller chose before sending (``manifest_id`` in ``manifest_dir``) tells, on the host,
+    what the batch did (docs/reliability.md).
+    """
+
+    def __init__(self, host: str, reason: str, manifest_id: str | None = None, manifest_dir: str | None = None) -> None:
+        if manifest_id:
+            where = (
+                f"backup manifest {manifest_id} ({manifest_dir}) on the host records what this run planned and did"
+                if manifest_dir
+                else f"backup manifest {manifest_id} on the host records what this run planned and did"
+            )
+        else:
+            where = "this batch writes no backup manifest"
+        # Ansible appends the message of the failure this is raised from (the lost answer's cause) after a colon.
+        super().__init__(
+            f"outcome unknown: changes were sent to {host} and may have been made in full, in part or not at all; "
+            f"{where}; run the task again to find out what is left. The answer was lost"
+        )
+        self.host = host
+        self.reason = reason
+        self.manifest_id = manifest_id
+        self.manifest_dir = manifest_dir
+
+
+# Exception class names (anywhere in a failure's chain) that mean the request never reached a command on the host:
+# the connection or the logon was refused, the name did not resolve, the TCP connect timed out.
+_NOT_SENT = frozenset(
+    {
+        "ConnectionRefusedError",
+        "NewConnectionError",
+        "NameResolutionError",
+        "gaierror",
+        "ConnectTimeout",
+        "ConnectTimeoutError",
+        "InvalidCredentialsError",
+        "AnsibleAuthenticationFailure",
+        "SSLCertVerificationError",
+    }
+)
+# ... and names that mean the request went out and the answer did not come back.
+_SENT = frozenset(
+    {
+        "ReadTimeout",
+        "ReadTimeoutError",
+        "RemoteDisconnected",
+        "ProtocolError",
+        "ChunkedEncodingError",
+        "IncompleteRead",
+        "ConnectionResetError",
+        "BrokenPipeError",
+        "WinRMError",
+        "WinRMTransportError",
+        "WSManFaultError",
+        "WinRMOperationTimeoutError",
+    }
+)
+
+
+def _failure_kinds(exc: BaseException) -> set[str]:
+    """ "sent" / "not_sent" for an exception and everything it was raised from or wraps, each judged by its own class
+    and bases (a refusal's class is judged a refusal even when it derives from a class that means sent)."""
+    kinds: set[str] = set()
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        names = {cls.__name__ for cls in type(item).__mro__}
+        if names & _NOT_SENT:
+            kinds.add("not_sent")
+        elif names & _SENT:
+            kinds.add("sent")
+        pending.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
+    return kinds
+
+
+def transport_failure(
+    host: str, batch: Batch, exc: BaseException, connected_before: bool | None, connected_after: bool | None
+) -> AnsibleError:
+    """What a failure of the connection while it carried ``batch`` means for the user.
+
+    A batch that only reads changed nothing: the host is unreachable. A batch that writes: unreachable only when the
+    request certainly never reached a command (no connection was made, or the failure is a refusal); otherwise the
+    outcome is unknown (OutcomeUnknown, naming the batch's manifest).
+    """
+    kinds = _failure_kinds(exc)
+    detail = str(exc) or type(exc).__name__
+    never_connected = connected_before is False and connected_after is False
+    not_sent = never_connected or ("not_sent" in kinds and "sent" not in kinds)
+    if not batch.writes:
+        if isinstance(exc, AnsibleError):
+            return exc
+        return AnsibleConnectionFailure(
+            f"failed to run the rdpfix agent on {host} (a batch that only reads: nothing was changed by it)"
+        )
+    if not_sent:
+        return AnsibleConnectionFailure(f"failed to reach {host}: the changes were not sent, nothing was changed")
+    return OutcomeUnknown(host, detail, batch.manifest_id, batch.manifest_dir)
+
+
 @dataclass(frozen=True)
 class OpResult:
     """The outcome of one operation of a batch."""
@@ -124,6 +232,9 @@ class Batch:
 
     on_error: str = "stop"
     ops: list[dict[str, t.Any]] = field(default_factory=list)
+    # The backup manifest this batch writes (chosen on the controller before sending): named when its answer is lost.
+    manifest_id: str | None = None
+    manifest_dir: str | None = None
 
     def add(self, op: str, **args: t.Any) -> int:
         """Append an operation; returns its index in the batch's results."""
@@ -259,12 +370,12 @@ def run_batch(connection: _Connection, host: str, batch: Batch, build: Builder) 
     if not batch.ops:
         return BatchResult(host=host, results=[])
     wire = build(batch)
+    connected_before = getattr(connection, "connected", None)
     try:
         rc, stdout, stderr = connection.exec_command(wire.command, in_data=wire.stdin, sudoable=True)
-    except AnsibleConnectionFailure:
-        raise
-    except AnsibleError:
-        raise
-    except Exception as exc:  # requests/pywinrm transport errors: the host is unreachable, not the task failed
-        raise AnsibleConnectionFailure(f"failed to run the rdpfix agent on {host}: {exc}") from exc
+    except Exception as exc:  # the connection's own failures and requests/pywinrm/pypsrp transport errors
+        failure = transport_failure(host, batch, exc, connected_before, getattr(connection, "connected", None))
+        if failure is exc:
+            raise
+        raise failure from exc
     return parse_output(host, rc, stdout, stderr, expected=len(batch.ops))

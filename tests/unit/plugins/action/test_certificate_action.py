@@ -103,6 +103,10 @@ class ScriptedHost:
         return 0, json.dumps({"v": 1, "results": results}).encode(), b""
 
     # read operations
+    def op_events_query(self, **_args: t.Any) -> dict[str, t.Any]:
+        # No Remote Connection Manager event: a regeneration that never shows has no reason Windows gave.
+        return {"events": [], "truncated": False}
+
     def op_system_info(self) -> dict[str, t.Any]:
         return {
             "hostname": "WEB01",
@@ -247,7 +251,7 @@ def test_expired_self_signed_regenerated_in_two_round_trips(cert_factory: t.Any)
     assert result["diff"] == {"before": result["before"], "after": result["after"]}
     assert result["before"]["thumbprint"] == old and result["after"]["thumbprint"] == new
     manifest_id = result["backup"]["manifest_id"]
-    assert re.fullmatch(r"\d{8}T\d{6}Z-certificate-[0-9a-f]{4}", manifest_id)
+    assert re.fullmatch(r"\d{8}T\d{6}Z-certificate-[0-9a-f]{5}", manifest_id)
     folder = f"C:\\ProgramData\\rdpfix\\backups\\{manifest_id}"
     assert result["backup"]["path"] == folder
     manifest = json.loads(host.files[f"{folder}\\manifest.json"])
@@ -269,7 +273,7 @@ def test_slow_regeneration_is_polled(cert_factory: t.Any) -> None:
 def test_regeneration_that_never_shows_fails_with_the_manifest(cert_factory: t.Any) -> None:
     host = ScriptedHost(cert_factory, rd_days=-5, regeneration_delay=99)
     result = run_action(host)
-    assert host.commands == 4  # read, apply, two polls
+    assert host.commands == 5  # read, apply, two polls, then the events Windows logged about it (none here)
     assert result["failed"] is True and result["changed"] is True
     assert result["backup"]["manifest_id"] in result["msg"]
     assert "no new self-signed certificate" in result["msg"]

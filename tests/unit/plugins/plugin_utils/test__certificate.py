@@ -519,7 +519,8 @@ def test_apply_batch_backs_up_before_anything_destructive(cert_factory: t.Any) -
 def test_manifest_id_format() -> None:
     backup = BackupSet.create("certificate", "WEB01", "D:\\bk", NOW)
     assert backup.manifest_id.startswith("20261125T100000Z-certificate-")
-    assert len(backup.manifest_id.rsplit("-", 1)[1]) == 4
+    # The milliseconds (three hex digits) and two random ones: ids of the same second sort in the order made.
+    assert len(backup.manifest_id.rsplit("-", 1)[1]) == 5
     assert backup.directory == f"D:\\bk\\{backup.manifest_id}"
 
 
