@@ -27,6 +27,7 @@ HOSTS = {
     "machinekeys": "machinekeys-rdp-key-no-ns",
     "restore": "combined-firewall-tls-expired",
     "selftest": "healthy",
+    "server": "expired-selfsigned",
     "sessions": "active-sessions",
     "tls": "tls-tls12-disabled",
     "transport": "transport-udp-vpn",

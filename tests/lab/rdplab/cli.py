@@ -36,6 +36,8 @@ DEFAULT_NETWORK = "127.0.0"
 DEFAULT_STATE_DIR = ".lab"
 DEFAULT_INVENTORY = "inventory/lab.yml"
 START_TIMEOUT = 30.0
+# Each host adds listeners (WinRM HTTP/HTTPS, SSH, RDP): a large fleet on a busy machine takes longer to come up.
+START_TIMEOUT_PER_HOST = 0.5
 STOP_TIMEOUT = 10.0
 
 
@@ -169,7 +171,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    deadline = time.monotonic() + START_TIMEOUT
+    timeout = START_TIMEOUT + START_TIMEOUT_PER_HOST * len(hosts)
+    deadline = time.monotonic() + timeout
     state: dict[str, t.Any] | None = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -181,7 +184,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        raise LabError(f"the lab did not become ready within {START_TIMEOUT:.0f} s:\n{_tail(log_path)}")
+        raise LabError(f"the lab did not become ready within {timeout:.0f} s:\n{_tail(log_path)}")
     assert state is not None
 
     from rdplab.inventory import write_inventory
