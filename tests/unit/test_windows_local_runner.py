@@ -261,3 +261,24 @@ def test_the_command_line_entry_point_runs_without_ansible(windows: Windows, tmp
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     document = json.loads(out.read_text(encoding="utf-8"))
     assert document["ok"] is True and document["powershell_commands"] == 2
+
+
+def test_guards_lock_scenario(windows: Windows, scenario: Scenario) -> None:
+    windows("healthy")
+    code, document = scenario("guards-lock")
+    assert code == 0, failed_checks(document)
+    assert len(document["checks"]) == 14
+
+
+def test_guards_lock_scenario_fails_where_a_guard_does_not_hold(
+    windows: Windows, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A comparison that lets everything through (what a broken agent would do) fails the scenario's "guard fails"
+    # checks: the scenario can tell.
+    from rdplab.ops import guard as lab_guard
+
+    windows("healthy")
+    monkeypatch.setattr(lab_guard, "first_difference", lambda *args, **kwargs: None)
+    code, document = scenario("guards-lock")
+    assert code == 1
+    assert any(check["name"].startswith("guard fails:") for check in failed_checks(document))

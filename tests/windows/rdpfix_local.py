@@ -100,7 +100,8 @@ def load_collection() -> dict[str, types.ModuleType]:
         importlib.import_module(f"{UTILS}._agent")
     except ImportError:
         _register_collection()
-    return {name: importlib.import_module(f"{UTILS}.{name}") for name in ("_agent", "_selftest", "_events", "_restore")}
+    names = ("_agent", "_selftest", "_events", "_restore", "_guards", "_lock")
+    return {name: importlib.import_module(f"{UTILS}.{name}") for name in names}
 
 
 MODULES = load_collection()
@@ -108,6 +109,8 @@ agent: t.Any = MODULES["_agent"]
 selftest: t.Any = MODULES["_selftest"]
 events: t.Any = MODULES["_events"]
 restore: t.Any = MODULES["_restore"]
+guards: t.Any = MODULES["_guards"]
+lock: t.Any = MODULES["_lock"]
 
 
 # ---------------------------------------------------------------------------------------------------- the runner
@@ -417,6 +420,99 @@ def scenario_batch(connection: LocalPowerShell, options: argparse.Namespace) -> 
     return outcome
 
 
+def _send(connection: LocalPowerShell, batch: t.Any) -> t.Any:
+    return agent.run_batch(connection, "localhost", batch, local_command)
+
+
+def scenario_guards_lock(connection: LocalPowerShell, options: argparse.Namespace) -> Outcome:
+    """The guard's comparison on real data (docs/agent-protocol.md, "Guards"), an operation's required data (NotDone),
+    the run lock's primitives and a release marked always, in a folder of their own."""
+    del options
+    outcome = Outcome("guards-lock")
+    system = run(connection, [("system.info", {})])[0]
+    if not outcome.check("system.info answers", system.ok, _result(system).get("error")):
+        return outcome
+    data = system.data
+    caller = data["caller"]
+    admins = [group for group in caller["groups"] if group["sid"] == "S-1-5-32-544"]
+    changed_name = data["hostname"].lower() if data["hostname"] != data["hostname"].lower() else data["hostname"] + "x"
+    cases = [
+        # (label, expect, match, pick, holds, the difference's start)
+        ("its own data, equal", data, "equal", [], True, None),
+        ("a number as 1.0", float(data["os_build"]), "equal", ["os_build"], True, None),
+        ("a subset", {"caller": {"sid": caller["sid"]}}, "subset", [], True, None),
+        ("where on a list", admins, "equal", ["caller", "groups", {"where": {"sid": "S-1-5-32-544"}}], True, None),
+        ("strings are case-sensitive", {"hostname": changed_name}, "subset", [], False, "hostname: expected"),
+        ("an extra member under equal", {"hostname": data["hostname"]}, "equal", [], False, "fqdn: expected nothing"),
+        (
+            "a list is not its element",
+            admins[0] if admins else {},
+            "equal",
+            ["caller", "groups", {"where": {"sid": "S-1-5-32-544"}}],
+            False,
+            'caller.groups[sid="S-1-5-32-544"]: expected an object, found a list of',
+        ),
+        ("true is not 1", 1, "equal", ["caller", "administrator"], False, "caller.administrator: expected 1"),
+    ]
+    for label, expect, match, pick, holds, start in cases:
+        batch = agent.Batch(on_error="continue")
+        guard = guards.Guard(label=label, op="system.info", args={}, expect=expect, match=match, pick=tuple(pick))
+        guards.add_guard(batch, guard)
+        [answer] = _send(connection, batch).results
+        outcome.observed[label] = _result(answer) if not answer.ok else {"ok": True}
+        if holds:
+            outcome.check(f"guard holds: {label}", answer.ok, answer.error_message)
+        else:
+            message = answer.error_message or ""
+            outcome.check(
+                f"guard fails: {label}",
+                answer.error_type == "GuardFailed" and (start is None or message.startswith(f"{label}: {start}")),
+                {"type": answer.error_type, "message": message, "data": answer.data},
+            )
+    # An operation that did less than the batch required stops it: NotDone, with its own data.
+    batch = agent.Batch(on_error="stop")
+    batch.require(batch.add("cert.remove", store="My", thumbprint="00" * 20), {"removed": True})
+    batch.add("util.sleep", milliseconds=0)
+    removed, after = _send(connection, batch).results
+    outcome.check(
+        "cert.remove answering removed: false stops the batch (NotDone)",
+        removed.error_type == "NotDone" and removed.data == {"removed": False} and after.skipped,
+        {"first": _result(removed), "second": _result(after)},
+    )
+    # The run lock, in a folder of its own.
+    temp = os.environ.get("RUNNER_TEMP") if os.name == "nt" else None
+    folder = (temp or "C:\\Windows\\Temp") + "\\rdpfix-ci-lock"
+    path = folder + "\\run.lock"
+    first = lock.RunLock(token="ci-first", owner={"run": "ci-first"}, wait_ms=0, path=path)
+    second = lock.RunLock(token="ci-second", owner={"run": "ci-second"}, wait_ms=1500, poll_ms=500, path=path)
+    taken = agent.Batch(on_error="stop")
+    taken.add("lock.acquire", **first.acquire_args())
+    got = _send(connection, taken)[0]
+    outcome.check("lock.acquire creates the lock", got.ok and got.data.get("previous") is None, _result(got))
+    # That batch's process has ended: its lock is stale, and the next run takes it over at once.
+    inner = agent.Batch(on_error="stop")
+    inner.add("file.write", path=folder + "\\no\\such\\dir\\x", content_b64="")
+    inner.add("util.sleep", milliseconds=0)
+    locked = lock.wrap(inner, second)
+    sent = _send(connection, locked.batch)
+    acquired, failed, skipped, released = sent.results
+    outcome.check(
+        "a lock whose process has ended is taken over at once",
+        acquired.ok
+        and (acquired.data.get("previous") or {}).get("token") == "ci-first"
+        and int(acquired.data.get("waited_ms") or 0) < 1000,
+        _result(acquired),
+    )
+    outcome.check(
+        "a release marked always runs after a failure stopped the batch",
+        not failed.ok and skipped.skipped and released.ok and released.data.get("released") is True,
+        [_result(item) for item in sent.results],
+    )
+    gone = run(connection, [("file.stat", {"path": path})])[0]
+    outcome.check("the lock file is gone", gone.ok and gone.data.get("exists") is False, _result(gone))
+    return outcome
+
+
 SCENARIOS: dict[str, t.Callable[[LocalPowerShell, argparse.Namespace], Outcome]] = {
     "selftest": scenario_selftest,
     "key-file": scenario_key_file,
@@ -424,6 +520,7 @@ SCENARIOS: dict[str, t.Callable[[LocalPowerShell, argparse.Namespace], Outcome]]
     "firewall": scenario_firewall,
     "restore-rule": scenario_restore_rule,
     "batch": scenario_batch,
+    "guards-lock": scenario_guards_lock,
 }
 
 
@@ -451,6 +548,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("firewall")
     rule = sub.add_parser("restore-rule")
     rule.add_argument("--rule-name")
+    sub.add_parser("guards-lock")
     batch = sub.add_parser("batch")
     batch.add_argument("batch")
     return main
