@@ -191,3 +191,22 @@ def test_backup_failure_says_nothing_was_changed() -> None:
         "web01", batch, results(False, False, False, False), failed_at=0, manifest=1, changes=[2, 3], backup=backup
     )
     assert "nothing was changed" in message and "could not be written" in message
+
+
+class _Unreachable:
+    """A connection whose reconnect fails too."""
+
+    connected = True
+
+    def reset(self) -> None:
+        raise AnsibleConnectionFailure("connection refused")
+
+
+def test_a_lost_answer_stays_unknown_with_its_manifest_when_the_host_cannot_be_read_again() -> None:
+    batch = write_batch()
+    lost = OutcomeUnknown("web01", "Read timed out.", batch.manifest_id, batch.manifest_dir)
+    action = t.cast(t.Any, type("Action", (), {"host": "web01", "check_mode": False, "_connection": _Unreachable()})())
+    result = _outcome.resolve(action, {}, lost)
+    assert result["failed"] is True and result["outcome"] == "unknown" and result["changed"] is False
+    assert result["backup"]["manifest_id"] == batch.manifest_id and batch.manifest_id in result["msg"]
+    assert "Reading the host again failed too" in result["msg"] and action.check_mode is False

@@ -1,0 +1,526 @@
+"""The fault matrix: host files x fault x point of a repair, each run through Ansible's own winrm connection (pywinrm,
+HTTPS) against the lab, the action plugins driven in-process.
+
+For every run: nothing is lost (every certificate and key file of the host before the run is still there, or is named
+by a manifest on the host whose backup file exists), no security setting is weakened, no session is dropped without
+consent, the result is true to what happened (an unreachable or failed result that says nothing was changed left the
+host as it was; a lost answer is reported with its outcome and manifest id, never as "failed to run"), a plain rerun
+converges, and restoring every manifest newest first gives back the exact pre-run state.
+
+``make test`` runs the small matrix (MATRIX below); RDPFIX_FAULT_MATRIX=full runs the large one (docs/reliability.md
+gives both and their figures). The rows that need the per-host lock and the write guards (late logons, concurrent
+runs) are in the matrix only where the collection has those operations.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import random
+import threading
+import typing as t
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from ansible.playbook.play_context import PlayContext
+from ansible.plugins.loader import connection_loader
+
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
+
+rdplab_server = pytest.importorskip("rdplab.server")
+rdplab_fleet = pytest.importorskip("rdplab.model.fleet")
+rdplab_winrm = pytest.importorskip("rdplab.winrm")
+
+pytestmark = pytest.mark.faults
+
+HOSTS_DIR = Path(__file__).resolve().parents[3] / "lab" / "hosts"
+BACKUPS = "c:\\programdata\\rdpfix"
+RDP_TCP = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp"
+SCHANNEL = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\SecurityProviders\\SCHANNEL\\Protocols"
+# Client timeouts as a test inventory sets them: a held answer costs two seconds, not thirty.
+OPERATION_TIMEOUT, READ_TIMEOUT = 1, 2
+HELD = 3  # seconds a delayed answer is held: past the read timeout
+
+# Which module repairs which host file (and with which options).
+MODULES: dict[str, tuple[str, dict[str, t.Any]]] = {
+    "expired-selfsigned": ("certificate", {}),
+    "missing-selfsigned": ("certificate", {}),
+    "machinekeys-rdp-key-no-ns": ("machinekeys", {}),
+    "machinekeys-folder-acl": ("machinekeys", {}),
+    "firewall-rules-disabled": ("firewall", {}),
+    "tls-security-layer-rdp": ("tls", {}),
+    "active-sessions": ("certificate", {"restart_service": "TermService"}),
+}
+
+HAS_LOCK = any(op.startswith("lock.") for op in _agent.OPERATIONS)
+HAS_GUARD = "guard" in _agent.OPERATIONS
+
+
+@dataclass(frozen=True)
+class Case:
+    host: str
+    fault: str  # a label: transport:<kind>@<point>, write:<error>@<where>, service:<name>, restore:<kind>, ...
+    transport: dict[str, t.Any] | None = None
+    model_faults: tuple[tuple[str, dict[str, t.Any]], ...] = ()
+    in_restore: dict[str, t.Any] | None = None
+    late_logon: bool = False
+    concurrent: bool = False
+    args: tuple[tuple[str, t.Any], ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}-{self.fault}"
+
+
+POINTS = {"read": 0, "apply": 1, "verify": 2}
+
+
+def transport_case(host: str, kind: str, point: str, **extra: t.Any) -> Case:
+    params: dict[str, t.Any] = {"kind": kind, "skip": POINTS[point], **extra}
+    if kind == "delay_after":
+        params["seconds"] = HELD
+    if kind == "cut_at_op":
+        params["seconds"] = 20
+    label = f"transport:{kind}{extra.get('op', '')}@{point}"
+    return Case(host, label, transport=params)
+
+
+def write_case(host: str, error: str, where: str) -> Case:
+    path = {"backups": "C:\\ProgramData\\rdpfix", "machinekeys": "C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys"}
+    return Case(
+        host, f"write:{error}@{where}", model_faults=(("fail_writes_under", {"path": path[where], "error": error}),)
+    )
+
+
+def service_case(host: str, name: str) -> Case:
+    return Case(host, f"service:{name}-stopped", model_faults=(("stop_service", {"name": name}),))
+
+
+def small_matrix() -> list[Case]:
+    cases = [
+        transport_case("expired-selfsigned", "drop_after", "apply"),
+        transport_case("expired-selfsigned", "http500_after", "apply"),
+        transport_case("expired-selfsigned", "delay_after", "apply"),
+        transport_case("expired-selfsigned", "drop_before", "apply"),
+        transport_case("expired-selfsigned", "cut_at_op", "apply", op=6),
+        transport_case("expired-selfsigned", "drop_after", "read"),
+        transport_case("expired-selfsigned", "drop_after", "verify"),
+        transport_case("machinekeys-rdp-key-no-ns", "drop_after", "apply"),
+        transport_case("machinekeys-rdp-key-no-ns", "cut_at_op", "apply", op=4),
+        transport_case("firewall-rules-disabled", "http500_after", "apply"),
+        write_case("expired-selfsigned", "DiskFull", "backups"),
+        write_case("expired-selfsigned", "DiskFull", "machinekeys"),
+        write_case("machinekeys-rdp-key-no-ns", "AccessDenied", "machinekeys"),
+        service_case("expired-selfsigned", "CertPropSvc"),
+        Case("expired-selfsigned", "restore:drop_after", in_restore={"kind": "drop_after", "skip": 1}),
+        Case("machinekeys-rdp-key-no-ns", "restore:cut_at_op3", in_restore={"kind": "cut_at_op", "op": 3, "skip": 1}),
+    ]
+    if HAS_GUARD:
+        # No session at the read, so the plan restarts TermService; a user logs on before the apply.
+        cases.append(
+            Case("expired-selfsigned", "late-logon", late_logon=True, args=(("restart_service", "TermService"),))
+        )
+    if HAS_LOCK:
+        cases.append(Case("expired-selfsigned", "concurrent", concurrent=True))
+    return cases
+
+
+def full_matrix() -> list[Case]:
+    cases: list[Case] = []
+    kinds = ("drop_before", "drop_after", "http500_after", "delay_after")
+    for host in MODULES:
+        if host == "active-sessions":
+            continue
+        for point in POINTS:
+            cases += [transport_case(host, kind, point) for kind in kinds]
+        cases += [transport_case(host, "cut_at_op", "apply", op=op) for op in range(1, 10)]
+        cases += [
+            write_case(host, error, where)
+            for error in ("DiskFull", "AccessDenied")
+            for where in ("backups", "machinekeys")
+        ]
+        cases += [service_case(host, name) for name in ("CertPropSvc", "TermService", "SessionEnv")]
+        cases += [
+            Case(
+                host,
+                f"restore:{kind}",
+                in_restore={"kind": kind, "skip": 1, **({"seconds": HELD} if kind == "delay_after" else {})},
+            )
+            for kind in kinds
+        ]
+        cases += [
+            Case(host, f"restore:cut_at_op{op}", in_restore={"kind": "cut_at_op", "op": op, "skip": 1})
+            for op in (2, 4, 6)
+        ]
+    if HAS_GUARD:
+        cases += [
+            Case(host, "late-logon", late_logon=True, args=(("restart_service", "TermService"),))
+            for host in ("expired-selfsigned", "missing-selfsigned")
+        ]
+    if HAS_LOCK:
+        cases += [Case(host, "concurrent", concurrent=True) for host in MODULES if host != "active-sessions"]
+    return cases
+
+
+MATRIX = full_matrix() if os.environ.get("RDPFIX_FAULT_MATRIX") == "full" else small_matrix()
+
+
+# ------------------------------------------------------------------------------------------------------ the lab
+
+
+def free_network() -> str:
+    """A random 127.a.b network whose host and control addresses have their ports free: pytest workers and parallel
+    runs never meet."""
+    for _attempt in range(200):
+        network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
+        addresses = [f"{network}.1", *(f"{network}.{10 + index}" for index in range(len(MODULES)))]
+        if all(rdplab_winrm.port_free(address, port) for address in addresses for port in (5985, 5986, 3389, 5999)):
+            return network
+    raise RuntimeError("no free loopback network found")
+
+
+@pytest.fixture(scope="module")
+def lab() -> t.Iterator[t.Any]:
+    files = [HOSTS_DIR / f"{name}.yml" for name in MODULES]
+    running = rdplab_server.Lab(files, free_network())
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        # The figures docs/reliability.md quotes: RDPFIX_FAULT_FIGURES=<file> (one worker: -p no:xdist).
+        figures = os.environ.get("RDPFIX_FAULT_FIGURES")
+        if figures:
+            document = {"cases": len(MATRIX), "runs": TALLY.runs, "outcomes": dict(sorted(TALLY.outcomes.items()))}
+            Path(figures).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def fresh(lab: t.Any, name: str) -> t.Any:
+    host = rdplab_fleet.load_fleet([HOSTS_DIR / f"{name}.yml"])[0]
+    lab.runtime(name).slot.replace_host(host)
+    return host
+
+
+def connection(lab: t.Any, name: str) -> t.Any:
+    runtime = lab.runtime(name)
+    host = runtime.slot.host
+    play_context = PlayContext()
+    conn = connection_loader.get("winrm", play_context)
+    conn.set_options(
+        var_options={
+            "ansible_host": runtime.slot.address,
+            "ansible_user": host.username,
+            "ansible_password": host.password,
+            "ansible_port": 5986,
+            "ansible_winrm_scheme": "https",
+            "ansible_winrm_transport": ["basic"],
+            # pywinrm's own options reach it as the connection's extras, as inventory variables do.
+            "_extras": {
+                "ansible_winrm_server_cert_validation": "ignore",
+                "ansible_winrm_operation_timeout_sec": OPERATION_TIMEOUT,
+                "ansible_winrm_read_timeout_sec": READ_TIMEOUT,
+            },
+        }
+    )
+    return conn
+
+
+def run_module(lab: t.Any, name: str, module: str, **args: t.Any) -> dict[str, t.Any]:
+    """One task of ``module`` on host ``name``, through a new winrm connection (as a new play would)."""
+    plugin = importlib.import_module(f"ansible_collections.rdpfix.rdp.plugins.action.{module}")
+    task = SimpleNamespace(
+        args=args, check_mode=False, diff=False, async_val=0, action=f"rdpfix.rdp.{module}", environment=None
+    )
+    conn = connection(lab, name)
+    action = plugin.ActionModule(task, conn, conn._play_context, None, None, None)
+    try:
+        return t.cast(dict[str, t.Any], action.run(task_vars={"inventory_hostname": name}))
+    finally:
+        conn.close()
+
+
+# -------------------------------------------------------------------------------------------------- invariants
+
+
+def comparable(snapshot: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The host minus what a run and its restore legitimately leave (as tests/system/test_restore_every_host.py):
+    backups, events, counters, faults, empty registry keys, a certificate's link to a key file that does not exist."""
+    state = copy.deepcopy(snapshot)
+    state["files"]["entries"] = {
+        path: entry for path, entry in state["files"]["entries"].items() if not path.lower().startswith(BACKUPS)
+    }
+    state["files"].pop("write_faults", None)
+    state["registry"] = {path: values for path, values in state["registry"].items() if values}
+    files = {path.lower() for path in state["files"]["entries"]}
+    for certificates in state["certificates"].values():
+        for cert in certificates:
+            if cert.get("key_path") and str(cert["key_path"]).lower() not in files:
+                cert.update(key_path=None, has_private_key=False)
+    for volatile in ("events", "counters", "faults"):
+        state.pop(volatile, None)
+    return state
+
+
+def difference(before: dict[str, t.Any], after: dict[str, t.Any]) -> str:
+    """Where two comparable states differ, briefly (for assertion messages)."""
+    parts: list[str] = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key):
+            continue
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+            parts.append(f"{key}: {inner[:5]}")
+        else:
+            parts.append(f"{key}: {str(old)[:200]} -> {str(new)[:200]}")
+    return "; ".join(parts)
+
+
+def manifests_text(host: t.Any) -> tuple[str, set[str]]:
+    """Every manifest on the host (concatenated, lower case) and the paths of every backup file."""
+    texts: list[str] = []
+    paths: set[str] = set()
+    for path, entry in host.filesystem.entries.items():
+        if not path.lower().startswith(BACKUPS):
+            continue
+        paths.add(path.lower())
+        if path.lower().endswith("\\manifest.json") and getattr(entry, "content", None):
+            texts.append(bytes(entry.content).decode("utf-8", errors="replace").lower())
+    return "\n".join(texts), paths
+
+
+def valuables(snapshot: dict[str, t.Any]) -> dict[str, str]:
+    """What must never be lost: certificates (by thumbprint) and key files (by path) -> a description."""
+    found: dict[str, str] = {}
+    for store, certificates in snapshot["certificates"].items():
+        for cert in certificates:
+            found[cert["thumbprint"].lower()] = f"certificate {cert['thumbprint']} in {store}"
+    for path in snapshot["files"]["entries"]:
+        lowered = path.lower()
+        in_key_folder = "\\crypto\\" in lowered and ("\\machinekeys\\" in lowered or "\\keys\\" in lowered)
+        if in_key_folder and not lowered.endswith(("\\machinekeys", "\\keys")):
+            found[lowered] = f"key file {path}"
+    return found
+
+
+def assert_nothing_lost(before: dict[str, t.Any], host: t.Any) -> None:
+    now = valuables(host.snapshot())
+    text, _paths = manifests_text(host)
+    for key, what in valuables(before).items():
+        if key in now:
+            continue
+        name = key.rsplit("\\", 1)[-1]
+        assert key in text or name in text, f"{what} is gone and no manifest names it"
+
+
+def security(snapshot: dict[str, t.Any]) -> dict[str, t.Any]:
+    registry = snapshot["registry"]
+
+    def value(path: str, name: str) -> t.Any:
+        item = (registry.get(path) or {}).get(name)
+        return item.get("value") if isinstance(item, dict) else item
+
+    legacy = {
+        version: value(f"{SCHANNEL}\\{version}\\Server", "Enabled") for version in ("SSL 3.0", "TLS 1.0", "TLS 1.1")
+    }
+    open_public = sorted(
+        rule["name"]
+        for rule in snapshot["firewall"]["rules"]
+        if rule["enabled"]
+        and rule["action"] == "Allow"
+        and rule["remote_addresses"] == ["Any"]
+        and rule["profiles"] in (0, 4)
+    )
+    return {
+        "security_layer": value(RDP_TCP, "SecurityLayer"),
+        "nla": value(RDP_TCP, "UserAuthentication"),
+        "legacy": legacy,
+        "open_public": open_public,
+    }
+
+
+def assert_not_weakened(before: dict[str, t.Any], after: dict[str, t.Any]) -> None:
+    old, new = security(before), security(after)
+    if old["security_layer"] not in (None, 0):
+        assert new["security_layer"] not in (0,), "SecurityLayer lowered to 0"
+    if old["nla"] == 1:
+        assert new["nla"] == 1, "NLA turned off"
+    for version, enabled in new["legacy"].items():
+        if enabled not in (None, 0) and old["legacy"][version] in (None, 0):
+            raise AssertionError(f"{version} enabled")
+    assert set(new["open_public"]) <= set(old["open_public"]), "a rule opened to any address on Public"
+
+
+def active_users(snapshot: dict[str, t.Any]) -> set[str]:
+    return {s["user"] for s in snapshot["sessions"] if s["user"] and s["state"] == "Active"}
+
+
+@dataclass
+class Tally:
+    runs: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, label: str) -> None:
+        self.runs += 1
+        self.outcomes[label] = self.outcomes.get(label, 0) + 1
+
+
+TALLY = Tally()
+
+
+def outcome_of(result: dict[str, t.Any]) -> str:
+    if result.get("unreachable"):
+        return "unreachable"
+    if "outcome" in result:
+        return f"outcome:{result['outcome']}"
+    if result.get("failed"):
+        return "failed"
+    return "changed" if result.get("changed") else "ok"
+
+
+def assert_truthful(case: Case, result: dict[str, t.Any], before: dict[str, t.Any], host: t.Any) -> None:
+    msg = str(result.get("msg") or "")
+    after = comparable(host.snapshot())
+    baseline = comparable(before)
+    if case.late_logon:
+        # The new session is the test's doing, not the run's (sessions are checked on their own).
+        after.pop("sessions")
+        baseline.pop("sessions")
+    unchanged = after == baseline
+    assert "Traceback" not in msg
+    if "nothing was changed" in msg and "already made changes" not in msg:
+        assert unchanged, f"{case.id}: said nothing was changed, but: {difference(baseline, after)}: {msg}"
+    if not result.get("failed") and not result.get("unreachable") and not result.get("changed"):
+        assert unchanged, f"{case.id}: ok/unchanged, but: {difference(baseline, after)}"
+    if result.get("changed") and not result.get("failed"):
+        assert not unchanged or result.get("outcome") == "made", f"{case.id}: changed, but the host is as before"
+    if "outcome" in result:
+        assert result["outcome"] in ("made", "partial", "not_made", "not_needed", "unknown")
+        manifest = (result.get("backup") or {}).get("manifest_id")
+        assert manifest, f"{case.id}: a lost answer without its manifest id"
+        if result["outcome"] == "unknown":
+            assert manifest in msg
+        if result["outcome"] == "not_made":
+            assert unchanged, f"{case.id}: 'not made' but the host changed"
+    if case.transport and case.transport["skip"] == POINTS["apply"] and case.transport["kind"] != "drop_before":
+        # The changes were sent: whatever happened, it is never "failed to run" or unreachable.
+        fired = any(f.fired for f in host.transport_faults)
+        if fired:
+            assert not result.get("unreachable"), f"{case.id}: a lost answer reported as unreachable: {msg}"
+
+
+def clear_faults(host: t.Any) -> None:
+    host.transport_faults.clear()
+    host.filesystem.faults.clear()
+    for name in ("CertPropSvc", "TermService", "SessionEnv", "KeyIso", "CryptSvc"):
+        service = host.services.get(name)
+        if service is not None and service.status != "Running" and service.start_type != "Disabled":
+            host.start_service(name)
+
+
+def restore_all(lab: t.Any, name: str) -> dict[str, t.Any]:
+    """Put back every run of the repair modules, newest first (the module orders them), as playbooks/restore_rdp.yml
+    does with the listed ids: not the restore's own manifests (they undo a restore), not those already restored, and
+    not a folder without a manifest (a batch cut before its manifest changed nothing; the listing names its error)."""
+    listing = run_module(lab, name, "restore")
+    assert not listing.get("failed"), listing.get("msg")
+    entries = listing.get("manifests") or []
+    for entry in entries:
+        if entry.get("error"):
+            assert "no backup manifest" in entry["error"], entry
+    ids = [
+        entry["id"]
+        for entry in entries
+        if not entry.get("error") and entry.get("module") != "rdpfix.rdp.restore" and not entry.get("restored")
+    ]
+    if not ids:
+        return listing
+    return run_module(lab, name, "restore", manifest_id=ids)
+
+
+# ------------------------------------------------------------------------------------------------------ the test
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=[case.id for case in MATRIX])
+def test_fault(lab: t.Any, case: Case) -> None:
+    module, args = MODULES[case.host]
+    args = {**args, **dict(case.args)}
+    host = fresh(lab, case.host)
+    before = host.snapshot()
+    users = active_users(before)
+    for fault, params in case.model_faults:
+        host.inject_fault(fault, params)
+    # What "nothing was changed" is measured against: the host with its fault (a stopped service stays stopped).
+    baseline = host.snapshot()
+    if case.transport:
+        host.inject_fault("transport", case.transport)
+
+    if case.concurrent:
+        results: list[dict[str, t.Any]] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(run_module(lab, case.host, module, **args)))
+            for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert len(results) == 2
+        assert sum(1 for r in results if r.get("changed") and not r.get("failed")) <= 1, results
+        result = next((r for r in results if r.get("failed")), results[0])
+    elif case.late_logon:
+        # A user logs on between the read and the apply: the write is guarded, the session survives.
+        original = host.run_batch
+        calls = {"n": 0}
+
+        def late(batch: dict[str, t.Any]) -> dict[str, t.Any]:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                host.sessions.add("CORP\\late", "Active")
+            return original(batch)
+
+        host.run_batch = late  # type: ignore[method-assign]
+        try:
+            result = run_module(lab, case.host, module, **args)
+        finally:
+            del host.run_batch
+        assert calls["n"] >= 2, "the run never reached its apply batch"
+        assert "CORP\\late" in active_users(host.snapshot()), f"the late session was dropped: {result.get('msg')}"
+    else:
+        result = run_module(lab, case.host, module, **args)
+    TALLY.add(outcome_of(result))
+
+    assert_truthful(case, result, baseline, host)
+    assert_nothing_lost(before, host)
+    assert_not_weakened(before, host.snapshot())
+    if not args.get("allow_session_disruption"):
+        assert users <= active_users(host.snapshot()), f"{case.id}: a session was dropped without consent"
+
+    # A plain rerun, the fault gone, converges.
+    clear_faults(host)
+    rerun = run_module(lab, case.host, module, **args)
+    assert not rerun.get("failed") and not rerun.get("unreachable"), rerun.get("msg")
+    settled = run_module(lab, case.host, module, **args)
+    assert settled.get("changed") is False and not settled.get("failed"), settled.get("msg")
+    assert_nothing_lost(before, host)
+
+    # Every manifest restored newest first gives back the exact pre-run state; a fault inside the restore is met
+    # the same way (truthful result, plain rerun).
+    if case.in_restore:
+        host.inject_fault("transport", case.in_restore)
+        cut = restore_all(lab, case.host)
+        TALLY.add("restore " + outcome_of(cut))
+        assert "Traceback" not in str(cut.get("msg"))
+        assert_nothing_lost(before, host)
+        clear_faults(host)
+    restored = restore_all(lab, case.host)
+    assert not restored.get("failed") and not restored.get("unreachable"), restored.get("msg")
+    final, original = comparable(host.snapshot()), comparable(before)
+    if case.late_logon:
+        final.pop("sessions")
+        original.pop("sessions")
+    assert final == original, f"{case.id}: the restore is not exact: {difference(original, final)}"
