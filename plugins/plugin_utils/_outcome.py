@@ -60,7 +60,8 @@ def resolve(action: RdpfixAction, params: dict[str, t.Any], lost: OutcomeUnknown
     }
     check_mode = action.check_mode
     try:
-        reset = getattr(action._connection, "reset", None)
+        # A module whose batches travel inside another's (rdpfix.rdp.server) leaves the connection to its owner.
+        reset = getattr(action._connection, "reset", None) if action.batch_sender is None else None
         if callable(reset):
             reset()
         present = manifest_written(action, lost)

@@ -205,7 +205,8 @@ class _Unreachable:
 def test_a_lost_answer_stays_unknown_with_its_manifest_when_the_host_cannot_be_read_again() -> None:
     batch = write_batch()
     lost = OutcomeUnknown("web01", "Read timed out.", batch.manifest_id, batch.manifest_dir)
-    action = t.cast(t.Any, type("Action", (), {"host": "web01", "check_mode": False, "_connection": _Unreachable()})())
+    attributes = {"host": "web01", "check_mode": False, "_connection": _Unreachable(), "batch_sender": None}
+    action = t.cast(t.Any, type("Action", (), attributes)())
     result = _outcome.resolve(action, {}, lost)
     assert result["failed"] is True and result["outcome"] == "unknown" and result["changed"] is False
     assert result["backup"]["manifest_id"] == batch.manifest_id and batch.manifest_id in result["msg"]
