@@ -22,3 +22,51 @@ attributes:
     support: N/A
     platforms: windows
 """
+
+    # The modules that run the agent on a Windows host (every module but handshake and fleet_report): how they reach it,
+    # as ansible-core's action_common_attributes.conn and .flow fragments name it (docs/architecture.md, "How a batch
+    # reaches the host").
+    WINDOWS = r"""
+attributes:
+  action:
+    description: Indicates this has a corresponding action plugin so some parts of the options can be executed on the
+      controller.
+    support: full
+    details: Every decision is made by the action plugin on the controller; the host runs batches of primitive
+      operations.
+  async:
+    description: Supports being used with the C(async) keyword.
+    support: full
+    details:
+      - With C(poll) 1 or more, each round trip runs as an Ansible async job on the host (Ansible's async wrapper),
+        which the module polls with M(ansible.windows.async_status) every C(poll) seconds for at most C(async) seconds
+        and then removes; the task's result is the module's own result, as without C(async).
+      - Each batch then costs, besides its own command, its polls and one cleanup; the module's result is written into
+        the last job's result file for Ansible's own polling to read (one more command).
+      - C(poll=0) (fire and forget) is refused before anything is sent.
+  become:
+    description: Is usable alongside become keywords.
+    support: full
+    details:
+      - C(become_method=runas), including C(become_user=SYSTEM); the operations then run with that account's token
+        (what SYSTEM may read differs from what an Administrator may).
+      - The become wrapper travels inside each batch, as for every Windows module; it adds no command.
+      - Other become methods are refused before anything is sent.
+  bypass_host_loop:
+    description: Forces a 'global' task that does not execute per host.
+    support: none
+  connection:
+    description: Uses the target's configured connection information to execute code on it.
+    support: full
+    details:
+      - C(ansible.builtin.winrm), C(ansible.builtin.psrp), and C(ansible.builtin.ssh) with
+        C(ansible_shell_type=powershell) (Windows OpenSSH); each batch is one command through Ansible's PowerShell
+        module wrapper, whatever the C(pipelining) setting.
+  delegation:
+    description: Can be used in conjunction with delegate_to and related keywords.
+    support: partial
+    details:
+      - To another Windows host only; the results name the host contacted.
+      - A delegation to a host that is not reached through a Windows shell (C(localhost), for instance) is refused
+        before anything is sent.
+"""

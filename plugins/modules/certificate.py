@@ -38,6 +38,7 @@ extends_documentation_fragment:
   - rdpfix.rdp.snapshot
   - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 options:
   expiry_threshold_days:
     description:

@@ -116,6 +116,7 @@ options:
     type: str
 extends_documentation_fragment:
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 attributes:
   check_mode:
     support: full

@@ -29,6 +29,7 @@ extends_documentation_fragment:
   - rdpfix.rdp.common
   - rdpfix.rdp.snapshot
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 options:
   sides:
     description: Server (inbound) and/or client (outbound) rules.

@@ -28,6 +28,7 @@ extends_documentation_fragment:
   - rdpfix.rdp.common
   - rdpfix.rdp.session_disruption
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 options:
   manifest_id:
     description:

@@ -40,6 +40,7 @@ options:
     default: true
 extends_documentation_fragment:
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 attributes:
   check_mode:
     support: full

@@ -29,6 +29,7 @@ description:
     role does, in a loop).
 extends_documentation_fragment:
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 attributes:
   check_mode:
     support: full

@@ -20,6 +20,7 @@ description:
   - Read-only; runs in check mode.
 extends_documentation_fragment:
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 attributes:
   check_mode:
     support: full

@@ -37,6 +37,7 @@ extends_documentation_fragment:
   - rdpfix.rdp.common
   - rdpfix.rdp.snapshot
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 options:
   enable_tls12:
     description: Enable TLS 1.2 for the Schannel server when it is disabled.

@@ -22,6 +22,7 @@ extends_documentation_fragment:
   - rdpfix.rdp.common
   - rdpfix.rdp.snapshot
   - rdpfix.rdp.attributes
+  - rdpfix.rdp.attributes.windows
 options:
   mode:
     description:

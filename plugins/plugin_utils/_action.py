@@ -175,12 +175,12 @@ class BackupSet:
 
 
 def async_refusal(action: str) -> str:
-    """Why an rdpfix module refuses ``async`` (docs/architecture.md, "async")."""
+    """Why an rdpfix module refuses ``async`` with ``poll: 0`` (docs/architecture.md, "async")."""
     return (
-        f"{action} does not support async: it decides on the controller between its round trips to the host (read, "
-        "plan, back up and change, verify), so there is no single job the host could run in the background, and "
-        "Ansible would report the raw answer of one batch instead of the module's result. Run it without async: each "
-        "round trip is one short command; for many hosts at once, raise forks or use the free strategy"
+        f"{action} does not support async with poll: 0: it decides on the controller between its round trips to the "
+        "host (read, plan, back up and change, verify), each of which runs as a background job on the host that the "
+        "controller waits for, so it cannot be left to run on its own. Use poll: 1 or more (the task then runs "
+        "its batches as async jobs), or no async"
     )
 
 
@@ -233,6 +233,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.run_lock: _lock.RunLock | None = None
         self.task_vars: dict[str, t.Any] = {}
         self._builder: Builder | None = None
+        self._jobs: t.Any = None
 
     @abc.abstractmethod
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -249,7 +250,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             return self._send_locked(batch)
         if batch.ops:
             self.round_trips += 1
-        answered = run_batch(self._connection, self.host, batch, self.wire_builder())
+        answered = run_batch(self.channel(), self.host, batch, self.wire_builder())
         if batch.writes and any(
             item.ok and item.op in _agent.WRITE_OPERATIONS and item.op not in _lock.OPERATIONS
             for item in answered.results
@@ -275,6 +276,62 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             if warning:
                 self.warn(warning)
         return locked.own(sent)
+
+    def wire_builder(self) -> Builder:
+        """How this task's batches are sent: Ansible's PowerShell module exec wrapper with the agent as the module,
+        the task's become (runas) and ``environment:`` (``_wrapper.ModuleWrapper``); for an async task, as a job."""
+        if self._builder is None:
+            # Imported here: _wrapper imports ansible-core's executor, which the local runner of the Windows CI (where
+            # Ansible cannot run) never needs.
+            from ._wrapper import AsyncJobs, wrapper_for  # noqa: PLC0415
+
+            environment: dict[str, t.Any] = {}
+            if getattr(self._task, "environment", None) and self._templar is not None:
+                self._compute_environment_string(environment)
+            timeout = int(self._task.async_val or 0)
+            builder = wrapper_for(self._connection, self.task_vars, environment, async_timeout=timeout)
+            self._builder = builder
+            if timeout:
+                self._jobs = AsyncJobs(self._connection, builder, poll=float(self._task.poll), timeout=timeout)
+        return self._builder
+
+    def channel(self) -> t.Any:
+        """What a batch is sent over: the connection, or for an async task the job runner around it (each batch a
+        background job on the host, polled until it ends: _wrapper.AsyncJobs)."""
+        self.wire_builder()
+        return self._jobs if self._jobs is not None else self._connection
+
+    def _finish_async(self, result: dict[str, t.Any]) -> dict[str, t.Any]:
+        """An async task hands its result to Ansible the way a job does: written to the last job's result file, for
+        the polling Ansible does after the task (ansible.windows.async_status) to read and remove. A failed or
+        unreachable result is returned as it is (Ansible does not poll then)."""
+        jobs = self._jobs
+        if jobs is None or jobs.last_job is None or result.get("failed") or result.get("unreachable"):
+            if jobs is not None:
+                self.round_trips += jobs.commands
+            return self._finish(result)
+        jid, results_file = jobs.last_job
+        self.round_trips += jobs.commands + 1
+        final = self._finish(result) | {"ansible_job_id": jid, "started": 1, "finished": 1}
+        document = b"\xef\xbb\xbf" + json.dumps(final).encode("utf-8")  # UTF-8 with a BOM, as Set-Content writes
+        batch = Batch(on_error="stop")
+        batch.add("file.write", path=results_file, content_b64=base64.b64encode(document).decode("ascii"))
+        try:
+            run_batch(self._connection, self.host, batch, self._sync_builder()).raise_for_errors()
+        except (AgentError, AnsibleConnectionFailure) as exc:
+            return final | {"failed": True, "msg": f"{self.host}: the result could not be handed over: {exc}"}
+        return {
+            "ansible_job_id": jid,
+            "results_file": results_file,
+            "started": 1,
+            "finished": 0,
+            "changed": final.get("changed", False),
+        }
+
+    def _sync_builder(self) -> Builder:
+        from ._wrapper import wrapper_for  # noqa: PLC0415
+
+        return wrapper_for(self._connection, self.task_vars)
 
     def run_batch(self, batch: Batch) -> BatchResult:
         """Send one batch (one round trip). Planning from a snapshot, the first batch that writes starts with a guard
@@ -327,20 +384,6 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
                 key = json.dumps([item["op"], item["args"]], sort_keys=True)
                 self.relied_on[key] = (item["op"], item["args"], outcome.data)
         return BatchResult(self.host, results)
-
-    def wire_builder(self) -> Builder:
-        """How this task's batches are sent: Ansible's PowerShell module exec wrapper with the agent as the module,
-        the task's become (runas) and ``environment:`` (``_wrapper.ModuleWrapper``)."""
-        if self._builder is None:
-            # Imported here: _wrapper imports ansible-core's executor, which the local runner of the Windows CI (where
-            # Ansible cannot run) never needs.
-            from ._wrapper import wrapper_for  # noqa: PLC0415
-
-            environment: dict[str, t.Any] = {}
-            if getattr(self._task, "environment", None) and self._templar is not None:
-                self._compute_environment_string(environment)
-            self._builder = wrapper_for(self._connection, self.task_vars, environment)
-        return self._builder
 
     def apply_with_backup(
         self,
@@ -433,14 +476,14 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.snapshot, self.relied_on, self.replanned = None, {}, None
         # Manifest ids of the write batches this run has had answered (a later failure says changes were made).
         self.written: list[str | None] = []
-        self.task_vars, self._builder = task_vars, None
+        self.task_vars, self._builder, self._jobs = task_vars, None, None
         result: dict[str, t.Any] = {"changed": False}
 
         delegated = self.delegated_host(task_vars)
         if delegated:
             # Label everything with the host actually contacted.
             self.host = delegated
-        if self._task.async_val:
+        if self._task.async_val and not getattr(self._task, "poll", 0):
             return self._finish(result | {"failed": True, "msg": async_refusal(self._task.action)})
         shell = getattr(self._connection, "_shell", None)
         if shell is not None and not getattr(shell, "_IS_WINDOWS", False):
@@ -502,6 +545,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         if self.snapshot is not None:
             result["snapshot"] = self.snapshot.to_dict()
             result["replanned"] = self.replanned
+        if self._jobs is not None:
+            return self._finish_async(result)
         return self._finish(result)
 
     def _finish(self, result: dict[str, t.Any]) -> dict[str, t.Any]:

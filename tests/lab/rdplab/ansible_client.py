@@ -12,7 +12,7 @@ import typing as t
 from pathlib import Path
 
 from ansible.executor.module_common import modify_module
-from ansible.plugins.loader import become_loader
+from ansible.plugins.loader import become_loader, module_loader
 from ansible.plugins.shell.powershell import ShellModule
 
 from rdplab.bootstrap import AGENT_SOURCE
@@ -44,6 +44,24 @@ def module_command(
         templar=None,
         task_vars={},
         environment=dict(environment or {}),
+        become_plugin=become,
+    )
+    command = str(ShellModule().build_module_command("", built.shebang, "")).strip()
+    return command, built.b_module_data
+
+
+def async_status_command(
+    jid: str, *, mode: str = "status", async_dir: str = "%USERPROFILE%\\.ansible_async", become: t.Any = None
+) -> tuple[str, bytes]:
+    """(command line, stdin) of ansible.windows.async_status for a job, as Ansible's polling of async tasks sends it."""
+    found = module_loader.find_plugin_with_context("ansible.windows.async_status", mod_type=".ps1")
+    built = modify_module(
+        module_name="ansible.windows.async_status",
+        module_path=str(found.plugin_resolved_path),
+        module_args={"jid": jid, "mode": mode, "_async_dir": async_dir},
+        templar=None,
+        task_vars={},
+        environment={},
         become_plugin=become,
     )
     command = str(ShellModule().build_module_command("", built.shebang, "")).strip()

@@ -20,11 +20,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib.util
+import itertools
 import json
 import os
 import pkgutil
 import re
 import threading
+import time
 import typing as t
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,12 +210,40 @@ class Become:
 
 
 @dataclass(frozen=True)
-class ModuleRun:
-    """A payload recognised as the rdpfix agent through Ansible's module wrapper."""
+class AsyncJob:
+    """Ansible's async wrapper and watchdog around the module: run it as a background job."""
 
+    async_dir: str
+    jid: str
+    timeout: int
+
+
+@dataclass(frozen=True)
+class ModuleRun:
+    """A payload recognised as a module the lab runs through Ansible's module wrapper: the rdpfix agent (``batch``),
+    or ansible.windows.async_status (``arguments``), optionally with become and (the agent only) as an async job."""
+
+    module: str  # "agent" | "async_status"
     batch: dict[str, t.Any]
+    arguments: dict[str, t.Any]
     become: Become | None
     environment: dict[str, str]
+    job: AsyncJob | None = None
+
+
+def async_status_source() -> bytes | None:
+    """The installed ansible.windows async_status.ps1 (what Ansible polls async tasks with on Windows)."""
+    try:
+        spec = importlib.util.find_spec("ansible_collections.ansible.windows.plugins.modules")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "async_status.ps1"
+        if path.is_file():
+            return path.read_bytes()
+    return None
 
 
 class PayloadRefused(Exception):
@@ -279,9 +310,9 @@ def parse_module_payload(stdin: bytes) -> ModuleRun:
     if manifest.get("signed_hashlist"):
         raise PayloadRefused("signed hash lists (WDAC) are not modelled")
     names = [item.get("name") if isinstance(item, dict) else None for item in actions]
-    if names not in (["module_wrapper.ps1"], ["become_wrapper.ps1", "module_wrapper.ps1"]):
-        if "async_wrapper.ps1" in names:
-            raise PayloadRefused("async (async_wrapper.ps1) is not modelled")
+    has_become = names[:1] == ["become_wrapper.ps1"]
+    rest = names[1:] if has_become else names
+    if rest not in (["module_wrapper.ps1"], ["async_wrapper.ps1", "async_watchdog.ps1", "module_wrapper.ps1"]):
         raise PayloadRefused(f"unexpected wrapper actions {names!r}")
     module = actions[-1].get("params")
     if not isinstance(module, dict):
@@ -289,17 +320,24 @@ def parse_module_payload(stdin: bytes) -> ModuleRun:
     module_script = module.get("Script")
     if not isinstance(module_script, str) or module_script not in scripts:
         raise PayloadRefused("module_wrapper.ps1's Script is not in the manifest")
-    if module.get("ForModule") is not True or module.get("CSharpModules") or module.get("PowerShellModules"):
-        raise PayloadRefused("the module is not run as a module without module utilities")
+    if module.get("ForModule") is not True or module.get("CSharpModules"):
+        raise PayloadRefused("the module is not run as a module without C# utilities")
+    module_content = _script_bytes(scripts[module_script], module_script)
+    try:
+        is_agent = hashlib.sha256(module_content).digest() == AGENT_SOURCE.script_digest()
+    except OSError as exc:
+        raise RecogniserUnavailable(f"the collection's agent script cannot be read: {exc}") from exc
+    is_async_status = not is_agent and module_content == async_status_source()
+    if not is_agent and not is_async_status:
+        raise PayloadRefused(f"the module {module_script!r} is not the collection's _agent.ps1")
+    utilities = module.get("PowerShellModules") or []
+    if utilities != ([] if is_agent else ["Ansible.ModuleUtils.Legacy.psm1"]):
+        raise PayloadRefused(f"unexpected module utilities {utilities!r}")
+    if is_async_status and len(rest) > 1:
+        raise PayloadRefused("async_status is not run as an async job")
     for name, entry in scripts.items():
         content = _script_bytes(entry, name)
         if name == module_script:
-            try:
-                expected = AGENT_SOURCE.script_digest()
-            except OSError as exc:
-                raise RecogniserUnavailable(f"the collection's agent script cannot be read: {exc}") from exc
-            if hashlib.sha256(content).digest() != expected:
-                raise PayloadRefused(f"the module {name!r} is not the collection's _agent.ps1")
             continue
         reference = ANSIBLE_SCRIPTS.script(name)
         if reference is None:
@@ -317,18 +355,32 @@ def parse_module_payload(stdin: bytes) -> ModuleRun:
     ):
         raise PayloadRefused("the module arguments are not one complex_args object")
     arguments: dict[str, t.Any] = variables[0]["Value"]
-    unknown = sorted(key for key in arguments if key != "batch" and not key.startswith("_ansible_"))
+    allowed = {"batch"} if is_agent else {"jid", "mode", "_async_dir"}
+    unknown = sorted(key for key in arguments if key not in allowed and not key.startswith("_ansible_"))
     if unknown:
         raise PayloadRefused(f"unexpected module arguments {unknown}")
-    if not isinstance(arguments.get("batch"), str):
-        raise PayloadRefused("the module argument 'batch' (the batch JSON) is missing")
-    batch = _json_object(arguments["batch"], "the batch")
+    batch: dict[str, t.Any] = {}
+    if is_agent:
+        if not isinstance(arguments.get("batch"), str):
+            raise PayloadRefused("the module argument 'batch' (the batch JSON) is missing")
+        batch = _json_object(arguments["batch"], "the batch")
+    elif not isinstance(arguments.get("jid"), str) or not isinstance(arguments.get("_async_dir"), str):
+        raise PayloadRefused("async_status needs jid and _async_dir")
+    job: AsyncJob | None = None
+    if len(rest) == 3:
+        job_params = actions[-3].get("params") or {}
+        watchdog = actions[-2].get("params") or {}
+        if not isinstance(job_params, dict) or not isinstance(watchdog, dict):
+            raise PayloadRefused("async wrapper parameters are not objects")
+        if set(job_params) != {"AsyncDir", "AsyncJid", "StartupTimeout"} or set(watchdog) != {"Timeout"}:
+            raise PayloadRefused(f"unexpected async parameters {sorted(job_params)} {sorted(watchdog)}")
+        job = AsyncJob(str(job_params["AsyncDir"]), str(job_params["AsyncJid"]), int(watchdog["Timeout"]))
     environment = module.get("Environment") or {}
     if not isinstance(environment, dict):
         raise PayloadRefused("the module environment is not an object")
 
     become: Become | None = None
-    if len(actions) == 2:
+    if has_become:
         become_params = actions[0].get("params") or {}
         secure = actions[0].get("secure_params") or {}
         if not isinstance(become_params, dict) or not isinstance(secure, dict):
@@ -342,7 +394,14 @@ def parse_module_payload(stdin: bytes) -> ModuleRun:
             logon_type=str(become_params.get("LogonType") or "Interactive"),
             logon_flags=str(become_params.get("LogonFlags") or "WithProfile"),
         )
-    return ModuleRun(batch=batch, become=become, environment={str(k): str(v) for k, v in environment.items()})
+    return ModuleRun(
+        module="agent" if is_agent else "async_status",
+        batch=batch,
+        arguments=arguments,
+        become=become,
+        environment={str(k): str(v) for k, v in environment.items()},
+        job=job,
+    )
 
 
 def exec_wrapper_failure(message: str) -> CommandOutcome:
@@ -389,6 +448,107 @@ def _run_as(host: WindowsHost, token: CallerToken | None, batch: dict[str, t.Any
             host.caller = saved
 
 
+# -- async jobs (Ansible's async_wrapper.ps1 / async_watchdog.ps1, and ansible.windows.async_status) ----------------
+
+# How long the emulated job takes to start running its module after the wrapper returned (it runs in the background).
+JOB_START_DELAY = 0.2
+_JOB_PIDS = itertools.count(7100, 4)
+
+
+def _profile(host: WindowsHost, token: CallerToken | None) -> str:
+    """%USERPROFILE% of whoever runs the command: LocalSystem's profile, or the account's under C:\\Users."""
+    caller = token or getattr(host, "caller", None)
+    if caller is not None and caller.sid == SID_SYSTEM:
+        return "C:\\Windows\\system32\\config\\systemprofile"
+    return f"C:\\Users\\{host.username}"
+
+
+def expand(host: WindowsHost, token: CallerToken | None, path: str) -> str:
+    """[Environment]::ExpandEnvironmentVariables for the variables the lab models (USERPROFILE)."""
+    expanded = re.sub("(?i)%USERPROFILE%", lambda _match: _profile(host, token), path)
+    if "%" in expanded:
+        raise PayloadRefused(f"environment variables other than %USERPROFILE% are not modelled: {path}")
+    return expanded
+
+
+def _json_line(document: dict[str, t.Any]) -> bytes:
+    return (json.dumps(document) + "\r\n").encode("utf-8")
+
+
+def start_job(host: WindowsHost, token: CallerToken | None, batch: dict[str, t.Any], job: AsyncJob) -> CommandOutcome:
+    """async_wrapper.ps1: create the job folder and result file, start the job, answer at once with the job id; the
+    job (async_watchdog.ps1 running the module) writes the module's result into the file when it ends."""
+    try:
+        folder = expand(host, token, job.async_dir)
+    except PayloadRefused as exc:
+        return refusal(str(exc))
+    pid = next(_JOB_PIDS)
+    local_jid = f"{job.jid}.{pid}"
+    path = folder.rstrip("\\") + "\\" + local_jid
+    started = {
+        "started": True,
+        "finished": False,
+        "results_file": path,
+        "ansible_job_id": local_jid,
+        "_ansible_suppress_tmpdir_delete": True,
+        "ansible_async_watchdog_pid": pid,
+    }
+    with host.lock:
+        host.filesystem.make_dirs(folder)
+        host.filesystem.write(path, json.dumps(started).encode("utf-8"))
+
+    def run_job() -> None:
+        time.sleep(JOB_START_DELAY)
+        with host.lock:
+            try:
+                module: dict[str, t.Any] = _run_as(host, token, batch)
+            except CommandHangs as exc:
+                module = {"failed": True, "msg": f"failure during async watchdog: timed out waiting for module ({exc})"}
+            except ValueError as exc:
+                module = {"failed": True, "msg": f"rdpfix agent: invalid batch: {exc}"}
+            except Exception as exc:  # a bug in the lab: the job fails with its message, as the watchdog reports one
+                module = {"failed": True, "msg": f"failure during async watchdog: {type(exc).__name__}: {exc}"}
+            final = started | module | {"finished": True}
+            # Set-Content -Encoding UTF8 on Windows PowerShell 5.1: a BOM, then the text and a line end.
+            host.filesystem.write(path, b"\xef\xbb\xbf" + _json_line(final))
+
+    threading.Thread(target=run_job, name=f"rdplab-job-{local_jid}", daemon=True).start()
+    return CommandOutcome(rc=0, stdout=_json_line(started), stderr=b"")
+
+
+def async_status(host: WindowsHost, token: CallerToken | None, arguments: dict[str, t.Any]) -> CommandOutcome:
+    """ansible.windows.async_status.ps1: a job's result file, read (status) or removed (cleanup)."""
+    jid = str(arguments["jid"])
+    try:
+        folder = expand(host, token, str(arguments["_async_dir"]))
+    except PayloadRefused as exc:
+        return refusal(str(exc))
+    path = folder.rstrip("\\") + "\\" + jid
+    with host.lock:
+        entry = host.filesystem.get(path)
+        if entry is None or entry.is_dir:
+            failed = {"ansible_job_id": jid, "started": 1, "finished": 1, "failed": True}
+            return CommandOutcome(1, _json_line(failed | {"msg": f"could not find job at '{folder}'"}), b"")
+        if arguments.get("mode") == "cleanup":
+            host.filesystem.remove(path)
+            return CommandOutcome(0, _json_line({"ansible_job_id": jid, "erased": path, "changed": False}), b"")
+        raw = (entry.content or b"").decode("utf-8-sig", errors="replace").strip()
+    if not raw:
+        running = {"results_file": path, "ansible_job_id": jid, "started": 1, "finished": 0, "changed": False}
+        return CommandOutcome(0, _json_line(running), b"")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        failed = {"ansible_job_id": jid, "results_file": path, "started": 1, "finished": 1, "failed": True}
+        return CommandOutcome(1, _json_line(failed | {"msg": f"Could not parse job output: {raw[:200]}"}), b"")
+    if "started" not in data:
+        data |= {"finished": 1, "ansible_job_id": jid}
+    elif "finished" not in data:
+        data["finished"] = 0
+    data.setdefault("changed", False)
+    return CommandOutcome(0, _json_line(data), b"")
+
+
 class AnsibleModuleWrapper:
     """The rdpfix agent run through Ansible's PowerShell module exec wrapper (optionally with runas)."""
 
@@ -415,6 +575,10 @@ class AnsibleModuleWrapper:
             if isinstance(found, CommandOutcome):
                 return found
             token = found
+        if payload.module == "async_status":
+            return async_status(host, token, payload.arguments)
+        if payload.job is not None:
+            return start_job(host, token, payload.batch, payload.job)
         try:
             with host.lock:
                 document = _run_as(host, token, payload.batch)

@@ -237,9 +237,9 @@ def test_results_of_a_delegated_task_name_the_host_contacted() -> None:
     assert len(connection.sent) == result["round_trips"] == 2
 
 
-def test_async_is_refused_with_the_reason_before_anything_is_sent() -> None:
+def test_fire_and_forget_async_is_refused_with_the_reason_before_anything_is_sent() -> None:
     connection = WindowsEcho()
     result = run_task(connection, {"inventory_hostname": "web07"}, async_val=60)
     assert result["failed"] is True
-    assert result["msg"].startswith("rdpfix.rdp.sample does not support async: it decides on the controller")
+    assert result["msg"].startswith("rdpfix.rdp.sample does not support async with poll: 0: it decides on the")
     assert (connection.sent, result["round_trips"]) == ([], 0)
