@@ -143,7 +143,7 @@ backup:
       description:
         - What was saved.
         - Each item the run carries out (a key or the store moved aside, an ACL replaced, the store created) has a
-          C(status), C(done), C(failed) (its operation failed: it did not happen) or C(not_run) (the run stopped
+          C(status), C(done), C(failed) (its operation failed, so it did not happen) or C(not_run) (the run stopped
           before it). The manifest on the host says C(planned) until the run has done them all, then C(done).
       type: list
       elements: dict
