@@ -32,6 +32,8 @@ HOSTS: dict[str, tuple[str, str]] = {
     "psrp": ("via-psrp", "psrp/http/negotiate/sealed"),
     "ssh": ("via-ssh", "ssh/publickey"),
 }
+# The transports whose host runs everything with become: true / become_user: SYSTEM.
+BECOME_SYSTEM = ("psrp",)
 TRANSPORT_PARAMS = [
     pytest.param("winrm_ntlm", marks=pytest.mark.winrm_ntlm, id="winrm_ntlm"),
     pytest.param("winrm_https", id="winrm_https"),
@@ -88,13 +90,22 @@ def _transport_inventory(lab: Lab, transports: list[str]) -> None:
         )
         if transport == "winrm_https":
             windows["hosts"][name]["ansible_winrm_server_cert_validation"] = "ignore"
+        if transport in BECOME_SYSTEM:
+            # Every task of fix_rdp.yml and audit_rdp.yml on this host runs as SYSTEM (runas), as a user would set it.
+            windows["hosts"][name].update(
+                {"ansible_become": True, "ansible_become_method": "runas", "ansible_become_user": "SYSTEM"}
+            )
     lab.inventory.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
 
 
 def _snapshot(lab: Lab) -> dict[str, dict[str, t.Any]]:
     state = lab.state()
     return {
-        name: {"counters": host["counters"], "channels": host.get("commands_by_channel", {})}
+        name: {
+            "counters": host["counters"],
+            "channels": host.get("commands_by_channel", {}),
+            "identities": host.get("batch_identities", []),
+        }
         for name, host in state.items()
     }
 
@@ -174,3 +185,18 @@ def test_audit_rdp(runs: Runs, transport: str) -> None:
     audited = runs.after["audit"][host]["counters"]["winrm_commands"]
     assert audited > 0
     assert _channels_of(runs, "audit", "rerun", host) == {channel: audited}
+
+
+@pytest.mark.parametrize(
+    "transport", [pytest.param(name, marks=[pytest.mark.become, pytest.mark.psrp], id=name) for name in BECOME_SYSTEM]
+)
+def test_become_system_runs_every_batch_as_system(runs: Runs, transport: str) -> None:
+    """fix_rdp.yml (check, apply, rerun) and audit_rdp.yml with become_user SYSTEM: the lab checked Ansible's runas
+    wrapper in every payload and ran each batch with SYSTEM's token; the other hosts ran as the login user."""
+    host = HOSTS[transport][0]
+    every = [name for step in ("check", "apply", "rerun", "audit") for name in runs.after[step][host]["identities"]]
+    assert every and set(every) == {"NT AUTHORITY\\SYSTEM"}
+    assert runs.apply.stats[host]["failures"] == 0 and host in runs.apply.changed_hosts()
+    for other, _channel in HOSTS.values():
+        if other != host and other in runs.after["audit"]:
+            assert "NT AUTHORITY\\SYSTEM" not in runs.after["audit"][other]["identities"]
