@@ -71,6 +71,10 @@ class ActionModule(RdpfixAction):
         **SNAPSHOT_ARGUMENT_SPEC,
         **{name: {"type": "dict"} for name in CONCERNS},
         "report": {"type": "dict"},
+        # The backup_root of every concern whose options give none: a member of the backup action group, so that
+        # module_defaults for group/rdpfix.rdp.backup reach the concerns (a task that passes a concern's backup_root,
+        # even as omit, would hide the module default; a concern's own backup_root still wins).
+        "backup_root": {"type": "str"},
     }
     MUTUALLY_EXCLUSIVE: t.ClassVar[list[list[str]]] = [["report", "snapshot"]]
 
@@ -91,6 +95,7 @@ class ActionModule(RdpfixAction):
         assert self.snapshot is not None
         self._lock = threading.Condition()
         self._task_vars = getattr(self, "_rdpfix_task_vars", {})
+        self._backup_root = params["backup_root"]
         order = [name for name in CONCERNS if params[name] is not None]
         concerns: dict[str, _Concern] = {}
         stopped_at: str | None = None
@@ -160,6 +165,8 @@ class ActionModule(RdpfixAction):
         if task is None:
             task = copy.copy(self._task)
         task.args = dict(args, snapshot=snapshot.to_dict())
+        if not task.args.get("backup_root") and self._backup_root:
+            task.args["backup_root"] = self._backup_root
         action = CONCERNS[name](
             task, self._connection, self._play_context, self._loader, self._templar, self._shared_loader_obj
         )

@@ -65,6 +65,14 @@ options:
       - One item of RV(concerns) of an earlier run, returned as this task's result (changed, diff, findings, backup;
         failed when that module failed), and nothing is sent. For one output line per concern.
     type: dict
+  backup_root:
+    description:
+      - The C(backup_root) of every concern whose options give none (a concern's own C(backup_root) wins).
+      - This module is in the C(rdpfix.rdp.backup) action group, so C(module_defaults) for C(group/rdpfix.rdp.backup)
+        reach the concerns it runs, also through the C(rdpfix.rdp.rdpfix_server) role (which passes it only its own
+        O(rdpfix.rdp.rdpfix_server#role:main:rdpfix_server_backup_root), under each concern, when that is set).
+      - Defaults to C(%ProgramData%\rdpfix\backups) on the host, as for each module.
+    type: str
 author: rdpfix maintainers (@rdpfix)
 """
 

@@ -18,8 +18,8 @@ from harness import BIN, ROOT, Lab, ansible_env
 
 pytestmark = pytest.mark.system
 
-# The role's backups go where its variable says; a module used directly gets backup_root from the action group's
-# module defaults (the role passes the variable, or omits the option, which in ansible-core 2.19 also drops a default).
+# The role's backups go where its variable says where it is set; elsewhere, and for a module used directly, backup_root
+# comes from the action group's module defaults (the role never passes the server module a backup_root of its own).
 ROLE_BACKUP_ROOT = "C:\\rdpfix-role\\backups"
 GROUP_BACKUP_ROOT = "C:\\rdpfix-group\\backups"
 
@@ -67,7 +67,12 @@ def install(tmp_path: Path) -> Path:
 
 def test_a_baseline_runs_from_the_installed_collection(lab_factory: t.Callable[..., Lab], tmp_path: Path) -> None:
     installed = install(tmp_path)
-    lab = lab_factory("expired-selfsigned", "healthy")
+    lab = lab_factory("expired-selfsigned", "missing-selfsigned", "healthy")
+    # The role's variable for one host only (an inventory host variable beats the role's default).
+    inventory = yaml.safe_load(lab.inventory.read_text())
+    hosts = inventory["all"]["children"]["windows"]["hosts"]
+    hosts["expired-selfsigned"]["rdpfix_server_backup_root"] = ROLE_BACKUP_ROOT
+    lab.inventory.write_text(yaml.safe_dump(inventory))
     site = tmp_path / "site.yml"
     site.write_text(
         yaml.safe_dump(
@@ -77,9 +82,7 @@ def test_a_baseline_runs_from_the_installed_collection(lab_factory: t.Callable[.
                     "hosts": "windows",
                     "gather_facts": False,
                     "module_defaults": {"group/rdpfix.rdp.backup": {"backup_root": GROUP_BACKUP_ROOT}},
-                    "roles": [
-                        {"role": "rdpfix.rdp.rdpfix_server", "vars": {"rdpfix_server_backup_root": ROLE_BACKUP_ROOT}}
-                    ],
+                    "roles": ["rdpfix.rdp.rdpfix_server"],
                     "tasks": [
                         {"name": "TCP only", "rdpfix.rdp.transport": {"mode": "tcp_only"}},
                         {"name": "Read the hosts", "rdpfix.rdp.facts": None, "register": "baseline_facts"},
@@ -118,9 +121,16 @@ def test_a_baseline_runs_from_the_installed_collection(lab_factory: t.Callable[.
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     document = json.loads(proc.stdout[proc.stdout.find("{") :])
     assert document["stats"]["expired-selfsigned"]["changed"] > 0
+    assert document["stats"]["missing-selfsigned"]["changed"] > 0
     assert document["stats"]["healthy"]["failures"] == 0
     # The role's repair was backed up under the role's folder, the direct module's change under the group default's.
     paths = " ".join(lab.host("expired-selfsigned")["snapshot"]["files"]["entries"])
     assert "rdpfix-role\\backups\\" in paths and "manifest.json" in paths, paths[:2000]
     assert "rdpfix-group\\backups\\" in paths, paths[:2000]
+    # Without the role's variable the role's repair goes under the group default too, and nothing under the
+    # built-in default.
+    paths = " ".join(lab.host("missing-selfsigned")["snapshot"]["files"]["entries"])
+    repair = [path for path in paths.split() if "rdpfix-group\\backups\\" in path and "-certificate-" in path]
+    assert repair and "rdpfix-role" not in paths, paths[:2000]
+    assert "programdata\\rdpfix\\backups" not in paths.lower(), paths[:2000]
     assert (tmp_path / "reports" / "report.json").is_file()

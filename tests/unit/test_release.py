@@ -93,8 +93,15 @@ def test_server_role_tasks_pass_backup_root_to_every_module_that_takes_it() -> N
     for path in (ROOT / "roles").glob("*/tasks/*.yml"):
         for task in yaml.safe_load(path.read_text()) or []:
             module = next((key for key in task if key.startswith("rdpfix.rdp.")), None)
-            if module in takes:
+            if module == "rdpfix.rdp.server":
+                # Never its own backup_root (even omit would hide the backup group's module default from it): each
+                # concern's options carry the role's variable, and the module fills in the default where that is unset.
+                assert "backup_root" not in (task[module] or {}), f"{path.name}: {task['name']}"
+            elif module in takes:
                 assert "backup_root" in (task[module] or {}), f"{path.name}: {task['name']} does not pass backup_root"
+    role_vars = yaml.safe_load((ROOT / "roles" / "rdpfix_server" / "vars" / "main.yml").read_text())
+    for concern in ("machinekeys", "certificate", "firewall", "transport", "tls"):
+        assert "rdpfix_server_backup_root" in role_vars[f"rdpfix_server_{concern}_args"]["backup_root"], concern
 
 
 def test_each_concern_has_its_tag() -> None:
