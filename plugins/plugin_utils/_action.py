@@ -334,18 +334,21 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         return wrapper_for(self._connection, self.task_vars)
 
     def run_batch(self, batch: Batch) -> BatchResult:
-        """Send one batch (one round trip). Planning from a snapshot, the first batch that writes starts with a guard
-        per read the plan took from the snapshot and ends by re-reading them; a failed guard raises StaleSnapshot
-        (nothing was written). Every read keeps the snapshot current."""
-        if self.snapshot is None or not batch.ops:
+        """Send one batch (one round trip). The first batch that writes after ``read`` starts with a guard per read
+        the plan relied on (from the snapshot, or this run's own read when there is none); a failed guard raises
+        StaleSnapshot (nothing was written) and ``run`` reads and plans once more. Planning from a snapshot, the
+        batch also ends by re-reading them; every read keeps the snapshot current."""
+        if not batch.ops or (self.snapshot is None and not (batch.writes and self.relied_on)):
             return self.send(batch)
         guards: list[dict[str, t.Any]] = []
         rereads: list[dict[str, t.Any]] = []
         if batch.writes and self.relied_on:
+            source = "the snapshot" if self.snapshot is not None else "this run's read"
             for op, args, data in self.relied_on.values():
-                guard = Guard(describe(op, args), op, args, expectation(op, data), match="subset")
+                guard = Guard(describe(op, args, source), op, args, expectation(op, data), match="subset")
                 guards.append({"op": GUARD_OP, "args": guard.op_args()})
-                rereads.append({"op": op, "args": args})
+                if self.snapshot is not None:
+                    rereads.append({"op": op, "args": args})
             self.relied_on = {}
         wire = dataclasses.replace(batch, ops=[*guards, *batch.ops, *rereads])
         # rdpfix.rdp.server moves every module's re-reads after all the writes of a shared batch.
@@ -362,17 +365,22 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
                 )
         own = sent.results[len(guards) : len(guards) + len(batch.ops)]
         answered = [*own, *sent.results[len(guards) + len(batch.ops) :]]
-        for operation, outcome in zip([*batch.ops, *rereads], answered, strict=True):
-            if operation["op"] in READ_OPERATIONS and outcome.ok:
-                self.snapshot.put(operation["op"], operation["args"], outcome)
+        if self.snapshot is not None:
+            for operation, outcome in zip([*batch.ops, *rereads], answered, strict=True):
+                if operation["op"] in READ_OPERATIONS and outcome.ok:
+                    self.snapshot.put(operation["op"], operation["args"], outcome)
         return BatchResult(sent.host, list(own))
 
     def read(self, batch: Batch) -> BatchResult:
         """The results of a read batch: from the snapshot when one was given (what is not in it is read from the
-        host, in one batch), else from the host. A batch that waits on the host (a poll) is always sent."""
-        if self.snapshot is None or any(item["op"] == "util.sleep" for item in batch.ops):
+        host, in one batch), else from the host. A batch that waits on the host (a poll) is always sent. The results
+        are what the plan relies on: the next write batch guards them (``run_batch``)."""
+        if any(item["op"] == "util.sleep" for item in batch.ops):
             return self.run_batch(batch)
-        found: list[OpResult | None] = [self.snapshot.lookup(item["op"], item["args"]) for item in batch.ops]
+        snapshot = self.snapshot
+        found: list[OpResult | None] = [
+            None if snapshot is None else snapshot.lookup(item["op"], item["args"]) for item in batch.ops
+        ]
         missing = [position for position, outcome in enumerate(found) if outcome is None]
         if missing:
             fresh = self.run_batch(dataclasses.replace(batch, ops=[batch.ops[position] for position in missing]))

@@ -146,10 +146,10 @@ def expectation(op: str, data: dict[str, t.Any]) -> dict[str, t.Any]:
     return data
 
 
-def describe(op: str, args: dict[str, t.Any]) -> str:
-    """Human words for a guard's label: what the plan relied on."""
+def describe(op: str, args: dict[str, t.Any], source: str = "the snapshot") -> str:
+    """Human words for a guard's label: what the plan relied on, as read in ``source``."""
     for name in ("path", "store", "names", "terminal_name"):
         if name in args:
             value = args[name]
-            return f"{op} {', '.join(value) if isinstance(value, list) else value} as read in the snapshot"
-    return f"{op} as read in the snapshot"
+            return f"{op} {', '.join(value) if isinstance(value, list) else value} as read in {source}"
+    return f"{op} as read in {source}"
