@@ -3059,6 +3059,16 @@ function Invoke-Batch {
         $AgentErrorData.Value = $null
         try {
             $data = Invoke-AgentOperation -Name $name -Arguments $operation.args
+            if ($null -ne $operation.expect) {
+                # What the batch requires the operation to have done (cert.remove: removed = true): compared with its
+                # data as a guard compares (subset); an operation that did less stops the batch here.
+                $travelled = ConvertFrom-Json -InputObject (ConvertTo-Json -InputObject $data -Depth 10 -Compress)
+                $difference = Compare-GuardValue -Expected $operation.expect -Actual $travelled -Match 'subset' -Path ''
+                if ($null -ne $difference) {
+                    $AgentErrorData.Value = $data
+                    throw (New-AgentException 'NotDone' "it did not do what the batch required ($difference)")
+                }
+            }
             $results.Add([ordered]@{ op = $name; ok = $true; data = $data })
         }
         catch {

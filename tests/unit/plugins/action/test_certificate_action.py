@@ -382,10 +382,11 @@ def test_documented_options_match_the_argument_spec() -> None:
     doc = yaml.safe_load(docs.DOCUMENTATION)
     documented = dict(doc["options"])
     for name in doc.get("extends_documentation_fragment", []):
-        fragment = importlib.import_module(
-            f"ansible_collections.rdpfix.rdp.plugins.doc_fragments.{name.split('.')[-1]}"
-        )
-        documented |= yaml.safe_load(fragment.ModuleDocFragment.DOCUMENTATION).get("options") or {}
+        # rdpfix.rdp.<file> or rdpfix.rdp.<file>.<variable> (a named part of the file, such as attributes.windows).
+        file_name, _, variable = name.removeprefix("rdpfix.rdp.").partition(".")
+        fragment = importlib.import_module(f"ansible_collections.rdpfix.rdp.plugins.doc_fragments.{file_name}")
+        text = getattr(fragment.ModuleDocFragment, (variable or "documentation").upper())
+        documented |= yaml.safe_load(text).get("options") or {}
     assert set(documented) == set(ActionModule.ARGUMENT_SPEC)
     for name, spec in ActionModule.ARGUMENT_SPEC.items():
         doc = documented[name]
