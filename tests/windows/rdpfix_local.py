@@ -436,7 +436,7 @@ def scenario_guards_lock(connection: LocalPowerShell, options: argparse.Namespac
     caller = data["caller"]
     admins = [group for group in caller["groups"] if group["sid"] == "S-1-5-32-544"]
     changed_name = data["hostname"].lower() if data["hostname"] != data["hostname"].lower() else data["hostname"] + "x"
-    cases = [
+    cases: list[tuple[str, object, str, list[object], bool, str | None]] = [
         # (label, expect, match, pick, holds, the difference's start)
         ("its own data, equal", data, "equal", [], True, None),
         ("a number as 1.0", float(data["os_build"]), "equal", ["os_build"], True, None),
