@@ -92,7 +92,8 @@ class ActionModule(RdpfixAction):
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
         if params["report"] is not None:
             return self._report(params["report"])
-        assert self.snapshot is not None
+        if self.snapshot is None:  # run() refuses a task without one before this point
+            raise ActionFailed(f"{self.host}: rdpfix.rdp.server needs a snapshot")
         self._lock = threading.Condition()
         self._task_vars = getattr(self, "_rdpfix_task_vars", {})
         self._backup_root = params["backup_root"]
@@ -181,7 +182,8 @@ class ActionModule(RdpfixAction):
                 reply, item.reply = item.reply, None
             if isinstance(reply, BaseException):
                 raise reply
-            assert reply is not None
+            if reply is None:
+                raise ActionFailed(f"{self.host}: {name}: the shared batch gave no answer")
             return reply
 
         action.batch_sender = sender

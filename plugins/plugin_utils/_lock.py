@@ -125,8 +125,8 @@ def describe_holder(holder: object) -> str:
     """``run 1a2b of rdpfix.rdp.certificate from ctl01 (pid 4242, user awx), taken 2026-..Z, expires 2026-..Z``."""
     if not isinstance(holder, dict):
         return "another run (its lock record could not be read)"
-    owner = holder.get("owner") if isinstance(holder.get("owner"), dict) else {}
-    assert isinstance(owner, dict)
+    found = holder.get("owner")
+    owner: dict[str, t.Any] = found if isinstance(found, dict) else {}
     if not owner:
         who = "a run that left no owner (the lock file is not an rdpfix record)"
     else:

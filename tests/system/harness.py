@@ -49,7 +49,7 @@ class _Networks:
 
     def __next__(self) -> int:
         """The next network of the block that no running lab of this process has (labs from start_lab are known)."""
-        for _ in range(self.size):
+        for _attempt in range(self.size):
             candidate = next(self._turn)
             if candidate not in self.in_use:
                 return candidate

@@ -29,7 +29,7 @@ def test_each_worker_has_its_own_block_from_the_start(monkeypatch: pytest.Monkey
 def test_a_process_goes_round_its_block_skipping_running_labs(monkeypatch: pytest.MonkeyPatch) -> None:
     block = networks(monkeypatch, "gw1", start="200", size="3")
     block.in_use.add(204)
-    assert [next(block) for _ in range(4)] == [203, 205, 203, 205]
+    assert [next(block) for _turn in range(4)] == [203, 205, 203, 205]
     block.in_use.update({203, 205})
     with pytest.raises(RuntimeError, match="taken by labs this process runs"):
         next(block)

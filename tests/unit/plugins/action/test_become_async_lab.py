@@ -117,7 +117,7 @@ def test_an_unknown_account_is_not_mapped() -> None:
 
 
 def test_an_async_write_module_runs_each_batch_as_a_job_and_hands_its_result_over() -> None:
-    synchronous, _ = run(certificate_action, load("expired-selfsigned"), allow_session_disruption=True)
+    synchronous, _connection = run(certificate_action, load("expired-selfsigned"), allow_session_disruption=True)
     host = load("expired-selfsigned")
     result, connection = run(certificate_action, host, async_val=60, poll=POLL, allow_session_disruption=True)
     assert not synchronous.get("failed"), synchronous.get("msg")

@@ -463,7 +463,7 @@ def test_fault(lab: t.Any, case: Case) -> None:
         results: list[dict[str, t.Any]] = []
         threads = [
             threading.Thread(target=lambda: results.append(run_module(lab, case.host, module, **args)))
-            for _ in range(2)
+            for _twice in range(2)
         ]
         for thread in threads:
             thread.start()

@@ -118,7 +118,7 @@ def test_two_runs_at_once_on_one_host_change_it_once() -> None:
     def one_run() -> None:
         results.append(run(host, wait_for_the_other_read))
 
-    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    threads = [threading.Thread(target=one_run) for _twice in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
