@@ -383,7 +383,7 @@ def test_documented_options_match_the_argument_spec() -> None:
     documented = dict(doc["options"])
     for name in doc.get("extends_documentation_fragment", []):
         # rdpfix.rdp.<file> or rdpfix.rdp.<file>.<variable> (a named part of the file, such as attributes.windows).
-        file_name, _, variable = name.removeprefix("rdpfix.rdp.").partition(".")
+        file_name, _dot, variable = name.removeprefix("rdpfix.rdp.").partition(".")
         fragment = importlib.import_module(f"ansible_collections.rdpfix.rdp.plugins.doc_fragments.{file_name}")
         text = getattr(fragment.ModuleDocFragment, (variable or "documentation").upper())
         documented |= yaml.safe_load(text).get("options") or {}
