@@ -45,6 +45,19 @@ def comparable(snapshot: dict[str, t.Any]) -> dict[str, t.Any]:
     return state
 
 
+def differences(before: t.Any, after: t.Any, where: str = "") -> list[str]:
+    """Where two host states differ, as paths with both values, so a failure says what was not put back."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        found: list[str] = []
+        for key in sorted(set(before) | set(after), key=str):
+            found += differences(before.get(key), after.get(key), f"{where}/{key}")
+        return found
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        pairs = enumerate(zip(before, after, strict=True))
+        return [line for index, (old, new) in pairs for line in differences(old, new, f"{where}[{index}]")]
+    return [] if before == after else [f"{where}: before {before!r:.300}, after {after!r:.300}"]
+
+
 def snapshots(lab: Lab) -> dict[str, dict[str, t.Any]]:
     return {name: host["snapshot"] for name, host in lab.state().items()}
 
@@ -104,7 +117,8 @@ def test_every_restore_is_exact_or_refused_before_it_starts(lab: Lab, monkeypatc
                 name,
                 done[name].get("warnings"),
             )
-            assert after[name] == before[name], f"{name}: the restore is not exact"
+            changed = differences(before[name], after[name])
+            assert after[name] == before[name], f"{name}: the restore is not exact: {changed}"
 
     # Accepting the renewal restores the refused ones anyway, and says what Windows did.
     accepted = run_playbook(
