@@ -8,54 +8,21 @@ way - and the host is exactly as the fix left it. Never a third state.
 
 from __future__ import annotations
 
-import copy
 import typing as t
 
 import pytest
 import yaml
 from harness import HOSTS_DIR, Lab, run_playbook, start_lab
 
+from rdplab.restore_view import comparable, differences
+
 pytestmark = pytest.mark.system
 
 SERVERS = sorted(path.stem for path in HOSTS_DIR.glob("*.yml") if not path.stem.startswith("client-"))
 RESTORE_TASK = "Restore the given manifests, or list them all"
-BACKUPS = "c:\\programdata\\rdpfix"
 # Host files whose certificate run leaves a manifest that cannot be restored exactly (a pin and an expired
 # self-signed certificate): the restore must refuse there, and only there.
 NOT_EXACT = {"pinned-missing-selfsigned-expired", "pinned-missing-selfsigned-expired-legacy"}
-
-
-def comparable(snapshot: dict[str, t.Any]) -> dict[str, t.Any]:
-    """The host minus what a run and its restore legitimately leave: backups, events, counters, an empty registry key
-    the run created (the agent removes values, not keys: documented), and a certificate's link to a key file that does
-    not exist (a key the run found missing comes back without a link to nothing: documented, said before the restore).
-    """
-    state = copy.deepcopy(snapshot)
-    state["files"]["entries"] = {
-        path: entry for path, entry in state["files"]["entries"].items() if not path.lower().startswith(BACKUPS)
-    }
-    state["registry"] = {path: values for path, values in state["registry"].items() if values}
-    files = {path.lower() for path in state["files"]["entries"]}
-    for certificates in state["certificates"].values():
-        for cert in certificates:
-            if cert.get("key_path") and str(cert["key_path"]).lower() not in files:
-                cert.update(key_path=None, has_private_key=False)
-    for volatile in ("events", "counters"):
-        state.pop(volatile, None)
-    return state
-
-
-def differences(before: t.Any, after: t.Any, where: str = "") -> list[str]:
-    """Where two host states differ, as paths with both values, so a failure says what was not put back."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        found: list[str] = []
-        for key in sorted(set(before) | set(after), key=str):
-            found += differences(before.get(key), after.get(key), f"{where}/{key}")
-        return found
-    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        pairs = enumerate(zip(before, after, strict=True))
-        return [line for index, (old, new) in pairs for line in differences(old, new, f"{where}[{index}]")]
-    return [] if before == after else [f"{where}: before {before!r:.300}, after {after!r:.300}"]
 
 
 def snapshots(lab: Lab) -> dict[str, dict[str, t.Any]]:

@@ -14,7 +14,6 @@ runs) are in the matrix only where the collection has those operations.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import os
@@ -34,11 +33,14 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
 rdplab_server = pytest.importorskip("rdplab.server")
 rdplab_fleet = pytest.importorskip("rdplab.model.fleet")
 rdplab_winrm = pytest.importorskip("rdplab.winrm")
+restore_view = pytest.importorskip("rdplab.restore_view")
+comparable = restore_view.comparable
+differences = restore_view.differences
 
 pytestmark = pytest.mark.faults
 
 HOSTS_DIR = Path(__file__).resolve().parents[3] / "lab" / "hosts"
-BACKUPS = "c:\\programdata\\rdpfix"
+BACKUPS = restore_view.BACKUP_ROOT
 RDP_TCP = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp"
 SCHANNEL = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\SecurityProviders\\SCHANNEL\\Protocols"
 # Client timeouts as a test inventory sets them: a held answer costs two seconds, not thirty.
@@ -246,38 +248,9 @@ def run_module(lab: t.Any, name: str, module: str, **args: t.Any) -> dict[str, t
 # -------------------------------------------------------------------------------------------------- invariants
 
 
-def comparable(snapshot: dict[str, t.Any]) -> dict[str, t.Any]:
-    """The host minus what a run and its restore legitimately leave (as tests/system/test_restore_every_host.py):
-    backups, events, counters, faults, empty registry keys, a certificate's link to a key file that does not exist."""
-    state = copy.deepcopy(snapshot)
-    state["files"]["entries"] = {
-        path: entry for path, entry in state["files"]["entries"].items() if not path.lower().startswith(BACKUPS)
-    }
-    state["files"].pop("write_faults", None)
-    state["registry"] = {path: values for path, values in state["registry"].items() if values}
-    files = {path.lower() for path in state["files"]["entries"]}
-    for certificates in state["certificates"].values():
-        for cert in certificates:
-            if cert.get("key_path") and str(cert["key_path"]).lower() not in files:
-                cert.update(key_path=None, has_private_key=False)
-    for volatile in ("events", "counters", "faults"):
-        state.pop(volatile, None)
-    return state
-
-
 def difference(before: dict[str, t.Any], after: dict[str, t.Any]) -> str:
     """Where two comparable states differ, briefly (for assertion messages)."""
-    parts: list[str] = []
-    for key in sorted(set(before) | set(after)):
-        if before.get(key) == after.get(key):
-            continue
-        old, new = before.get(key), after.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            inner = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
-            parts.append(f"{key}: {inner[:5]}")
-        else:
-            parts.append(f"{key}: {str(old)[:200]} -> {str(new)[:200]}")
-    return "; ".join(parts)
+    return "; ".join(differences(before, after)[:10])
 
 
 def manifests_text(host: t.Any) -> tuple[str, set[str]]:
