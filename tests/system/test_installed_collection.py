@@ -22,6 +22,7 @@ pytestmark = pytest.mark.system
 # comes from the action group's module defaults (the role never passes the server module a backup_root of its own).
 ROLE_BACKUP_ROOT = "C:\\rdpfix-role\\backups"
 GROUP_BACKUP_ROOT = "C:\\rdpfix-group\\backups"
+CLIENT_BACKUP_ROOT = "C:\\rdpfix-client\\backups"
 
 
 def bundled(name: str) -> Path:
@@ -72,6 +73,7 @@ def test_a_baseline_runs_from_the_installed_collection(lab_factory: t.Callable[.
     inventory = yaml.safe_load(lab.inventory.read_text())
     hosts = inventory["all"]["children"]["windows"]["hosts"]
     hosts["expired-selfsigned"]["rdpfix_server_backup_root"] = ROLE_BACKUP_ROOT
+    hosts["expired-selfsigned"]["rdpfix_client_backup_root"] = CLIENT_BACKUP_ROOT
     lab.inventory.write_text(yaml.safe_dump(inventory))
     site = tmp_path / "site.yml"
     site.write_text(
@@ -82,7 +84,7 @@ def test_a_baseline_runs_from_the_installed_collection(lab_factory: t.Callable[.
                     "hosts": "windows",
                     "gather_facts": False,
                     "module_defaults": {"group/rdpfix.rdp.backup": {"backup_root": GROUP_BACKUP_ROOT}},
-                    "roles": ["rdpfix.rdp.rdpfix_server"],
+                    "roles": ["rdpfix.rdp.rdpfix_server", "rdpfix.rdp.rdpfix_client"],
                     "tasks": [
                         {"name": "TCP only", "rdpfix.rdp.transport": {"mode": "tcp_only"}},
                         {"name": "Read the hosts", "rdpfix.rdp.facts": None, "register": "baseline_facts"},
@@ -133,4 +135,16 @@ def test_a_baseline_runs_from_the_installed_collection(lab_factory: t.Callable[.
     repair = [path for path in paths.split() if "rdpfix-group\\backups\\" in path and "-certificate-" in path]
     assert repair and "rdpfix-role" not in paths, paths[:2000]
     assert "programdata\\rdpfix\\backups" not in paths.lower(), paths[:2000]
+    # The client role's change (the client transport policy) follows the same rules: its own variable when set, else
+    # the play's group default - beside the server-side change of the play's own transport task, never under
+    # %ProgramData% (asserted above).
+    transport_manifests = [
+        path
+        for path in paths.split()
+        if "rdpfix-group\\backups\\" in path and "-transport-" in path and path.endswith("manifest.json")
+    ]
+    assert len(transport_manifests) == 2, paths[:2000]
+    paths = " ".join(lab.host("expired-selfsigned")["snapshot"]["files"]["entries"])
+    client_change = [path for path in paths.split() if "rdpfix-client\\backups\\" in path and "-transport-" in path]
+    assert client_change, paths[:2000]
     assert (tmp_path / "reports" / "report.json").is_file()
