@@ -30,7 +30,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     RdpfixAction,
     StaleSnapshot,
 )
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch, BatchResult
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch, BatchResult, OutcomeUnknown
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._guards import GUARD_OP
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._snapshot import Snapshot, SnapshotError
 
@@ -59,6 +59,9 @@ class _Concern:
     reply: BatchResult | BaseException | None = None
     result: dict[str, t.Any] | None = None
     carried: int = 0
+    # Set when the answer to a shared batch carrying this module's changes was lost: it is reading the host again to
+    # find out what was made (_outcome.resolve), and is never stopped by another module's failure meanwhile.
+    lost: OutcomeUnknown | None = None
 
     @property
     def done(self) -> bool:
@@ -120,7 +123,8 @@ class ActionModule(RdpfixAction):
                 # change anything.
                 stopped_at = failed
                 for name in order[order.index(failed) + 1 :]:
-                    if name in concerns and not concerns[name].done:
+                    # A module finding out what a lost batch made of its changes finishes: its result is the truth.
+                    if name in concerns and not concerns[name].done and concerns[name].lost is None:
                         self._answer(concerns[name], ActionFailed("not run: an earlier concern failed"))
                 self._wait_quiet(list(concerns.values()))
             waiting = [concerns[name] for name in order if name in concerns and concerns[name].pending is not None]
@@ -132,6 +136,8 @@ class ActionModule(RdpfixAction):
             ):
                 break
         kept = order if stopped_at is None else order[: order.index(stopped_at) + 1]
+        # Every module whose changes travelled in a batch whose answer was lost keeps its result (what it found).
+        kept = [name for name in order if name in kept or (name in concerns and concerns[name].lost is not None)]
         results = {name: self._shaped(concerns[name]) for name in kept if name in concerns}
         self.snapshot = self._merge(self.snapshot, [concerns[name] for name in kept if name in concerns])
         replanned = [name for name, result in results.items() if result.get("replanned")]
@@ -150,6 +156,14 @@ class ActionModule(RdpfixAction):
             outcome["failed_concern"] = stopped_at
             outcome["failed"] = True
             outcome["msg"] = str(results.get(stopped_at, {}).get("msg") or f"{stopped_at} failed")
+        lost = [item.lost for item in (concerns[name] for name in kept if name in concerns) if item.lost is not None]
+        if lost and unreachable is None:
+            # Each concern's own result names its manifest and what it found; the task's says it for all of them.
+            outcome["outcomes"] = {name: result["outcome"] for name, result in results.items() if "outcome" in result}
+            if outcome.get("failed"):
+                outcome["msg"] = self._lost_message(results, lost[0].reason)
+            else:
+                self.warn(self._lost_message(results, lost[0].reason))
         return outcome
 
     # ------------------------------------------------------------------------------------------------ threads
@@ -236,6 +250,9 @@ class ActionModule(RdpfixAction):
             combined = dataclasses.replace(batches[0], ops=ops)
             try:
                 sent = self.send(combined)
+            except OutcomeUnknown as exc:
+                self._answer_lost(group, exc)
+                continue
             except BaseException as exc:  # every module waiting on it learns why
                 for item in group:
                     self._answer(item, exc)
@@ -262,6 +279,52 @@ class ActionModule(RdpfixAction):
                 else:
                     self._answer(item, BatchResult(sent.host, mine))
             self._wait_quiet(group)
+
+    def _answer_lost(self, group: list[_Concern], lost: OutcomeUnknown) -> None:
+        """The answer to a shared batch that writes was lost: each module whose changes it carried learns that the
+        outcome of *its* changes is unknown, naming *its* manifest, and reads the host again on a new connection to
+        find out (_outcome.resolve, through this module: its reads travel together again). A module whose part only
+        read changed nothing: its batch stays pending and is sent again with the next shared batch."""
+        reset = getattr(self._connection, "reset", None)
+        if callable(reset):
+            try:
+                reset()
+            except Exception as exc:  # the reads that follow fail and say it, each module on its own
+                self.warn(f"{self.host}: reconnecting after the lost answer failed: {exc}")
+        for item in group:
+            batch = item.pending
+            if batch is None:
+                continue
+            if not batch.writes:
+                continue
+            item.carried += 1
+            own = OutcomeUnknown(self.host, lost.reason, batch.manifest_id, batch.manifest_dir)
+            own.__cause__ = lost.__cause__
+            item.lost = own
+            self._answer(item, own)
+
+    def _lost_message(self, results: dict[str, dict[str, t.Any]], reason: str) -> str:
+        """The task's message when a shared batch's answer was lost: each module's outcome and manifest."""
+        words = {
+            "made": "made",
+            "partial": "made in part",
+            "not_made": "not made",
+            "not_needed": "not needed any more",
+            "unknown": "unknown",
+        }
+        parts = []
+        for name, result in results.items():
+            if "outcome" not in result:
+                continue
+            backup = result.get("backup") or {}
+            parts.append(
+                f"{name}: {words.get(str(result['outcome']), str(result['outcome']))} "
+                f"(backup manifest {backup.get('manifest_id')}, {backup.get('path')})"
+            )
+        return (
+            f"{self.host}: the answer to the apply batch the concerns shared was lost ({reason}); each concern read "
+            f"the host again: {'; '.join(parts)}"
+        )
 
     # ------------------------------------------------------------------------------------------------ results
 

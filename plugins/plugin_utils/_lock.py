@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import ntpath
 import os
 import secrets
 import socket
@@ -107,15 +108,41 @@ def is_locked(batch: Batch) -> bool:
     return bool(batch.ops) and batch.ops[0]["op"] == ACQUIRE
 
 
+# The file every backup folder's manifest is written to (_action.BackupSet).
+MANIFEST_FILE = "manifest.json"
+
+
+def manifests_of(batch: Batch) -> list[dict[str, str]]:
+    """The backup manifests a batch writes (``{id, path}`` each, in order, once each: a manifest written again after
+    the changes, its done-record, counts once). Several when rdpfix.rdp.server carries several modules' changes."""
+    found: list[dict[str, str]] = []
+    for item in batch.ops:
+        path = str((item.get("args") or {}).get("path") or "") if item["op"] == "file.write" else ""
+        if ntpath.basename(path).lower() != MANIFEST_FILE:
+            continue
+        folder = ntpath.dirname(path)
+        if all(entry["path"].lower() != folder.lower() for entry in found):
+            found.append({"id": ntpath.basename(folder), "path": folder})
+    return found
+
+
 def wrap(batch: Batch, lock: RunLock) -> LockedBatch:
     """The batch with ``lock.acquire`` first and ``lock.release`` last (always run). A read-only batch is never
-    locked: audits and check mode neither wait nor write."""
+    locked: audits and check mode neither wait nor write.
+
+    The owner record the host keeps while the batch runs names the batch's backup manifests: a batch killed before
+    its release (cut, crashed) leaves the record, and the next run that takes the lock over says which manifests
+    hold what the interrupted run did (``takeover_warning``)."""
     if not batch.writes:
         raise ValueError("only a batch that writes takes the run lock")
     if batch.on_error != "stop":
         raise ValueError("a locked batch runs with on_error: stop, so that nothing runs without the lock")
     wire = dataclasses.replace(batch, ops=[])
-    acquire = wire.add(ACQUIRE, **lock.acquire_args())
+    args = lock.acquire_args()
+    manifests = manifests_of(batch)
+    if manifests:
+        args["owner"] = {**lock.owner, "manifests": manifests}
+    acquire = wire.add(ACQUIRE, **args)
     wire.ops.extend(batch.ops)
     release = wire.add_always(RELEASE, **lock.release_args())
     return LockedBatch(wire, acquire, release, len(batch.ops))
@@ -142,6 +169,26 @@ def describe_holder(holder: object) -> str:
     return (
         f"{who}, taken {holder.get('acquired') or 'at an unknown time'}, expires {holder.get('expires') or 'unknown'}"
     )
+
+
+def holder_manifests(holder: object) -> list[dict[str, str]]:
+    """The backup manifests a lock record's owner names (none for a record without them)."""
+    owner = holder.get("owner") if isinstance(holder, dict) else None
+    found = owner.get("manifests") if isinstance(owner, dict) else None
+    if isinstance(found, dict):  # a one-element list, unrolled on the way
+        found = [found]
+    if not isinstance(found, list):
+        return []
+    return [
+        {"id": str(entry.get("id")), "path": str(entry.get("path") or "")}
+        for entry in found
+        if isinstance(entry, dict) and entry.get("id")
+    ]
+
+
+def named_manifests(holder: object) -> str:
+    """``backup manifest 2026...-firewall-1a2b3 (C:\\...)`` for each manifest the holder names, joined."""
+    return ", ".join(f"{entry['id']} ({entry['path']})" for entry in holder_manifests(holder))
 
 
 def refusal(host: str, outcome: OpResult, lock: RunLock) -> str:
@@ -185,7 +232,16 @@ def takeover_warning(host: str, result: BatchResult, locked: LockedBatch) -> str
     previous = outcome.data.get("previous") if outcome.ok else None
     if not previous:
         return None
+    named = named_manifests(previous)
+    if not named:
+        return (
+            f"{host}: took over the rdpfix run lock left by {describe_holder(previous)}: that run ended without "
+            "releasing it (cut or crashed); its changes, if any, are in its backup manifest"
+        )
     return (
-        f"{host}: took over the rdpfix run lock left by {describe_holder(previous)}: that run ended without "
-        "releasing it (cut or crashed); its changes, if any, are in its backup manifest"
+        f"{host}: took over the rdpfix run lock left by {describe_holder(previous)}: that run's apply batch ended "
+        f"before its last operation (cut or crashed), so it may have made part of its changes. The backup manifests "
+        f"it was writing: {named} (rdpfix.rdp.restore lists those on the host, each item with its status; one not on "
+        "the host was never reached, and nothing of its changes was made). This run planned from the host as that "
+        "run left it"
     )

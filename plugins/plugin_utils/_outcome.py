@@ -87,7 +87,7 @@ def resolve(action: RdpfixAction, params: dict[str, t.Any], lost: OutcomeUnknown
         state = f"the batch ran, perhaps not to its end: {where} is on the host with what it saved"
         outcome = "partial"
     elif present is False:
-        state = f"nothing was changed ({where} is not on the host: the batch never ran)"
+        state = f"nothing was changed ({where} is not on the host: the batch never reached these changes)"
         outcome = "not_made"
     else:
         state = "the host still needs changes"

@@ -58,6 +58,12 @@ MODULES: dict[str, tuple[str, dict[str, t.Any]]] = {
     "active-sessions": ("certificate", {"restart_service": "TermService"}),
 }
 
+# Host files repaired by rdpfix.rdp.server (the role's module: rdpfix.rdp.facts, then every concern planned from its
+# snapshot, their changes in one shared apply batch), with the concerns it is given.
+SERVER: dict[str, tuple[str, ...]] = {
+    "combined-machinekeys-firewall": ("machinekeys", "certificate", "firewall", "tls"),
+}
+
 HAS_LOCK = any(op.startswith("lock.") for op in _agent.OPERATIONS)
 HAS_GUARD = "guard" in _agent.OPERATIONS
 
@@ -72,6 +78,10 @@ class Case:
     late_logon: bool = False
     concurrent: bool = False
     args: tuple[tuple[str, t.Any], ...] = ()
+    # Cut the shared apply batch of rdpfix.rdp.server right before this concern's first operation.
+    cut_before: str | None = None
+    # After the fault, every later command is dropped too: reading the host again after a lost answer fails.
+    then_down: bool = False
 
     @property
     def id(self) -> str:
@@ -81,14 +91,21 @@ class Case:
 POINTS = {"read": 0, "apply": 1, "verify": 2}
 
 
-def transport_case(host: str, kind: str, point: str, **extra: t.Any) -> Case:
+def transport_case(host: str, kind: str, point: str, *, then_down: bool = False, **extra: t.Any) -> Case:
     params: dict[str, t.Any] = {"kind": kind, "skip": POINTS[point], **extra}
     if kind == "delay_after":
         params["seconds"] = HELD
     if kind == "cut_at_op":
         params["seconds"] = 20
-    label = f"transport:{kind}{extra.get('op', '')}@{point}"
-    return Case(host, label, transport=params)
+    label = f"transport:{kind}{extra.get('op', '')}@{point}" + ("+down" if then_down else "")
+    return Case(host, label, transport=params, then_down=then_down)
+
+
+def cut_between(host: str, concern: str, *, then_down: bool = False) -> Case:
+    """rdpfix.rdp.server's shared apply batch cut right before ``concern``'s part: the concerns before it ran."""
+    label = f"transport:cut_before_{concern}@apply" + ("+down" if then_down else "")
+    params = {"kind": "cut_at_op", "skip": POINTS["apply"], "seconds": 20}
+    return Case(host, label, transport=params, cut_before=concern, then_down=then_down)
 
 
 def write_case(host: str, error: str, where: str) -> Case:
@@ -120,6 +137,15 @@ def small_matrix() -> list[Case]:
         service_case("expired-selfsigned", "CertPropSvc"),
         Case("expired-selfsigned", "restore:drop_after", in_restore={"kind": "drop_after", "skip": 1}),
         Case("machinekeys-rdp-key-no-ns", "restore:cut_at_op3", in_restore={"kind": "cut_at_op", "op": 3, "skip": 1}),
+    ]
+    # Through rdpfix.rdp.server: the answer to the shared batch lost after it ran, the batch cut between two concerns
+    # (each concern says what became of its own changes, naming its own manifest), and the same cut when reading the
+    # host again fails too (each concern's outcome unknown; the next run names the manifests the cut batch wrote).
+    cases += [
+        transport_case("combined-machinekeys-firewall", "drop_after", "apply"),
+        cut_between("combined-machinekeys-firewall", "firewall"),
+        cut_between("combined-machinekeys-firewall", "firewall", then_down=True),
+        transport_case("expired-selfsigned", "cut_at_op", "apply", op=6, then_down=True),
     ]
     if HAS_GUARD:
         # No session at the read, so the plan restarts TermService; a user logs on before the apply.
@@ -165,6 +191,11 @@ def full_matrix() -> list[Case]:
         ]
     if HAS_LOCK:
         cases += [Case(host, "concurrent", concurrent=True) for host in MODULES if host != "active-sessions"]
+    for host, concerns in SERVER.items():
+        for point in POINTS:
+            cases += [transport_case(host, kind, point) for kind in kinds]
+        cases += [cut_between(host, concern, then_down=down) for concern in concerns[2:] for down in (False, True)]
+        cases += [transport_case(host, kind, "apply", then_down=True) for kind in ("drop_after", "http500_after")]
     return cases
 
 
@@ -179,7 +210,7 @@ def free_network() -> str:
     runs never meet."""
     for _attempt in range(200):
         network = f"127.{random.randint(100, 254)}.{random.randint(0, 255)}"
-        addresses = [f"{network}.1", *(f"{network}.{10 + index}" for index in range(len(MODULES)))]
+        addresses = [f"{network}.1", *(f"{network}.{10 + index}" for index in range(len(MODULES) + len(SERVER)))]
         if all(rdplab_winrm.port_free(address, port) for address in addresses for port in (5985, 5986, 3389, 5999)):
             return network
     raise RuntimeError("no free loopback network found")
@@ -187,7 +218,7 @@ def free_network() -> str:
 
 @pytest.fixture(scope="module")
 def lab() -> t.Iterator[t.Any]:
-    files = [HOSTS_DIR / f"{name}.yml" for name in MODULES]
+    files = [HOSTS_DIR / f"{name}.yml" for name in (*MODULES, *SERVER)]
     running = rdplab_server.Lab(files, free_network())
     running.start()
     try:
@@ -243,6 +274,44 @@ def run_module(lab: t.Any, name: str, module: str, **args: t.Any) -> dict[str, t
         return t.cast(dict[str, t.Any], action.run(task_vars={"inventory_hostname": name}))
     finally:
         conn.close()
+
+
+def run_repair(lab: t.Any, name: str, **args: t.Any) -> dict[str, t.Any]:
+    """One repair of host ``name``: its module, or for a host of SERVER rdpfix.rdp.facts and then rdpfix.rdp.server
+    from its snapshot (as the server role runs them; a fault at point ``apply`` meets the shared apply batch)."""
+    if name not in SERVER:
+        module, defaults = MODULES[name]
+        return run_module(lab, name, module, **{**defaults, **args})
+    facts = run_module(lab, name, "facts")
+    if facts.get("failed") or facts.get("unreachable"):
+        return facts
+    return run_module(lab, name, "server", snapshot=facts, **{concern: {} for concern in SERVER[name]})
+
+
+def first_op_of(lab: t.Any, name: str, concern: str) -> int:
+    """The position, in the shared apply batch rdpfix.rdp.server sends to a fresh ``name``, of ``concern``'s first
+    operation (its backup folder): found by running the repair once and looking at the batch the host received."""
+    host = fresh(lab, name)
+    batches: list[list[dict[str, t.Any]]] = []
+    original = host.run_batch
+
+    def recording(batch: dict[str, t.Any]) -> dict[str, t.Any]:
+        batches.append(list(batch["ops"]))
+        return original(batch)
+
+    host.run_batch = recording  # type: ignore[method-assign]
+    try:
+        run_repair(lab, name)
+    finally:
+        del host.run_batch
+    marker = f"-{concern}-"
+    for ops in batches:
+        for position, item in enumerate(ops):
+            if item["op"] == "dir.create" and marker in str(item["args"].get("path", "")):
+                if position == 0 or not any(op["op"] == "dir.create" for op in ops[:position]):
+                    raise AssertionError(f"{concern} does not share its apply batch with another concern")
+                return position
+    raise AssertionError(f"no apply batch carries {concern}'s changes")
 
 
 # -------------------------------------------------------------------------------------------------- invariants
@@ -386,6 +455,46 @@ def assert_truthful(case: Case, result: dict[str, t.Any], before: dict[str, t.An
             assert not result.get("unreachable"), f"{case.id}: a lost answer reported as unreachable: {msg}"
 
 
+def lost_manifests(result: dict[str, t.Any]) -> list[str]:
+    """The manifest ids a result names as those of a lost answer: its own, or each concern's (rdpfix.rdp.server)."""
+    results = [result, *(result.get("concerns") or {}).values()]
+    return [str(item["backup"]["manifest_id"]) for item in results if "outcome" in item and item.get("backup")]
+
+
+def assert_concerns_truthful(case: Case, result: dict[str, t.Any], host: t.Any) -> None:
+    """rdpfix.rdp.server: each concern whose changes travelled in a lost batch says what became of them, naming its
+    own manifest; the task names every one of them; a concern that says it made nothing has no manifest on the host."""
+    concerns = result.get("concerns") or {}
+    lost = {name: item for name, item in concerns.items() if "outcome" in item}
+    fired = case.transport is not None and case.transport["skip"] == POINTS["apply"]
+    if not fired or result.get("unreachable"):
+        return
+    if case.transport is not None and case.transport["kind"] == "drop_before":
+        assert not lost, f"{case.id}: a request that never reached the host reported as a lost answer"
+        return
+    assert len(lost) >= 2, f"{case.id}: the shared batch carried two concerns' changes, lost: {sorted(lost)}"
+    ids = [str(item["backup"]["manifest_id"]) for item in lost.values()]
+    assert len(set(ids)) == len(ids), f"{case.id}: concerns share a manifest id: {ids}"
+    text = str(result.get("msg") or "") + " ".join(result.get("warnings") or [])
+    _manifests, paths = manifests_text(host)
+    for name, item in lost.items():
+        backup = item["backup"]
+        assert backup["manifest_id"] in text, f"{case.id}: the task does not name {name}'s manifest: {text}"
+        assert backup["manifest_id"] in str(item.get("msg") or "") or item["outcome"] == "made", item
+        on_host = any(path.startswith(str(backup["path"]).lower() + "\\manifest.json") for path in paths)
+        if item["outcome"] in ("not_made", "not_needed"):
+            assert not on_host, f"{case.id}: {name} says nothing was made, but its manifest is on the host"
+        if item["outcome"] in ("made", "partial"):
+            assert on_host, f"{case.id}: {name} says {item['outcome']}, but its manifest is not on the host"
+        if case.then_down:
+            assert item["outcome"] == "unknown" and item.get("failed"), f"{case.id}: {name}: {item.get('msg')}"
+    assert result["outcomes"] == {name: item["outcome"] for name, item in lost.items()}
+    if case.cut_before and not case.then_down:
+        before = [name for name in lost if name != case.cut_before]
+        assert lost[case.cut_before]["outcome"] == "not_made", lost[case.cut_before].get("msg")
+        assert all(lost[name]["outcome"] == "made" for name in before), {n: lost[n]["outcome"] for n in before}
+
+
 def clear_faults(host: t.Any) -> None:
     host.transport_faults.clear()
     host.filesystem.faults.clear()
@@ -420,8 +529,11 @@ def restore_all(lab: t.Any, name: str) -> dict[str, t.Any]:
 
 @pytest.mark.parametrize("case", MATRIX, ids=[case.id for case in MATRIX])
 def test_fault(lab: t.Any, case: Case) -> None:
-    module, args = MODULES[case.host]
+    module, args = MODULES.get(case.host, ("server", {}))
     args = {**args, **dict(case.args)}
+    transport = dict(case.transport or {})
+    if case.cut_before:
+        transport["op"] = first_op_of(lab, case.host, case.cut_before)
     host = fresh(lab, case.host)
     before = host.snapshot()
     users = active_users(before)
@@ -429,13 +541,15 @@ def test_fault(lab: t.Any, case: Case) -> None:
         host.inject_fault(fault, params)
     # What "nothing was changed" is measured against: the host with its fault (a stopped service stays stopped).
     baseline = host.snapshot()
-    if case.transport:
-        host.inject_fault("transport", case.transport)
+    if transport:
+        host.inject_fault("transport", transport)
+    if case.then_down:
+        host.inject_fault("transport", {"kind": "drop_before", "skip": transport["skip"] + 1, "count": 0})
 
     if case.concurrent:
         results: list[dict[str, t.Any]] = []
         threads = [
-            threading.Thread(target=lambda: results.append(run_module(lab, case.host, module, **args)))
+            threading.Thread(target=lambda: results.append(run_repair(lab, case.host, **dict(case.args))))
             for _twice in range(2)
         ]
         for thread in threads:
@@ -458,16 +572,18 @@ def test_fault(lab: t.Any, case: Case) -> None:
 
         host.run_batch = late  # type: ignore[method-assign]
         try:
-            result = run_module(lab, case.host, module, **args)
+            result = run_repair(lab, case.host, **dict(case.args))
         finally:
             del host.run_batch
         assert calls["n"] >= 2, "the run never reached its apply batch"
         assert "CORP\\late" in active_users(host.snapshot()), f"the late session was dropped: {result.get('msg')}"
     else:
-        result = run_module(lab, case.host, module, **args)
+        result = run_repair(lab, case.host, **dict(case.args))
     TALLY.add(outcome_of(result))
 
     assert_truthful(case, result, baseline, host)
+    if module == "server":
+        assert_concerns_truthful(case, result, host)
     assert_nothing_lost(before, host)
     assert_not_weakened(before, host.snapshot())
     if not args.get("allow_session_disruption"):
@@ -475,9 +591,15 @@ def test_fault(lab: t.Any, case: Case) -> None:
 
     # A plain rerun, the fault gone, converges.
     clear_faults(host)
-    rerun = run_module(lab, case.host, module, **args)
+    rerun = run_repair(lab, case.host, **dict(case.args))
     assert not rerun.get("failed") and not rerun.get("unreachable"), rerun.get("msg")
-    settled = run_module(lab, case.host, module, **args)
+    if case.then_down and transport.get("kind") == "cut_at_op":
+        # The cut batch could not release the host's run lock, and its run never learnt what it made: the next run
+        # takes the lock over and names every manifest the cut batch was writing.
+        warnings = " ".join(rerun.get("warnings") or [])
+        for manifest in lost_manifests(result):
+            assert manifest in warnings, f"{case.id}: the next run does not name {manifest}: {warnings}"
+    settled = run_repair(lab, case.host, **dict(case.args))
     assert settled.get("changed") is False and not settled.get("failed"), settled.get("msg")
     assert_nothing_lost(before, host)
 

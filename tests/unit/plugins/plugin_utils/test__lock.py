@@ -153,3 +153,43 @@ def test_the_same_run_renews_its_own_lock() -> None:
     result = send(host, locked.batch)
     assert result.data(locked.acquire)["previous"] is None
     assert result.data(locked.release)["released"] is True
+
+
+def manifest_batch(*ids: str) -> Batch:
+    """A write batch as an apply batch (or rdpfix.rdp.server's shared one) builds it: per manifest its folder, the
+    manifest, a change, and the manifest again (its done-record)."""
+    batch = Batch(on_error="stop")
+    for manifest_id in ids:
+        folder = f"C:\\ProgramData\\rdpfix\\backups\\{manifest_id}"
+        batch.add("dir.create", path=folder)
+        batch.add("file.write", path=f"{folder}\\manifest.json", content_b64="e30=")
+        batch.add("registry.set", path=RDP_TCP, name="rdpfixProbe", type="REG_DWORD", value=1)
+        batch.add("file.write", path=f"{folder}\\Manifest.JSON", content_b64="e30=")
+    return batch
+
+
+def test_the_lock_record_names_every_manifest_the_batch_writes_and_the_next_run_names_them() -> None:
+    host = load()
+    ids = ("20261203T101500Z-machinekeys-1a2b3", "20261203T101500Z-firewall-4c5d6")
+    assert _lock.manifests_of(manifest_batch(*ids)) == [
+        {"id": manifest_id, "path": f"C:\\ProgramData\\rdpfix\\backups\\{manifest_id}"} for manifest_id in ids
+    ]
+    assert _lock.manifests_of(write_batch()) == []
+    # A batch killed after its first manifest (its process gone: no release) leaves the record naming both.
+    lock = _lock.RunLock.for_run("server", host.name)
+    killed = _lock.wrap(manifest_batch(*ids), lock)
+    assert killed.batch.ops[killed.acquire]["args"]["owner"]["manifests"][1]["id"] == ids[1]
+    cut = Batch(on_error="stop", ops=killed.batch.ops[:3])
+    assert send(host, cut)[0].ok
+    after = _lock.wrap(write_batch(), _lock.RunLock.for_run("firewall", host.name))
+    result = send(host, after.batch)
+    warning = _lock.takeover_warning(host.name, result, after)
+    assert warning is not None
+    for manifest_id in ids:
+        assert f"{manifest_id} (C:\\ProgramData\\rdpfix\\backups\\{manifest_id})" in warning
+    assert "was never reached" in warning
+    # A record without manifests (an older collection's, or a batch without a backup) keeps the plain warning.
+    assert _lock.named_manifests({"owner": {"run": "x"}}) == ""
+    assert _lock.holder_manifests({"owner": {"manifests": {"id": "m1", "path": "C:\\b\\m1"}}}) == [
+        {"id": "m1", "path": "C:\\b\\m1"}
+    ]
