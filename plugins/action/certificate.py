@@ -119,7 +119,7 @@ class ActionModule(RdpfixAction):
         if changed_since is not None:
             # Stopped before its first write (no backup either): read again and plan once more.
             raise _guards.HostChanged(str(changed_since))
-        result["backup"] = backup.summary()
+        result["backup"] = backup.summary(applied)
         last_action = max((position for position, _action in apply_index.actions), default=apply_index.manifest)
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
         if failed_at is not None and failed_at <= last_action:

@@ -104,7 +104,7 @@ class ActionModule(RdpfixAction):
         if changed_since is not None:
             # Stopped before its first write (no backup either): read again and plan once more.
             raise _guards.HostChanged(str(changed_since))
-        result["backup"] = backup.summary_after(applied)
+        result["backup"] = backup.summary(applied)
         self._raise_on_apply_failure(batch, applied, index, backup, result)
 
         result["changed"] = True
@@ -158,12 +158,21 @@ class ActionModule(RdpfixAction):
 
     def _restore(self, state: mk.State, root: str) -> dict[str, t.Any]:
         manifest_id = str(self.options.manifest_id)
-        batch, manifest_position, marker_position = mk.build_manifest_read(root, manifest_id)
+        batch, manifest_position, marker_position, saved_position = mk.build_manifest_read(root, manifest_id)
         read = self.run_batch(batch)
+        saved = mk.folder_from_result(read, saved_position, mk.manifest_dir(root, manifest_id))
         try:
             manifest = mk.parse_manifest(read, manifest_position, manifest_id)
+            unmade = [] if mk.already_restored(read, marker_position) else mk.unmade_moves(state, manifest, saved)
         except mk.PlanError as exc:
             raise ActionFailed(f"{self.host}: {exc}; nothing was changed") from exc
+        for item in unmade:
+            # Nothing of it to put back (its run stopped before or at that move): the rest of the manifest is restored.
+            self.warn(
+                f"{item.get('source')} was not moved by {manifest_id} (its run stopped before or at that move): it is "
+                "where it was, nothing of it to put back"
+            )
+        manifest = manifest | {"items": [item for item in manifest["items"] if item not in unmade]}
         result: dict[str, t.Any] = {"changed": False, "restored": manifest_id, "before": mk.view(state), "backup": None}
         marker = mk.already_restored(read, marker_position)
         if marker is not None:
@@ -183,7 +192,7 @@ class ActionModule(RdpfixAction):
             state, undo, manifest_id, root, backup
         )
         applied = self.run_batch(apply_batch)
-        result["backup"] = backup.summary()
+        result["backup"] = backup.summary(applied)
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
         if failed_at is not None:
             failed = applied[failed_at]

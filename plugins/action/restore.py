@@ -155,7 +155,7 @@ class ActionModule(RdpfixAction):
                 state, plan, root, needs=needs, program_data=program_data, now=self.now
             )
             applied = self.run_batch(batch)
-            result["backup"].append(plan.backup.summary())
+            result["backup"].append(plan.backup.summary(applied))
             self._raise_on_failure(applied, apply_index, plan, result, summaries)
             before, _predicted = plan.diff()
             state = rs.parse_state(applied, apply_index.reads, needs, self.now, program_data)

@@ -342,8 +342,12 @@ backup:
       type: str
       sample: C:\ProgramData\rdpfix\backups\20261125T103000Z-certificate-1a2b
     items:
-      description: What was saved, for example C(certificate) (DER), C(private_key_file) (copy of the key file) and
-        C(registry_value) (previous content, kept in the manifest).
+      description:
+        - What was saved, for example C(certificate) (DER), C(private_key_file) (copy of the key file, with its ACL
+          C(sddl) and C(owner) as read) and C(registry_value) (previous content, kept in the manifest).
+        - Each item the run carries out (a certificate removed, a key file's ACL replaced, the pin changed) has a
+          C(status), C(done), C(failed) (its operation failed, so it did not happen) or C(not_run) (the run stopped
+          before it). The manifest on the host says C(planned) until the run has made every change, then C(done).
       type: list
       elements: dict
 restart_pending:

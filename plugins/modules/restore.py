@@ -141,7 +141,10 @@ backup:
       description: Folder on the host holding the saved items and C(manifest.json).
       type: str
     items:
-      description: What was saved.
+      description:
+        - What was saved.
+        - Each item the restore carries out has a C(status), C(done), C(failed) or C(not_run), as for the repair
+          modules; its manifest on the host says C(planned) until the restore has made every change, then C(done).
       type: list
       elements: dict
 before:

@@ -84,7 +84,10 @@ changes:
   type: list
   elements: str
 backup:
-  description: The backup manifest (C(manifest_id), C(path), C(items)) holding the previous values; null without changes.
+  description:
+    - The backup manifest (C(manifest_id), C(path), C(items)) holding the previous values; null without changes.
+    - Each item has a C(status), C(done), C(failed) (its change failed) or C(not_run) (the run stopped before it); the
+      manifest on the host says C(planned) until the run has made every change, then C(done).
   returned: always
   type: dict
 unresolved:

@@ -61,6 +61,11 @@ SNAPSHOT_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
 BACKUP_DIR_SDDL = "O:BAG:SYD:PAI(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
+# Manifests whose carried-out items say what was done of them (``status``); rdpfix.rdp.restore reads 1 and 2.
+MANIFEST_VERSION_STATUS = 2
+# An item's status: in the manifest on the host (``planned`` before the changes, ``done`` in the done-record after
+# them), and in a module's ``backup`` result, from the batch's own results (``done``, ``failed``, ``not_run``).
+ITEM_STATUSES = ("planned", "done", "failed", "not_run")
 
 
 # How many operations at the end of a batch re-read what the plan relied on (set on the batches run_batch sends).
@@ -111,9 +116,16 @@ def backup_root(params: dict[str, t.Any], program_data: str | None) -> str:
 class BackupSet:
     """The backup of one apply batch: a folder, the saved items, and the manifest that lists them.
 
-    Use in this order within one ``on_error: stop`` batch: ``begin`` (creates the folder), ``save_*`` for each item,
-    ``finish`` (writes manifest.json), then the destructive operations. If any backup step fails, the agent skips
-    everything after it, so nothing is changed whose backup is incomplete.
+    Use in this order within one ``on_error: stop`` batch: ``begin`` (creates the folder), ``save_*`` / ``record``
+    for each item, ``finish`` (writes manifest.json), then the destructive operations, each added with ``change``
+    (or linked with ``carry``) to the item it carries out, then ``finish_done`` (the done-record). If any backup step
+    fails, the agent skips everything after it, so nothing is changed whose backup is incomplete.
+
+    What was done is recorded per item (version 2, docs/agent-protocol.md "Backups and manifests"): an item some
+    operation carries out has ``status: planned`` in the manifest written before the changes; the done-record is the
+    same manifest written again right after the last change, its items ``done``. A batch that stopped in between
+    leaves ``planned``: a restore judges such an item on the host. ``statuses`` gives each item's status from the
+    batch's own results (``done``, ``failed``, ``not_run``), which the module's ``backup`` result shows.
     """
 
     manifest_id: str
@@ -123,6 +135,11 @@ class BackupSet:
     created: str
     items: list[dict[str, t.Any]] = field(default_factory=list)
     planned_actions: list[str] = field(default_factory=list)
+    # Item index -> the positions, in the apply batch, of the operations that carry it out.
+    carried: dict[int, list[int]] = field(default_factory=dict)
+    # Where manifest.json and the done-record were added (None: not yet, or nothing is carried out).
+    manifest_position: int | None = None
+    done_position: int | None = None
 
     @classmethod
     def create(cls, module: str, host: str, root: str, now: datetime | None = None) -> BackupSet:
@@ -135,6 +152,11 @@ class BackupSet:
         batch.manifest_id, batch.manifest_dir = self.manifest_id, self.directory
         return batch.add("dir.create", path=self.directory, sddl=BACKUP_DIR_SDDL)
 
+    @property
+    def last_item(self) -> int:
+        """The index of the item recorded last."""
+        return len(self.items) - 1
+
     def save_content(self, batch: Batch, file_name: str, content: bytes, kind: str, **details: t.Any) -> int:
         """Write bytes the controller already holds (a certificate's DER, for instance)."""
         path = ntpath.join(self.directory, file_name)
@@ -146,32 +168,94 @@ class BackupSet:
         self.items.append({"kind": kind, "file": file_name, "source": source, **details})
         return batch.add("file.copy", src=source, dest=ntpath.join(self.directory, file_name))
 
-    def record(self, kind: str, **details: t.Any) -> None:
-        """Keep a small value (a registry value's previous content) in the manifest itself."""
+    def record(self, kind: str, **details: t.Any) -> int:
+        """Keep a small value (a registry value's previous content) in the manifest itself; returns the item's index."""
         self.items.append({"kind": kind, **details})
+        return self.last_item
 
-    def manifest(self) -> dict[str, t.Any]:
-        return {
-            "v": MANIFEST_VERSION,
+    def carry(self, item: int, position: int) -> int:
+        """The operation at ``position`` of the apply batch carries out (part of) ``item``; returns ``position``."""
+        if not 0 <= item < len(self.items):
+            raise IndexError(f"the backup has no item {item}")
+        self.carried.setdefault(item, []).append(position)
+        return position
+
+    def change(self, batch: Batch, item: int, op: str, **args: t.Any) -> int:
+        """Add a change that carries out ``item`` to the batch; returns its position."""
+        return self.carry(item, batch.add(op, **args))
+
+    def manifest(self, done: bool = False) -> dict[str, t.Any]:
+        """The manifest: version 2, with each carried-out item's ``status``, when any item is carried out."""
+        document: dict[str, t.Any] = {
+            "v": MANIFEST_VERSION_STATUS if self.carried else MANIFEST_VERSION,
             "id": self.manifest_id,
             "module": f"rdpfix.rdp.{self.module}",
             "host": self.host,
             "created": self.created,
-            "items": self.items,
+            "items": [
+                item | ({"status": "done" if done else "planned"} if position in self.carried else {})
+                for position, item in enumerate(self.items)
+            ],
             "actions": self.planned_actions,
+        }
+        return document
+
+    def manifest_op(self, done: bool = False) -> dict[str, t.Any]:
+        """The ``file.write`` of manifest.json (``done``: the done-record), as a batch operation."""
+        document = json.dumps(self.manifest(done), indent=2, sort_keys=True).encode("utf-8")
+        return {
+            "op": "file.write",
+            "args": {
+                "path": ntpath.join(self.directory, MANIFEST_FILE),
+                "content_b64": base64.b64encode(document).decode("ascii"),
+            },
         }
 
     def finish(self, batch: Batch) -> int:
-        document = json.dumps(self.manifest(), indent=2, sort_keys=True).encode("utf-8")
-        return batch.add(
-            "file.write",
-            path=ntpath.join(self.directory, MANIFEST_FILE),
-            content_b64=base64.b64encode(document).decode("ascii"),
-        )
+        """Write manifest.json (every carried-out item ``planned``); returns its position."""
+        batch.ops.append(self.manifest_op())
+        self.manifest_position = len(batch.ops) - 1
+        return self.manifest_position
 
-    def summary(self) -> dict[str, t.Any]:
-        """The ``backup`` return value."""
-        return {"manifest_id": self.manifest_id, "path": self.directory, "items": self.items}
+    def finish_done(self, batch: Batch) -> int | None:
+        """After the last change: the done-record (manifest.json again, its carried-out items ``done``); returns its
+        position, None when nothing is carried out. The manifest written by ``finish`` is written anew in place (same
+        position), now that the batch has said which items it carries out."""
+        if self.manifest_position is not None:
+            batch.ops[self.manifest_position] = self.manifest_op()
+        if not self.carried:
+            return None
+        batch.ops.append(self.manifest_op(done=True))
+        self.done_position = len(batch.ops) - 1
+        return self.done_position
+
+    def statuses(self, result: BatchResult | None) -> dict[int, str]:
+        """What the apply batch did of each carried-out item: ``done`` (every operation of it succeeded), ``failed``
+        (one failed: a failed write has not happened), ``not_run`` (the batch stopped before it, or was not
+        answered: None). Items that only record a backup are not listed."""
+        found: dict[int, str] = {}
+        for item, positions in self.carried.items():
+            status = "done"
+            for position in positions:
+                outcome = result[position] if result is not None and position < len(result.results) else None
+                if outcome is None or outcome.skipped:
+                    status = "not_run" if status == "done" else status
+                elif not outcome.ok:
+                    status = "failed"
+            found[item] = status
+        return found
+
+    def summary(self, result: BatchResult | None = None) -> dict[str, t.Any]:
+        """The ``backup`` return value; with the apply batch's ``result``, each carried-out item's status."""
+        statuses = self.statuses(result) if result is not None else dict.fromkeys(self.carried, "planned")
+        return {
+            "manifest_id": self.manifest_id,
+            "path": self.directory,
+            "items": [
+                item | ({"status": statuses[position]} if position in statuses else {})
+                for position, item in enumerate(self.items)
+            ],
+        }
 
 
 def async_refusal(action: str) -> str:
@@ -403,10 +487,12 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
     ) -> BatchResult:
         """Send one ``on_error: stop`` apply batch: the backup first, then the changes; sets ``result["backup"]``.
 
-        ``stage`` adds the backup (``begin``, the items, ``finish``) and then the changes to the batch, and returns the
-        position of the manifest write. ``system`` is ``system.info``'s data (host name and ProgramData for the
-        backup folder). A failed operation ends the task as failed with ``result``: before the manifest was written
-        nothing was changed; after it, the message names the manifest that holds ``saved`` (what was backed up).
+        ``stage`` adds the backup (``begin``, the items, ``finish``), then the changes (each carrying out its item:
+        ``BackupSet.change``) and the done-record (``finish_done``) to the batch, and returns the position of the
+        manifest write; ``result["backup"]`` gives each item's status. ``system`` is ``system.info``'s data (host
+        name and ProgramData for the backup folder). A failed operation ends the task as failed with ``result``:
+        before the manifest was written nothing was changed; after it, the message names the manifest that holds
+        ``saved`` (what was backed up).
         """
         backup = BackupSet.create(
             self.MODULE_NAME,
@@ -417,13 +503,13 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         batch = Batch(on_error="stop")
         manifest = stage(batch, backup)
         applied = self.run_batch(batch)
-        result["backup"] = backup.summary()
+        result["backup"] = backup.summary(applied)
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
         if failed_at is not None:
             changes = [
                 position
                 for position, item in enumerate(batch.ops)
-                if position > manifest and item["op"] in _agent.WRITE_OPERATIONS
+                if position > manifest and item["op"] in _agent.WRITE_OPERATIONS and position != backup.done_position
             ]
             message = _outcome.failure_message(
                 self.host, batch, applied, failed_at=failed_at, manifest=manifest, changes=changes, backup=backup

@@ -1046,8 +1046,11 @@ def build_apply_batch(
     guarded = _guards.add_guards(batch, [*extra_guards, *write_guards(state, options, result)])
     backup.planned_actions = [action.description for action in result.actions]
     backup.begin(batch)
+    # The item each change carries out (docs/agent-protocol.md, "Backups and manifests": status per item).
+    carries: dict[str, int] = {}
     for cert in result.remove_certificates:
         save_certificate(batch, backup, cert)
+        carries[f"remove_certificate:{cert.thumbprint}"] = backup.last_item
         key_path = (cert.key or {}).get("path")
         if cert.key_state in ("readable", "unreadable", "inaccessible", "unknown") and key_path:
             # With its ACL and owner, as read: a restore puts the key file back as it was (a copy gets a new ACL).
@@ -1062,7 +1065,7 @@ def build_apply_batch(
             )
     if result.grant_key_read is not None:
         grant = result.grant_key_read
-        # The key file itself is saved with its ACL: rdpfix.rdp.restore puts both back.
+        # The key file itself is saved with its ACL and owner: rdpfix.rdp.restore puts both back.
         backup.save_file_copy(
             batch,
             grant.path,
@@ -1070,14 +1073,17 @@ def build_apply_batch(
             "private_key_file",
             thumbprint=grant.cert.thumbprint,
             sddl=grant.previous_sddl,
+            owner=(grant.cert.key or {}).get("owner"),
         )
+        carries["grant_key_read"] = backup.last_item
     if result.remove_pin or result.set_pin is not None:
-        backup.record(
+        pin = backup.record(
             "registry_value",
             path=options.winstation_key,
             name=PIN_VALUE_NAME,
             previous=state.pinned_value,  # None: the value did not exist
         )
+        carries["remove_pin"] = carries["set_pin"] = pin
     manifest = backup.finish(batch)
 
     positions: list[tuple[int, Action]] = []
@@ -1103,6 +1109,11 @@ def build_apply_batch(
             service = action.details["service"]
             index = batch.add("service.restart", name=service, force=service == "TermService")
             positions.append((index, action))
+        key = f"{action.id}:{action.details.get('thumbprint')}" if action.id == "remove_certificate" else action.id
+        if key in carries:
+            backup.carry(carries[key], positions[-1][0])
+    # The done-record after the last change (the restart included): every carried-out item done.
+    backup.finish_done(batch)
     if result.restart_service:
         batch.add("util.sleep", milliseconds=SETTLE_MS)
     verify = add_verify_reads(batch, options, personal=result.grant_key_read is not None)

@@ -924,12 +924,15 @@ def plan_state(state: FirewallState, options: FirewallOptions) -> FirewallPlan:
 
 def stage_rule_changes(batch: Batch, backup: BackupSet, changes: t.Sequence[RuleChange]) -> int:
     """Every changed rule's whole previous record into the manifest (written first), then the changes; returns the
-    manifest's position. The previous record is enough to put a rule back exactly as it was."""
+    manifest's position. The previous record is enough to put a rule back exactly as it was. Each change carries out
+    its item, and the done-record follows the last one (``BackupSet.finish_done``)."""
     backup.begin(batch)
+    items = []
     for change in changes:
-        backup.record("firewall_rule", name=change.name, operation=change.kind, previous=change.previous)
+        items.append(backup.record("firewall_rule", name=change.name, operation=change.kind, previous=change.previous))
         backup.planned_actions.append(change.reason)
     manifest = backup.finish(batch)
-    for change in changes:
-        batch.add(change.kind, **change.args)
+    for item, change in zip(items, changes, strict=True):
+        backup.change(batch, item, change.kind, **change.args)
+    backup.finish_done(batch)
     return manifest

@@ -59,6 +59,8 @@ EVENT_MAX = 20
 EVENT_DAYS = 30
 MANIFEST_FILE = "manifest.json"
 RESTORED_MARKER = "restored.json"
+# The manifest versions state=restored reads (version 2: per-item status, _action.BackupSet).
+MANIFEST_VERSIONS = (1, 2)
 
 
 # The ACL a restored key file has while certutil -repairstore re-links it; its recorded ACL replaces it right after.
@@ -841,69 +843,21 @@ class _StagedBackup(BackupSet):
 
     The certificate planner's ``build_apply_batch`` writes the backup, then the manifest, then its own changes. This
     module's changes (ACLs, moving the key or the store aside) must come after the manifest and before the certificate
-    is removed; ``finish`` is the one point between the two.
+    is removed; ``finish`` is the one point between the two. Each staged operation carries out the item recorded just
+    before it (``BackupSet.carry``: its status, planned then done, in the manifest and the result).
     """
 
-    staged: list[tuple[str, dict[str, t.Any]]]
+    # For each staged operation: the manifest item it carries out, the operation and its arguments.
+    staged: list[tuple[int, str, dict[str, t.Any]]]
     staged_positions: list[int]
-    # For each staged operation, the manifest item it carries out (the item recorded just before it).
-    staged_items: list[int]
 
     def stage(self, op: str, **args: t.Any) -> None:
-        self.staged.append((op, args))
-        self.staged_items.append(len(self.items) - 1)
-
-    # The manifest written again after the staged operations, saying they were done (None: nothing staged).
-    done_position: int | None
-
-    def manifest(self, done: bool = False) -> dict[str, t.Any]:
-        """Version 2: each item this batch carries out has a ``status``, ``planned`` in the manifest written before
-        the changes and ``done`` in the one written again after them; a run that stopped in between leaves
-        ``planned``, which a restore judges on the host (``_restore.move_not_done``)."""
-        document = super().manifest()
-        carried = set(self.staged_items)
-        document["v"] = MANIFEST_VERSION_STATUS
-        document["items"] = [
-            item | ({"status": "done" if done else "planned"} if position in carried else {})
-            for position, item in enumerate(self.items)
-        ]
-        return document
+        self.staged.append((self.last_item, op, args))
 
     def finish(self, batch: Batch) -> int:
         position = super().finish(batch)
-        self.staged_positions = [batch.add(op, **args) for op, args in self.staged]
-        self.done_position = None
-        if self.staged:
-            self.done_position = len(batch.ops)
-            batch.ops.append(_manifest_op(self, done=True))
+        self.staged_positions = [self.change(batch, item, op, **args) for item, op, args in self.staged]
         return position
-
-    def statuses(self, result: BatchResult) -> dict[int, str]:
-        """What the apply batch did of each item it carries out: ``done`` (every operation of the item succeeded),
-        ``failed`` (one failed: a failed move or ACL write has not happened), ``not_run`` (the batch stopped
-        before it). Items that only record a backup are not listed."""
-        found: dict[int, str] = {}
-        for item, position in zip(self.staged_items, self.staged_positions, strict=True):
-            outcome = result[position] if position < len(result.results) else None
-            status = "not_run" if outcome is None or outcome.skipped else ("done" if outcome.ok else "failed")
-            previous = found.get(item)
-            if previous is None or previous == "done":
-                found[item] = status
-        return found
-
-    def summary_after(self, result: BatchResult) -> dict[str, t.Any]:
-        """The ``backup`` return value with each carried-out item's status (see ``statuses``)."""
-        summary = self.summary()
-        statuses = self.statuses(result)
-        summary["items"] = [
-            item | ({"status": statuses[position]} if position in statuses else {})
-            for position, item in enumerate(self.items)
-        ]
-        return summary
-
-
-# Manifests whose carried-out items say whether they were done (see _StagedBackup.manifest); restore reads 1 and 2.
-MANIFEST_VERSION_STATUS = 2
 
 
 def new_backup(host: str, root: str, now: datetime | None = None) -> _StagedBackup:
@@ -911,8 +865,6 @@ def new_backup(host: str, root: str, now: datetime | None = None) -> _StagedBack
     backup = _StagedBackup(base.manifest_id, base.directory, base.module, base.host, base.created)
     backup.staged = []
     backup.staged_positions = []
-    backup.staged_items = []
-    backup.done_position = None
     return backup
 
 
@@ -1011,32 +963,21 @@ def build_apply_batch(state: State, options: Options, result: Plan, backup: _Sta
         backup.planned_actions = actions
         manifest = cert_index.manifest
         # build_apply_batch wrote the manifest before this module's planned action list was complete: rewrite it in
-        # place (same position, so no index moves), and its "done" copy after the staged changes.
-        batch.ops[manifest] = _manifest_op(backup)
+        # place (same position, so no index moves), and its done-record after the certificate's changes.
+        batch.ops[manifest] = backup.manifest_op()
         if backup.done_position is not None:
-            batch.ops[backup.done_position] = _manifest_op(backup, done=True)
+            batch.ops[backup.done_position] = backup.manifest_op(done=True)
     else:
         batch = Batch(on_error="stop")
         guarded = _guards.add_guards(batch, guards)
         backup.planned_actions = actions
         backup.begin(batch)
         manifest = backup.finish(batch)
+        backup.finish_done(batch)
     store = batch.add("dir.stat", path=state.store.path)
     cng_store = batch.add("dir.stat", path=state.cng_store.path)
     guard_positions = cert_index.guards if cert_index is not None else guarded
     return batch, ApplyIndex(manifest, list(backup.staged_positions), cert_index, store, cng_store, guard_positions)
-
-
-def _manifest_op(backup: BackupSet, done: bool = False) -> dict[str, t.Any]:
-    content = backup.manifest(done=True) if done and isinstance(backup, _StagedBackup) else backup.manifest()
-    document = json.dumps(content, indent=2, sort_keys=True).encode("utf-8")
-    return {
-        "op": "file.write",
-        "args": {
-            "path": ntpath.join(backup.directory, MANIFEST_FILE),
-            "content_b64": base64.b64encode(document).decode("ascii"),
-        },
-    }
 
 
 def state_after(state: State, result: BatchResult, index: ApplyIndex, now: datetime) -> State:
@@ -1076,12 +1017,66 @@ def manifest_dir(root: str, manifest_id: str) -> str:
     return ntpath.join(root, manifest_id)
 
 
-def build_manifest_read(root: str, manifest_id: str) -> tuple[Batch, int, int]:
+def build_manifest_read(root: str, manifest_id: str) -> tuple[Batch, int, int, int]:
+    """The manifest, its restored marker, and its folder's listing (what the backup holds): one round trip."""
     batch = Batch(on_error="continue")
     directory = manifest_dir(root, manifest_id)
     manifest = batch.add("file.read", path=ntpath.join(directory, MANIFEST_FILE))
     marker = batch.add("file.read", path=ntpath.join(directory, RESTORED_MARKER))
-    return batch, manifest, marker
+    saved = batch.add("dir.stat", path=directory)
+    return batch, manifest, marker, saved
+
+
+MOVE_KINDS = ("store_moved", "key_moved")
+
+
+def never_done(item: dict[str, t.Any]) -> bool:
+    """An item whose record says it was not carried out (``failed``, ``not_run``): nothing of it to put back."""
+    return item.get("status") in ("failed", "not_run")
+
+
+def move_not_done(item: dict[str, t.Any], saved: bool, source: bool, source_size: int | None) -> bool:
+    """Whether a ``store_moved`` / ``key_moved`` item was never carried out: its run wrote the manifest first, then
+    the move failed or never ran. The manifest's own record says so (``status``, version 2: ``done`` was done;
+    ``failed`` and ``not_run``, as a result shows them, were not); ``planned`` (the batch stopped before its
+    done-record) and version 1 are judged on the host: nothing in the backup (``saved``), and the source still where it
+    was (``source``; a key file of the same size)."""
+    status = item.get("status")
+    if never_done(item):
+        return True
+    if status == "done":
+        return False
+    if saved or not item.get("source") or not source:
+        return False
+    return item.get("kind") != "key_moved" or item.get("size") in (None, source_size)
+
+
+def unmade_moves(state: State, manifest: dict[str, t.Any], saved: Folder) -> list[dict[str, t.Any]]:
+    """The moves of ``manifest`` that never happened (``move_not_done``), judged on the key folders and the backup
+    folder's listing ``saved``; raises PlanError for a move that was made whose saved copy is gone."""
+    found: list[dict[str, t.Any]] = []
+    for item in manifest["items"]:
+        if not isinstance(item, dict) or item.get("kind") not in MOVE_KINDS:
+            continue
+        source = str(item.get("source") or "")
+        exists, size = False, None
+        if source and source.casefold() == state.store.path.casefold():
+            exists = state.store.exists
+        else:
+            for folder in (state.store, state.cng_store):
+                entry = folder.find(ntpath.basename(source)) if source and folder.contains(source) else None
+                if entry is not None:
+                    exists, size = True, entry.size
+        in_backup = saved.find(str(item.get("file") or "")) is not None
+        if move_not_done(item, in_backup, exists, size):
+            found.append(item)
+        elif not in_backup:
+            raise PlanError(
+                f"{ntpath.join(saved.path, str(item.get('file')))} is no longer in the backup (an earlier restore put "
+                "it back, and a later one saved it again under its own manifest): restore the newest manifest that "
+                "holds it instead"
+            )
+    return found
 
 
 def parse_manifest(result: BatchResult, position: int, manifest_id: str) -> dict[str, t.Any]:
@@ -1100,6 +1095,8 @@ def parse_manifest(result: BatchResult, position: int, manifest_id: str) -> dict
         )
     if document.get("id") != manifest_id or not isinstance(document.get("items"), list):
         raise PlanError(f"the manifest of {manifest_id} is malformed")
+    if document.get("v") not in MANIFEST_VERSIONS:
+        raise PlanError(f"the manifest of {manifest_id} has version {document.get('v')!r}; this module reads 1 and 2")
     return document
 
 
@@ -1120,16 +1117,22 @@ class RestorePlan:
     ops: list[tuple[str, dict[str, t.Any]]] = field(default_factory=list)
     # Certificates Windows created after the run: saved into the restore's own backup before they are removed.
     save_certificates: list[certificate.StoredCertificate] = field(default_factory=list)
+    # Position in ``ops`` -> the item of the restore's own manifest that operation carries out (its status).
+    carries: dict[int, int] = field(default_factory=dict)
 
     @property
     def has_changes(self) -> bool:
         return bool(self.ops)
 
+    def carry(self, item: int) -> None:
+        """The operation added last carries out ``item`` of the restore's manifest."""
+        self.carries[len(self.ops) - 1] = item
+
 
 def plan_restore(state: State, manifest: dict[str, t.Any], root: str, backup: BackupSet) -> RestorePlan:
     """Undo a previous run exactly. Whatever the undo replaces is recorded in ``backup`` first (nothing is lost)."""
     source_dir = manifest_dir(root, str(manifest["id"]))
-    items = [item for item in manifest["items"] if isinstance(item, dict)]
+    items = [item for item in manifest["items"] if isinstance(item, dict) and not never_done(item)]
     kinds = {str(item.get("kind")) for item in items}
     result = RestorePlan()
 
@@ -1146,6 +1149,7 @@ def plan_restore(state: State, manifest: dict[str, t.Any], root: str, backup: Ba
                     carried=[],
                 )
                 result.ops.append(("dir.move", {"src": path, "dest": ntpath.join(backup.directory, "MachineKeys")}))
+                result.carry(backup.last_item)
             result.ops.append(("dir.move", {"src": ntpath.join(source_dir, str(item["file"])), "dest": path}))
             result.actions.append(
                 {
@@ -1158,6 +1162,7 @@ def plan_restore(state: State, manifest: dict[str, t.Any], root: str, backup: Ba
             path = str(item["path"])
             backup.record("store_moved", source=path, file="MachineKeys", sddl=state.store.sddl, entries=[], carried=[])
             result.ops.append(("dir.move", {"src": path, "dest": ntpath.join(backup.directory, "MachineKeys")}))
+            result.carry(backup.last_item)
             result.actions.append(
                 {"action": "remove_store", "path": path, "description": f"move the created {path} aside"}
             )
@@ -1178,6 +1183,7 @@ def plan_restore(state: State, manifest: dict[str, t.Any], root: str, backup: Ba
                     "key_moved", source=key.path, file=name, sddl=key.sddl, size=key.size, thumbprint=cert.thumbprint
                 )
                 result.ops.append(("file.move", {"src": key.path, "dest": ntpath.join(backup.directory, name)}))
+                result.carry(backup.last_item)
             result.ops.append(("cert.remove", {"store": store, "thumbprint": cert.thumbprint}))
             result.actions.append(
                 {
@@ -1244,6 +1250,7 @@ def plan_restore(state: State, manifest: dict[str, t.Any], root: str, backup: Ba
             continue
         backup.record("acl", path=path, previous_sddl=current, sddl=previous)
         result.ops.append(("acl.set", {"path": path, "sddl": previous}))
+        result.carry(backup.last_item)
         result.actions.append(
             {"action": "set_acl", "path": path, "sddl": previous, "description": f"put the previous ACL of {path} back"}
         )
@@ -1258,8 +1265,10 @@ def build_restore_batch(
     backup.planned_actions = [str(action["description"]) for action in restore.actions]
     backup.record("restores", manifest_id=original_id)
     backup.begin(batch)
+    removed: dict[str, int] = {}
     for cert in restore.save_certificates:
         certificate.save_certificate(batch, backup, cert)
+        removed[cert.thumbprint] = backup.last_item
         backup.record(
             "rdp_certificate",
             store=cert.store,
@@ -1268,8 +1277,15 @@ def build_restore_batch(
             store_thumbprints=[],
         )
     manifest = backup.finish(batch)
-    for op, args in restore.ops:
-        batch.add(op, **args)
+    for position, (op, args) in enumerate(restore.ops):
+        added = batch.add(op, **args)
+        item = restore.carries.get(position)
+        if item is None and op == "cert.remove":
+            item = removed.get(str(args.get("thumbprint")))
+        if item is not None:
+            backup.carry(item, added)
+    # The done-record (every item the undo carried out done), then the marker on the original manifest.
+    backup.finish_done(batch)
     marker = json.dumps({"restored_by": backup.manifest_id, "time": backup.created}).encode("utf-8")
     batch.add(
         "file.write",

@@ -38,7 +38,7 @@ import json
 import ntpath
 import re
 import typing as t
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import summarize_certificate
@@ -56,8 +56,9 @@ MODULE_PREFIX = "rdpfix.rdp."
 MANIFEST_FILE = "manifest.json"
 RESTORED_MARKER = mk.RESTORED_MARKER
 MANIFEST_VERSION = 1
-# Version 2 (machinekeys): the items a run carries out say whether they were done (``status``: planned, done).
-MANIFEST_VERSIONS = (1, 2)
+# Version 2 (every module's manifest): the items a run carries out say whether they were done (``status``: planned in
+# the manifest written before the changes, done in the done-record written after them).
+MANIFEST_VERSIONS = mk.MANIFEST_VERSIONS
 # 20261125T103000Z-certificate-1a2b: what new_manifest_id makes. Anything else is refused before a host is contacted.
 MANIFEST_ID_RE = re.compile(r"^(?P<time>\d{8}T\d{6}Z)-(?P<module>[a-z][a-z0-9_]{0,39})-(?P<token>[0-9a-f]{4,32})$")
 # A self-signed certificate whose NotBefore lies between the certificate run's creation time minus the back-dating
@@ -622,6 +623,8 @@ class Step:
     args: dict[str, t.Any]
     action: str
     description: str
+    # The item of the restore's own manifest this step carries out (its status: BackupSet.carry), if any.
+    carries: int | None = None
 
 
 @dataclass
@@ -646,8 +649,8 @@ class ManifestPlan:
     def has_changes(self) -> bool:
         return bool(self.steps) or (self.machinekeys is not None and self.machinekeys.has_changes)
 
-    def step(self, op: str, action: str, description: str, /, **args: t.Any) -> None:
-        self.steps.append(Step(op, args, action, description))
+    def step(self, op: str, action: str, description: str, /, carries: int | None = None, **args: t.Any) -> None:
+        self.steps.append(Step(op, args, action, description, carries))
 
     def change(self, state: HostState, target: Target, value: t.Any) -> None:
         """Record the value ``target`` will have after the restore (its current value is taken once)."""
@@ -686,32 +689,27 @@ def plan_manifest(state: HostState, manifest: Manifest, root: str, backup: Backu
         raise RestoreError("part of the host's state could not be read: " + "; ".join(state.read_errors))
     check_restorable(manifest)
     result = ManifestPlan(manifest, backup)
+    # What the manifest says was never done (status failed or not_run) has nothing to put back; what it says was done,
+    # or only planned (the batch stopped before its done-record; version 1), is judged against the host as it is.
+    done = replace(manifest, items=tuple(item for item in manifest.items if not mk.never_done(item)))
     if manifest.machinekeys:
-        _plan_machinekeys(state, manifest, root, result)  # its batch records "restores" itself
+        _plan_machinekeys(state, done, root, result)  # its batch records "restores" itself
     else:
         backup.record("restores", manifest_id=manifest.id)
-        _plan_certificates(state, manifest, result)
-        _plan_registry(state, manifest, result, options)
-        _plan_firewall(state, manifest, result)
-    _plan_markers(state, manifest, root, result)
+        _plan_certificates(state, done, result)
+        _plan_registry(state, done, result, options)
+        _plan_firewall(state, done, result)
+    _plan_markers(state, done, root, result)
     backup.planned_actions = [str(action["description"]) for action in result.actions("planned")]
     return result
 
 
 def move_not_done(state: HostState, manifest: Manifest, item: dict[str, t.Any]) -> bool:
-    """Whether a ``store_moved`` / ``key_moved`` item of ``manifest`` was never carried out: its run wrote the manifest
-    first, then the move failed or never ran. The manifest's own record says so (``status``, manifests from version
-    2); an older one is judged on the host: nothing in the backup, and the source still where it was (same size)."""
-    status = item.get("status")
-    if status in ("failed", "not_run"):
-        return True
-    if status == "done":
-        return False
+    """Whether a ``store_moved`` / ``key_moved`` item of ``manifest`` was never carried out
+    (``_machinekeys.move_not_done``: its status, or for ``planned`` and version 1 the host)."""
     saved = state.file(ntpath.join(manifest.directory, str(item["file"])))
     source = state.file(str(item.get("source") or ""))
-    if saved.exists or not item.get("source") or not source.exists:
-        return False
-    return item.get("kind") != "key_moved" or item.get("size") in (None, source.size)
+    return mk.move_not_done(item, saved.exists, source.exists, source.size)
 
 
 def _plan_machinekeys(state: HostState, manifest: Manifest, root: str, result: ManifestPlan) -> None:
@@ -807,18 +805,25 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
     for cert, move_key in removals:
         target: Target = ("store", cert.store)
         certificate.save_certificate(result.saves, backup, cert)
+        saved_cert = backup.last_item
         key = cert.key or {}
         key_path = str(key.get("path") or "")
         if move_key and key_path and key.get("exists") and key_path.casefold() not in copy_targets:
             # Windows created this key file with the certificate: it goes into the backup with it.
             name = f"{cert.thumbprint}.key"
-            backup.record(
-                "private_key_file", file=name, source=key_path, thumbprint=cert.thumbprint, sddl=key.get("sddl")
+            moved = backup.record(
+                "private_key_file",
+                file=name,
+                source=key_path,
+                thumbprint=cert.thumbprint,
+                sddl=key.get("sddl"),
+                owner=key.get("owner"),
             )
             result.step(
                 "file.move",
                 "move_key",
                 f"move the key file {key_path} of {cert.thumbprint} into the backup",
+                carries=moved,
                 src=key_path,
                 dest=ntpath.join(backup.directory, name),
             )
@@ -827,6 +832,7 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
             "cert.remove",
             "remove_certificate",
             f"remove {cert.label()} from LocalMachine\\{cert.store} (created after the restored run; saved first)",
+            carries=saved_cert,
             store=cert.store,
             thumbprint=cert.thumbprint,
         )
@@ -850,11 +856,13 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
             relink_files[str(item["thumbprint"]).upper()] = (source, str(sddl))
         if current.exists and saved.sha256 is not None and current.sha256 == saved.sha256 and current.sddl == sddl:
             continue
+        replaced: int | None = None
         if current.exists:
             name = f"{ntpath.basename(source)}.replaced.key"
             backup.save_file_copy(
                 result.saves, source, name, "private_key_file", thumbprint=_key_owner(state, source), sddl=current.sddl
             )
+            replaced = backup.last_item
         if current.exists:
             # The copy replaces the file in place and takes over its ACL, which from build 17763 names no
             # Administrators (not even READ_CONTROL): SYSTEM and Administrators first, the recorded ACL at the end.
@@ -866,7 +874,9 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
                 sddl=RELINK_KEY_SDDL,
             )
             prepared.add(source.casefold())
-        result.step("file.copy", "restore_key", f"put the key file {source} back", src=saved_path, dest=source)
+        result.step(
+            "file.copy", "restore_key", f"put the key file {source} back", carries=replaced, src=saved_path, dest=source
+        )
         if sddl:
             acl_steps[source.casefold()] = (source, str(sddl))
         else:
@@ -887,14 +897,15 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
             body = state.contents.get(ntpath.join(manifest.directory, str(item["file"])).casefold())
             if not body:
                 raise RestoreError(f"the saved certificate {item['file']} of {manifest.id} is missing")
+            imported = backup.record("certificate_imported", store=store, thumbprint=thumbprint)
             result.step(
                 "cert.import",
                 "import_certificate",
                 f"put the certificate {thumbprint} back into LocalMachine\\{store}",
+                carries=imported,
                 store=store,
                 der_b64=base64.b64encode(body).decode("ascii"),
             )
-            backup.record("certificate_imported", store=store, thumbprint=thumbprint)
             result.imported_der[thumbprint] = body
             target = ("store", store)
             result.change(state, target, sorted([*result.predicted(state, target), thumbprint]))
@@ -956,17 +967,23 @@ def _plan_registry(state: HostState, manifest: Manifest, result: ManifestPlan, o
         current = state.value(path, name)
         if _same_value(current, previous):
             continue
-        result.backup.record("registry_value", path=path, name=name, previous=current)
+        recorded = result.backup.record("registry_value", path=path, name=name, previous=current)
         where = f"{path}\\{name}"
         if previous is None:
             result.step(
-                "registry.remove", "remove_value", f"remove {where} (absent before the run)", path=path, name=name
+                "registry.remove",
+                "remove_value",
+                f"remove {where} (absent before the run)",
+                carries=recorded,
+                path=path,
+                name=name,
             )
         else:
             result.step(
                 "registry.set",
                 "set_value",
                 f"set {where} back to {previous.get('value')!r} ({previous.get('type')})",
+                carries=recorded,
                 path=path,
                 name=name,
                 type=previous.get("type"),
@@ -1047,8 +1064,16 @@ def _plan_firewall(state: HostState, manifest: Manifest, result: ManifestPlan) -
             # The run created the rule: it goes, its record into the new manifest.
             if current is None:
                 continue
-            result.backup.record("firewall_rule", name=name, operation="firewall.rule.remove", previous=current)
-            result.step("firewall.rule.remove", "remove_rule", f"remove the rule {name!r} the run created", name=name)
+            recorded = result.backup.record(
+                "firewall_rule", name=name, operation="firewall.rule.remove", previous=current
+            )
+            result.step(
+                "firewall.rule.remove",
+                "remove_rule",
+                f"remove the rule {name!r} the run created",
+                carries=recorded,
+                name=name,
+            )
             result.change(state, target, None)
             continue
         if current is None:
@@ -1061,8 +1086,14 @@ def _plan_firewall(state: HostState, manifest: Manifest, result: ManifestPlan) -
                     f"the firewall rule {name!r} is re-created without its remote port filter "
                     f"{previous.get('remote_ports')}: firewall.rule.new does not set remote ports"
                 )
-            result.backup.record("firewall_rule", name=name, operation="firewall.rule.new", previous=None)
-            result.step("firewall.rule.new", "create_rule", f"re-create the rule {name!r} the run removed", **args)
+            recorded = result.backup.record("firewall_rule", name=name, operation="firewall.rule.new", previous=None)
+            result.step(
+                "firewall.rule.new",
+                "create_rule",
+                f"re-create the rule {name!r} the run removed",
+                carries=recorded,
+                **args,
+            )
             result.change(state, target, _recreated_record(args))
             continue
         fields = {key: previous[key] for key in RULE_SETTABLE if key in previous and previous[key] != current.get(key)}
@@ -1074,9 +1105,16 @@ def _plan_firewall(state: HostState, manifest: Manifest, result: ManifestPlan) -
             )
         if not fields:
             continue
-        result.backup.record("firewall_rule", name=name, operation="firewall.rule.set", previous=current)
+        recorded = result.backup.record("firewall_rule", name=name, operation="firewall.rule.set", previous=current)
         changed = ", ".join(f"{key}={value!r}" for key, value in fields.items())
-        result.step("firewall.rule.set", "set_rule", f"put the rule {name!r} back: {changed}", name=name, **fields)
+        result.step(
+            "firewall.rule.set",
+            "set_rule",
+            f"put the rule {name!r} back: {changed}",
+            carries=recorded,
+            name=name,
+            **fields,
+        )
         result.change(state, target, {**current, **fields})
 
 
@@ -1099,11 +1137,12 @@ def _plan_markers(state: HostState, manifest: Manifest, root: str, result: Manif
             path = str(item["source"])
             saved = ntpath.join(manifest.directory, str(item["file"]))
             if state.file(saved).exists and not state.file(path).exists:
-                result.backup.record("marker_placed", path=path)
+                recorded = result.backup.record("marker_placed", path=path)
                 result.step(
                     "file.move",
                     "mark_restored",
                     f"mark {ntpath.basename(ntpath.dirname(path))} restored again",
+                    carries=recorded,
                     src=saved,
                     dest=path,
                 )
@@ -1112,11 +1151,12 @@ def _plan_markers(state: HostState, manifest: Manifest, root: str, result: Manif
 
 def _move_marker_aside(state: HostState, result: ManifestPlan, path: str, manifest_id: str) -> None:
     name = f"restored-{manifest_id}.json"
-    result.backup.record("marker_moved", source=path, file=name)
+    recorded = result.backup.record("marker_moved", source=path, file=name)
     result.step(
         "file.move",
         "unmark_restored",
         f"mark {manifest_id} as not restored (its restore is undone)",
+        carries=recorded,
         src=path,
         dest=ntpath.join(result.backup.directory, name),
     )
@@ -1251,22 +1291,31 @@ def build_apply_batch(
         # machinekeys' own batch (its backup, undo, marker and key folder re-reads), this planner's marker moves added
         # after its steps.
         steps = plan.steps
+        own = len(plan.machinekeys.ops)
         restore = mk.RestorePlan(
             actions=[*plan.machinekeys.actions, *({"action": s.action, "description": s.description} for s in steps)],
             ops=[*plan.machinekeys.ops, *((step.op, step.args) for step in steps)],
             save_certificates=list(plan.machinekeys.save_certificates),
+            carries={
+                **plan.machinekeys.carries,
+                **{own + n: step.carries for n, step in enumerate(steps) if step.carries is not None},
+            },
         )
         batch, manifest, store, _cng = mk.build_restore_batch(state.keys, restore, plan.manifest.id, root, plan.backup)
-        last_change = store - 1
+        last_change = store - 1  # the marker on the original manifest
     else:
         batch = Batch(on_error="stop")
         plan.backup.begin(batch)
         batch.ops.extend(plan.saves.ops)
         manifest = plan.backup.finish(batch)
         for step in plan.steps:
-            batch.add(step.op, **step.args)
+            position = batch.add(step.op, **step.args)
+            if step.carries is not None:
+                plan.backup.carry(step.carries, position)
         if plan.restart_service:
             batch.add("service.restart", name=plan.restart_service, force=plan.restart_service == "TermService")
+        # The done-record (the restore's manifest again, every item it carried out done), then the marker.
+        plan.backup.finish_done(batch)
         marker = json.dumps({"restored_by": plan.backup.manifest_id, "time": plan.backup.created}).encode("utf-8")
         last_change = batch.add(
             "file.write",

@@ -63,17 +63,28 @@ class RegistryChange:
 
 
 def stage_registry_changes(batch: Batch, backup: BackupSet, changes: t.Sequence[RegistryChange]) -> int:
-    """Every previous value into the manifest (written first), then the changes; returns the manifest's position."""
+    """Every previous value into the manifest (written first), then the changes, each carrying out its item, then the
+    done-record; returns the manifest's position."""
     backup.begin(batch)
+    items = []
     for change in changes:
-        backup.record("registry_value", path=change.path, name=change.name, previous=change.previous)
+        items.append(backup.record("registry_value", path=change.path, name=change.name, previous=change.previous))
         backup.planned_actions.append(change.describe())
     manifest = backup.finish(batch)
-    for change in changes:
+    for item, change in zip(items, changes, strict=True):
         if change.removes:
-            batch.add("registry.remove", path=change.path, name=change.name)
+            backup.change(batch, item, "registry.remove", path=change.path, name=change.name)
         else:
-            batch.add("registry.set", path=change.path, name=change.name, type=change.value_type, value=change.value)
+            backup.change(
+                batch,
+                item,
+                "registry.set",
+                path=change.path,
+                name=change.name,
+                type=change.value_type,
+                value=change.value,
+            )
+    backup.finish_done(batch)
     return manifest
 
 

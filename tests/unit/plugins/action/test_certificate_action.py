@@ -347,6 +347,7 @@ def test_missing_pin_removed_elsewhere(cert_factory: t.Any) -> None:
             "name": "SSLCertificateSHA1Hash",
             "path": "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp",
             "previous": {"type": "REG_BINARY", "value": "ab" * 20},
+            "status": "done",  # the value's removal carried it out, and the batch said so
         }
     ]
 

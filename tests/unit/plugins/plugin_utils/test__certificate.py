@@ -494,6 +494,7 @@ def test_apply_batch_backs_up_before_anything_destructive(cert_factory: t.Any) -
         "cert.remove",
         "registry.remove",
         "service.restart",
+        "file.write",  # manifest.json again: the done-record
         "util.sleep",
         "listener.get",
         "registry.get",
@@ -514,6 +515,26 @@ def test_apply_batch_backs_up_before_anything_destructive(cert_factory: t.Any) -
     assert manifest["items"][2]["previous"] == {"type": "REG_BINARY", "value": "ab" * 20}
     assert batch.ops[g + 6]["args"] == {"name": "SessionEnv", "force": False}
     assert [position for position, _action in index.actions] == [g + 4, g + 5, g + 6]
+    # What was done, per item (version 2): the removed certificate and the pin are carried out by the batch, planned
+    # before the changes and done in the done-record after them; the key file's copy is a backup only.
+    assert manifest["v"] == 2
+    assert [item.get("status") for item in manifest["items"]] == ["planned", None, "planned"]
+    done = json.loads(base64.b64decode(batch.ops[g + 7]["args"]["content_b64"]))
+    assert batch.ops[g + 7]["args"]["path"] == batch.ops[g + 3]["args"]["path"]
+    assert [item.get("status") for item in done["items"]] == ["done", None, "done"]
+    assert {k: v for k, v in done.items() if k != "items"} == {k: v for k, v in manifest.items() if k != "items"}
+    # The result's backup value: each item's status from the batch's own results.
+    results = [OpResult(op["op"], True, {}) for op in batch.ops]
+    results[g + 5] = OpResult("registry.remove", False, error_type="AccessDenied", error_message="denied")
+    results[g + 6 :] = [OpResult(op["op"], False, skipped=True) for op in batch.ops[g + 6 :]]
+    statuses = [item.get("status") for item in backup.summary(BatchResult("WEB01", results))["items"]]
+    assert statuses == ["done", None, "failed"]
+    cut = [*results[: g + 5], *(OpResult(op["op"], False, skipped=True) for op in batch.ops[g + 5 :])]
+    assert [item.get("status") for item in backup.summary(BatchResult("WEB01", cut))["items"]] == [
+        "done",
+        None,
+        "not_run",
+    ]
 
 
 def test_manifest_id_format() -> None:

@@ -456,6 +456,7 @@ def test_the_key_of_a_certificate_windows_created_elsewhere_moves_into_the_backu
         "source": KEY,
         "thumbprint": new.thumbprint,
         "sddl": KEY_SDDL,
+        "owner": None,
     }
 
 
@@ -573,18 +574,28 @@ def test_the_apply_batch_saves_before_it_changes_and_rereads_after(cert_factory:
     names = [op["op"] for op in batch.ops]
     assert batch.on_error == "stop"
     assert names[: index.manifest + 1] == ["dir.create", "file.write"]
-    assert names[index.manifest + 1 : index.last_change + 1] == ["registry.set", "service.restart", "file.write"]
+    # The changes, the restart, the done-record (the restore's manifest again), then the marker on the original.
+    assert names[index.manifest + 1 : index.last_change + 1] == [
+        "registry.set",
+        "service.restart",
+        "file.write",
+        "file.write",
+    ]
     assert batch.ops[index.last_change]["args"]["path"] == f"{ROOT}\\{MANIFEST_ID}\\restored.json"
+    assert batch.ops[index.last_change - 1]["args"]["path"] == batch.ops[index.manifest]["args"]["path"]
     assert not set(names[index.last_change + 1 :]) & WRITE_OPERATIONS
     document = json.loads(base64.b64decode(batch.ops[index.manifest]["args"]["content_b64"]))
-    assert document["module"] == "rdpfix.rdp.restore"
+    assert document["module"] == "rdpfix.rdp.restore" and document["v"] == 2
     assert document["items"][0] == {"kind": "restores", "manifest_id": MANIFEST_ID}
     assert document["items"][1] == {
         "kind": "registry_value",
         "path": RDP_TCP,
         "name": "SSLCertificateSHA1Hash",
         "previous": None,
+        "status": "planned",
     }
+    done = json.loads(base64.b64decode(batch.ops[index.last_change - 1]["args"]["content_b64"]))
+    assert done["items"][1]["status"] == "done" and "status" not in done["items"][0]
 
 
 def test_a_termservice_restart_with_sessions_is_pending_unless_allowed() -> None:
