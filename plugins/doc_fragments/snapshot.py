@@ -17,9 +17,10 @@ options:
       - Check mode, and a run that finds nothing to change, then send nothing to the host.
       - A run that changes something starts its one apply batch with guards comparing what the plan took from the
         snapshot (registry values, certificates and thumbprints, key and folder ACLs, firewall rules, service states)
-        with the host as it is at the write. When the host changed since the snapshot, the batch stops before its
-        first write; the module reads the host again, plans anew once, says so in RV(replanned) and a warning, and
-        fails without changing anything when the host changed again.
+        with the host as it is at the write. When the host changed since the snapshot (a value that appeared since,
+        such as one Group Policy created, counts as a change), the batch stops before its first write; the module
+        reads the host again, plans anew once, says so in RV(replanned) and a warning, and fails without changing
+        anything when the host changed again.
       - A snapshot taken on another host, or in a format of another version of the collection, is refused before
         anything is sent.
       - Without it the module reads the host itself, as it always has.

@@ -37,7 +37,7 @@ from ._agent import (
     run_batch,
 )
 from ._guards import GUARD_FAILED, GUARD_OP, Guard, HostChanged
-from ._snapshot import Snapshot, SnapshotError, describe, expectation, guarded
+from ._snapshot import Snapshot, SnapshotError, describe, expectation, guard_match, guarded
 
 # Options every module that changes a host shares; documented once in the ``rdpfix.rdp.common`` doc fragment (and the
 # modules that take it form the ``rdpfix.rdp.backup`` action group).
@@ -429,7 +429,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         if batch.writes and self.relied_on:
             source = "the snapshot" if self.snapshot is not None else "this run's read"
             for op, args, data in self.relied_on.values():
-                guard = Guard(describe(op, args, source), op, args, expectation(op, data), match="subset")
+                guard = Guard(describe(op, args, source), op, args, expectation(op, data), match=guard_match(op))
                 guards.append({"op": GUARD_OP, "args": guard.op_args()})
                 if self.snapshot is not None:
                     rereads.append({"op": op, "args": args})

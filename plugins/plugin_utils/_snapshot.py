@@ -116,6 +116,15 @@ class Snapshot:
         for entry in reads:
             if not isinstance(entry, dict) or not isinstance(entry.get("op"), str):
                 raise SnapshotError("the snapshot is malformed (a read without op): take it again")
+            if entry.get("data") is not None and not isinstance(entry["data"], dict):
+                raise SnapshotError(
+                    f"the snapshot is malformed (the data of its {entry['op']} read is "
+                    f"{type(entry['data']).__name__}, not an object): take it again with rdpfix.rdp.facts"
+                )
+            if entry.get("error") is not None and not isinstance(entry["error"], dict):
+                raise SnapshotError(
+                    f"the snapshot is malformed (the error of its {entry['op']} read is not an object): take it again"
+                )
             raw_args = entry.get("args")
             args: dict[str, t.Any] = raw_args if isinstance(raw_args, dict) else {}
             snapshot.reads[op_key(entry["op"], args)] = copy.deepcopy(entry)
@@ -140,10 +149,17 @@ def guarded(op: str) -> bool:
 
 
 def expectation(op: str, data: dict[str, t.Any]) -> dict[str, t.Any]:
-    """What a guard compares (``subset``): the whole data of the read, or for system.info the machine's identity."""
+    """What a guard compares: the whole data of the read, or for system.info the machine's identity."""
     if op == "system.info":
         return {name: data[name] for name in SYSTEM_IDENTITY if name in data}
     return data
+
+
+def guard_match(op: str) -> str:
+    """How a guard compares (docs/agent-protocol.md, "Guards"): ``equal`` - a member that appeared since the read
+    (a registry value Group Policy or an administrator created) is a change like any other - except for system.info,
+    whose identity is a part of its data (``subset``)."""
+    return "subset" if op == "system.info" else "equal"
 
 
 def describe(op: str, args: dict[str, t.Any], source: str = "the snapshot") -> str:

@@ -189,6 +189,70 @@ def test_a_host_that_keeps_changing_is_left_alone() -> None:
     assert meddling.count == 3
 
 
+POLICY = "HKLM:\\SOFTWARE\\Policies\\Microsoft\\Windows NT\\Terminal Services"
+
+
+def registry_values(host: t.Any, path: str) -> dict[str, t.Any]:
+    data = rdplab_ops.OPS["registry.get"].func(host, {"path": path})
+    return t.cast(dict[str, t.Any], data["values"])
+
+
+def test_a_policy_value_that_appeared_after_the_read_stops_the_batch_and_is_not_overwritten() -> None:
+    # The transport policy key exists at the read (NLA is set there by Group Policy) without SelectTransport; Group
+    # Policy creates SelectTransport before the apply. A guard that only looks for the values it read (subset) lets
+    # the stale plan write over it, its manifest saying "absent" (a restore would delete Group Policy's value).
+    host = load("policy-nla-listener-layer")
+    facts = snapshot_of(host)
+    assert "SelectTransport" not in registry_values(host, POLICY)
+    writes = host.counters.writes
+    meddling = Meddling(host, {1: lambda: set_dword(host, POLICY, "SelectTransport", 1)})
+    result = run(transport_action.ActionModule, host, connection=meddling, snapshot=facts, mode="tcp_only")
+    assert not result.get("failed"), result.get("msg")
+    assert "values.SelectTransport: expected nothing, found an object" in result["replanned"]
+    assert any("changed since the snapshot" in warning for warning in result["warnings"])
+    assert result["changed"] is False and result["changes"] == [] and host.counters.writes == writes
+    assert registry_values(host, POLICY)["SelectTransport"] == {"type": "REG_DWORD", "value": 1}
+    assert result["round_trips"] == meddling.count == 2  # the stopped apply batch, the new read
+
+
+def test_a_group_policy_security_layer_set_after_the_read_is_reported_and_left_alone() -> None:
+    host = load("policy-nla-listener-layer")
+    facts = snapshot_of(host)
+    meddling = Meddling(host, {1: lambda: set_dword(host, POLICY, "SecurityLayer", 0)})
+    result = run(tls_action.ActionModule, host, connection=meddling, snapshot=facts)
+    assert not result.get("failed"), result.get("msg")
+    assert "values.SecurityLayer: expected nothing, found an object" in result["replanned"]
+    # The new plan sees Group Policy's value: reported as enforced by policy, never written (no override_policy).
+    assert "tls.security_layer_rdp_policy" in [item["id"] for item in result["findings"]]
+    assert not any(POLICY in change and "SecurityLayer" in change for change in result["changes"])
+    assert registry_values(host, POLICY)["SecurityLayer"] == {"type": "REG_DWORD", "value": 0}
+
+
+def test_a_schannel_value_created_after_the_read_is_planned_for_and_recorded() -> None:
+    host = load("tls-tls12-disabled")
+    rdplab_ops.OPS["registry.remove"].func(host, {"path": TLS12, "name": "DisabledByDefault"})
+    facts = snapshot_of(host)
+    meddling = Meddling(host, {1: lambda: set_dword(host, TLS12, "DisabledByDefault", 1)})
+    result = run(tls_action.ActionModule, host, connection=meddling, snapshot=facts)
+    assert not result.get("failed"), result.get("msg")
+    assert "values.DisabledByDefault: expected nothing, found an object" in result["replanned"]
+    # The stale plan would have set Enabled only and left TLS 1.2 disabled by default; the new one sees the value,
+    # changes it and records what it was.
+    assert registry_values(host, TLS12)["DisabledByDefault"]["value"] == 0
+    assert any("DisabledByDefault" in change and "(was 1)" in change for change in result["changes"])
+
+
+@pytest.mark.parametrize("data", [["not", "an", "object"], "text", 3])
+def test_a_snapshot_read_whose_data_is_not_an_object_is_refused(data: object) -> None:
+    facts = snapshot_of(load("tls-tls12-disabled"))
+    facts["snapshot"]["reads"][0]["data"] = data
+    host = load("tls-tls12-disabled")
+    result = run(tls_action.ActionModule, host, snapshot=facts)
+    assert result["failed"] is True and result["msg"].startswith("Invalid arguments: snapshot:"), result["msg"]
+    assert f"is {type(data).__name__}, not an object" in result["msg"] and "Traceback" not in result["msg"]
+    assert host.counters.winrm_commands == 0
+
+
 @pytest.mark.parametrize(
     ("snapshot", "expected"),
     [
