@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
+from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure, AnsibleError
 from ansible.plugins.action import ActionBase
 
 from . import _agent, _lock, _outcome
@@ -305,6 +305,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.diff_mode = False
         self.round_trips = 0
         self.warnings: list[str] = []
+        self.lasting_warnings: list[str] = []
         self.now = utc_now()
         # Planning from a snapshot: the snapshot (kept current by every read and write of this run), and the reads
         # the plan took from it, which the next write batch guards and re-reads.
@@ -358,7 +359,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             _lock.release_warning(self.host, sent, locked),
         ):
             if warning:
-                self.warn(warning)
+                self.warn(warning, lasting=True)
         return locked.own(sent)
 
     def wire_builder(self) -> Builder:
@@ -376,7 +377,13 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             builder = wrapper_for(self._connection, self.task_vars, environment, async_timeout=timeout)
             self._builder = builder
             if timeout:
-                self._jobs = AsyncJobs(self._connection, builder, poll=float(self._task.poll), timeout=timeout)
+                self._jobs = AsyncJobs(
+                    self._connection,
+                    builder,
+                    poll=float(self._task.poll),
+                    timeout=timeout,
+                    warn=lambda message: self.warn(message, lasting=True),
+                )
         return self._builder
 
     def channel(self) -> t.Any:
@@ -387,23 +394,35 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
 
     def _finish_async(self, result: dict[str, t.Any]) -> dict[str, t.Any]:
         """An async task hands its result to Ansible the way a job does: written to the last job's result file, for
-        the polling Ansible does after the task (ansible.windows.async_status) to read and remove. A failed or
-        unreachable result is returned as it is (Ansible does not poll then)."""
+        the polling Ansible does after the task (ansible.windows.async_status) to read and remove.
+
+        ansible-core polls every result of an async task that is not ``failed`` (task_executor): a failed result is
+        returned as it is, and an unreachable one is marked ``failed`` as well, so that its message is what the user
+        sees (the host then counts as failed, not unreachable). A run that sent no batch (planned from the snapshot,
+        nothing to change) runs an empty batch as a job to have a result file. When the result cannot be handed over,
+        the module's own result is returned, failed (Ansible would otherwise poll a file that does not hold it), with
+        a warning saying so."""
         jobs = self._jobs
-        if jobs is None or jobs.last_job is None or result.get("failed") or result.get("unreachable"):
+        if result.get("unreachable"):
+            result["failed"] = True
+        if result.get("failed"):
             if jobs is not None:
                 self.round_trips += jobs.commands
             return self._finish(result)
-        jid, results_file = jobs.last_job
-        self.round_trips += jobs.commands + 1
+        try:
+            jid, results_file = self._result_job()
+        except AnsibleError as exc:
+            return self._handover_failed(result, exc, None)
+        self.round_trips += 1  # the write below
         final = self._finish(result) | {"ansible_job_id": jid, "started": 1, "finished": 1}
         document = b"\xef\xbb\xbf" + json.dumps(final).encode("utf-8")  # UTF-8 with a BOM, as Set-Content writes
         batch = Batch(on_error="stop")
         batch.add("file.write", path=results_file, content_b64=base64.b64encode(document).decode("ascii"))
         try:
             run_batch(self._connection, self.host, batch, self._sync_builder()).raise_for_errors()
-        except (AgentError, AnsibleConnectionFailure) as exc:
-            return final | {"failed": True, "msg": f"{self.host}: the result could not be handed over: {exc}"}
+        except AnsibleError as exc:
+            # Any failure, a lost answer (OutcomeUnknown) included: the module's result stays what it was.
+            return self._handover_failed(result, exc, results_file)
         return {
             "ansible_job_id": jid,
             "results_file": results_file,
@@ -411,6 +430,42 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             "finished": 0,
             "changed": final.get("changed", False),
         }
+
+    def _result_job(self) -> tuple[str, str]:
+        """The job whose result file receives the task's result: the last batch's, or - when no batch ran as a job -
+        an empty batch run as one (its start and polls; its result file is kept for the result). Counts the polls and
+        cleanups sent in ``round_trips``."""
+        from ._wrapper import AsyncJobs  # noqa: PLC0415 - see wire_builder
+
+        builder = self.wire_builder()
+        jobs = t.cast(AsyncJobs, self._jobs)
+        try:
+            if jobs.last_job is None:
+                self.round_trips += 1
+                rc, stdout, stderr = jobs.run_job(builder(Batch(on_error="stop")), cleanup=False)
+                _agent.parse_output(self.host, rc, stdout, stderr, expected=0)
+        except AnsibleError:
+            raise
+        except Exception as exc:  # the connection's own failures: judged as for any batch that only reads
+            raise _agent.transport_failure(self.host, Batch(), exc, None, None) from exc
+        finally:
+            self.round_trips += jobs.commands
+        if jobs.last_job is None:
+            raise AgentError(f"{self.host}: no async job was started to hand the result over in")
+        return jobs.last_job
+
+    def _handover_failed(
+        self, result: dict[str, t.Any], exc: AnsibleError, results_file: str | None
+    ) -> dict[str, t.Any]:
+        """The module's own result, when it could not be written where Ansible's async polling reads it."""
+        where = f" (the job's result file {results_file} may be left on the host)" if results_file else ""
+        detail = f"the answer to its write was lost: {exc.reason}" if isinstance(exc, OutcomeUnknown) else str(exc)
+        message = f"{self.host}: the module's result could not be handed over to Ansible's async polling ({detail})"
+        message += where
+        self.warn(message)
+        said = result.get("msg")
+        handed = result | {"failed": True, "msg": message + (f"; the module said: {said}" if said else "")}
+        return self._finish(handed)
 
     def _sync_builder(self) -> Builder:
         from ._wrapper import wrapper_for  # noqa: PLC0415
@@ -545,9 +600,13 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         named = ", ".join(manifest or "(no manifest)" for manifest in self.written)
         return f"; this run had already made changes on the host before (backup manifest {named})"
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str, lasting: bool = False) -> None:
+        """Add a warning. ``lasting``: it tells of something that happened on the host (a lock taken over, a job file
+        left), so it stays when the plan is made anew; the other warnings belong to the plan and go with it."""
         if message not in self.warnings:
             self.warnings.append(message)
+        if lasting and message not in self.lasting_warnings:
+            self.lasting_warnings.append(message)
 
     def delegated_host(self, task_vars: dict[str, t.Any]) -> str | None:
         """The inventory name of the host a ``delegate_to`` task contacts (None without delegation)."""
@@ -566,6 +625,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.diff_mode = bool(self._task.diff)
         self.round_trips = 0
         self.warnings = []
+        self.lasting_warnings = []
         self.now = utc_now()
         self.snapshot, self.relied_on, self.replanned = None, {}, None
         # Manifest ids of the write batches this run has had answered (a later failure says changes were made).
@@ -606,7 +666,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             except HostChanged as exc:
                 # Nothing was written: read the host again and plan once more from what it is now.
                 self.replanned = str(exc)
-                self.warnings = []
+                self.warnings = list(self.lasting_warnings)
                 since = "the snapshot" if self.snapshot is not None else "it was read"
                 self.warn(f"The host changed since {since} ({exc}); it was read again and the plan made anew")
                 if self.snapshot is not None:
@@ -639,7 +699,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         if self.snapshot is not None:
             result["snapshot"] = self.snapshot.to_dict()
             result["replanned"] = self.replanned
-        if self._jobs is not None:
+        if self._task.async_val and self.batch_sender is None:
             return self._finish_async(result)
         return self._finish(result)
 

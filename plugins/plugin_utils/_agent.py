@@ -313,35 +313,38 @@ def agent_script() -> str:
         return handle.read()
 
 
+def last_json(output: bytes | str) -> dict[str, t.Any] | None:
+    """The last line of a module's output that is a JSON object (None when there is none). PowerShell may print a BOM
+    or noise around the document; the agent, Ansible's async wrapper and async_status each write theirs on one line."""
+    text = output.decode("utf-8", errors="replace") if isinstance(output, bytes) else output
+    for raw_line in reversed(text.splitlines()):
+        line = raw_line.strip().lstrip("\ufeff")
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
 def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int) -> BatchResult:
     """Turn the module result on stdout (the agent's document) into a BatchResult, or raise AgentError saying what
     went wrong: no document, a failed module result (the agent's own failure, or the exec wrapper's: a become that was
     refused, for instance), or a document of the wrong shape."""
     text = stdout.decode("utf-8", errors="replace").strip()
-    # PowerShell may print a BOM or noise around the document: take the last line that is a JSON object.
-    document: t.Any = None
-    for raw_line in reversed(text.splitlines()):
-        line = raw_line.strip().lstrip("\ufeff")
-        if line.startswith("{"):
-            try:
-                document = json.loads(line)
-            except ValueError:
-                continue
-            break
+    document = last_json(text)
     if document is None:
         detail = stderr.decode("utf-8", errors="replace").strip() or text or "no output"
         raise AgentError(f"the rdpfix agent on {host} returned no result (rc={rc}): {detail[:2000]}")
-    if isinstance(document, dict) and document.get("failed") and "results" not in document:
+    if document.get("failed") and "results" not in document:
         message = str(document.get("msg") or "failed without a message")
         detail = stderr.decode("utf-8", errors="replace").strip()
         raise AgentError(
             f"the rdpfix agent on {host} failed (rc={rc}): {message[:2000]}" + (f" [{detail[:500]}]" if detail else "")
         )
-    if (
-        not isinstance(document, dict)
-        or document.get("v") != PROTOCOL_VERSION
-        or not isinstance(document.get("results"), list)
-    ):
+    if document.get("v") != PROTOCOL_VERSION or not isinstance(document.get("results"), list):
         raise AgentError(f"the rdpfix agent on {host} returned an unexpected document: {text[:2000]}")
     results: list[OpResult] = []
     for item in document["results"]:

@@ -26,7 +26,7 @@ from ansible.executor.module_common import modify_module
 from ansible.plugins.loader import module_loader
 from ansible.plugins.shell.powershell import ShellModule as PowerShellShell
 
-from ._agent import AGENT_PATH, AgentError, Batch, WireCommand
+from ._agent import AGENT_PATH, AgentError, Batch, WireCommand, last_json
 
 # The name the wrapper gives the agent script (its manifest entry is "<fqn>.ps1"; a module outside a collection's
 # plugins/modules folder is named ansible.legacy.<name> by the builder).
@@ -112,21 +112,15 @@ def async_status_path() -> str:
     return str(found.plugin_resolved_path)
 
 
-def last_json(stdout: bytes) -> dict[str, t.Any] | None:
-    """The last line of a module's output that is a JSON object (None when there is none)."""
-    for raw_line in reversed(stdout.decode("utf-8", errors="replace").splitlines()):
-        line = raw_line.strip().lstrip("\ufeff")
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            return value if isinstance(value, dict) else None
-    return None
+# How Ansible's async watchdog (async_watchdog.ps1) ends a job whose module outlived the task's ``async`` seconds: it
+# stops the module wherever it was and writes this, with no module result, into the job's result file.
+WATCHDOG_TIMEOUT = "timed out waiting for module completion"
 
 
 class JobTimeout(AgentError):
-    """An async job did not finish within the task's ``async`` seconds."""
+    """An async job did not finish within the task's ``async`` seconds (the controller stopped waiting, or Ansible's
+    watchdog stopped the module): what its batch did on the host is not known. Not a refusal, so a write batch that
+    ends this way is reported as outcome unknown, with its manifest (``_agent.transport_failure``)."""
 
 
 class AsyncJobs:
@@ -134,10 +128,12 @@ class AsyncJobs:
 
     ``exec_command`` sends the command (built with the async wrapper: the job starts in the background and the
     command returns at once with the job id), then polls the job's result file with ansible.windows.async_status every
-    ``poll`` seconds, at most ``timeout`` seconds, removes the result file (async_status ``mode=cleanup``) and returns
-    the job's result as the command's output - so ``_agent.run_batch`` parses it as it parses a direct answer, and a
-    connection failure at any point goes through the same classification. The polls and cleanups it sends are counted
-    in ``commands`` (the start is the batch's own round trip).
+    ``poll`` seconds until ``timeout`` seconds (wall time) have passed, removes the result file (async_status
+    ``mode=cleanup``) and returns the job's result as the command's output - so ``_agent.run_batch`` parses it as it
+    parses a direct answer, and a connection failure at any point goes through the same classification. A job that
+    ran out of time (the controller's deadline, or Ansible's watchdog) raises JobTimeout. A cleanup that fails once
+    the result is in hand is a warning (``warn``), not a failure. The polls and cleanups it sends are counted in
+    ``commands`` (the start is the batch's own round trip).
     """
 
     def __init__(
@@ -146,13 +142,18 @@ class AsyncJobs:
         wrapper: ModuleWrapper,
         poll: float,
         timeout: float,
+        *,
         sleep: t.Callable[[float], None] = time.sleep,
+        clock: t.Callable[[], float] = time.monotonic,
+        warn: t.Callable[[str], None] | None = None,
     ) -> None:
         self.connection = connection
         self.wrapper = wrapper
         self.poll = poll
         self.timeout = timeout
         self.sleep = sleep
+        self.clock = clock
+        self.warn = warn
         self.commands = 0
         # The last job: (job id, result file) - the action writes its final result there (docs/architecture.md).
         self.last_job: tuple[str, str] | None = None
@@ -168,16 +169,19 @@ class AsyncJobs:
 
     def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
         del sudoable
+        return self.run_job(WireCommand(command=cmd, stdin=in_data or b""))
+
+    def run_job(self, wire: WireCommand, cleanup: bool = True) -> tuple[int, bytes, bytes]:
+        """Start ``wire`` as a job and wait for it; ``cleanup=False`` leaves its result file on the host."""
         # The start is the batch's own round trip (counted by the caller); polls and the cleanup are extra.
-        rc, stdout, stderr = self._exec(WireCommand(command=cmd, stdin=in_data or b""), counted=False)
+        deadline = self.clock() + self.timeout
+        rc, stdout, stderr = self._exec(wire, counted=False)
         started = last_json(stdout)
         if rc != 0 or not started or not started.get("ansible_job_id") or started.get("failed"):
             return rc, stdout, stderr  # the job did not start: its answer says why
         jid, results_file = str(started["ansible_job_id"]), str(started.get("results_file") or "")
-        waited = 0.0
         while True:
             self.sleep(self.poll)
-            waited += self.poll
             status_rc, status_out, status_err = self._exec(self.wrapper.async_status(jid))
             status = last_json(status_out)
             if status is None or (status.get("failed") and "results" not in status and not status.get("finished")):
@@ -185,14 +189,40 @@ class AsyncJobs:
                 raise AgentError(f"async job {jid}: async_status failed (rc={status_rc}): {str(detail)[:500]}")
             if status.get("finished") in (1, True):
                 break
-            if waited >= self.timeout:
+            if self.clock() >= deadline:
                 raise JobTimeout(
                     f"async job {jid} did not finish within {self.timeout:g} seconds (the task's async); its "
                     f"result file {results_file} on the host will say how it ended"
                 )
-        self._exec(self.wrapper.async_status(jid, mode="cleanup"))
+        message = str(status.get("msg") or "")
+        if status.get("failed") and "results" not in status and WATCHDOG_TIMEOUT in message:
+            # The watchdog stopped the module wherever it was: its changes may be made in full, in part or not at all.
+            self._cleanup(jid, results_file)
+            raise JobTimeout(
+                f"async job {jid}: Ansible's async watchdog stopped it after {self.timeout:g} seconds (the task's "
+                f"async) before it answered ({message[:300]})"
+            )
         self.last_job = (jid, results_file)
+        if cleanup:
+            self._cleanup(jid, results_file)
         return (1 if status.get("failed") else 0), json.dumps(status).encode("utf-8"), b""
+
+    def _cleanup(self, jid: str, results_file: str) -> None:
+        """Remove a finished job's result file; the result is in hand, so a failure here only leaves the file."""
+        try:
+            rc, stdout, stderr = self._exec(self.wrapper.async_status(jid, mode="cleanup"))
+        except Exception as exc:  # any failure of the connection: the job's result is already known
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            answer = last_json(stdout)
+            if rc == 0 and answer is not None and not answer.get("failed"):
+                return
+            problem = str((answer or {}).get("msg") or stderr.decode("utf-8", errors="replace").strip() or f"rc={rc}")
+        if self.warn is not None:
+            self.warn(
+                f"async job {jid}: its result file {results_file or '(unknown)'} could not be removed from the host "
+                f"({problem[:300]}); the job's result was received and is used"
+            )
 
 
 def wrapper_for(

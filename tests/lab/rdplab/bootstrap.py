@@ -452,6 +452,9 @@ def _run_as(host: WindowsHost, token: CallerToken | None, batch: dict[str, t.Any
 
 # How long the emulated job takes to start running its module after the wrapper returned (it runs in the background).
 JOB_START_DELAY = 0.2
+# What async_watchdog.ps1 (ansible-core) throws when the module outlives the task's async seconds; its result file then
+# has failed, finished and msg "failure during async watchdog: <this>", and no module result.
+WATCHDOG_TIMEOUT = "timed out waiting for module completion"
 _JOB_PIDS = itertools.count(7100, 4)
 
 
@@ -497,17 +500,34 @@ def start_job(host: WindowsHost, token: CallerToken | None, batch: dict[str, t.A
         host.filesystem.make_dirs(folder)
         host.filesystem.write(path, json.dumps(started).encode("utf-8"))
 
+    # The job is a process of its own: it counts as a command for the host's transport faults (a cut_at_op fault
+    # stalls its batch), and the watchdog stops it once the task's async seconds have passed (async_watchdog.ps1:
+    # BeginStop, then "timed out waiting for module completion" and no module result; what the batch did so far stays
+    # done).
+    context = transport_faults.arm(host)
+    watchdog = threading.Timer(max(job.timeout, 0), transport_faults.terminate, [context])
+
     def run_job() -> None:
         time.sleep(JOB_START_DELAY)
+        watchdog.start()
         with host.lock:
             try:
-                module: dict[str, t.Any] = _run_as(host, token, batch)
-            except CommandHangs as exc:
-                module = {"failed": True, "msg": f"failure during async watchdog: timed out waiting for module ({exc})"}
+                with transport_faults.running(context):
+                    module: dict[str, t.Any] = _run_as(host, token, batch)
+            except (CommandHangs, transport_faults.BatchCancelled):
+                module = {
+                    "failed": True,
+                    "msg": f"failure during async watchdog: {WATCHDOG_TIMEOUT}",
+                    "exception": f"{WATCHDOG_TIMEOUT}\r\nAt async_watchdog.ps1",
+                    "stdout": None,
+                    "stderr": "",
+                }
             except ValueError as exc:
                 module = {"failed": True, "msg": f"rdpfix agent: invalid batch: {exc}"}
             except Exception as exc:  # a bug in the lab: the job fails with its message, as the watchdog reports one
                 module = {"failed": True, "msg": f"failure during async watchdog: {type(exc).__name__}: {exc}"}
+            finally:
+                watchdog.cancel()
             final = started | module | {"finished": True}
             # Set-Content -Encoding UTF8 on Windows PowerShell 5.1: a BOM, then the text and a line end.
             host.filesystem.write(path, b"\xef\xbb\xbf" + _json_line(final))

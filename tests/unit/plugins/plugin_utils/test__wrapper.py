@@ -144,3 +144,40 @@ def test_wrapper_for_takes_the_connections_shell_and_become() -> None:
     assert built.shell is Connection._shell
     assert built.become_plugin is Connection.become
     assert built.environment == {"A": "b"}
+
+
+class _SlowJobHost:
+    """A connection to a host whose job never finishes and whose every command takes ``seconds`` of wall time."""
+
+    connected = True
+
+    def __init__(self, clock: list[float], seconds: float) -> None:
+        self.clock, self.seconds, self.commands = clock, seconds, 0
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        self.commands += 1
+        self.clock[0] += self.seconds
+        if self.commands == 1:
+            return 0, b'{"ansible_job_id": "j1.7100", "results_file": "C:\\\\r\\\\j1.7100", "started": 1}\r\n', b""
+        return 0, b'{"ansible_job_id": "j1.7100", "started": 1, "finished": 0}\r\n', b""
+
+
+def test_an_async_job_is_given_up_after_the_tasks_async_seconds_of_wall_time() -> None:
+    # The deadline is wall time (time.monotonic), not the sum of the sleeps between polls: slow polls count too.
+    now = [100.0]
+    host = _SlowJobHost(now, seconds=4)
+    jobs = _wrapper.AsyncJobs(
+        host, _wrapper.ModuleWrapper(), poll=1, timeout=10, sleep=lambda _s: None, clock=lambda: now[0]
+    )
+    with pytest.raises(_wrapper.JobTimeout, match="did not finish within 10 seconds"):
+        jobs.exec_command("start", b"")
+    # Started at 100 (deadline 110): polls answered at 108, 112 - the second is past the deadline.
+    assert host.commands == 3 and jobs.commands == 2
+
+
+def test_one_helper_reads_the_last_json_line_of_any_module_output() -> None:
+    assert _wrapper.last_json is _agent.last_json
+    output = b'\xef\xbb\xbfnoise\r\n{"a": 1}\r\n{not json\r\n\xef\xbb\xbf{"b": 2}\r\ntrailing text\r\n'
+    assert _agent.last_json(output) == {"b": 2}
+    assert _agent.last_json(output.decode("utf-8")) == {"b": 2}
+    assert _agent.last_json(b"no document\r\n") is None
