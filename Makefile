@@ -43,7 +43,18 @@ $(STAMP): requirements/runtime.txt requirements/test.txt tests/lab/pyproject.tom
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e tests/lab
 	touch $(STAMP)
 
-setup: $(STAMP) system-packages
+# azure.azcollection.azure_rm beside this collection (requirements/azure-rm.txt, docs/azure.md): a virtualenv of its
+# own, so that .venv does not carry its hundred Azure packages; only the Azure system test runs from it.
+AZURE_RM_VENV ?= .venv-azure-rm
+AZURE_RM_STAMP := $(AZURE_RM_VENV)/.rdpfix-installed
+$(AZURE_RM_STAMP): requirements/runtime.txt requirements/azure-rm.txt | system-packages
+	test -x $(AZURE_RM_VENV)/bin/python || $(PYTHON) -m venv $(AZURE_RM_VENV)
+	$(AZURE_RM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
+	$(AZURE_RM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	  -r requirements/runtime.txt -r requirements/azure-rm.txt
+	touch $(AZURE_RM_STAMP)
+
+setup: $(STAMP) $(AZURE_RM_STAMP) system-packages
 	@scripts/link-collection.sh
 
 system-packages:

@@ -13,7 +13,8 @@ description:
   - Runs commands on an Azure Windows virtual machine through the Run Command API of Azure Resource Manager
     (C(RunPowerShellScript)), so a VM is reachable without WinRM, RDP or any inbound port; only the VM agent's
     outbound HTTPS to Azure is needed.
-  - Each C(exec_command) is one Run Command. The command line and its standard input travel inside the script
+  - Each C(exec_command) is one Run Command; so are C(put_file) and C(fetch_file) (the file as base64 on stdin or
+    stdout, checked by its SHA-256 on both sides). The command line and its standard input travel inside the script
     (stdin gzip-compressed); the VM starts the command line as a process, feeds it stdin and returns exit code,
     stdout and stderr as one compressed result. Run Command returns only the last 4,096 bytes of a script's output,
     so a result longer than one chunk (3,800 characters of compressed base64) is saved on the VM and read back with
@@ -171,9 +172,9 @@ options:
 """
 
 EXAMPLES = r"""
-# inventory/azure.azure_vms.yml (or an azure.azcollection.azure_rm inventory): the connection reads the resource ID.
-# plugin: rdpfix.rdp.azure_vms
-# compose:
+# inventory/prod.azure_rm.yml (or a rdpfix.rdp.azure_vms inventory): the connection reads the resource ID.
+# plugin: azure.azcollection.azure_rm
+# hostvar_expressions:
 #   ansible_connection: "'rdpfix.rdp.azure_run_command'"
 #   ansible_azure_resource_id: id
 
@@ -185,7 +186,7 @@ EXAMPLES = r"""
 #   ansible_azure_vm_name: web01
 """
 
-import base64
+import hashlib
 import os
 import secrets
 import time
@@ -477,37 +478,37 @@ class Connection(ConnectionBase):  # type: ignore[misc]
         return self._vm[2] if self._vm else "?"
 
     def put_file(self, in_path: str, out_path: str) -> None:
+        """One Run Command: the file travels as the command's stdin (base64, compressed in the exec script); the VM
+        answers the SHA-256 of what it wrote, which must be the file's."""
         super().put_file(in_path, out_path)
         if not os.path.isfile(to_bytes(in_path, errors="surrogate_or_strict")):
             raise AnsibleFileNotFound(f"file or module does not exist: {in_path}")
         with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as handle:
             data = handle.read()
-        script = (
-            "$ErrorActionPreference = 'Stop'\n"
-            f"$path = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{_b64(out_path)}'))\n"
-            "$stream = [Console]::OpenStandardInput()\n"
-            "$file = [IO.File]::Create($path)\n"
-            "try { $stream.CopyTo($file) } finally { $file.Dispose() }\n"
-        )
-        exit_code, stdout, stderr = self.exec_command(script, in_data=data)
-        del stdout
+        display.vvv(f"AZURE RUN COMMAND PUT {in_path} TO {out_path} ({len(data)} bytes)", host=self._vm_name())
+        exit_code, stdout, stderr = self.exec_command(rc.put_file_script(out_path), in_data=rc.put_file_stdin(data))
         if exit_code != 0:
-            raise AnsibleError(f"failed to transfer {in_path} to {out_path}: {to_text(stderr)}")
+            raise AnsibleError(f"failed to transfer {in_path} to {out_path} on {self._describe()}: {to_text(stderr)}")
+        written = to_text(stdout).strip()
+        if written != hashlib.sha256(data).hexdigest():
+            raise AnsibleError(
+                f"the copy of {in_path} at {out_path} on {self._describe()} is not the file sent "
+                f"(SHA-256 {written or 'missing'})"
+            )
 
     def fetch_file(self, in_path: str, out_path: str) -> None:
+        """One Run Command (more for a file whose compressed base64 needs more than two result chunks)."""
         super().fetch_file(in_path, out_path)
-        script = (
-            "$ErrorActionPreference = 'Stop'\n"
-            f"$path = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{_b64(in_path)}'))\n"
-            "$data = [IO.File]::ReadAllBytes($path)\n"
-            "$out = [Console]::OpenStandardOutput()\n"
-            "$out.Write($data, 0, $data.Length)\n"
-        )
-        exit_code, stdout, stderr = self.exec_command(script)
+        display.vvv(f"AZURE RUN COMMAND FETCH {in_path} TO {out_path}", host=self._vm_name())
+        exit_code, stdout, stderr = self.exec_command(rc.fetch_file_script(in_path))
         if exit_code != 0:
-            raise AnsibleError(f"failed to fetch {in_path}: {to_text(stderr)}")
+            raise AnsibleError(f"failed to fetch {in_path} from {self._describe()}: {to_text(stderr)}")
+        try:
+            data = rc.parse_fetched(stdout)
+        except rc.RunCommandProtocolError as exc:
+            raise AnsibleError(f"failed to fetch {in_path} from {self._describe()}: {exc}") from exc
         with open(to_bytes(out_path, errors="surrogate_or_strict"), "wb") as handle:
-            handle.write(stdout)
+            handle.write(data)
 
     def reset(self) -> None:
         self.close()
@@ -515,7 +516,3 @@ class Connection(ConnectionBase):  # type: ignore[misc]
     def close(self) -> None:
         self._client = None
         self._connected = False
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")

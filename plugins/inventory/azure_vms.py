@@ -21,10 +21,10 @@ description:
     interfaces and public IP addresses are read with one Resource Manager GET each (no azure-mgmt-network needed).
   - The rdpfix.rdp.azure_run_command connection needs only the resource ID (V(id)); C(ansible_host) is what the
     server role's RDP verification from the controller connects to.
-  - Use it where azure.azcollection cannot be installed beside this collection (its Python requirements pin
-    C(cryptography<48) through msal 1.33.0b1 and azure-cli-core, about 130 packages); see the collection's
-    docs/azure.md. Where azure_rm is installed, the same configuration naming C(azure.azcollection.azure_rm) as
-    its plugin builds the same groups.
+  - Use it for a lean controller (azure_rm needs about 110 packages beside this collection, see the collection's
+    C(requirements/azure-rm.txt) and docs/azure.md) or a private cloud such as Azure Stack Hub (azure_rm 3.12.0
+    cannot resolve a cloud given by URL). Where azure_rm is installed, the same configuration naming
+    C(azure.azcollection.azure_rm) as its plugin builds the same groups.
   - The configuration file's name must end in C(azure_vms.yml) or C(azure_vms.yaml).
 extends_documentation_fragment:
   - constructed

@@ -162,6 +162,93 @@ _HEADER_LINE = re.compile(
 )
 
 
+# File transfers (put_file / fetch_file): PowerShell scripts the connection runs as the command line of an exec
+# script (powershell.exe -EncodedCommand, like every other command). The file travels as base64 text: put_file's on
+# stdin, read through $input line by line as Ansible's module bootstrap reads it; fetch_file's on stdout. Each answers
+# the SHA-256 of the bytes it wrote or read, which the connection compares with its own. No blank line, no
+# indentation and no final newline: the PowerShell shell plugin's _encode_script strips those, so the VM gets the
+# script as rendered.
+FILE_LINE = 4096  # base64 characters per stdin line of put_file (a multiple of 4: each line decodes alone)
+_PUT_TEMPLATE = """\
+$ErrorActionPreference = 'Stop'
+$rdpfixPath = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{path}'))
+$rdpfixData = [Convert]::FromBase64String((@($input) -join ''))
+[IO.File]::WriteAllBytes($rdpfixPath, $rdpfixData)
+$rdpfixHash = [Security.Cryptography.SHA256]::Create().ComputeHash($rdpfixData)
+Write-Output (([BitConverter]::ToString($rdpfixHash) -replace '-', '').ToLowerInvariant())
+"""
+_FETCH_TEMPLATE = """\
+$ErrorActionPreference = 'Stop'
+$rdpfixPath = [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{path}'))
+# pitfall-ok: file-io-without-backup-semantics fetch_file reads as SYSTEM, which the file's ACL decides for
+$rdpfixData = [IO.File]::ReadAllBytes($rdpfixPath)
+$rdpfixHash = [Security.Cryptography.SHA256]::Create().ComputeHash($rdpfixData)
+Write-Output (([BitConverter]::ToString($rdpfixHash) -replace '-', '').ToLowerInvariant())
+Write-Output ([Convert]::ToBase64String($rdpfixData))
+"""
+_FILE_PATH = re.compile(
+    r"^\$rdpfixPath = \[Text\.Encoding\]::UTF8\.GetString\(\[Convert\]::FromBase64String\('([A-Za-z0-9+/=]*)'\)\)$",
+    re.M,
+)
+
+
+def _path_literal(path: str) -> str:
+    return base64.b64encode(path.encode("utf-8")).decode("ascii")
+
+
+def put_file_script(path: str) -> str:
+    """The script that writes its stdin (put_file_stdin's base64 lines) to ``path`` and prints the SHA-256."""
+    return _PUT_TEMPLATE.format(path=_path_literal(path)).rstrip("\n")
+
+
+def put_file_stdin(data: bytes) -> bytes:
+    """A file's bytes as put_file_script reads them: base64 in lines of FILE_LINE characters."""
+    text = base64.b64encode(data).decode("ascii")
+    return "".join(text[i : i + FILE_LINE] + "\n" for i in range(0, len(text), FILE_LINE)).encode("ascii")
+
+
+def fetch_file_script(path: str) -> str:
+    """The script that prints the SHA-256 of the file at ``path``, then its bytes as one base64 line."""
+    return _FETCH_TEMPLATE.format(path=_path_literal(path)).rstrip("\n")
+
+
+@dataclass(frozen=True)
+class FileRequest:
+    """What a file transfer script asks: put or fetch, and the path on the VM."""
+
+    kind: str
+    path: str
+
+
+def parse_file_script(script: str) -> FileRequest | None:
+    """Recognise put_file_script / fetch_file_script exactly (rendered again and compared), else None."""
+    match = _FILE_PATH.search(script)
+    if match is None:
+        return None
+    try:
+        path = base64.b64decode(match[1], validate=True).decode("utf-8")
+    except ValueError:
+        return None
+    for kind, render in (("put", put_file_script), ("fetch", fetch_file_script)):
+        if render(path) == script:
+            return FileRequest(kind, path)
+    return None
+
+
+def parse_fetched(stdout: bytes) -> bytes:
+    """The file a fetch_file_script printed, checked against the SHA-256 it printed first."""
+    lines = stdout.decode("ascii", errors="replace").split()
+    if not lines or not re.fullmatch(r"[0-9a-f]{64}", lines[0]) or len(lines) > 2:
+        raise RunCommandProtocolError(f"not a fetched file: {describe_output(stdout.decode('ascii', 'replace'))}")
+    try:
+        data = base64.b64decode(lines[1] if len(lines) == 2 else "", validate=True)
+    except ValueError as exc:
+        raise RunCommandProtocolError(f"the fetched file is not valid base64: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != lines[0]:
+        raise RunCommandProtocolError("the fetched file does not match the SHA-256 the VM computed")
+    return data
+
+
 class RunCommandProtocolError(Exception):
     """An answer that is not what the scripts print: truncated, from another run, or corrupt."""
 

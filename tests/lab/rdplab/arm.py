@@ -21,6 +21,7 @@ here, and a script the lab does not recognise fails as Windows would not (stderr
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import gzip
 import hashlib
@@ -29,6 +30,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import ssl
 import sys
 import threading
 import time
@@ -47,15 +49,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from rdplab import bootstrap
+from rdplab.model.errors import AccessDenied, OpError
 from rdplab.model.token import CallerToken
 from rdplab.winrm import server_tls_context
 
 if t.TYPE_CHECKING:
+    from rdplab.model.host import WindowsHost
     from rdplab.winrm import HostSlot
 
 LOG = logging.getLogger("rdplab.arm")
 
 ARM_PORT = 8443
+# The lab's HTTPS proxy (plain HTTP, CONNECT only): clients that know only public Azure's host names reach the lab
+# through it (HTTPS_PROXY), as a TLS-intercepting corporate proxy would send them on (docs/lab.md, "The Azure cloud").
+PROXY_PORT = 3128
+# Public Azure's host names the lab answers for behind its proxy: Resource Manager and Microsoft Entra.
+PUBLIC_HOSTS = ("management.azure.com", "login.microsoftonline.com")
 CA_FILE = "azure-ca.pem"
 OUTPUT_LIMIT = 4096
 LOCATION = "westeurope"
@@ -150,6 +159,8 @@ class ArmVm:
     busy_until: float = 0.0
     running: Operation | None = None
     files: dict[str, tuple[float, str]] = field(default_factory=dict)  # run id -> (saved at, blob)
+    # A public IP address on the NIC: the host's address becomes the public one, the private one a 10.x address.
+    public_ip: bool = False
     run_commands: int = 0
     conflicts: int = 0
     scripts: list[str] = field(default_factory=list)
@@ -166,6 +177,12 @@ class ArmVm:
         return (
             f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/"
             f"networkInterfaces/{self.name}-nic"
+        )
+
+    def pip_id(self) -> str:
+        return (
+            f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/"
+            f"publicIPAddresses/{self.name}-pip"
         )
 
 
@@ -198,6 +215,11 @@ class ArmCloud:
         self.tokens: dict[str, float] = {}  # token -> expiry (epoch seconds)
         self.token_requests = 0
         self.rejected_tokens = 0
+        # Resource Manager requests by kind (vm_list, instance_view, nic, public_ip, vm, batch, ...): what a client
+        # costs Azure's request limits.
+        self.requests: dict[str, int] = {}
+        # The lab's proxy: CONNECTs accepted per host name, and refused ones.
+        self.proxied: dict[str, int] = {}
         self.operations: dict[str, Operation] = {}
         self.lock = threading.Lock()
         self.state_dir = state_dir
@@ -205,21 +227,34 @@ class ArmCloud:
         self.ca_path = state_dir / CA_FILE
         state_dir.mkdir(parents=True, exist_ok=True)
         self.ca_path.write_bytes(self.ca_pem)
+        self.tls = server_tls_context(cert_pem, key_pem)
         self.server = _ArmServer(self, (address, self.port))
-        self.server.socket = server_tls_context(cert_pem, key_pem).wrap_socket(self.server.socket, server_side=True)
-        self._thread: threading.Thread | None = None
+        self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
+        self.proxy = _ProxyServer(self, (address, PROXY_PORT))
+        self._threads: list[threading.Thread] = []
 
     @property
     def endpoint(self) -> str:
         return f"https://{self.address}:{self.port}"
 
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.address}:{PROXY_PORT}"
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        self._thread.start()
+        for served in (self.server, self.proxy):
+            thread = threading.Thread(target=served.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        for served in (self.server, self.proxy):
+            served.shutdown()
+            served.server_close()
+
+    def count(self, kind: str) -> None:
+        with self.lock:
+            self.requests[kind] = self.requests.get(kind, 0) + 1
 
     def describe(self) -> dict[str, t.Any]:
         return {
@@ -231,6 +266,8 @@ class ArmCloud:
             "subscription": SUBSCRIPTION,
             "resource_group": RESOURCE_GROUP,
             "latency": self.latency,
+            "proxy": self.proxy_url,
+            "public_hosts": list(PUBLIC_HOSTS),
         }
 
     def state(self) -> dict[str, t.Any]:
@@ -238,6 +275,8 @@ class ArmCloud:
             return {
                 "token_requests": self.token_requests,
                 "rejected_tokens": self.rejected_tokens,
+                "requests": dict(self.requests),
+                "proxied": dict(self.proxied),
                 "latency": self.latency,
                 "stderr_limit": self.stderr_limit,
                 "vms": {
@@ -265,6 +304,8 @@ class ArmCloud:
                 self.tokens = dict.fromkeys(self.tokens, 0.0)
             if body.get("reset_counters"):
                 self.token_requests = self.rejected_tokens = 0
+                self.requests.clear()
+                self.proxied.clear()
                 for each in self.vms.values():
                     each.run_commands = each.conflicts = 0
                     each.scripts.clear()
@@ -282,6 +323,8 @@ class ArmCloud:
                     vm.agent = str(body["agent"])
                 if "busy_seconds" in body:
                     vm.busy_until = time.monotonic() + float(body["busy_seconds"])
+                if "public_ip" in body:
+                    vm.public_ip = str(body["public_ip"]).lower() in ("1", "true", "yes")
         return self.state()
 
     # --- tokens ------------------------------------------------------------------------------------------------------
@@ -348,11 +391,24 @@ class ArmCloud:
         return document
 
     def nic_document(self, vm: ArmVm) -> dict[str, t.Any]:
-        """The VM's one NIC: a private address (the host's loopback address), no public IP, as a VM behind a hub."""
+        """The VM's one NIC. By default a private address (the host's loopback address) and no public IP, as a VM
+        behind a hub; with ``public_ip`` a public IP address resource carries the host's address and the private one
+        is a 10.x address of the virtual network (which the controller cannot reach, as on Azure)."""
         subnet = (
             f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/"
             "virtualNetworks/rdpfix-lab-vnet/subnets/default"
         )
+        private = vm.slot.address
+        ip_properties: dict[str, t.Any] = {
+            "privateIPAllocationMethod": "Dynamic",
+            "privateIPAddressVersion": "IPv4",
+            "primary": True,
+            "subnet": {"id": subnet},
+        }
+        if vm.public_ip:
+            private = "10.0.0." + vm.slot.address.rsplit(".", 1)[1]
+            ip_properties["publicIPAddress"] = {"id": vm.pip_id()}
+        ip_properties["privateIPAddress"] = private
         return {
             "name": f"{vm.name}-nic",
             "id": vm.nic_id(),
@@ -360,21 +416,35 @@ class ArmCloud:
             "location": LOCATION,
             "properties": {
                 "provisioningState": "Succeeded",
+                "macAddress": "00-0D-3A-" + "-".join(f"{int(part):02X}" for part in vm.slot.address.split(".")[1:]),
                 "ipConfigurations": [
                     {
                         "name": "ipconfig1",
                         "id": vm.nic_id() + "/ipConfigurations/ipconfig1",
-                        "properties": {
-                            "privateIPAddress": vm.slot.address,
-                            "privateIPAllocationMethod": "Dynamic",
-                            "privateIPAddressVersion": "IPv4",
-                            "primary": True,
-                            "subnet": {"id": subnet},
-                        },
+                        "properties": ip_properties,
                     }
                 ],
                 "primary": True,
                 "virtualMachine": {"id": vm.resource_id()},
+            },
+        }
+
+    def pip_document(self, vm: ArmVm) -> dict[str, t.Any]:
+        """The VM's public IP address resource (only with ``public_ip``): the host's address."""
+        if not vm.public_ip:
+            raise ArmError(404, "ResourceNotFound", f"The public IP address '{vm.name}-pip' was not found.")
+        return {
+            "name": f"{vm.name}-pip",
+            "id": vm.pip_id(),
+            "type": "Microsoft.Network/publicIPAddresses",
+            "location": LOCATION,
+            "sku": {"name": "Standard", "tier": "Regional"},
+            "properties": {
+                "provisioningState": "Succeeded",
+                "ipAddress": vm.slot.address,
+                "publicIPAddressVersion": "IPv4",
+                "publicIPAllocationMethod": "Static",
+                "ipConfiguration": {"id": vm.nic_id() + "/ipConfigurations/ipconfig1"},
             },
         }
 
@@ -463,7 +533,8 @@ class ArmCloud:
         request = module.parse_script(script)
         header = str(module.HEADER)
         if isinstance(request, module.ExecRequest):
-            found = bootstrap.recognise(request.command_line)
+            transfer = file_transfer(module, vm.slot.host, request.command_line, request.stdin)
+            found = transfer if transfer is not None else bootstrap.recognise(request.command_line)
             if isinstance(found, bootstrap.CommandOutcome):
                 outcome = found
             else:
@@ -548,6 +619,51 @@ class ArmCloud:
         }
 
 
+def file_transfer(
+    module: ModuleType, host: WindowsHost, command_line: str, stdin: bytes
+) -> bootstrap.CommandOutcome | None:
+    """The connection's put_file / fetch_file scripts (``put_file_script`` / ``fetch_file_script`` of the collection's
+    _run_command.py, exactly, as powershell.exe -EncodedCommand), emulated on the host's file system as SYSTEM; None
+    for any other command line. Errors are what the .NET calls throw under ``$ErrorActionPreference = 'Stop'``:
+    exit code 1 and the exception's message on stderr."""
+    prefix = bootstrap.encoded_command("")
+    if not command_line.startswith(prefix):
+        return None
+    try:
+        script = base64.b64decode(command_line[len(prefix) :], validate=True).decode("utf-16-le")
+    except ValueError:
+        return None
+    request = module.parse_file_script(script)
+    if request is None or bootstrap.encoded_command(script) != command_line:
+        return None
+
+    def failed(call: str, arguments: int, message: str) -> bootstrap.CommandOutcome:
+        text = f'Exception calling "{call}" with "{arguments}" argument(s): "{message}"\r\n'
+        return bootstrap.CommandOutcome(rc=1, stdout=b"", stderr=text.encode("utf-8"))
+
+    with host.lock:
+        if request.kind == "put":
+            data = base64.b64decode("".join(stdin.decode("ascii").split()))
+            try:
+                host.filesystem.write(request.path, data)
+            except OpError as exc:
+                return failed("WriteAllBytes", 2, str(exc))
+            return bootstrap.CommandOutcome(0, (hashlib.sha256(data).hexdigest() + "\r\n").encode("ascii"), b"")
+        entry = host.filesystem.get(request.path)
+        if entry is None:
+            return failed("ReadAllBytes", 1, f"Could not find file '{request.path}'.")
+        try:
+            if entry.is_dir:
+                raise AccessDenied(f"Access to the path '{request.path}' is denied.")
+            # A plain read (File.ReadAllBytes asks no backup semantics) with SYSTEM's token: the DACL decides.
+            CallerToken.system().start_process().check_read_data(entry.path, entry.sddl, backup=False)
+        except OpError as exc:
+            return failed("ReadAllBytes", 1, str(exc))
+        digest = hashlib.sha256(entry.content).hexdigest()
+        body = f"{digest}\r\n{base64.b64encode(entry.content).decode('ascii')}\r\n"
+        return bootstrap.CommandOutcome(0, body.encode("ascii"), b"")
+
+
 def azure_inventory_document(azure: dict[str, t.Any]) -> dict[str, t.Any]:
     """The rdpfix.rdp.azure_vms inventory of a lab started with --azure (the same shape as an azure_rm config).
 
@@ -595,11 +711,70 @@ def azure_inventory_document(azure: dict[str, t.Any]) -> dict[str, t.Any]:
     }
 
 
+AZURE_RM_INVENTORY = "lab.azure_rm.yml"
+AZURE_RM_ENVIRONMENT = "lab.azure_rm.env"
+
+
+def azure_rm_inventory_document() -> dict[str, t.Any]:
+    """The azure.azcollection.azure_rm inventory of a lab started with --azure: the configuration a user writes for
+    public Azure (the README's example), nothing of the lab in it. The lab is reached through the environment
+    (azure_rm_environment): credentials as AWX's Azure credential sets them, and the lab's proxy and CA."""
+    return {
+        "plugin": "azure.azcollection.azure_rm",
+        "auth_source": "auto",
+        "include_vm_resource_groups": [RESOURCE_GROUP],
+        "plain_host_names": True,
+        # azure_rm leaves out VMs that are not running unless told otherwise (its default_host_filters): keep them,
+        # so that an audit lists a stopped VM as unreachable with its power state rather than not at all.
+        "default_host_filters": ["provisioning_state != 'succeeded'"],
+        "conditional_groups": {
+            "azure_vms": "true",
+            "windows": "os_profile.system == 'windows'",
+            "azure_running": "powerstate == 'running'",
+        },
+        "keyed_groups": [
+            {"prefix": "azure_rg", "key": "resource_group"},
+            {"prefix": "azure_loc", "key": "location"},
+            {"prefix": "tag", "key": "tags"},
+        ],
+        "hostvar_expressions": {
+            "ansible_connection": "'rdpfix.rdp.azure_run_command'",
+            "ansible_azure_resource_id": "id",
+            # The lab answers at once (latency set with `rdplab up --azure-latency`): poll and back off quickly.
+            "ansible_azure_run_command_poll_interval": "0.05",
+            "ansible_azure_run_command_conflict_backoff": "0.2",
+        },
+    }
+
+
+def azure_rm_environment(azure: dict[str, t.Any]) -> dict[str, str]:
+    """What azure_rm and the connection need in their environment to meet the lab where they would meet public Azure:
+    the service principal as AWX's "Microsoft Azure Resource Manager" credential injects it, the lab's proxy for
+    management.azure.com and login.microsoftonline.com, and the lab's CA as the CA bundle of requests."""
+    return {
+        "AZURE_SUBSCRIPTION_ID": azure["subscription"],
+        "AZURE_CLIENT_ID": azure["client_id"],
+        "AZURE_SECRET": azure["client_secret"],
+        "AZURE_TENANT": azure["tenant"],
+        "HTTPS_PROXY": azure["proxy"],
+        "REQUESTS_CA_BUNDLE": azure["ca_file"],
+    }
+
+
 def write_azure_inventory(path: Path, azure: dict[str, t.Any]) -> None:
+    """The rdpfix.rdp.azure_vms inventory at ``path``; beside it the azure.azcollection.azure_rm inventory
+    (lab.azure_rm.yml) and the environment it needs (lab.azure_rm.env, shell ``export`` lines)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by `rdplab up --azure`: the simulated fleet as Azure VMs. Regenerated on every start.\n"
     body = yaml.safe_dump(azure_inventory_document(azure), sort_keys=False, default_flow_style=False)
     path.write_text(header + body, encoding="utf-8")
+    rm_header = header + f"# Needs the environment of {AZURE_RM_ENVIRONMENT} (source it) and azure_rm's requirements.\n"
+    rm_body = yaml.safe_dump(azure_rm_inventory_document(), sort_keys=False, default_flow_style=False)
+    (path.parent / AZURE_RM_INVENTORY).write_text(rm_header + rm_body, encoding="utf-8")
+    exports = "".join(f"export {key}='{value}'\n" for key, value in azure_rm_environment(azure).items())
+    environment = path.parent / AZURE_RM_ENVIRONMENT
+    environment.touch(mode=0o600)
+    environment.write_text(header + exports, encoding="utf-8")
 
 
 # --- HTTP -----------------------------------------------------------------------------------------------------------
@@ -612,7 +787,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: t.Any) -> None:
         LOG.debug("arm: " + format, *args)
 
+    # Set while a /batch request runs its requests: _send records each answer here instead of writing it.
+    _captured: list[tuple[int, t.Any, dict[str, str]]] | None = None
+
     def _send(self, status: int, document: t.Any, headers: dict[str, str] | None = None) -> None:
+        if self._captured is not None:
+            self._captured.append((status, document, dict(headers or {})))
+            return
         payload = b"" if document is None else json.dumps(document).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -627,14 +808,29 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
+    def _origin(self) -> str:
+        """The URL base this request was sent to: public Azure's host name when it came through the lab's proxy
+        (answers name URLs on the host the client asked, as Azure does), else the lab's own endpoint."""
+        host = (self.headers.get("Host") or "").split(":", 1)[0].lower()
+        return f"https://{host}" if host in PUBLIC_HOSTS else self.server.cloud.endpoint
+
     def _dispatch(self, method: str) -> None:
+        try:
+            body = self._body()
+        except (ValueError, OSError) as exc:
+            self._send(400, {"error": {"code": "BadRequest", "message": str(exc)}})
+            return
+        self._route(method, self.path, body)
+
+    def _route(self, method: str, target: str, body: bytes, batched: bool = False) -> None:
         cloud = self.server.cloud
-        url = urllib.parse.urlsplit(self.path)
+        url = urllib.parse.urlsplit(target)
         query = dict(urllib.parse.parse_qsl(url.query))
         parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
         lowered = [p.lower() for p in parts]
         try:
-            body = self._body()
+            if batched and lowered[:1] != ["subscriptions"]:
+                raise ArmError(400, "InvalidRequestUri", f"a batch request cannot address {url.path}")
             if parts[:1] == ["rdplab"]:
                 self._lab(method, parts, body)
             elif method == "GET" and lowered == ["metadata", "endpoints"]:
@@ -653,8 +849,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, self._openid(parts[0]))
             elif method == "POST" and len(parts) == 4 and lowered[1:] == ["oauth2", "v2.0", "token"]:
                 self._token(parts[0], body)
-            elif lowered[:1] == ["subscriptions"]:
+            elif method == "GET" and lowered == ["common", "discovery", "instance"]:
+                self._send(200, self._instance_discovery(query))
+            elif method == "POST" and lowered == ["batch"]:
                 cloud.check_token(self.headers.get("Authorization"))
+                cloud.count("batch")
+                self._batch(body)
+            elif lowered[:1] == ["subscriptions"]:
+                if not batched:  # a batch's requests travel under the batch's own token
+                    cloud.check_token(self.headers.get("Authorization"))
                 self._arm(method, parts, lowered, query, body)
             else:
                 raise ArmError(404, "NotFound", f"no such endpoint: {method} {url.path}")
@@ -669,13 +872,51 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch("GET")
 
+    def _batch(self, body: bytes) -> None:
+        """Resource Manager's batch API (``POST /batch?api-version=2015-11-01``), which azure.azcollection's azure_rm
+        inventory uses by default (its ``batch_fetch`` option: "an unsupported batch API"). Microsoft documents no
+        contract for it (UNCONFIRMED): the request ``{"requests": [{"httpMethod", "url", "name"}]}`` and the answer
+        ``{"responses": [{"name", "httpStatusCode", "headers", "content", "contentLength"}]}`` are modelled on what
+        azure_rm sends and reads. Each request is answered as if it had been sent alone, under the batch's token; the
+        lab answers at once (200), never with the 202 + polling azure_rm also accepts."""
+        document = json.loads(body or b"{}")
+        requests = document.get("requests") if isinstance(document, dict) else None
+        if not isinstance(requests, list):
+            raise ArmError(400, "InvalidRequestContent", "The request content must hold a 'requests' array.")
+        if len(requests) > 500:  # UNCONFIRMED limit; azure_rm sends at most 100 at a time
+            raise ArmError(400, "InvalidRequestContent", "A batch may hold at most 500 requests.")
+        responses = []
+        for item in requests:
+            if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+                raise ArmError(400, "InvalidRequestContent", "Each batch request needs a 'url'.")
+            method = str(item.get("httpMethod") or "GET").upper()
+            self._captured = []
+            try:
+                if method != "GET":
+                    self._send(405, {"error": {"code": "MethodNotAllowed", "message": "Only GET is batched here."}})
+                else:
+                    self._route(method, item["url"], b"", batched=True)
+                status, content, headers = self._captured[0]
+            finally:
+                self._captured = None
+            responses.append(
+                {
+                    "name": item.get("name"),
+                    "httpStatusCode": status,
+                    "headers": headers,
+                    "content": content,
+                    "contentLength": len(json.dumps(content)) if content is not None else 0,
+                }
+            )
+        self._send(200, {"responses": responses})
+
     def do_POST(self) -> None:
         self._dispatch("POST")
 
     # --- Microsoft Entra ----------------------------------------------------------------------------------------------
 
     def _openid(self, tenant: str) -> dict[str, t.Any]:
-        base = f"{self.server.cloud.endpoint}/{tenant}"
+        base = f"{self._origin()}/{tenant}"
         return {
             "token_endpoint": f"{base}/oauth2/v2.0/token",
             "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
@@ -713,6 +954,19 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, cloud.issue_token())
 
+    def _instance_discovery(self, query: dict[str, str]) -> dict[str, t.Any]:
+        """Microsoft Entra's instance discovery (what MSAL asks for an authority it does not know), for the lab's
+        authority: the tenant's OpenID configuration on the host asked, no aliases."""
+        origin = self._origin()
+        authorize = urllib.parse.urlsplit(query.get("authorization_endpoint", ""))
+        tenant = (authorize.path.strip("/").split("/") or ["common"])[0] or "common"
+        host = urllib.parse.urlsplit(origin).netloc
+        return {
+            "tenant_discovery_endpoint": f"{origin}/{tenant}/v2.0/.well-known/openid-configuration",
+            "api-version": "1.1",
+            "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
+        }
+
     def _cloud_metadata(self) -> dict[str, t.Any]:
         endpoint = self.server.cloud.endpoint
         return {
@@ -733,18 +987,21 @@ class _Handler(BaseHTTPRequestHandler):
             )
         rest = lowered[2:]
         if method == "GET" and rest == ["providers", "microsoft.compute", "virtualmachines"]:
+            cloud.count("vm_list")
             self._list(query)
         elif (
             method == "GET"
             and rest[:4] == ["providers", "microsoft.compute", "locations", LOCATION]
             and (len(rest) == 6 and rest[4] == "operations")
         ):
+            cloud.count("operation")
             self._operation(parts[7], query)
         elif len(rest) >= 2 and rest[0] == "resourcegroups":
             if rest[1] != RESOURCE_GROUP:
                 raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{parts[3]}' could not be found.")
             tail = rest[2:]
             if method == "GET" and tail == ["providers", "microsoft.compute", "virtualmachines"]:
+                cloud.count("vm_list")
                 self._list(query)
             elif (
                 method == "GET"
@@ -754,19 +1011,33 @@ class _Handler(BaseHTTPRequestHandler):
                 name = parts[7]
                 if not name.lower().endswith("-nic"):
                     raise ArmError(404, "ResourceNotFound", f"The network interface '{name}' was not found.")
+                cloud.count("nic")
                 self._send(200, cloud.nic_document(cloud._vm(name[: -len("-nic")])))
+            elif (
+                method == "GET"
+                and len(tail) == 4
+                and tail[:3] == ["providers", "microsoft.network", "publicipaddresses"]
+            ):
+                name = parts[7]
+                if not name.lower().endswith("-pip"):
+                    raise ArmError(404, "ResourceNotFound", f"The public IP address '{name}' was not found.")
+                cloud.count("public_ip")
+                self._send(200, cloud.pip_document(cloud._vm(name[: -len("-pip")])))
             elif len(tail) >= 4 and tail[:3] == ["providers", "microsoft.compute", "virtualmachines"]:
                 name = parts[7]
                 action = tail[4:]
                 if method == "GET" and not action:
+                    cloud.count("vm")
                     vm = cloud._vm(name)
                     self._send(200, cloud.vm_document(vm, status=query.get("$expand") == "instanceView"))
                 elif method == "GET" and action == ["instanceview"]:
+                    cloud.count("instance_view")
                     self._send(200, cloud.instance_view(cloud._vm(name)))
                 elif method == "POST" and action == ["runcommand"]:
                     operation = cloud.run_command(name, json.loads(body or b"{}"))
+                    cloud.count("run_command")
                     base = (
-                        f"{cloud.endpoint}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations/"
+                        f"{self._origin()}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations/"
                         f"{LOCATION}/operations/{operation.op_id}"
                     )
                     api = urllib.parse.quote(query.get("api-version", ""))
@@ -798,7 +1069,7 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("monitor") == "true":
             # The Location URL: 202 while the operation runs, then the result (or the operation's error).
             if not operation.done.is_set():
-                self._send(202, None, {"Location": f"{cloud.endpoint}{self.path}"})
+                self._send(202, None, {"Location": f"{self._origin()}{self.path}"})
             elif operation.error:
                 raise ArmError(500, operation.error["code"], operation.error["message"])
             else:
@@ -834,6 +1105,74 @@ class _ArmServer(ThreadingHTTPServer):
             super().__init__(address, _Handler)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen for Azure on {address[0]}:{address[1]}: {exc.strerror}") from exc
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """The lab's HTTPS proxy: ``CONNECT management.azure.com:443`` (or login.microsoftonline.com) is accepted, and
+    the tunnel is answered by the lab's cloud with a certificate for that name from the lab's CA - as a
+    TLS-inspecting proxy answers, so a client that trusts the CA (REQUESTS_CA_BUNDLE) and uses the proxy
+    (HTTPS_PROXY) meets the lab wherever it would meet public Azure. Any other host, or any other method, is
+    refused: nothing leaves the lab."""
+
+    protocol_version = "HTTP/1.1"
+    server: _ProxyServer
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        LOG.debug("arm proxy: " + format, *args)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        payload = (reason + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(payload)
+        self.close_connection = True
+
+    def do_CONNECT(self) -> None:
+        cloud = self.server.cloud
+        host, _, port = self.path.rpartition(":")
+        host = host.strip("[]").lower()
+        with cloud.lock:
+            accepted = host in PUBLIC_HOSTS and port == "443"
+            key = host if accepted else f"refused {self.path}"
+            cloud.proxied[key] = cloud.proxied.get(key, 0) + 1
+        if not accepted:
+            self._refuse(403, f"rdplab proxy: only {', '.join(PUBLIC_HOSTS)} on port 443, not {self.path}")
+            return
+        self.send_response(200, "Connection Established")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            tunnel = cloud.tls.wrap_socket(self.connection, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            LOG.debug("arm proxy: TLS with the client failed: %s", exc)
+            return
+        try:
+            _Handler(tunnel, self.client_address, cloud.server)
+        finally:
+            with contextlib.suppress(OSError):
+                tunnel.close()
+
+    def do_GET(self) -> None:
+        self._refuse(405, "rdplab proxy: CONNECT only")
+
+    def do_POST(self) -> None:
+        self._refuse(405, "rdplab proxy: CONNECT only")
+
+
+class _ProxyServer(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, cloud: ArmCloud, address: tuple[str, int]) -> None:
+        self.cloud = cloud
+        try:
+            super().__init__(address, _ProxyHandler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen for the Azure proxy on {address[0]}:{address[1]}: {exc}") from exc
 
 
 def _certificates(address: str) -> tuple[bytes, bytes, bytes]:
@@ -878,7 +1217,11 @@ def _certificates(address: str) -> tuple[bytes, bytes, bytes]:
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("management.rdplab"), x509.IPAddress(ipaddress.ip_address(address))]
+                [
+                    x509.DNSName("management.rdplab"),
+                    *(x509.DNSName(name) for name in PUBLIC_HOSTS),
+                    x509.IPAddress(ipaddress.ip_address(address)),
+                ]
             ),
             critical=False,
         )

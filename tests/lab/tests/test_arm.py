@@ -9,6 +9,7 @@ VM agent, expired token, timeouts) end as an Ansible user expects. Run Command c
 from __future__ import annotations
 
 import json
+import os
 import random
 import ssl
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ansible import constants
-from ansible.errors import AnsibleConnectionFailure
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.playbook.play_context import PlayContext
 from ansible.plugins.loader import shell_loader
 
@@ -85,7 +86,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[arm.ArmCloud]:
 def vm(cloud: arm.ArmCloud) -> arm.ArmVm:
     """The VM, running, its agent ready, nothing busy, counters zero, the cloud's defaults back."""
     cloud.configure({"reset_counters": True, "latency": 0, "stderr_limit": arm.OUTPUT_LIMIT})
-    cloud.configure({"vm": NAME, "power_state": "running", "agent": "Ready", "busy_seconds": 0})
+    cloud.configure({"vm": NAME, "power_state": "running", "agent": "Ready", "busy_seconds": 0, "public_ip": False})
     found = cloud.vms[NAME]
     found.files.clear()
     found.slot.replace_host(WindowsHost.from_file(HOST_FILE))
@@ -406,3 +407,173 @@ def test_the_environment_credential(
     secretless = {"ansible_azure_client_id": None, "ansible_azure_secret": None, "ansible_azure_tenant": None}
     assert run(cloud, ansible_azure_auth_source="env", **secretless) == (0, OUTCOME.stdout, b"")
     assert (cloud.token_requests, vm.run_commands) == (1, 1)
+
+
+AZ_STAND_IN = REPO_ROOT / "tests" / "lab" / "bin"
+
+
+def logged_in(cloud: arm.ArmCloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`az login` as the stand-in knows it: the lab's service principal (tests/lab/bin/az)."""
+    monkeypatch.setenv("PATH", f"{AZ_STAND_IN}:{os.environ['PATH']}")
+    for name, value in {
+        "ENDPOINT": cloud.endpoint,
+        "TENANT": arm.TENANT,
+        "CLIENT_ID": arm.CLIENT_ID,
+        "SECRET": cloud.client_secret,
+        "SUBSCRIPTION": arm.SUBSCRIPTION,
+        "CA_FILE": str(cloud.ca_path),
+    }.items():
+        monkeypatch.setenv("RDPLAB_AZ_" + name, value)
+
+
+CLI_ONLY = {
+    "ansible_azure_auth_source": "cli",
+    "ansible_azure_client_id": None,
+    "ansible_azure_secret": None,
+    "ansible_azure_tenant": None,
+}
+
+
+def test_the_azure_cli_credential_runs_az_for_its_token(
+    cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged_in(cloud, monkeypatch)
+    assert run(cloud, **CLI_ONLY) == (0, OUTCOME.stdout, b"")
+    # The stand-in got one token from the lab's token endpoint, which Resource Manager accepted.
+    assert (cloud.token_requests, cloud.rejected_tokens, vm.run_commands) == (1, 0, 1)
+
+
+def test_the_azure_cli_credential_without_az_login_is_unreachable(
+    cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged_in(cloud, monkeypatch)
+    monkeypatch.delenv("RDPLAB_AZ_SECRET")
+    with pytest.raises(AnsibleConnectionFailure, match=r"Azure authentication failed for VM healthy.*az login"):
+        run(cloud, **CLI_ONLY)
+    assert (cloud.token_requests, vm.run_commands) == (0, 0)
+
+
+def transfer(cloud: arm.ArmCloud, action: t.Callable[[t.Any], None]) -> None:
+    plugin = connection(cloud)
+    try:
+        plugin._connect()
+        action(plugin)
+    finally:
+        plugin.close()
+
+
+def test_put_file_and_fetch_file_carry_any_bytes(cloud: arm.ArmCloud, vm: arm.ArmVm, tmp_path: Path) -> None:
+    # 9,000 random bytes: put_file's answer is one line (one Run Command); fetch_file's base64 does not compress, so
+    # its result needs 4 chunks (the exec script prints 2, one chunk script the other 2).
+    data = output_of(9_000)
+    local = tmp_path / "payload.bin"
+    local.write_bytes(data)
+    remote = "C:\\ProgramData\\payload é.bin"
+    transfer(cloud, lambda plugin: plugin.put_file(str(local), remote))
+    entry = vm.slot.host.filesystem.get(remote)
+    assert entry is not None and entry.content == data
+    assert vm.run_commands == 1
+    back = tmp_path / "back.bin"
+    transfer(cloud, lambda plugin: plugin.fetch_file(remote, str(back)))
+    assert back.read_bytes() == data
+    assert vm.run_commands == 1 + 2
+    # The last chunk (3) arrived on stderr: the saved result stays until an exec script finds it 15 minutes old.
+    assert len(vm.files) == 1
+    assert vm.slot.host.counters.winrm_commands == 0
+
+
+def test_an_empty_file_travels_too(cloud: arm.ArmCloud, vm: arm.ArmVm, tmp_path: Path) -> None:
+    local = tmp_path / "empty"
+    local.write_bytes(b"")
+    transfer(cloud, lambda plugin: plugin.put_file(str(local), "C:\\ProgramData\\empty.txt"))
+    transfer(cloud, lambda plugin: plugin.fetch_file("C:\\ProgramData\\empty.txt", str(tmp_path / "back")))
+    assert (tmp_path / "back").read_bytes() == b""
+    assert vm.run_commands == 2
+
+
+def test_file_transfer_errors_are_windows_errors(cloud: arm.ArmCloud, vm: arm.ArmVm, tmp_path: Path) -> None:
+    local = tmp_path / "payload"
+    local.write_bytes(b"data")
+    with pytest.raises(AnsibleError, match=r"Could not find a part of the path 'C:\\NoSuchFolder\\x'"):
+        transfer(cloud, lambda plugin: plugin.put_file(str(local), "C:\\NoSuchFolder\\x"))
+    with pytest.raises(AnsibleError, match=r"failed to fetch .*Could not find file 'C:\\ProgramData\\nothing'"):
+        transfer(cloud, lambda plugin: plugin.fetch_file("C:\\ProgramData\\nothing", str(tmp_path / "x")))
+    # A file whose ACL denies SYSTEM: File.ReadAllBytes (no backup semantics) is refused, as on Windows.
+    denied = "O:BAG:BAD:PAI(D;;FA;;;SY)(A;;FA;;;BA)"
+    vm.slot.host.filesystem.write("C:\\ProgramData\\locked.txt", b"secret", sddl=denied)
+    with pytest.raises(AnsibleError, match=r"Access to the path 'C:\\ProgramData\\locked.txt' is denied"):
+        transfer(cloud, lambda plugin: plugin.fetch_file("C:\\ProgramData\\locked.txt", str(tmp_path / "y")))
+    with pytest.raises(AnsibleFileNotFound):
+        transfer(cloud, lambda plugin: plugin.put_file(str(tmp_path / "missing"), "C:\\ProgramData\\x"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert vm.run_commands == 3  # the missing local file was refused before anything was sent
+
+
+def arm_request(cloud: arm.ArmCloud, path: str, body: t.Any = None, token: str | None = None) -> tuple[int, t.Any]:
+    """One request to the lab's Resource Manager, with a token the lab issued (unless ``token`` says otherwise)."""
+    import urllib.error
+
+    bearer = token if token is not None else cloud.issue_token()["access_token"]
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(cloud.endpoint + path, data=data, method="GET" if body is None else "POST")
+    request.add_header("Authorization", f"Bearer {bearer}")
+    request.add_header("Content-Type", "application/json")
+    context = ssl.create_default_context(cafile=str(cloud.ca_path))
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_the_batch_api_answers_each_request_as_if_sent_alone(cloud: arm.ArmCloud, vm: arm.ArmVm) -> None:
+    cloud.configure({"vm": NAME, "public_ip": True})
+    base = "https://management.azure.com"
+    requests = [
+        {"httpMethod": "GET", "name": "view", "url": f"{base}{vm.resource_id()}/instanceView?api-version=2024-07-01"},
+        {"httpMethod": "GET", "name": "nic", "url": f"{base}{vm.nic_id()}?api-version=2024-05-01"},
+        {"httpMethod": "GET", "name": "pip", "url": f"{base}{vm.pip_id()}?api-version=2024-05-01"},
+        {"httpMethod": "GET", "name": "gone", "url": f"{base}{vm.resource_id()}x?api-version=2024-07-01"},
+        {"httpMethod": "POST", "name": "action", "url": f"{base}{vm.resource_id()}/runCommand?api-version=2024-07-01"},
+    ]
+    status, answer = arm_request(cloud, "/batch?api-version=2015-11-01", {"requests": requests})
+    assert status == 200
+    by_name = {item["name"]: item for item in answer["responses"]}
+    assert [item["name"] for item in answer["responses"]] == [item["name"] for item in requests]
+    assert by_name["view"]["httpStatusCode"] == 200
+    assert {"code": "PowerState/running"}.items() <= by_name["view"]["content"]["statuses"][1].items()
+    ip_configuration = by_name["nic"]["content"]["properties"]["ipConfigurations"][0]["properties"]
+    assert ip_configuration["publicIPAddress"] == {"id": vm.pip_id()}
+    assert ip_configuration["privateIPAddress"].startswith("10.0.0.")
+    assert by_name["pip"]["content"]["properties"]["ipAddress"] == vm.slot.address
+    assert by_name["gone"]["httpStatusCode"] == 404
+    assert by_name["action"]["httpStatusCode"] == 405
+    assert vm.run_commands == 0
+    # The batch itself needs a token; its requests travel under it.
+    assert arm_request(cloud, "/batch?api-version=2015-11-01", {"requests": requests}, token="forged")[0] == 401
+    assert cloud.requests == {"batch": 1, "instance_view": 1, "nic": 1, "public_ip": 1, "vm": 1}
+
+
+def test_the_proxy_serves_public_azures_names_with_the_labs_ca_and_nothing_else(
+    cloud: arm.ArmCloud, vm: arm.ArmVm
+) -> None:
+    import http.client
+
+    context = ssl.create_default_context(cafile=str(cloud.ca_path))
+    tunnel = http.client.HTTPSConnection(cloud.address, arm.PROXY_PORT, context=context, timeout=30)
+    tunnel.set_tunnel("login.microsoftonline.com", 443)
+    try:
+        tunnel.request("GET", f"/{arm.TENANT}/v2.0/.well-known/openid-configuration")
+        answer = tunnel.getresponse()
+        document = json.loads(answer.read())
+    finally:
+        tunnel.close()
+    # The certificate was checked for login.microsoftonline.com; the answer names URLs on that host.
+    assert answer.status == 200
+    assert document["token_endpoint"] == f"https://login.microsoftonline.com/{arm.TENANT}/oauth2/v2.0/token"
+    refused = http.client.HTTPSConnection(cloud.address, arm.PROXY_PORT, context=context, timeout=30)
+    refused.set_tunnel("example.com", 443)
+    with pytest.raises(OSError, match="403"):
+        refused.request("GET", "/")
+    refused.close()
+    assert cloud.proxied == {"login.microsoftonline.com": 1, "refused example.com:443": 1}

@@ -31,7 +31,15 @@ STDIN = b'{"batch": 1}\n\x00\x00\x00\x00\nline \xc3\xa9\n'
 NOISE = random.Random(7).randbytes(10_000)
 
 
-@pytest.mark.parametrize("script", [rc.exec_script(RUN_ID, COMMAND, STDIN), rc.chunk_script(RUN_ID, 2)])
+@pytest.mark.parametrize(
+    "script",
+    [
+        rc.exec_script(RUN_ID, COMMAND, STDIN),
+        rc.chunk_script(RUN_ID, 2),
+        rc.put_file_script("C:\\ProgramData\\x é.txt"),
+        rc.fetch_file_script("C:\\ProgramData\\x é.txt"),
+    ],
+)
 def test_the_scripts_parse_and_have_no_powershell_pitfalls(script: str) -> None:
     root = ps_pitfalls.parse(script.encode("utf-8"))
     assert not [node for node in ps_pitfalls._walk(root) if node.type == "ERROR" or node.is_missing]
@@ -120,3 +128,34 @@ def test_the_output_tail_is_the_last_4096_bytes() -> None:
     text = "é" * 3000  # 6,000 bytes of UTF-8
     assert len(rc.tail(text).encode("utf-8")) <= rc.OUTPUT_LIMIT
     assert text.endswith(rc.tail(text))
+
+
+def test_file_transfer_scripts_are_recognised_exactly() -> None:
+    path = "C:\\Users\\Public\\d'é 中.bin"
+    put, fetch = rc.put_file_script(path), rc.fetch_file_script(path)
+    assert rc.parse_file_script(put) == rc.FileRequest("put", path)
+    assert rc.parse_file_script(fetch) == rc.FileRequest("fetch", path)
+    # What the PowerShell shell plugin sends is the script as rendered: no blank line, indentation or final newline.
+    assert all(line == line.strip() and line for line in put.split("\n")) and not put.endswith("\n")
+    assert rc.parse_file_script(put + "\nRemove-Item C:\\") is None
+    assert rc.parse_file_script(put.replace("WriteAllBytes", "AppendAllText")) is None
+    assert rc.parse_file_script(rc.exec_script(RUN_ID, COMMAND, STDIN)) is None
+
+
+def test_put_file_stdin_lines_decode_one_by_one() -> None:
+    data = NOISE
+    lines = rc.put_file_stdin(data).decode("ascii").splitlines()
+    assert len(lines) == -(-len(base64.b64encode(data)) // rc.FILE_LINE) and rc.FILE_LINE % 4 == 0
+    assert b"".join(base64.b64decode(line) for line in lines) == data
+    assert rc.put_file_stdin(b"") == b""
+
+
+def test_a_fetched_file_is_checked_against_its_sha256() -> None:
+    digest = hashlib.sha256(NOISE).hexdigest()
+    printed = f"{digest}\r\n{base64.b64encode(NOISE).decode()}\r\n".encode()
+    assert rc.parse_fetched(printed) == NOISE
+    assert rc.parse_fetched(f"{hashlib.sha256(b'').hexdigest()}\r\n".encode()) == b""
+    with pytest.raises(rc.RunCommandProtocolError, match="does not match"):
+        rc.parse_fetched(printed.replace(digest.encode(), hashlib.sha256(b"x").hexdigest().encode()))
+    with pytest.raises(rc.RunCommandProtocolError, match="not a fetched file"):
+        rc.parse_fetched(b"warning: something\r\n" + printed)
