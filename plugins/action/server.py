@@ -23,6 +23,7 @@ from ansible_collections.rdpfix.rdp.plugins.action import firewall as firewall_a
 from ansible_collections.rdpfix.rdp.plugins.action import machinekeys as machinekeys_action
 from ansible_collections.rdpfix.rdp.plugins.action import tls as tls_action
 from ansible_collections.rdpfix.rdp.plugins.action import transport as transport_action
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _server_read
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     REREADS_ATTRIBUTE,
     SNAPSHOT_ARGUMENT_SPEC,
@@ -80,23 +81,38 @@ class ActionModule(RdpfixAction):
         "backup_root": {"type": "str"},
     }
     MUTUALLY_EXCLUSIVE: t.ClassVar[list[list[str]]] = [["report", "snapshot"]]
+    # The read options when this task takes the snapshot itself (no snapshot given).
+    _read_options: t.Any = None
 
     def validate_params(self, params: dict[str, t.Any]) -> None:
         if params["report"] is not None:
             return
-        if params["snapshot"] is None:
-            raise ActionFailed("snapshot is required (the registered result of rdpfix.rdp.facts for this host)")
         if not any(params[name] is not None for name in CONCERNS):
             raise ActionFailed(f"name at least one concern to run: {', '.join(CONCERNS)}")
         for name in CONCERNS:
             if params[name] is not None and "snapshot" in params[name]:
                 raise ActionFailed(f"{name}.snapshot: give the snapshot once, as this module's snapshot option")
+        self._read_options = None
+        if params["snapshot"] is None:
+            # No snapshot: this task takes it (one read batch) - with the concerns' options checked first, before the
+            # host is contacted (_server_read).
+            try:
+                given = {
+                    name: _server_read.validated(name, CONCERNS[name], params[name])
+                    for name in CONCERNS
+                    if params[name] is not None
+                }
+                self._read_options = _server_read.facts_options(given)
+            except _server_read.ConcernOptionsError as exc:
+                raise ActionFailed(str(exc)) from exc
 
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
         if params["report"] is not None:
             return self._report(params["report"])
-        if self.snapshot is None:  # run() refuses a task without one before this point
-            raise ActionFailed(f"{self.host}: rdpfix.rdp.server needs a snapshot")
+        if self.snapshot is None:
+            if self._read_options is None:  # validate_params sets them when no snapshot is given
+                raise ActionFailed(f"{self.host}: rdpfix.rdp.server needs a snapshot")
+            self.snapshot = _server_read.take(self.host, self.now, self._read_options, self.run_batch)
         self._lock = threading.Condition()
         self._task_vars = getattr(self, "_rdpfix_task_vars", {})
         self._backup_root = params["backup_root"]

@@ -43,7 +43,12 @@ options:
   snapshot:
     description:
       - The registered result of M(rdpfix.rdp.facts) for this host (or its C(snapshot) value). Refused when taken on
-        another host or by another version's format. Required unless O(report) is given.
+        another host or by another version's format.
+      - Without it (and without O(report)), the module takes the snapshot itself first - one read batch, the reads
+        M(rdpfix.rdp.facts) makes with the options of the concerns given (without the event log history) - after
+        checking every concern's options against its module, so bad input is refused before the host is contacted.
+        Reading and repairing in one task costs the same round trips as the two tasks (1 for a compliant host or in
+        check mode, 1 more per apply batch) and less controller CPU; the C(rdpfix.rdp.rdpfix_server) role does so.
     type: raw
   machinekeys:
     description: Run M(rdpfix.rdp.machinekeys) with these options (omit to leave the key store alone).
@@ -89,6 +94,14 @@ EXAMPLES = r"""
       profiles: [Domain, Private]
   register: rdp_repair
 
+- name: Or read and repair in one task (the snapshot taken by the task itself, one read batch)
+  rdpfix.rdp.server:
+    machinekeys: {}
+    certificate: {}
+    firewall: {}
+    tls: {}
+  register: rdp_repair
+
 - name: One result per concern, each with its own diff
   rdpfix.rdp.server:
     report: "{{ item.value }}"
@@ -121,7 +134,8 @@ snapshot:
 round_trips:
   description:
     - WinRM commands the task sent - 0 in check mode or when nothing changes, 1 for the apply batch, plus the read
-      batch of a module that plans anew, a certificate change after a key store repair, and the documented polls.
+      batch of a module that plans anew, a certificate change after a key store repair, and the documented polls;
+      plus 1 for the snapshot's read when the task took it itself (no O(snapshot) given).
       With O(report), the round trips of the reported module.
   returned: always
   type: int

@@ -368,6 +368,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         if self._builder is None:
             # Imported here: _wrapper imports ansible-core's executor, which the local runner of the Windows CI (where
             # Ansible cannot run) never needs.
+            from ._payload import builder_for  # noqa: PLC0415
             from ._wrapper import AsyncJobs, wrapper_for  # noqa: PLC0415
 
             environment: dict[str, t.Any] = {}
@@ -375,7 +376,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
                 self._compute_environment_string(environment)
             timeout = int(self._task.async_val or 0)
             builder = wrapper_for(self._connection, self.task_vars, environment, async_timeout=timeout)
-            self._builder = builder
+            # The payload built once per run where it holds no secret (_payload), else by ansible-core per batch.
+            self._builder = builder_for(builder)
             if timeout:
                 self._jobs = AsyncJobs(
                     self._connection,

@@ -10,8 +10,11 @@ import typing as t
 
 from harness import PlaybookRun
 
-SNAPSHOT_TASK = "rdpfix.rdp.rdpfix_server : Read the host once for every concern (one WinRM command, read-only)"
-APPLY_TASK = "rdpfix.rdp.rdpfix_server : Repair every concern from the snapshot, all changes in one apply batch"
+# The read (the snapshot) and the repair are one task: rdpfix.rdp.server taking the snapshot itself.
+APPLY_TASK = (
+    "rdpfix.rdp.rdpfix_server : Read the host once and repair every concern from that read, all changes in one apply "
+    "batch"
+)
 REPORT_TASK = "rdpfix.rdp.rdpfix_server : Show each concern's result (one line, and with --diff one diff, per concern)"
 CONCERNS = ("machinekeys", "certificate", "firewall", "transport", "tls")
 

@@ -41,7 +41,7 @@ TASK = {
     "reboot": ROLE + "Reboot so that Schannel changes take effect",
     "waits": ROLE + "Report a reboot that waits for the users on the host",
     "probe": ROLE + "Verify from the controller that RDP connects after the repair",
-    "fail": ROLE + "Fail the host when RDP still does not connect after a repair that should have opened it",
+    "fail": ROLE + "Fail the host when RDP does not connect, or presents an unusable certificate, after the repair",
     "audit_probe": ROLE + "Probe each host's RDP port from the controller",
     "summary": "Show what was found and done",
 }

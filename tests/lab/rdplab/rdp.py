@@ -62,7 +62,8 @@ NEG_RSP_FLAGS = 0x1F
 WINDOWS_SRC_REF = 0x1234
 
 CLIENT_READ_TIMEOUT = 10.0
-SYNC_INTERVAL = 0.25
+# How often each listener re-reads its host's view besides the changes it is told about (HostSlot.changed).
+RESYNC_INTERVAL = 1.0
 
 TLS_VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -573,6 +574,8 @@ class RdpEndpoint:
         self._drop: tuple[socket.socket, socket.socket] | None = None
         self.dropping_port: int | None = None
         self._stop = threading.Event()
+        # Set when the loop should look again at once (a new listening socket, the stop).
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
 
@@ -613,6 +616,7 @@ class RdpEndpoint:
                 LOG.error("%s: cannot listen for RDP on port %s: %s", self.address, wanted, exc)
                 return
             self._sock, self.bound_port = sock, wanted
+            self._wake.set()
             LOG.info("%s: RDP listening on port %s", self.address, wanted)
 
     def _sync_drop(self, port: int | None, strict: bool) -> None:
@@ -646,27 +650,39 @@ class RdpEndpoint:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._wake.set()
         with self._sync_lock:
+            # Closing the listener wakes the loop's select at once.
             if self._sock is not None:
                 _close_listener(self._sock)
                 self._sock, self.bound_port = None, None
             self._sync_drop(None, strict=False)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
+        # Every change the lab makes to a host (a command, a fault, a reset) calls sync() at once (HostSlot.changed);
+        # the loop re-reads the view only every RESYNC_INTERVAL besides, so that a fleet of hundreds of hosts does not
+        # spend its CPU polling idle views. A new listening socket wakes it (_wake), a closed one ends its select.
+        next_sync = 0.0
         while not self._stop.is_set():
-            try:
-                self.sync()
-            except Exception:
-                LOG.exception("%s: reading the RDP view failed", self.address)
+            if time.monotonic() >= next_sync:
+                try:
+                    self.sync()
+                except Exception:
+                    LOG.exception("%s: reading the RDP view failed", self.address)
+                next_sync = time.monotonic() + RESYNC_INTERVAL
+            self._wake.clear()
             sock = self._sock
             if sock is None:
-                self._stop.wait(SYNC_INTERVAL)
+                self._wake.wait(RESYNC_INTERVAL)
                 continue
             try:
-                readable, _writable, _failed = select.select([sock], [], [], SYNC_INTERVAL)
-                if not readable:
+                # poll, not select: select() refuses descriptors past 1024 (FD_SETSIZE), which a fleet of a few hundred
+                # hosts reaches, and a loop that fails at once spins.
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if not poller.poll(RESYNC_INTERVAL * 1000):
                     continue
                 client, _peer = sock.accept()
             except (OSError, ValueError):

@@ -7,10 +7,14 @@ real server on the default ports. The control API (JSON over HTTP on network.1:5
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import selectors
+import socket
+import socketserver
 import threading
 import time
 import typing as t
@@ -92,10 +96,86 @@ def reset_counters(host: WindowsHost) -> None:
         setattr(host.counters, key, 0)
 
 
+class Acceptor:
+    """One thread accepting the connections of every WinRM listener of the lab (HTTP and HTTPS of each host).
+
+    A thread per listener, each waking every few tenths of a second to look for a shutdown request, made a fleet of
+    hundreds of hosts spend its CPU on idle wake-ups and its start-up crawl; here one selector waits on every listening
+    socket and hands each connection to its server (ThreadingHTTPServer: one thread per connection, as before).
+    """
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._changes: list[tuple[str, socketserver.TCPServer, threading.Event]] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="rdplab-accept", daemon=True)
+        self._thread.start()
+
+    def _request(self, action: str, served: socketserver.TCPServer) -> None:
+        done = threading.Event()
+        with self._lock:
+            self._changes.append((action, served, done))
+        self._wake_write.send(b"x")
+        if threading.current_thread() is not self._thread:
+            done.wait(10)
+
+    def add(self, served: socketserver.TCPServer) -> None:
+        self._request("add", served)
+
+    def remove(self, served: socketserver.TCPServer) -> None:
+        """Stop accepting for ``served`` (before its socket is closed)."""
+        self._request("remove", served)
+
+    def close(self) -> None:
+        self._stopped = True
+        self._wake_write.send(b"x")
+        self._thread.join(timeout=10)
+        self._selector.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def _apply_changes(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_read.recv(4096):
+                pass
+        with self._lock:
+            changes, self._changes = self._changes, []
+        for action, served, done in changes:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                if action == "add":
+                    self._selector.register(served.socket, selectors.EVENT_READ, served)
+                else:
+                    self._selector.unregister(served.socket)
+            done.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            for key, _events in self._selector.select():
+                served = key.data
+                if served is None:
+                    self._apply_changes()
+                    continue
+                try:
+                    served._handle_request_noblock()
+                except Exception:
+                    LOG.exception("accepting a connection failed")
+
+
 class HostRuntime:
     """The listeners of one host."""
 
-    def __init__(self, address: str, host: WindowsHost, ssh_client_keys: t.Sequence[t.Any] = ()) -> None:
+    def __init__(
+        self,
+        address: str,
+        host: WindowsHost,
+        ssh_client_keys: t.Sequence[t.Any] = (),
+        acceptor: Acceptor | None = None,
+    ) -> None:
+        self.acceptor = acceptor
         from rdplab.ssh import SshEndpoint
 
         self.slot = HostSlot(address, host)
@@ -122,13 +202,19 @@ class HostRuntime:
         self.rdp.start()
         self.ssh.start()
         for server in (self.http, self.https):
+            if self.acceptor is not None:
+                self.acceptor.add(server)
+                continue
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
         for server in (self.http, self.https):
-            server.shutdown()
+            if self.acceptor is not None:
+                self.acceptor.remove(server)
+            else:
+                server.shutdown()
             server.server_close()
         self.ssh.stop()
         self.rdp.stop()
@@ -152,6 +238,7 @@ class Lab:
         self.network = validate_network(network)
         self.hosts = load_hosts(self.host_files)
         self.runtimes: dict[str, HostRuntime] = {}
+        self.acceptor: Acceptor | None = None
         self.control: ThreadingHTTPServer | None = None
         self.stopped = threading.Event()
         self._lock = threading.Lock()
@@ -173,10 +260,11 @@ class Lab:
     def start(self) -> None:
         """Bind everything or nothing: a port already in use is an OSError naming it."""
         try:
+            self.acceptor = Acceptor()
             for index, host in enumerate(self.hosts):
                 address = host_address(self.network, index)
                 try:
-                    runtime = HostRuntime(address, host, [self.ssh_client_key])
+                    runtime = HostRuntime(address, host, [self.ssh_client_key], self.acceptor)
                 except OSError as exc:
                     raise OSError(exc.errno, f"cannot listen for WinRM on {address}: {exc.strerror}") from exc
                 self.runtimes[host.name] = runtime
@@ -203,6 +291,9 @@ class Lab:
         for thread in stoppers:
             thread.join()
         self.runtimes.clear()
+        if self.acceptor is not None:
+            self.acceptor.close()
+            self.acceptor = None
         self.stopped.set()
 
     def describe(self) -> dict[str, t.Any]:
