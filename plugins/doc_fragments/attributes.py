@@ -36,14 +36,20 @@ attributes:
       operations.
   async:
     description: Supports being used with the C(async) keyword.
-    support: full
+    support: partial
     details:
       - With C(poll) 1 or more, each round trip runs as an Ansible async job on the host (Ansible's async wrapper),
         which the module polls with M(ansible.windows.async_status) every C(poll) seconds for at most C(async) seconds
-        and then removes; the task's result is the module's own result, as without C(async).
+        (wall time) and then removes; the task's result is the module's own result, as without C(async).
       - Each batch then costs, besides its own command, its polls and one cleanup; the module's result is written into
-        the last job's result file for Ansible's own polling to read (one more command).
-      - C(poll=0) (fire and forget) is refused before anything is sent.
+        the last job's result file for Ansible's own polling to read (one more command). A run that sends no batch
+        (planned from a snapshot, nothing to change) runs an empty batch as a job to hand its result over in.
+      - A write batch that runs out of time (the controller's deadline, or Ansible's async watchdog stopping it) is an
+        unknown outcome naming its backup manifest, as a lost answer is.
+      - An unreachable host's result is also C(failed) (ansible-core polls any async result that is not failed), so
+        the host counts as failed, not unreachable. If the result cannot be written where Ansible's polling reads it,
+        the module's own result is returned, failed, with a warning.
+      - C(poll=0) (fire and forget) is not supported: it is refused before anything is sent.
   become:
     description: Is usable alongside become keywords.
     support: full
