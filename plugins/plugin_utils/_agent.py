@@ -366,6 +366,20 @@ def parse_output(host: str, rc: int, stdout: bytes, stderr: bytes, expected: int
     return BatchResult(host=host, results=results)
 
 
+# Connection plugins whose ``connected`` says nothing: Ansible's ssh connection runs one OpenSSH process per command
+# and never records itself connected, so "never connected" cannot be told from it (a dropped answer after the command
+# ran would pass for a request that never left).
+_UNTRACKED_TRANSPORTS = frozenset({"ssh"})
+
+
+def _connected(connection: object) -> bool | None:
+    """Whether the connection plugin says it holds a connection (None: it does not track it)."""
+    if getattr(connection, "transport", None) in _UNTRACKED_TRANSPORTS:
+        return None
+    value = getattr(connection, "connected", None)
+    return value if isinstance(value, bool) else None
+
+
 def run_batch(connection: _Connection, host: str, batch: Batch, build: Builder) -> BatchResult:
     """Send one batch over the connection: exactly one exec_command (one round trip), as ``build`` makes it.
 
@@ -373,11 +387,11 @@ def run_batch(connection: _Connection, host: str, batch: Batch, build: Builder) 
     if not batch.ops:
         return BatchResult(host=host, results=[])
     wire = build(batch)
-    connected_before = getattr(connection, "connected", None)
+    connected_before = _connected(connection)
     try:
         rc, stdout, stderr = connection.exec_command(wire.command, in_data=wire.stdin, sudoable=True)
     except Exception as exc:  # the connection's own failures and requests/pywinrm/pypsrp transport errors
-        failure = transport_failure(host, batch, exc, connected_before, getattr(connection, "connected", None))
+        failure = transport_failure(host, batch, exc, connected_before, _connected(connection))
         if failure is exc:
             raise
         raise failure from exc

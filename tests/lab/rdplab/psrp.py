@@ -31,6 +31,7 @@ import binascii
 import collections
 import logging
 import threading
+import time
 import typing as t
 import uuid
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from psrpcore.types import (
     PSInvocationState,
 )
 
-from rdplab import bootstrap
+from rdplab import bootstrap, transport_faults
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -82,6 +83,13 @@ class Pipeline:
     started: bool = False
     finished: bool = False
     stopped: bool = False
+    # The transport fault armed for this pipeline and its cancellation (rdplab.transport_faults), and whether the
+    # fault has been spent on the answer that would deliver the output.
+    context: transport_faults.CommandContext = field(default_factory=transport_faults.CommandContext)
+    fault_spent: bool = False
+    # The last Receive answered (its MessageID and body): a client whose answer was lost or late sends the same
+    # Receive again and gets the same data (pypsrp retries a Receive after a read timeout, relying on it).
+    last_reply: tuple[str, str] | None = None
 
 
 class Pool:
@@ -235,8 +243,12 @@ class PsrpEndpoint:
             host.counters.winrm_commands += 1
         with self.slot.lock:
             self.slot.commands_by_channel[f"psrp/{request.channel}"] += 1
+        context = transport_faults.arm(host)
+        if context.kind() == "drop_before":
+            # The request never reached the runspace pool: no pipeline exists, nothing runs.
+            raise transport_faults.DropConnection("drop_before")
         with pool.lock:
-            pipeline = Pipeline(command_id, psrpcore.ServerPipeline(pool.server, pipeline_id))
+            pipeline = Pipeline(command_id, psrpcore.ServerPipeline(pool.server, pipeline_id), context=context)
             pool.pipelines[command_id] = pipeline
             self._feed(pool, data, pipeline_id)
         body = f"<rsp:CommandResponse><rsp:CommandId>{command_id}</rsp:CommandId></rsp:CommandResponse>"
@@ -274,8 +286,19 @@ class PsrpEndpoint:
             pipeline = pool.pipelines.get(command_id) if command_id else None
             if command_id and pipeline is None:
                 raise self.fault(f"the command {command_id} was not found in shell {pool.shell_id}")
+            if (
+                pipeline is not None
+                and pipeline.last_reply is not None
+                and pipeline.last_reply[0] == request.message_id
+            ):
+                return winrm.NS_SHELL + "/ReceiveResponse", pipeline.last_reply[1]
             key = pipeline.server.pipeline_id if pipeline is not None else None
             queue = pool.outgoing[key]
+            stall = pipeline.context.fault if pipeline is not None else None
+            if stall is not None and stall.kind == "cut_at_op" and not queue:
+                # A stalled host behind a stalled network: no answer until the pipeline ends or the fault's time
+                # passes, so the client's read timeout fires.
+                wait = stall.seconds
             if not pool.lock.wait_for(lambda: bool(queue) or (pipeline is not None and pipeline.finished), wait):
                 raise winrm.WSManFault(
                     "The WS-Management service cannot complete the operation within the time specified in "
@@ -283,6 +306,22 @@ class PsrpEndpoint:
                     subcode="w:TimedOut",
                     code=winrm.FAULT_OPERATION_TIMEOUT,
                 )
+            fault = pipeline.context.fault if pipeline is not None and pipeline.finished else None
+            if pipeline is not None and fault is not None and not pipeline.fault_spent:
+                pipeline.fault_spent = True
+            else:
+                fault = None
+        if fault is not None:
+            # The pipeline has run to its end: the answer that would deliver its output is lost or late.
+            if fault.kind == "drop_after":
+                raise transport_faults.DropConnection("drop_after")
+            if fault.kind == "http500_after":
+                raise winrm.WSManFault(
+                    "The WS-Management service cannot process the request: an internal error occurred."
+                )
+            if fault.kind == "delay_after":
+                time.sleep(fault.seconds)
+        with pool.lock:
             chunks: list[bytes] = []
             size = 0
             while queue and (not chunks or size + len(queue[0]) <= budget):
@@ -298,6 +337,9 @@ class PsrpEndpoint:
             state = winrm.STATE_DONE if done else winrm.STATE_RUNNING
             parts.append(f'<rsp:CommandState CommandId="{command_id}" State="{state}"/>')
         body = "<rsp:ReceiveResponse>" + "".join(parts) + "</rsp:ReceiveResponse>"
+        if pipeline is not None:
+            with pool.lock:
+                pipeline.last_reply = (request.message_id, body)
         return winrm.NS_SHELL + "/ReceiveResponse", body
 
     def _signal(self, request: Request) -> tuple[str, str]:
@@ -310,6 +352,8 @@ class PsrpEndpoint:
             pipeline = pool.pipelines.pop(command_id, None)
             if pipeline is None:
                 raise self.fault(f"the command {command_id} was not found in shell {pool.shell_id}")
+            # A batch still running stops before its next operation (rdplab.transport_faults).
+            transport_faults.terminate(pipeline.context)
             # Ctrl+C stops the pipeline; one that has run to its end is only forgotten (its output is dropped).
             pipeline.stopped = True
             pool.outgoing.pop(pipeline.server.pipeline_id, None)
@@ -346,7 +390,8 @@ class PsrpEndpoint:
                     names = ", ".join(repr(c.command_text)[:60] for c in commands)
                     outcome = bootstrap.refusal(f"the pipeline is not a single script without arguments: {names}")
                 else:
-                    outcome = self._run_script(host, str(commands[0].command_text), lines)
+                    with transport_faults.running(pipeline.context):
+                        outcome = self._run_script(host, str(commands[0].command_text), lines)
             except Exception as exc:  # a bug in the lab: a failed pipeline with its message, not a hung one
                 message = f"rdplab: internal error: {type(exc).__name__}: {exc}\r\n"
                 outcome = bootstrap.CommandOutcome(1, b"", message.encode("utf-8"))

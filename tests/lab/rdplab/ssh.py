@@ -25,7 +25,7 @@ import typing as t
 
 import asyncssh
 
-from rdplab import bootstrap
+from rdplab import bootstrap, transport_faults
 
 if t.TYPE_CHECKING:
     from rdplab.winrm import HostSlot
@@ -192,6 +192,12 @@ class SshEndpoint:
         method = self.methods.get(process.get_extra_info("connection"), "")
         with self.slot.lock:
             self.slot.commands_by_channel[f"ssh/{method}"] += 1
+        context = transport_faults.arm(host)
+        connection = process.get_extra_info("connection")
+        if context.kind() == "drop_before":
+            # The exec request never reached a shell: the TCP connection is gone, nothing runs.
+            connection.abort()
+            return
         try:
             found = bootstrap.recognise(command)
         except Exception as exc:  # a bug in the lab: a failed command with its message, not a dead session
@@ -203,10 +209,22 @@ class SshEndpoint:
         else:
             stdin = await process.stdin.read() if found.wants_stdin() else b""
             recogniser = found
-            outcome = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: bootstrap.run_safely(recogniser, host, command, stdin)
-            )
+
+            def run() -> bootstrap.CommandOutcome:
+                with transport_faults.running(context):
+                    return bootstrap.run_safely(recogniser, host, command, stdin)
+
+            outcome = await asyncio.get_running_loop().run_in_executor(None, run)
             self.slot.changed()
+        fault = context.fault
+        if fault is not None and fault.kind in ("drop_after", "http500_after"):
+            # The command has run to its end; the connection that would deliver its output and exit status is gone
+            # (SSH has no HTTP status: an http500_after fault is met as a dropped connection).
+            connection.abort()
+            return
+        if fault is not None and fault.kind == "delay_after":
+            # The answer is held; OpenSSH has no read timeout of its own, so the client waits for it.
+            await asyncio.sleep(fault.seconds)
         if outcome.stdout:
             process.stdout.write(outcome.stdout)
         if outcome.stderr:

@@ -17,6 +17,13 @@ overloaded servers break them, so that the controller meets the failure at a kno
     the batch stops before operation ``op`` and waits (a stalled host: the answer is held too) until the client
     signals terminate or ``seconds`` pass; after a terminate the rest of the batch never runs and there is no output.
 
+Every transport meets them: a WinRS command, a PSRP pipeline (the same /wsman listener) and an SSH exec request
+each count as one command. Over SSH there is no HTTP: ``drop_before`` closes the TCP connection at the exec request,
+``drop_after`` and ``http500_after`` close it after the command ran, before its output and exit status, and
+``delay_after`` holds them (OpenSSH has no read timeout: the client waits). Over PSRP a client that timed out reading
+sends the same Receive again (pypsrp does, five times) and is answered the same data, as a WS-Management service
+answers a repeated Receive; a ``cut_at_op`` batch stops before its next operation when the pipeline is stopped.
+
 Each fault skips the first ``skip`` commands after it was injected and then affects ``count`` commands (0: every
 later one). ``terminate`` (WS-Management Signal, sent by pywinrm's ``cleanup_command`` - and so by Ansible after a read
 timeout) cancels a running batch between two operations (docs/lab.md, "Cut batches and transport faults").

@@ -14,6 +14,8 @@ runs) are in the matrix only where the collection has those operations.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import json
 import os
@@ -26,7 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 from ansible.playbook.play_context import PlayContext
-from ansible.plugins.loader import connection_loader
+from ansible.plugins.loader import connection_loader, shell_loader
 
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _agent
 
@@ -82,23 +84,60 @@ class Case:
     cut_before: str | None = None
     # After the fault, every later command is dropped too: reading the host again after a lost answer fails.
     then_down: bool = False
+    # The connection the runs go through: Ansible's winrm, psrp or ssh connection plugin.
+    via: str = "winrm"
 
     @property
     def id(self) -> str:
-        return f"{self.host}-{self.fault}"
+        return f"{self.host}-{self.fault}" if self.via == "winrm" else f"{self.host}-{self.via}:{self.fault}"
 
 
 POINTS = {"read": 0, "apply": 1, "verify": 2}
 
 
-def transport_case(host: str, kind: str, point: str, *, then_down: bool = False, **extra: t.Any) -> Case:
+def transport_case(
+    host: str, kind: str, point: str, *, then_down: bool = False, via: str = "winrm", **extra: t.Any
+) -> Case:
     params: dict[str, t.Any] = {"kind": kind, "skip": POINTS[point], **extra}
     if kind == "delay_after":
         params["seconds"] = HELD
     if kind == "cut_at_op":
         params["seconds"] = 20
     label = f"transport:{kind}{extra.get('op', '')}@{point}" + ("+down" if then_down else "")
-    return Case(host, label, transport=params, then_down=then_down)
+    return Case(host, label, transport=params, then_down=then_down, via=via)
+
+
+# The transports besides WinRS, and the faults they meet: a request dropped before it ran, an answer dropped after
+# it ran, an answer held past the client's read timeout (psrp; OpenSSH has no read timeout: the held answer arrives
+# late), and a dropped answer to a read.
+OTHER_TRANSPORTS = ("psrp", "ssh")
+
+
+# What a run over each transport says under each fault (the small matrix's rows): a dropped request or answer of the
+# apply batch is an unknown outcome, resolved by reading the host again; a held answer is one over WinRS (the client
+# times out), arrives late over psrp (pypsrp sends the same Receive again after its read timeout, and the host answers
+# it again) and over ssh (no read timeout); a dropped answer to a read is unreachable, nothing having been changed.
+EXPECTED: dict[tuple[str, str, str], str] = {
+    **{(via, "drop_before", "apply"): "outcome:not_made" for via in ("winrm", *OTHER_TRANSPORTS)},
+    **{(via, "drop_after", "apply"): "outcome:made" for via in ("winrm", *OTHER_TRANSPORTS)},
+    **{(via, "drop_after", "read"): "unreachable" for via in ("winrm", *OTHER_TRANSPORTS)},
+    ("winrm", "delay_after", "apply"): "outcome:made",
+    ("psrp", "delay_after", "apply"): "changed",
+    ("ssh", "delay_after", "apply"): "changed",
+}
+
+
+def other_transport_cases(host: str) -> list[Case]:
+    return [
+        transport_case(host, kind, point, via=via)
+        for via in OTHER_TRANSPORTS
+        for kind, point in (
+            ("drop_before", "apply"),
+            ("drop_after", "apply"),
+            ("delay_after", "apply"),
+            ("drop_after", "read"),
+        )
+    ]
 
 
 def cut_between(host: str, concern: str, *, then_down: bool = False) -> Case:
@@ -146,6 +185,7 @@ def small_matrix() -> list[Case]:
         cut_between("combined-machinekeys-firewall", "firewall"),
         cut_between("combined-machinekeys-firewall", "firewall", then_down=True),
         transport_case("expired-selfsigned", "cut_at_op", "apply", op=6, then_down=True),
+        *other_transport_cases("firewall-rules-disabled"),
     ]
     if HAS_GUARD:
         # No session at the read, so the plan restarts TermService; a user logs on before the apply.
@@ -191,6 +231,13 @@ def full_matrix() -> list[Case]:
         ]
     if HAS_LOCK:
         cases += [Case(host, "concurrent", concurrent=True) for host in MODULES if host != "active-sessions"]
+    for host in ("expired-selfsigned", "machinekeys-rdp-key-no-ns", "firewall-rules-disabled"):
+        cases += [
+            transport_case(host, kind, point, via=via)
+            for via in OTHER_TRANSPORTS
+            for kind in ("drop_before", "drop_after", "http500_after", "delay_after")
+            for point in POINTS
+        ]
     for host, concerns in SERVER.items():
         for point in POINTS:
             cases += [transport_case(host, kind, point) for kind in kinds]
@@ -217,10 +264,12 @@ def free_network() -> str:
 
 
 @pytest.fixture(scope="module")
-def lab() -> t.Iterator[t.Any]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[t.Any]:
     files = [HOSTS_DIR / f"{name}.yml" for name in (*MODULES, *SERVER)]
     running = rdplab_server.Lab(files, free_network())
     running.start()
+    # The lab's SSH client key and host keys, for Ansible's ssh connection.
+    running.ssh_files = rdplab_server.write_ssh_files(tmp_path_factory.mktemp("lab-ssh"), running)
     try:
         yield running
     finally:
@@ -238,10 +287,47 @@ def fresh(lab: t.Any, name: str) -> t.Any:
     return host
 
 
+# The connection plugin the current case's runs go through (Case.via; each pytest worker runs one case at a time).
+VIA: contextvars.ContextVar[str] = contextvars.ContextVar("via", default="winrm")
+
+
 def connection(lab: t.Any, name: str) -> t.Any:
     runtime = lab.runtime(name)
     host = runtime.slot.host
     play_context = PlayContext()
+    via = VIA.get()
+    if via == "psrp":
+        conn = connection_loader.get("psrp", play_context, shell=shell_loader.get("powershell"))
+        conn.set_options(
+            var_options={
+                "ansible_host": runtime.slot.address,
+                "ansible_user": host.username,
+                "ansible_password": host.password,
+                "ansible_port": 5985,
+                "ansible_psrp_protocol": "http",
+                "ansible_psrp_auth": "negotiate",
+                "ansible_psrp_operation_timeout": OPERATION_TIMEOUT,
+                "ansible_psrp_read_timeout": READ_TIMEOUT,
+            }
+        )
+        return conn
+    if via == "ssh":
+        play_context.shell = "powershell"
+        conn = connection_loader.get("ssh", play_context, shell=shell_loader.get("powershell"))
+        files = lab.ssh_files
+        conn.set_options(
+            var_options={
+                "ansible_host": runtime.slot.address,
+                "ansible_user": host.username,
+                "ansible_port": runtime.ssh.bound_port,
+                "ansible_ssh_private_key_file": files["private_key"],
+                "ansible_ssh_host_key_checking": True,
+                "ansible_ssh_common_args": f"-o UserKnownHostsFile={files['known_hosts']} -o StrictHostKeyChecking=yes",
+                # No control master left running after a run (Ansible's default keeps one for 60 s).
+                "ansible_ssh_args": "-o ControlMaster=no",
+            }
+        )
+        return conn
     conn = connection_loader.get("winrm", play_context)
     conn.set_options(
         var_options={
@@ -273,7 +359,9 @@ def run_module(lab: t.Any, name: str, module: str, **args: t.Any) -> dict[str, t
     try:
         return t.cast(dict[str, t.Any], action.run(task_vars={"inventory_hostname": name}))
     finally:
-        conn.close()
+        # As Ansible's task executor, which only logs a failed close (psrp after a dropped answer).
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def run_repair(lab: t.Any, name: str, **args: t.Any) -> dict[str, t.Any]:
@@ -534,6 +622,7 @@ def test_fault(lab: t.Any, case: Case) -> None:
     transport = dict(case.transport or {})
     if case.cut_before:
         transport["op"] = first_op_of(lab, case.host, case.cut_before)
+    VIA.set(case.via)
     host = fresh(lab, case.host)
     before = host.snapshot()
     users = active_users(before)
@@ -580,6 +669,11 @@ def test_fault(lab: t.Any, case: Case) -> None:
     else:
         result = run_repair(lab, case.host, **dict(case.args))
     TALLY.add(outcome_of(result))
+    if case.transport and not case.then_down and not case.cut_before and case.host in MODULES:
+        point = next(name for name, skip in POINTS.items() if skip == case.transport["skip"])
+        expected = EXPECTED.get((case.via, case.transport["kind"], point))
+        if expected is not None:
+            assert outcome_of(result) == expected, f"{case.id}: {outcome_of(result)}: {result.get('msg')}"
 
     assert_truthful(case, result, baseline, host)
     if module == "server":

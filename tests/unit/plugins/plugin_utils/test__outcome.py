@@ -150,6 +150,29 @@ def test_run_batch_raises_outcome_unknown_chained_to_the_lost_answer() -> None:
     assert "Read timed out" in raised.value.message
 
 
+class SshConnection(FailingConnection):
+    """As Ansible's ssh connection: one OpenSSH process per command, never recorded as connected."""
+
+    transport = "ssh"
+    connected = False
+
+
+def test_an_ssh_answer_dropped_after_the_command_ran_is_an_unknown_outcome_not_never_connected() -> None:
+    # Ansible's ssh connection raises this for an exit status 255 with input sent (the connection closed under it).
+    dropped = AnsibleConnectionFailure(
+        'Data could not be sent to remote host "web01". Make sure this host can be reached over ssh: '
+        "Connection to web01 closed by remote host."
+    )
+    with pytest.raises(OutcomeUnknown):
+        run_batch(SshConnection(dropped), "web01", write_batch(), lambda _b: WireCommand("cmd", b""))
+    # A plugin that tracks its connection and never connected: nothing was sent.
+    never = FailingConnection(AnsibleConnectionFailure("basic: the specified credentials were rejected"))
+    never.connected = False
+    with pytest.raises(AnsibleConnectionFailure) as raised:
+        run_batch(never, "web01", write_batch(), lambda _b: WireCommand("cmd", b""))
+    assert not isinstance(raised.value, OutcomeUnknown)
+
+
 def results(*oks: bool) -> BatchResult:
     items = []
     stopped = False
