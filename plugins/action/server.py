@@ -31,7 +31,12 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     RdpfixAction,
     StaleSnapshot,
 )
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch, BatchResult, OutcomeUnknown
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import (
+    WRITE_OPERATIONS,
+    Batch,
+    BatchResult,
+    OutcomeUnknown,
+)
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._guards import GUARD_OP
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._snapshot import Snapshot, SnapshotError
 
@@ -46,8 +51,9 @@ CONCERNS: dict[str, type[RdpfixAction]] = {
 }
 # A concern planned only once the ones named here are done (their writes change what it plans from).
 AFTER: dict[str, tuple[str, ...]] = {"certificate": ("machinekeys",)}
-# Longest wait for a module's thread between two of its batches (its planning is pure and fast; a stuck module
-# fails the host instead of hanging the play).
+# Longest wait for the modules' threads to plan (pure and fast; a stuck module fails the host instead of hanging the
+# play). A module waiting for a batch's answer waits as long as this thread sends it: the connection (and an async
+# job's deadline) owns that timing, so a slow shared batch is never cut short by a thread.
 THREAD_WAIT_S = 300.0
 
 
@@ -63,6 +69,11 @@ class _Concern:
     # Set when the answer to a shared batch carrying this module's changes was lost: it is reading the host again to
     # find out what was made (_outcome.resolve), and is never stopped by another module's failure meanwhile.
     lost: OutcomeUnknown | None = None
+    # Set once a shared batch carrying this module's writes was answered: its changes may be made, so it is never
+    # stopped by another module's failure and its result (changes, manifest, reboot_required) is always kept.
+    wrote: bool = False
+    # Set when another module's failure stopped it before it sent any write.
+    stopped: bool = False
 
     @property
     def done(self) -> bool:
@@ -92,16 +103,28 @@ class ActionModule(RdpfixAction):
         for name in CONCERNS:
             if params[name] is not None and "snapshot" in params[name]:
                 raise ActionFailed(f"{name}.snapshot: give the snapshot once, as this module's snapshot option")
+        # Every concern's options are checked - its module's argument spec, then its own checks - before any batch is
+        # sent: one concern's bad input never lets the others write first.
+        given: dict[str, dict[str, t.Any]] = {}
+        for name, module in CONCERNS.items():
+            if params[name] is None:
+                continue
+            try:
+                given[name] = _server_read.validated(name, module, params[name])
+            except _server_read.ConcernOptionsError as exc:
+                raise ActionFailed(str(exc)) from exc
+            checker = module(
+                self._task, self._connection, self._play_context, self._loader, self._templar, self._shared_loader_obj
+            )
+            try:
+                checker.validate_params(given[name])
+            except ActionFailed as exc:
+                raise ActionFailed(f"{name}: {exc.msg}", **exc.result) from exc
         self._read_options = None
         if params["snapshot"] is None:
             # No snapshot: this task takes it (one read batch) - with the concerns' options checked first, before the
             # host is contacted (_server_read).
             try:
-                given = {
-                    name: _server_read.validated(name, CONCERNS[name], params[name])
-                    for name in CONCERNS
-                    if params[name] is not None
-                }
                 self._read_options = _server_read.facts_options(given)
             except _server_read.ConcernOptionsError as exc:
                 raise ActionFailed(str(exc)) from exc
@@ -118,13 +141,31 @@ class ActionModule(RdpfixAction):
         self._backup_root = params["backup_root"]
         order = [name for name in CONCERNS if params[name] is not None]
         concerns: dict[str, _Concern] = {}
+        self._abandoned = False
+        try:
+            return self._run_concerns(params, self.snapshot, order, concerns)
+        finally:
+            # A module thread still waiting for an answer (this thread failed) is released, never left hanging.
+            with self._lock:
+                self._abandoned = True
+                self._lock.notify_all()
+
+    def _run_concerns(
+        self, params: dict[str, t.Any], snapshot: Snapshot, order: list[str], concerns: dict[str, _Concern]
+    ) -> dict[str, t.Any]:
         stopped_at: str | None = None
         while True:
             started = False
-            merged = self._merge(self.snapshot, [concerns[name] for name in order if name in concerns])
+            merged = self._merge(snapshot, [concerns[name] for name in order if name in concerns])
             for name in order:
                 if name in concerns or stopped_at is not None or not self._ready(name, order, concerns):
                     continue
+                if any(
+                    (concerns[before].result or {}).get("failed")
+                    for before in order[: order.index(name)]
+                    if before in concerns
+                ):
+                    continue  # a module before it failed: it does not start (not_run_concerns)
                 concerns[name] = self._start(name, params[name], merged)
                 started = True
             self._wait_quiet(list(concerns.values()))
@@ -135,13 +176,15 @@ class ActionModule(RdpfixAction):
                 (name for name in order if name in concerns and (concerns[name].result or {}).get("failed")), None
             )
             if failed is not None and stopped_at is None:
-                # As in the role's separate tasks: a module that fails ends the host's run; those after it do not
-                # change anything.
+                # As in the role's separate tasks: a module that fails ends the host's run; those after it change
+                # nothing more. A module whose changes a shared batch already carried (or lost) finishes - its
+                # verification included: its result is the truth about the host.
                 stopped_at = failed
                 for name in order[order.index(failed) + 1 :]:
-                    # A module finding out what a lost batch made of its changes finishes: its result is the truth.
-                    if name in concerns and not concerns[name].done and concerns[name].lost is None:
-                        self._answer(concerns[name], ActionFailed("not run: an earlier concern failed"))
+                    item = concerns.get(name)
+                    if item is not None and not item.done and not item.wrote and item.lost is None:
+                        item.stopped = True
+                        self._answer(item, ActionFailed(f"not run: {failed} failed before this module sent a change"))
                 self._wait_quiet(list(concerns.values()))
             waiting = [concerns[name] for name in order if name in concerns and concerns[name].pending is not None]
             if waiting:
@@ -151,11 +194,12 @@ class ActionModule(RdpfixAction):
                 stopped_at is not None or all(name in concerns for name in order)
             ):
                 break
-        kept = order if stopped_at is None else order[: order.index(stopped_at) + 1]
-        # Every module whose changes travelled in a batch whose answer was lost keeps its result (what it found).
-        kept = [name for name in order if name in kept or (name in concerns and concerns[name].lost is not None)]
-        results = {name: self._shaped(concerns[name]) for name in kept if name in concerns}
-        self.snapshot = self._merge(self.snapshot, [concerns[name] for name in kept if name in concerns])
+        # Every module that ran to its own end keeps its result - those whose changes a shared batch carried or lost
+        # above all; a module stopped before it sent a change, or never started, did not run (not_run_concerns).
+        kept = [name for name in order if name in concerns and not concerns[name].stopped]
+        not_run = [name for name in order if name not in kept]
+        results = {name: self._shaped(concerns[name]) for name in kept}
+        self.snapshot = self._merge(snapshot, [concerns[name] for name in kept])
         replanned = [name for name, result in results.items() if result.get("replanned")]
         for name in replanned:
             self.warn(f"{name}: the host changed since the snapshot; it was read again and the plan made anew")
@@ -163,6 +207,7 @@ class ActionModule(RdpfixAction):
             "changed": any(result.get("changed") for result in results.values()),
             "concerns": results,
             "replanned_concerns": replanned,
+            "not_run_concerns": not_run,
         }
         unreachable = next((result for result in results.values() if result.get("unreachable")), None)
         if unreachable is not None:
@@ -172,7 +217,12 @@ class ActionModule(RdpfixAction):
             outcome["failed_concern"] = stopped_at
             outcome["failed"] = True
             outcome["msg"] = str(results.get(stopped_at, {}).get("msg") or f"{stopped_at} failed")
-        lost = [item.lost for item in (concerns[name] for name in kept if name in concerns) if item.lost is not None]
+            made = [name for name, result in results.items() if name != stopped_at and result.get("changed")]
+            if made:
+                outcome["msg"] += f" (changes made by {', '.join(made)}: see their results)"
+            if not_run:
+                outcome["msg"] += f" (not run: {', '.join(not_run)})"
+        lost = [item.lost for item in (concerns[name] for name in kept) if item.lost is not None]
         if lost and unreachable is None:
             # Each concern's own result names its manifest and what it found; the task's says it for all of them.
             outcome["outcomes"] = {name: result["outcome"] for name, result in results.items() if "outcome" in result}
@@ -207,8 +257,10 @@ class ActionModule(RdpfixAction):
             with self._lock:
                 item.pending, item.reply = batch, None
                 self._lock.notify_all()
-                if not self._lock.wait_for(lambda: item.reply is not None, timeout=THREAD_WAIT_S):
-                    raise ActionFailed(f"{self.host}: {name}: no answer from the batch it waits for")
+                # No timeout: this thread sends the batch, and the connection's timeouts bound it.
+                self._lock.wait_for(lambda: item.reply is not None or self._abandoned)
+                if item.reply is None:
+                    raise ActionFailed(f"{self.host}: {name}: the run ended before its batch was sent")
                 reply, item.reply = item.reply, None
             if isinstance(reply, BaseException):
                 raise reply
@@ -293,6 +345,7 @@ class ActionModule(RdpfixAction):
                     # Its own guards held, but another module's stopped the batch before anything was written.
                     self._answer(item, StaleSnapshot(stale.error_message or "another concern's guard failed"))
                 else:
+                    item.wrote = item.wrote or (stale is None and any(op["op"] in WRITE_OPERATIONS for op in own_ops))
                     self._answer(item, BatchResult(sent.host, mine))
             self._wait_quiet(group)
 

@@ -22,8 +22,14 @@ description:
     cannot read, and the key repair can renew it); where both need changes, the certificate's are a second apply batch.
     Polls that wait for Windows to create a new self-signed certificate (at most 2, each waiting 5 seconds on the host
     first, as in M(rdpfix.rdp.certificate)) are read-only batches, shared by the modules waiting at the same time.
-  - A module that fails (a refusal, in check mode too) ends the run for the modules after it, as separate tasks would;
-    those that were already applied in the same batch are reported with their changes.
+  - Every concern's options are checked against its module (its argument spec and its own checks) before anything is
+    sent, so bad input in one concern fails the task with nothing sent to the host.
+  - A module that fails (a refusal, in check mode too) ends the run for the modules after it that have not sent a
+    change yet, as separate tasks would (RV(not_run_concerns)). A module whose changes a shared batch already carried
+    runs to its end, its verification included, and is reported with its changes, its backup manifest and, for
+    M(rdpfix.rdp.tls), C(reboot_required); the task is C(changed) when any of them changed the host.
+  - A module waits for the answer to a shared batch as long as the connection does (the task sends the batch itself,
+    within the connection's timeouts), so a slow batch never ends a module without its result.
   - Each module's result is returned under RV(concerns) in the shape of that module's own result; O(report) shows
     one of them as a task's result, so a play can show one line and diff per concern (the C(rdpfix.rdp.rdpfix_server)
     role does, in a loop).
@@ -119,9 +125,16 @@ concerns:
   returned: unless O(report) is given
   type: dict
 failed_concern:
-  description: The module whose failure ended the run (those after it did not run).
+  description: The module whose failure ended the run (RV(not_run_concerns) lists the modules that then did not run).
   returned: when a module failed
   type: str
+not_run_concerns:
+  description:
+    - The modules named in the options that did not run, in the role's order - not started, or stopped before they
+      sent any change, because a module before them failed. Empty when every module ran.
+  returned: unless O(report) is given
+  type: list
+  elements: str
 replanned_concerns:
   description: The modules whose plan was dropped because the host changed since the snapshot, and made anew.
   returned: unless O(report) is given
