@@ -42,7 +42,7 @@ PLAYBOOK = [
                 "vars": {"ansible_become_password": "not-the-password"},
                 "ignore_errors": True,
             },
-            {"name": "facts", "rdpfix.rdp.facts": {}},
+            {"name": "facts", "rdpfix.rdp.facts": {}, "register": "snap"},
             {
                 "name": "facts as an async task, as SYSTEM",
                 "rdpfix.rdp.facts": {},
@@ -53,6 +53,15 @@ PLAYBOOK = [
                 "become_user": "SYSTEM",
             },
             {"name": "fire and forget", "rdpfix.rdp.facts": {}, "async": 60, "poll": 0, "ignore_errors": True},
+            {
+                # Planned from the snapshot, nothing sent by the plan itself: the result still reaches Ansible's
+                # polling through a job (an empty batch run as one).
+                "name": "firewall audit from the snapshot as an async task",
+                "rdpfix.rdp.firewall": {"snapshot": "{{ snap }}"},
+                "async": 60,
+                "poll": 1,
+                "check_mode": True,
+            },
         ],
     }
 ]
@@ -107,6 +116,16 @@ def test_an_async_task_returns_the_modules_own_result(played: tuple[Lab, Playboo
     # One batch: started as a job, polled until it ended, its job file removed, then the result handed over.
     assert synchronous["round_trips"] == 1
     assert background["round_trips"] >= 4
+
+
+def test_an_async_task_that_sends_no_batch_returns_the_modules_own_result(played: tuple[Lab, PlaybookRun]) -> None:
+    _lab, run = played
+    audit = one(run, "firewall audit from the snapshot as an async task")
+    assert not audit.get("failed"), audit.get("msg")
+    assert audit["finished"] is True and audit["ansible_job_id"] and audit["changed"] is False
+    assert isinstance(audit["findings"], list) and audit["replanned"] is None
+    # The empty batch's start and its polls, then the result written; nothing the plan needed was read from the host.
+    assert audit["round_trips"] >= 3
 
 
 def test_fire_and_forget_is_refused_before_anything_is_sent(played: tuple[Lab, PlaybookRun]) -> None:
