@@ -176,11 +176,42 @@ def plain(value: t.Any) -> t.Any:
     return value
 
 
+# The host variables rdpfix.rdp.azure_vms gives as azure_rm does (its documentation lists them).
+SAME_HOSTVARS = {
+    "id",
+    "name",
+    "resource_group",
+    "location",
+    "tags",
+    "powerstate",
+    "provisioning_state",
+    "vmid",
+    "computer_name",
+    "os_profile",
+    "virtual_machine_size",
+    "network_interface",
+    "private_ipv4_addresses",
+    "public_ipv4_address",
+    "ansible_host",
+    "ansible_connection",
+    "ansible_azure_resource_id",
+}
+
+
 def test_azure_rm_builds_the_groups_and_the_connections_variables(azure_lab: AzureLab) -> None:
     azure_lab.zero()
     azure_lab.azure(vm="missing-selfsigned", power_state="deallocated")
     try:
         done = azure_lab.run("ansible-inventory", "-i", str(azure_lab.inventory), "--list", timeout=120)
+        cloud = azure_lab.azure()  # what azure_rm asked, before the other inventory asks
+        ours = subprocess.run(
+            [str(BIN / "ansible-inventory"), "-i", str(azure_lab.inventory.with_name("lab.azure_vms.yml")), "--list"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env=ansible_env(),
+        )
     finally:
         azure_lab.azure(vm="missing-selfsigned", power_state="running")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -206,7 +237,15 @@ def test_azure_rm_builds_the_groups_and_the_connections_variables(azure_lab: Azu
     assert hostvars[PUBLIC]["private_ipv4_addresses"][0].startswith("10.0.0.")
     assert hostvars["healthy"]["public_ipv4_address"] == []
     assert hostvars["healthy"]["private_ipv4_addresses"] == [addresses["healthy"]]
-    cloud = azure_lab.azure()
+    # rdpfix.rdp.azure_vms (the lab's lab.azure_vms.yml, same groups) gives the same groups and host variables.
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    theirs, mine = listing, plain(json.loads(ours.stdout))
+    for group in ("azure_vms", "windows", "azure_rg_rdpfix_lab", "azure_loc_westeurope"):
+        assert sorted(mine[group]["hosts"]) == sorted(theirs[group]["hosts"]), group
+    for name in HOSTS:
+        shared = {key: value for key, value in hostvars[name].items() if key in SAME_HOSTVARS}
+        assert shared == {key: mine["_meta"]["hostvars"][name][key] for key in shared}, name
+        assert set(shared) == SAME_HOSTVARS
     # What azure_rm asked Resource Manager: three batches (the VM list; 3 instance views and 3 NICs; 1 public IP),
     # then each VM's instance view again through the compute SDK. All through the proxy, nothing refused.
     assert cloud["requests"] == {"batch": 3, "vm_list": 1, "instance_view": 6, "nic": 3, "public_ip": 1}

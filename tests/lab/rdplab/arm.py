@@ -212,7 +212,7 @@ class ArmCloud:
             name.lower(): ArmVm(name, slot, str(uuid.uuid5(uuid.NAMESPACE_URL, f"rdplab-vm:{name}")))
             for name, slot in slots
         }
-        self.tokens: dict[str, float] = {}  # token -> expiry (epoch seconds)
+        self.tokens: dict[str, tuple[float, str]] = {}  # token -> (expiry in epoch seconds, audience)
         self.token_requests = 0
         self.rejected_tokens = 0
         # Resource Manager requests by kind (vm_list, instance_view, nic, public_ip, vm, batch, ...): what a client
@@ -301,7 +301,7 @@ class ArmCloud:
                 self.stderr_limit = int(body["stderr_limit"])
             if body.get("expire_tokens"):
                 # Every token issued so far is refused from now on (401 ExpiredAuthenticationToken).
-                self.tokens = dict.fromkeys(self.tokens, 0.0)
+                self.tokens = {token: (0.0, audience) for token, (_expiry, audience) in self.tokens.items()}
             if body.get("reset_counters"):
                 self.token_requests = self.rejected_tokens = 0
                 self.requests.clear()
@@ -329,11 +329,17 @@ class ArmCloud:
 
     # --- tokens ------------------------------------------------------------------------------------------------------
 
-    def issue_token(self) -> dict[str, t.Any]:
+    def arm_audiences(self) -> set[str]:
+        """The token audiences Resource Manager accepts (compared without a trailing slash): public Azure's two, as
+        its InvalidAuthenticationTokenAudience message lists them, and the lab's own endpoint, which a client that
+        knows the lab by its endpoint asks for (a private cloud's Resource Manager URL is its audience)."""
+        return {"https://management.azure.com", "https://management.core.windows.net", self.endpoint}
+
+    def issue_token(self, audience: str) -> dict[str, t.Any]:
         token = "rdplab." + secrets.token_urlsafe(32)
         with self.lock:
             self.token_requests += 1
-            self.tokens[token] = time.time() + self.token_lifetime
+            self.tokens[token] = (time.time() + self.token_lifetime, audience.rstrip("/"))
         return {
             "token_type": "Bearer",
             "expires_in": self.token_lifetime,
@@ -348,13 +354,25 @@ class ArmCloud:
             'error_description="The access token is invalid or has expired"'
         }
         with self.lock:
-            expiry = self.tokens.get(token) if scheme.lower() == "bearer" else None
-            if expiry is None:
+            issued = self.tokens.get(token) if scheme.lower() == "bearer" else None
+            if issued is None:
                 self.rejected_tokens += 1
                 raise ArmError(401, "InvalidAuthenticationToken", "The access token is invalid or missing.", challenge)
+            expiry, audience = issued
             if expiry <= time.time():
                 self.rejected_tokens += 1
                 raise ArmError(401, "ExpiredAuthenticationToken", "The access token has expired.", challenge)
+            if audience not in self.arm_audiences():
+                # Azure's wording (UNCONFIRMED beyond third-party reports of the message).
+                self.rejected_tokens += 1
+                raise ArmError(
+                    401,
+                    "InvalidAuthenticationTokenAudience",
+                    f"The access token has been obtained for wrong audience or resource '{audience}'. It should "
+                    "exactly match with one of the allowed audiences 'https://management.core.windows.net/',"
+                    "'https://management.core.windows.net','https://management.azure.com/','https://management.azure.com'.",
+                    challenge,
+                )
 
     # --- compute -----------------------------------------------------------------------------------------------------
 
@@ -841,7 +859,7 @@ class _Handler(BaseHTTPRequestHandler):
                         400, {"error": "invalid_request", "error_description": "Required metadata header not specified"}
                     )
                 else:
-                    document = cloud.issue_token()
+                    document = cloud.issue_token(query.get("resource", ""))
                     document["resource"] = query.get("resource", "")
                     document["expires_in"] = str(document["expires_in"])
                     self._send(200, document)
@@ -951,8 +969,19 @@ class _Handler(BaseHTTPRequestHandler):
                     "in the request is the client secret value, not the client secret ID.",
                 },
             )
+        elif len(form.get("scope", "").split()) != 1 or not form.get("scope", "").endswith("/.default"):
+            # Client credentials take one resource's scope with /.default (wording UNCONFIRMED).
+            self._send(
+                400,
+                {
+                    "error": "invalid_scope",
+                    "error_description": f"AADSTS1002012: The provided value for scope {form.get('scope', '')} is not "
+                    "valid. Client credential flows must have a scope value with /.default suffixed to the resource "
+                    "identifier (application ID URI).",
+                },
+            )
         else:
-            self._send(200, cloud.issue_token())
+            self._send(200, cloud.issue_token(form["scope"][: -len("/.default")]))
 
     def _instance_discovery(self, query: dict[str, str]) -> dict[str, t.Any]:
         """Microsoft Entra's instance discovery (what MSAL asks for an authority it does not know), for the lab's

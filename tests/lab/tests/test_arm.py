@@ -14,6 +14,8 @@ import random
 import ssl
 import time
 import typing as t
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -513,7 +515,7 @@ def arm_request(cloud: arm.ArmCloud, path: str, body: t.Any = None, token: str |
     """One request to the lab's Resource Manager, with a token the lab issued (unless ``token`` says otherwise)."""
     import urllib.error
 
-    bearer = token if token is not None else cloud.issue_token()["access_token"]
+    bearer = token if token is not None else cloud.issue_token(cloud.endpoint)["access_token"]
     data = None if body is None else json.dumps(body).encode("utf-8")
     request = urllib.request.Request(cloud.endpoint + path, data=data, method="GET" if body is None else "POST")
     request.add_header("Authorization", f"Bearer {bearer}")
@@ -577,3 +579,29 @@ def test_the_proxy_serves_public_azures_names_with_the_labs_ca_and_nothing_else(
         refused.request("GET", "/")
     refused.close()
     assert cloud.proxied == {"login.microsoftonline.com": 1, "refused example.com:443": 1}
+
+
+def test_tokens_are_for_one_resource_and_resource_manager_checks_it(cloud: arm.ArmCloud, vm: arm.ArmVm) -> None:
+    path = f"{vm.resource_id()}?api-version=2024-07-01"
+    # Resource Manager's audiences: public Azure's (with or without the trailing slash) and the lab's endpoint.
+    for audience in ("https://management.azure.com/", "https://management.core.windows.net", cloud.endpoint):
+        assert arm_request(cloud, path, token=cloud.issue_token(audience)["access_token"])[0] == 200
+    status, answer = arm_request(cloud, path, token=cloud.issue_token("https://graph.microsoft.com")["access_token"])
+    assert (status, answer["error"]["code"]) == (401, "InvalidAuthenticationTokenAudience")
+    # The token endpoint takes client credentials for one resource's /.default scope only.
+    form = {"grant_type": "client_credentials", "client_id": arm.CLIENT_ID, "client_secret": cloud.client_secret}
+    for scope, expected in ((f"{cloud.endpoint}/.default", 200), ("openid profile", 400), (cloud.endpoint, 400)):
+        request = urllib.request.Request(
+            f"{cloud.endpoint}/{arm.TENANT}/oauth2/v2.0/token",
+            data=urllib.parse.urlencode({**form, "scope": scope}).encode("ascii"),
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(
+                request, timeout=30, context=ssl.create_default_context(cafile=str(cloud.ca_path))
+            ) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            assert json.loads(exc.read())["error"] == "invalid_scope"
+        assert status == expected, scope
