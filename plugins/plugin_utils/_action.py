@@ -352,6 +352,9 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         locked = _lock.wrap(batch, self.run_lock)
         sent = self.send(locked.batch)
         acquired = sent[locked.acquire]
+        folder = _lock.folder_warning(self.host, sent, locked)
+        if folder:
+            self.warn(folder)
         if not acquired.ok:
             raise ActionFailed(_lock.refusal(self.host, acquired, self.run_lock))
         for warning in (

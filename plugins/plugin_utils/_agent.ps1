@@ -21,6 +21,11 @@ $ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
 
 $ProtocolVersion = 1
+# How deep the result document is written (ConvertTo-Json -Depth). An operation's data sits three levels down (the
+# document, its results list, one result), so it keeps $DataJsonDepth levels: what a guard compares and what the lock
+# record holds go through JSON at that depth, exactly as the controller will see them.
+$ResultJsonDepth = 10
+$DataJsonDepth = $ResultJsonDepth - 3
 
 # Windows PowerShell 5.1 ships an ETS member on System.Array that makes ConvertTo-Json write some arrays as
 # {"value": [...], "Count": n}. Removing that type data for this process restores plain JSON arrays.
@@ -1838,17 +1843,39 @@ function Select-GuardValue {
 
 # --------------------------------------------------------------------------------------------------------------------
 # The run lock (docs/agent-protocol.md, "The run lock"): one file whose JSON record names the run holding the host:
-# {token, owner, acquired, expires, process: {id, started}}. lock.acquire creates it atomically (the record is written
-# under a temporary name, then moved into place: a move never replaces an existing file), renews it when the token is
-# the caller's, and takes over a record whose time has expired or whose agent process is gone (a batch that was cut
-# or crashed); anything else is held, and it polls until wait_ms has passed. A record is rewritten only through a
-# handle opened with FileShare.None, so two takers never both win. lock.release deletes the file only when the record
-# is the caller's. The policy (time to live, how long to wait, who may hold it) is the controller's.
+# {token, owner, acquired, expires, process: {id, started}, held}. The batch that takes it keeps the file open for its
+# whole life (read and write, sharing only read and delete), so the lock is alive exactly as long as that batch runs:
+# a batch that ends - released, stopped half-way by a terminate, or its process killed - closes the handle, and the
+# next run that can open the file for writing knows nobody holds it (`held` records). The process a record names
+# (under psrp the WinRM host process, alive for the whole connection) and the record's time only decide for a record
+# without `held` (an older version's); its `expires` never counts beyond the file's last write time plus the longest
+# time to live. lock.acquire creates the file with FileMode.CreateNew (one run wins), owned by Administrators with a
+# protected SYSTEM/Administrators DACL, in a folder with the same protected DACL (a standard user cannot plant a lock
+# there); a lock file owned by anyone else is not a record to trust and is taken over when nobody holds it open.
+# lock.release deletes the file only when the record is the caller's. The policy (time to live, how long to wait, who
+# may hold it) is the controller's.
 # --------------------------------------------------------------------------------------------------------------------
 
 $LockMaxTtlSeconds = 86400
 $LockMaxWaitMilliseconds = 60000
 $HResultSharingViolation = -2147024864  # 0x80070020 ERROR_SHARING_VIOLATION
+# lock.release: how often it tries again when the file is held open by another agent for a moment, and how long it
+# waits between two tries.
+$LockReleaseAttempts = 10
+$LockReleasePauseMilliseconds = 200
+# Who may own the lock's folder and file, and hold rights to create or change files in that folder: SYSTEM and
+# Administrators. CREATOR OWNER and CREATOR GROUP stand for whoever creates a file (who must be allowed to first).
+$LockTrustedSids = @('S-1-5-18', 'S-1-5-32-544')
+$LockCreatorSids = @('S-1-3-0', 'S-1-3-1')
+# The lock folder's and the lock file's security: owned by Administrators, a protected DACL for SYSTEM and
+# Administrators only (the backup folders' SDDL).
+$LockFolderSddl = 'O:BAG:SYD:PAI(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)'
+$LockFileSddl = 'O:BAG:SYD:PAI(A;;FA;;;SY)(A;;FA;;;BA)'
+# Rights that let a principal put a file into a folder or change one (or the folder's security): add file 0x2, add
+# subfolder 0x4, delete child 0x40, delete 0x10000, write DAC 0x40000, write owner 0x80000, generic all and write.
+$LockOpenRights = 0x2 -bor 0x4 -bor 0x40 -bor 0x10000 -bor 0x40000 -bor 0x80000 -bor 0x10000000 -bor 0x40000000
+# The lock files this batch holds open (full path -> FileStream), closed when the batch ends, however it ends.
+$LockHandles = @{}
 
 function Get-LockPath {
     param([hashtable]$Table)
@@ -1901,8 +1928,110 @@ function Test-LockProcessAlive {
     }
 }
 
+# Owner (a SID) and DACL of the lock's folder or file, read with backup semantics (a planted file's DACL may leave
+# Administrators out).
+function Read-LockSecurity {
+    param([string]$Path)
+    Initialize-AgentToken
+    $parts = [Rdpfix.Agent.BackupFile]::ReadSecurity($Path)
+    $sddl = [string]$parts[1]
+    return @{ Owner = [string]$parts[0]; Sddl = $sddl; Descriptor = New-Object System.Security.AccessControl.RawSecurityDescriptor($sddl) }
+}
+
+# The SIDs besides SYSTEM and Administrators that may create or change files in a folder: a non-trusted owner (who
+# may rewrite the DACL), and every allow entry with one of $LockOpenRights (S-1-1-0, Everyone, for a missing DACL).
+function Get-LockOpenPrincipals {
+    param($Descriptor)
+    $open = New-Object System.Collections.Generic.List[string]
+    $owner = if ($null -ne $Descriptor.Owner) { $Descriptor.Owner.Value } else { '' }
+    if ($LockTrustedSids -notcontains $owner) {
+        $open.Add($owner)
+    }
+    if ($null -eq $Descriptor.DiscretionaryAcl) {
+        $open.Add('S-1-1-0')
+        return , $open.ToArray()
+    }
+    foreach ($ace in $Descriptor.DiscretionaryAcl) {
+        if (-not ($ace -is [System.Security.AccessControl.CommonAce]) -or $ace.AceQualifier -ne [System.Security.AccessControl.AceQualifier]::AccessAllowed) {
+            continue
+        }
+        $sid = $ace.SecurityIdentifier.Value
+        if ($LockTrustedSids -contains $sid -or $LockCreatorSids -contains $sid -or $open.Contains($sid)) {
+            continue
+        }
+        if (($ace.AccessMask -band $LockOpenRights) -ne 0) {
+            $open.Add($sid)
+        }
+    }
+    return , $open.ToArray()
+}
+
+# The lock's folder: created with the protected SYSTEM/Administrators DACL. An existing one whose owner or DACL lets
+# anyone else create or change files in it (a folder an older version created with ProgramData's inherited ACL, where
+# Users may create files) is reported; rdpfix's own folder (%ProgramData%\rdpfix, $Own) is then given the protected
+# DACL - a tightening of rdpfix's own folder, never a widening - and a folder the caller named is left as it is.
+function Initialize-LockFolder {
+    param([string]$Folder, [bool]$Own)
+    $report = [ordered]@{ path = $Folder; created = $false; open_to = @(); corrected = $false; previous_sddl = $null }
+    $security = ConvertTo-DirectorySecurity -Sddl $LockFolderSddl
+    if (-not [System.IO.Directory]::Exists($Folder)) {
+        $created = [System.IO.Directory]::CreateDirectory($Folder)
+        try {
+            Initialize-AgentToken
+            Invoke-SecurityWrite -Action { Set-DirectorySecurity -Directory $created -Security $security }
+        }
+        catch {
+            # A folder meant to be locked down must not stay behind with the inherited (wider) ACL.
+            try {
+                [System.IO.Directory]::Delete($created.FullName, $false)
+            }
+            catch {
+                $null = $_
+            }
+            throw
+        }
+        $report['created'] = $true
+        return $report
+    }
+    $found = Read-LockSecurity -Path $Folder
+    $open = Get-LockOpenPrincipals -Descriptor $found.Descriptor
+    if ($open.Count -eq 0) {
+        return $report
+    }
+    $report['open_to'] = $open
+    $report['previous_sddl'] = $found.Sddl
+    if ($Own) {
+        Initialize-AgentToken
+        $directory = New-Object System.IO.DirectoryInfo($Folder)
+        Invoke-SecurityWrite -Action { Set-DirectorySecurity -Directory $directory -Security $security }
+        $report['corrected'] = $true
+    }
+    return $report
+}
+
+# The lock file this agent wrote: owned by Administrators, the protected SYSTEM/Administrators DACL.
+function Set-LockFileSecurity {
+    param([string]$Path)
+    $security = New-Object System.Security.AccessControl.FileSecurity
+    $sections = [System.Security.AccessControl.AccessControlSections]'Owner, Group, Access'
+    $security.SetSecurityDescriptorSddlForm($LockFileSddl, $sections)
+    $item = New-Object System.IO.FileInfo($Path)
+    Initialize-AgentToken
+    Invoke-SecurityWrite -Action {
+        # FileInfo.SetAccessControl on .NET Framework; FileSystemAclExtensions on .NET (PowerShell 7).
+        if ($null -ne $item.PSObject.Methods['SetAccessControl']) {
+            $item.SetAccessControl($security)
+        }
+        else {
+            # pitfall-ok: newer-than-net452 reached only where FileInfo has no SetAccessControl (.NET, PowerShell 7)
+            [System.IO.FileSystemAclExtensions]::SetAccessControl($item, $security)
+        }
+    }
+}
+
 # A lock file's record. A file that is not a record (damaged, or not rdpfix's) is held by nobody known until its last
-# write time plus the caller's time to live.
+# write time plus the caller's time to live. No record's expiry counts beyond its last write time (never later than
+# now) plus the longest time to live: a far-future `expires` holds nothing.
 function Read-LockRecord {
     param([byte[]]$Bytes, [string]$Path, [int]$TtlSeconds)
     $record = $null
@@ -1912,9 +2041,18 @@ function Read-LockRecord {
     catch {
         $record = $null
     }
+    $written = [System.IO.File]::GetLastWriteTimeUtc($Path)
+    $now = [datetime]::UtcNow
+    if ($written -gt $now) {
+        $written = $now
+    }
+    $latest = $written.AddSeconds($LockMaxTtlSeconds)
     if ($null -ne $record -and $record.token -is [string] -and $null -ne $record.expires) {
         try {
             $expires = ConvertFrom-IsoUtc -Text (ConvertTo-GuardString -Value $record.expires)
+            if ($expires -gt $latest) {
+                $expires = $latest
+            }
             return @{
                 Expires = $expires
                 Record = [ordered]@{
@@ -1923,6 +2061,7 @@ function Read-LockRecord {
                     acquired = ConvertTo-GuardString -Value $record.acquired
                     expires = ConvertTo-IsoUtc -Date $expires
                     process = $record.process
+                    held = ($record.held -eq $true)
                 }
             }
         }
@@ -1930,11 +2069,10 @@ function Read-LockRecord {
             $record = $null
         }
     }
-    $written = [System.IO.File]::GetLastWriteTimeUtc($Path)
     $expires = $written.AddSeconds($TtlSeconds)
     return @{
         Expires = $expires
-        Record = [ordered]@{ token = $null; owner = $null; acquired = ConvertTo-IsoUtc -Date $written; expires = ConvertTo-IsoUtc -Date $expires; process = $null }
+        Record = [ordered]@{ token = $null; owner = $null; acquired = ConvertTo-IsoUtc -Date $written; expires = ConvertTo-IsoUtc -Date $expires; process = $null; held = $false }
     }
 }
 
@@ -1952,6 +2090,63 @@ function Test-LockBusyError {
     return $false
 }
 
+# The handle a lock is held with: read and write, sharing read (others may read the record) and delete (so that the
+# holder's release can delete the file before it closes the handle), never write - while it is open, nobody else can
+# open the file to take the lock.
+function Open-LockStream {
+    param([string]$Path, [System.IO.FileMode]$Mode)
+    # pitfall-ok: file-io-without-backup-semantics the lock file is the agent's own (protected SYSTEM/Administrators DACL)
+    return New-Object System.IO.FileStream($Path, $Mode, [System.IO.FileAccess]::ReadWrite, ([System.IO.FileShare]::Read -bor [System.IO.FileShare]::Delete))
+}
+
+function Read-LockStream {
+    param($Stream)
+    $null = $Stream.Seek(0, [System.IO.SeekOrigin]::Begin)
+    $buffer = New-Object System.IO.MemoryStream
+    $Stream.CopyTo($buffer)
+    return , $buffer.ToArray()
+}
+
+# The record of a lock file another agent holds open, for the message (shared read); $null when it cannot be read.
+function Read-LockHolder {
+    param([string]$Path, [int]$TtlSeconds)
+    try {
+        # pitfall-ok: file-io-without-backup-semantics the lock file is the agent's own (protected SYSTEM/Administrators DACL)
+        $reader = New-Object System.IO.FileStream($Path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::Read, ([System.IO.FileShare]::ReadWrite -bor [System.IO.FileShare]::Delete))
+    }
+    catch {
+        return $null
+    }
+    try {
+        return (Read-LockRecord -Bytes (Read-LockStream -Stream $reader) -Path $Path -TtlSeconds $TtlSeconds).Record
+    }
+    finally {
+        $reader.Dispose()
+    }
+}
+
+function Write-LockRecord {
+    param($Stream, $Record)
+    $bytes = [System.Text.Encoding]::UTF8.GetBytes((ConvertTo-Json -InputObject $Record -Depth $DataJsonDepth -Compress))
+    $null = $Stream.Seek(0, [System.IO.SeekOrigin]::Begin)
+    $Stream.SetLength(0)
+    $Stream.Write($bytes, 0, $bytes.Length)
+    $Stream.Flush($true)
+}
+
+# Closes the lock files this batch holds (the end of the batch: its locks are no longer alive).
+function Close-LockHandles {
+    foreach ($stream in @($LockHandles.Values)) {
+        try {
+            $stream.Dispose()
+        }
+        catch {
+            $null = $_
+        }
+    }
+    $LockHandles.Clear()
+}
+
 # One attempt: @{ Acquired; Record; Previous; Holder } or $null when the file was busy (try again).
 function Invoke-LockAttempt {
     param([string]$Path, [string]$Token, $Owner, [int]$TtlSeconds, $Process)
@@ -1962,34 +2157,124 @@ function Invoke-LockAttempt {
         acquired = ConvertTo-IsoUtc -Date $now
         expires = ConvertTo-IsoUtc -Date ($now.AddSeconds($TtlSeconds))
         process = $Process
+        held = $true
     }
-    $bytes = [System.Text.Encoding]::UTF8.GetBytes((ConvertTo-Json -InputObject $record -Depth 10 -Compress))
-    $folder = [System.IO.Path]::GetDirectoryName([System.IO.Path]::GetFullPath($Path))
-    $null = [System.IO.Directory]::CreateDirectory($folder)
-    if (-not [System.IO.File]::Exists($Path)) {
-        $temporary = $Path + '.rdpfix-' + [guid]::NewGuid().ToString('N') + '.tmp'
+    $key = [System.IO.Path]::GetFullPath($Path)
+    $stream = $LockHandles[$key]
+    if ($null -eq $stream -and -not [System.IO.File]::Exists($Path)) {
         try {
-            [System.IO.File]::WriteAllBytes($temporary, $bytes)
+            $stream = Open-LockStream -Path $Path -Mode ([System.IO.FileMode]::CreateNew)
+        }
+        catch {
+            if (-not [System.IO.File]::Exists($Path)) {
+                throw
+            }
+            # Another run created it first: judged below.
+            $stream = $null
+        }
+        if ($null -ne $stream) {
             try {
-                [System.IO.File]::Move($temporary, $Path)
-                return @{ Acquired = $true; Record = $record; Previous = $null; Holder = $null }
+                Write-LockRecord -Stream $stream -Record $record
+                Set-LockFileSecurity -Path $Path
             }
-            catch [System.IO.IOException] {
-                if (-not [System.IO.File]::Exists($Path)) {
-                    throw
+            catch {
+                $stream.Dispose()
+                [System.IO.File]::Delete($Path)
+                throw
+            }
+            $LockHandles[$key] = $stream
+            return @{ Acquired = $true; Record = $record; Previous = $null; Holder = $null }
+        }
+    }
+    $kept = $null -ne $stream
+    $fileOwner = $null
+    $foreign = $false
+    if (-not $kept) {
+        $fileOwner = (Read-LockSecurity -Path $Path).Owner
+        $foreign = $LockTrustedSids -notcontains $fileOwner
+        if ($foreign) {
+            # Not a file this agent wrote (a standard user's, planted while the folder still let Users create files):
+            # made Administrators' first (taking ownership needs no access to its content), so that it can be judged.
+            Set-LockFileSecurity -Path $Path
+        }
+        try {
+            $stream = Open-LockStream -Path $Path -Mode ([System.IO.FileMode]::Open)
+        }
+        catch {
+            if (Test-LockBusyError -ErrorRecord $_) {
+                # Held open: by a batch that is running now (its lock is alive), or being deleted by its release.
+                $holder = Read-LockHolder -Path $Path -TtlSeconds $TtlSeconds
+                if ($foreign) {
+                    # A standard user's file held open (FileShare.None: not even its record can be read): name its owner.
+                    if ($null -eq $holder) {
+                        $holder = [ordered]@{ token = $null; owner = $null; acquired = $null; expires = $null; process = $null; held = $false }
+                    }
+                    $holder['file_owner'] = $fileOwner
                 }
-                # Another run created it first: read it below.
+                if ($null -eq $holder) {
+                    return $null
+                }
+                return @{ Acquired = $false; Record = $null; Previous = $null; Holder = $holder }
             }
+            throw
         }
-        finally {
-            if ([System.IO.File]::Exists($temporary)) {
-                [System.IO.File]::Delete($temporary)
-            }
+    }
+    $taken = $false
+    try {
+        $found = Read-LockRecord -Bytes (Read-LockStream -Stream $stream) -Path $Path -TtlSeconds $TtlSeconds
+        $current = $found.Record
+        $ours = $current.token -ceq $Token -and -not $foreign
+        # Nobody else has the file open: a `held` record's batch has ended. Only an older version's record is judged
+        # by its time and process; a file owned by anyone but SYSTEM or Administrators is no record to trust.
+        $alive = -not $kept -and -not $current.held -and -not $foreign -and $found.Expires -gt $now -and (Test-LockProcessAlive -Record $current)
+        if (-not $ours -and $alive) {
+            return @{ Acquired = $false; Record = $null; Previous = $null; Holder = $current }
         }
+        if ($ours) {
+            # A renewal keeps the time it was first taken.
+            $record['acquired'] = $current.acquired
+        }
+        Write-LockRecord -Stream $stream -Record $record
+        if ($foreign) {
+            $current['file_owner'] = $fileOwner
+        }
+        $previous = if ($ours) { $null } else { $current }
+        $LockHandles[$key] = $stream
+        $taken = $true
+        return @{ Acquired = $true; Record = $record; Previous = $previous; Holder = $null }
+    }
+    finally {
+        if (-not $taken -and -not $kept) {
+            $stream.Dispose()
+        }
+    }
+}
+
+# lock.release's work on the file: $null when it was busy (try again).
+function Invoke-LockRelease {
+    param([string]$Path, [string]$Token)
+    $key = [System.IO.Path]::GetFullPath($Path)
+    $held = $LockHandles[$key]
+    if ($null -ne $held) {
+        # This batch holds the file open: nobody else could have written it since this batch took it.
+        $found = Read-LockRecord -Bytes (Read-LockStream -Stream $held) -Path $Path -TtlSeconds 0
+        if ($found.Record.token -cne $Token) {
+            return [ordered]@{ released = $false; holder = $found.Record }
+        }
+        # Deleted while the handle is open (it shares delete): gone when the handle closes, never free in between.
+        [System.IO.File]::Delete($Path)
+        $held.Dispose()
+        $LockHandles.Remove($key)
+        return [ordered]@{ released = $true; holder = $null }
+    }
+    if (-not [System.IO.File]::Exists($Path)) {
+        return [ordered]@{ released = $false; holder = $null }
     }
     try {
-        # pitfall-ok: file-io-without-backup-semantics the lock file is the agent's own (inherited ACL), opened exclusively to rewrite it
-        $stream = New-Object System.IO.FileStream($Path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::ReadWrite, [System.IO.FileShare]::None)
+        # Shares read and write (a batch that took the lock over may hold it) and delete: the file is deleted while
+        # this handle reads it.
+        # pitfall-ok: file-io-without-backup-semantics the lock file is the agent's own (protected SYSTEM/Administrators DACL)
+        $stream = New-Object System.IO.FileStream($Path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::Read, ([System.IO.FileShare]::ReadWrite -bor [System.IO.FileShare]::Delete))
     }
     catch {
         if (Test-LockBusyError -ErrorRecord $_) {
@@ -1998,28 +2283,17 @@ function Invoke-LockAttempt {
         throw
     }
     try {
-        $buffer = New-Object System.IO.MemoryStream
-        $stream.CopyTo($buffer)
-        $found = Read-LockRecord -Bytes $buffer.ToArray() -Path $Path -TtlSeconds $TtlSeconds
-        $current = $found.Record
-        $ours = $current.token -ceq $Token
-        if (-not $ours -and $found.Expires -gt $now -and (Test-LockProcessAlive -Record $current)) {
-            return @{ Acquired = $false; Record = $null; Previous = $null; Holder = $current }
+        $found = Read-LockRecord -Bytes (Read-LockStream -Stream $stream) -Path $Path -TtlSeconds 0
+        if ($found.Record.token -cne $Token) {
+            # Taken over after this run's lock expired or its batch was judged ended: not this run's to delete.
+            return [ordered]@{ released = $false; holder = $found.Record }
         }
-        if ($ours) {
-            # A renewal keeps the time it was first taken.
-            $record['acquired'] = $current.acquired
-            $bytes = [System.Text.Encoding]::UTF8.GetBytes((ConvertTo-Json -InputObject $record -Depth 10 -Compress))
-        }
-        $stream.SetLength(0)
-        $stream.Write($bytes, 0, $bytes.Length)
-        $stream.Flush($true)
-        $previous = if ($ours) { $null } else { $current }
-        return @{ Acquired = $true; Record = $record; Previous = $previous; Holder = $null }
+        [System.IO.File]::Delete($Path)
     }
     finally {
         $stream.Dispose()
     }
+    return [ordered]@{ released = $true; holder = $null }
 }
 
 $Operations = [ordered]@{
@@ -2947,7 +3221,7 @@ $Operations = [ordered]@{
             throw (New-AgentException (Get-AgentErrorType -ErrorRecord $_) ($label + ': ' + $op + ' failed: ' + $_.Exception.Message))
         }
         # The data as it travels to the controller, as the expectation travelled to the agent.
-        $travelled = ConvertFrom-Json -InputObject (ConvertTo-Json -InputObject $data -Depth 10 -Compress)
+        $travelled = ConvertFrom-Json -InputObject (ConvertTo-Json -InputObject $data -Depth $DataJsonDepth -Compress)
         $actual = (Select-GuardValue -Data $travelled -Steps $steps).Value
         $difference = Compare-GuardValue -Expected $expected -Actual $actual -Match $match -Path (Get-GuardPickName -Steps $steps)
         if ($null -ne $difference) {
@@ -2960,6 +3234,7 @@ $Operations = [ordered]@{
     'lock.acquire' = {
         param($Args_)
         $path = Get-LockPath -Table $Args_
+        $own = (Get-StringArgument -Table $Args_ -Name 'path').Length -eq 0
         $token = Get-StringArgument -Table $Args_ -Name 'token' -Required -NotEmpty
         $owner = Get-OpArgument -Table $Args_ -Name 'owner' -Required
         if ((Get-GuardKind -Value $owner) -ne 'object') {
@@ -2969,6 +3244,7 @@ $Operations = [ordered]@{
         $wait = Get-BoundedIntegerArgument -Table $Args_ -Name 'wait_ms' -Minimum 0 -Maximum $LockMaxWaitMilliseconds -Default 0
         $poll = Get-BoundedIntegerArgument -Table $Args_ -Name 'poll_ms' -Minimum 100 -Maximum 10000 -Default 1000
         $process = Get-AgentProcessRecord
+        $folder = Initialize-LockFolder -Folder ([System.IO.Path]::GetDirectoryName([System.IO.Path]::GetFullPath($path))) -Own $own
         $clock = [System.Diagnostics.Stopwatch]::StartNew()
         while ($true) {
             $attempt = $null
@@ -2982,13 +3258,13 @@ $Operations = [ordered]@{
                 }
             }
             if ($null -ne $attempt -and $attempt.Acquired) {
-                return [ordered]@{ acquired = $true; path = $path; lock = $attempt.Record; previous = $attempt.Previous; waited_ms = [int]$clock.ElapsedMilliseconds }
+                return [ordered]@{ acquired = $true; path = $path; lock = $attempt.Record; previous = $attempt.Previous; waited_ms = [int]$clock.ElapsedMilliseconds; folder = $folder }
             }
             $remaining = $wait - $clock.ElapsedMilliseconds
             if ($remaining -le 0) {
                 $holder = if ($null -ne $attempt) { $attempt.Holder } else { $null }
-                $AgentErrorData.Value = [ordered]@{ path = $path; holder = $holder; now = ConvertTo-IsoUtc -Date ([datetime]::UtcNow); waited_ms = [int]$clock.ElapsedMilliseconds }
-                $until = if ($null -ne $holder) { $holder.expires } else { 'unknown' }
+                $AgentErrorData.Value = [ordered]@{ path = $path; holder = $holder; now = ConvertTo-IsoUtc -Date ([datetime]::UtcNow); waited_ms = [int]$clock.ElapsedMilliseconds; folder = $folder }
+                $until = if ($null -ne $holder -and $null -ne $holder.expires) { $holder.expires } else { 'unknown' }
                 throw (New-AgentException 'Locked' "the rdpfix run lock $path is held by another run until $until")
             }
             Start-Sleep -Milliseconds ([int][math]::Min($poll, $remaining))
@@ -2999,26 +3275,26 @@ $Operations = [ordered]@{
         param($Args_)
         $path = Get-LockPath -Table $Args_
         $token = Get-StringArgument -Table $Args_ -Name 'token' -Required -NotEmpty
-        if (-not [System.IO.File]::Exists($path)) {
-            return [ordered]@{ released = $false; holder = $null }
-        }
-        # FileShare.Delete: the file is deleted while this handle reads it, so nobody takes it in between.
-        # pitfall-ok: file-io-without-backup-semantics the lock file is the agent's own (inherited ACL)
-        $stream = New-Object System.IO.FileStream($path, [System.IO.FileMode]::Open, [System.IO.FileAccess]::Read, [System.IO.FileShare]::Delete)
-        try {
-            $buffer = New-Object System.IO.MemoryStream
-            $stream.CopyTo($buffer)
-            $found = Read-LockRecord -Bytes $buffer.ToArray() -Path $path -TtlSeconds 0
-            if ($found.Record.token -cne $token) {
-                # Taken over after this run's lock expired or its process was judged gone: not this run's to delete.
-                return [ordered]@{ released = $false; holder = $found.Record }
+        # Another agent may hold the file open for a moment (reading the record, or an older version judging it with
+        # FileShare.None): try again, a bounded number of times.
+        for ($attempt = 1; $attempt -le $LockReleaseAttempts; $attempt++) {
+            try {
+                $released = Invoke-LockRelease -Path $path -Token $token
             }
-            [System.IO.File]::Delete($path)
+            catch {
+                if (-not (Test-LockBusyError -ErrorRecord $_) -or $attempt -ge $LockReleaseAttempts) {
+                    throw
+                }
+                $released = $null
+            }
+            if ($null -ne $released) {
+                return $released
+            }
+            if ($attempt -lt $LockReleaseAttempts) {
+                Start-Sleep -Milliseconds $LockReleasePauseMilliseconds
+            }
         }
-        finally {
-            $stream.Dispose()
-        }
-        return [ordered]@{ released = $true; holder = $null }
+        throw (New-AgentException 'Locked' "the rdpfix run lock $path stayed open in another process; it was not released")
     }
 }
 
@@ -3049,40 +3325,47 @@ function Invoke-Batch {
     $operations = @(if ($null -ne $Batch.ops) { $Batch.ops })
     $results = New-Object System.Collections.Generic.List[object]
     $failed = $false
-    foreach ($operation in $operations) {
-        $name = [string]$operation.op
-        # An operation marked "always" (a lock's release) runs even after a failure stopped the batch.
-        if ($failed -and $onError -eq 'stop' -and $operation.always -ne $true) {
-            $results.Add([ordered]@{ op = $name; ok = $false; skipped = $true })
-            continue
-        }
-        $AgentErrorData.Value = $null
-        try {
-            $data = Invoke-AgentOperation -Name $name -Arguments $operation.args
-            if ($null -ne $operation.expect) {
-                # What the batch requires the operation to have done (cert.remove: removed = true): compared with its
-                # data as a guard compares (subset); an operation that did less stops the batch here.
-                $travelled = ConvertFrom-Json -InputObject (ConvertTo-Json -InputObject $data -Depth 10 -Compress)
-                $difference = Compare-GuardValue -Expected $operation.expect -Actual $travelled -Match 'subset' -Path ''
-                if ($null -ne $difference) {
-                    $AgentErrorData.Value = $data
-                    throw (New-AgentException 'NotDone' "it did not do what the batch required ($difference)")
+    # The locks this batch takes live as long as it runs: their files are closed when it ends, however it ends (a
+    # terminate stops the pipeline and runs this finally; a killed process closes its handles).
+    try {
+        foreach ($operation in $operations) {
+            $name = [string]$operation.op
+            # An operation marked "always" (a lock's release) runs even after a failure stopped the batch.
+            if ($failed -and $onError -eq 'stop' -and $operation.always -ne $true) {
+                $results.Add([ordered]@{ op = $name; ok = $false; skipped = $true })
+                continue
+            }
+            $AgentErrorData.Value = $null
+            try {
+                $data = Invoke-AgentOperation -Name $name -Arguments $operation.args
+                if ($null -ne $operation.expect) {
+                    # What the batch requires the operation to have done (cert.remove: removed = true): compared with its
+                    # data as a guard compares (subset); an operation that did less stops the batch here.
+                    $travelled = ConvertFrom-Json -InputObject (ConvertTo-Json -InputObject $data -Depth $DataJsonDepth -Compress)
+                    $difference = Compare-GuardValue -Expected $operation.expect -Actual $travelled -Match 'subset' -Path ''
+                    if ($null -ne $difference) {
+                        $AgentErrorData.Value = $data
+                        throw (New-AgentException 'NotDone' "it did not do what the batch required ($difference)")
+                    }
                 }
+                $results.Add([ordered]@{ op = $name; ok = $true; data = $data })
             }
-            $results.Add([ordered]@{ op = $name; ok = $true; data = $data })
+            catch {
+                $failed = $true
+                $failure = [ordered]@{
+                    op = $name
+                    ok = $false
+                    error = [ordered]@{ type = Get-AgentErrorType -ErrorRecord $_; message = [string]$_.Exception.Message }
+                }
+                if ($null -ne $AgentErrorData.Value) {
+                    $failure['data'] = $AgentErrorData.Value
+                }
+                $results.Add($failure)
+            }
         }
-        catch {
-            $failed = $true
-            $failure = [ordered]@{
-                op = $name
-                ok = $false
-                error = [ordered]@{ type = Get-AgentErrorType -ErrorRecord $_; message = [string]$_.Exception.Message }
-            }
-            if ($null -ne $AgentErrorData.Value) {
-                $failure['data'] = $AgentErrorData.Value
-            }
-            $results.Add($failure)
-        }
+    }
+    finally {
+        Close-LockHandles
     }
     return [ordered]@{ v = $ProtocolVersion; results = $results.ToArray() }
 }
@@ -3116,7 +3399,7 @@ try {
         throw "unsupported batch: protocol version $ProtocolVersion expected"
     }
     $document = Invoke-Batch -Batch $batch
-    Write-AgentOutput -Text (ConvertTo-Json -InputObject $document -Depth 10 -Compress)
+    Write-AgentOutput -Text (ConvertTo-Json -InputObject $document -Depth $ResultJsonDepth -Compress)
 }
 catch {
     # No result document: a failed module result, which the controller reports as an agent failure with this text.

@@ -152,6 +152,8 @@ def describe_holder(holder: object) -> str:
     """``run 1a2b of rdpfix.rdp.certificate from ctl01 (pid 4242, user awx), taken 2026-..Z, expires 2026-..Z``."""
     if not isinstance(holder, dict):
         return "another run (its lock record could not be read)"
+    if holder.get("file_owner") and not holder.get("token"):
+        return f"a lock file owned by {holder['file_owner']} (not SYSTEM or Administrators) whose record cannot be read"
     found = holder.get("owner")
     owner: dict[str, t.Any] = found if isinstance(found, dict) else {}
     if not owner:
@@ -195,6 +197,13 @@ def refusal(host: str, outcome: OpResult, lock: RunLock) -> str:
     """The message of a run that did not get the lock (nothing was changed: every later operation was skipped)."""
     if outcome.error_type == LOCKED:
         holder = outcome.data.get("holder")
+        if isinstance(holder, dict) and holder.get("file_owner"):
+            return (
+                f"{host}: the rdpfix run lock file ({outcome.data.get('path') or 'run.lock'}) is owned by "
+                f"{holder['file_owner']}, not SYSTEM or Administrators, and a process holds it open, so it cannot be "
+                "taken over: a standard user may have created it to block rdpfix runs. End that process (or restart "
+                "the host) and run again; nothing was changed"
+            )
         waited = outcome.data.get("waited_ms")
         seconds = (int(waited) if isinstance(waited, int) else lock.wait_ms) // 1000
         until = holder.get("expires") if isinstance(holder, dict) else None
@@ -232,6 +241,12 @@ def takeover_warning(host: str, result: BatchResult, locked: LockedBatch) -> str
     previous = outcome.data.get("previous") if outcome.ok else None
     if not previous:
         return None
+    if previous.get("file_owner"):
+        return (
+            f"{host}: took over the rdpfix run lock file, which was owned by {previous['file_owner']}, not SYSTEM or "
+            "Administrators (a standard user may have created it to block rdpfix runs): its record "
+            f"({describe_holder(dict(previous, file_owner=None))}) was not trusted, and the file is Administrators' now"
+        )
     named = named_manifests(previous)
     if not named:
         return (
@@ -244,4 +259,28 @@ def takeover_warning(host: str, result: BatchResult, locked: LockedBatch) -> str
         f"it was writing: {named} (rdpfix.rdp.restore lists those on the host, each item with its status; one not on "
         "the host was never reached, and nothing of its changes was made). This run planned from the host as that "
         "run left it"
+    )
+
+
+def folder_warning(host: str, result: BatchResult, locked: LockedBatch) -> str | None:
+    """A warning when the lock's folder let others than SYSTEM and Administrators create or change files in it (any
+    of them could block every run by creating the lock file): rdpfix's own folder is given the protected DACL, a
+    folder the lock's ``path`` named is only reported."""
+    outcome = result[locked.acquire]
+    folder = outcome.data.get("folder") if (outcome.ok or outcome.error_type == LOCKED) else None
+    if not isinstance(folder, dict) or not folder.get("open_to"):
+        return None
+    found = folder["open_to"]
+    who = ", ".join(str(sid) for sid in (found if isinstance(found, list) else [found]))
+    where = folder.get("path") or "the run lock's folder"
+    if folder.get("corrected"):
+        return (
+            f"{host}: the rdpfix run lock's folder {where} let others than SYSTEM and Administrators create or change "
+            f"files in it ({who}); it now has the protected SYSTEM/Administrators DACL rdpfix gives its own folders "
+            f"(it was {folder.get('previous_sddl')})"
+        )
+    return (
+        f"{host}: the rdpfix run lock's folder {where} lets others than SYSTEM and Administrators create or change "
+        f"files in it ({who}): any of them can block every rdpfix run by creating the lock file. Give it a DACL for "
+        "SYSTEM and Administrators only (rdpfix changes the DACL of its own folder only, %ProgramData%\\rdpfix)"
     )

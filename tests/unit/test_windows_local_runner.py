@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import socketserver
 import subprocess
 import sys
@@ -267,7 +268,25 @@ def test_guards_lock_scenario(windows: Windows, scenario: Scenario) -> None:
     windows("healthy")
     code, document = scenario("guards-lock")
     assert code == 0, failed_checks(document)
-    assert len(document["checks"]) == 14
+    assert len(document["checks"]) == 18
+    names = [check["name"] for check in document["checks"]]
+    assert "the lock file is Administrators' with a protected SYSTEM/Administrators DACL" in names
+    assert "the record says its batch held the file open (held)" in names
+
+
+def test_the_stopped_batch_wrapper_runs_the_agent_twice_in_one_process() -> None:
+    # Windows PowerShell only (the lab runs one process per batch): what can be checked here is what it is sent.
+    local = rdpfix_local
+    stopped = local.agent.Batch(on_error="stop")
+    stopped.add("lock.acquire", token="t", owner={}, ttl_seconds=60)
+    script = local.stopped_batch_wrapper(stopped, "C:\\Temp\\it's\\run.lock")
+    assert script.isascii() and script.startswith("param([string]$BatchJson)\n")
+    encoded = re.findall(r"FromBase64String\('([A-Za-z0-9+/=]+)'\)", script)
+    assert [base64.b64decode(text).decode("utf-8") for text in encoded] == [
+        local.agent.agent_script(),
+        stopped.to_json(),
+    ]
+    assert "Exists('C:\\Temp\\it''s\\run.lock')" in script and "$rdpfixInner.Stop()" in script
 
 
 def test_guards_lock_scenario_fails_where_a_guard_does_not_hold(

@@ -23,6 +23,7 @@ import base64
 import importlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -489,6 +490,29 @@ def scenario_guards_lock(connection: LocalPowerShell, options: argparse.Namespac
     taken.add("lock.acquire", **first.acquire_args())
     got = _send(connection, taken)[0]
     outcome.check("lock.acquire creates the lock", got.ok and got.data.get("previous") is None, _result(got))
+    created = got.data.get("folder") or {} if got.ok else {}
+    outcome.check(
+        "lock.acquire creates its folder closed to all but SYSTEM and Administrators",
+        created.get("created") is True and created.get("open_to") == [],
+        created,
+    )
+    program_data = (os.environ.get("PROGRAMDATA") if os.name == "nt" else None) or "C:\\ProgramData"
+    file_stat, folder_stat, content, inherited = run(
+        connection,
+        [
+            ("file.stat", {"path": path}),
+            ("file.stat", {"path": folder}),
+            ("file.read", {"path": path}),
+            ("file.stat", {"path": program_data}),
+        ],
+    )
+    # What a folder created in ProgramData without an ACL inherits from (docs/lab.md, "The run lock's folder").
+    outcome.observed["program_data"] = _result(inherited)
+    for what, stat in (("the lock file", file_stat), ("the lock folder", folder_stat)):
+        sddl = str(stat.data.get("sddl") or "") if stat.ok else ""
+        outcome.check(f"{what} is Administrators' with a protected SYSTEM/Administrators DACL", protected(sddl), sddl)
+    record = json.loads(base64.b64decode(content.data["content_b64"])) if content.ok and content.data["exists"] else {}
+    outcome.check("the record says its batch held the file open (held)", record.get("held") is True, record)
     # That batch's process has ended: its lock is stale, and the next run takes it over at once.
     inner = agent.Batch(on_error="stop")
     inner.add("file.write", path=folder + "\\no\\such\\dir\\x", content_b64="")
@@ -513,6 +537,83 @@ def scenario_guards_lock(connection: LocalPowerShell, options: argparse.Namespac
     return outcome
 
 
+# SYSTEM and Administrators, as SDDL writes them.
+TRUSTED_ACE_SIDS = frozenset({"SY", "BA", "S-1-5-18", "S-1-5-32-544"})
+
+
+def protected(sddl: str) -> bool:
+    """Owned by Administrators, a protected DACL whose every entry is SYSTEM's or Administrators'."""
+    dacl = sddl.partition("D:")[2].partition("S:")[0]
+    sids = [body.split(";")[-1] for body in re.findall(r"\(([^()]*)\)", dacl)]
+    return sddl.startswith("O:BA") and dacl.startswith("P") and bool(sids) and set(sids) <= TRUSTED_ACE_SIDS
+
+
+# A batch stopped while it holds the lock, in a process that lives on (what PSRP does: the WinRM plugin host runs
+# every command of a connection): the agent runs in a runspace of this process, stopped during its sleep (its release
+# never runs), and the next batch runs in the same process. Windows PowerShell only: the lab runs one process a batch.
+STOPPED_BATCH_WRAPPER = """param([string]$BatchJson)
+$rdpfixAgentText = [System.Text.Encoding]::UTF8.GetString([System.Convert]::FromBase64String('{agent}'))
+$rdpfixStopped = [System.Text.Encoding]::UTF8.GetString([System.Convert]::FromBase64String('{stopped}'))
+$rdpfixInner = [PowerShell]::Create()
+$null = $rdpfixInner.AddScript($rdpfixAgentText).AddParameter('BatchJson', $rdpfixStopped)
+$null = $rdpfixInner.BeginInvoke()
+$rdpfixDeadline = [DateTime]::UtcNow.AddSeconds(30)
+while (-not [System.IO.File]::Exists('{path}') -and [DateTime]::UtcNow -lt $rdpfixDeadline) {{
+    Start-Sleep -Milliseconds 100
+}}
+Start-Sleep -Milliseconds 1000
+$rdpfixInner.Stop()
+$rdpfixInner.Dispose()
+& ([ScriptBlock]::Create($rdpfixAgentText)) -BatchJson $BatchJson
+"""
+
+
+def stopped_batch_wrapper(stopped: t.Any, path: str) -> str:
+    """The script run in place of the agent: ``stopped`` (a Batch) in an inner runspace, stopped, then the batch."""
+
+    def encode(text: str) -> str:
+        return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+    return STOPPED_BATCH_WRAPPER.format(
+        agent=encode(agent.agent_script()), stopped=encode(stopped.to_json()), path=path.replace("'", "''")
+    )
+
+
+def scenario_lock_stopped_batch(connection: LocalPowerShell, options: argparse.Namespace) -> Outcome:
+    """A lock whose batch was stopped before its release, in a process that lives on, is taken over at once by the
+    next batch in that process (docs/agent-protocol.md, "The run lock": alive is the batch, not a process)."""
+    del options
+    outcome = Outcome("lock-stopped-batch")
+    temp = os.environ.get("RUNNER_TEMP") if os.name == "nt" else None
+    path = (temp or "C:\\Windows\\Temp") + "\\rdpfix-ci-stopped\\run.lock"
+    stopped_lock = lock.RunLock(token="ci-stopped", owner={"run": "ci-stopped"}, wait_ms=0, path=path)
+    stopped = agent.Batch(on_error="stop")
+    stopped.add("lock.acquire", **stopped_lock.acquire_args())
+    stopped.add("util.sleep", milliseconds=20000)
+    stopped.add_always("lock.release", **stopped_lock.release_args())
+    rerun = lock.RunLock(token="ci-rerun", owner={"run": "ci-rerun"}, wait_ms=5000, poll_ms=500, path=path)
+    inner = agent.Batch(on_error="stop")
+    inner.add("util.sleep", milliseconds=0)
+    locked = lock.wrap(inner, rerun)
+    script = stopped_batch_wrapper(stopped, path)
+    sent = agent.run_batch(connection, "localhost", locked.batch, lambda batch: local_command(batch, script))
+    acquired, _slept, released = sent.results
+    previous = (acquired.data.get("previous") or {}) if acquired.ok else {}
+    outcome.observed["acquire"] = _result(acquired)
+    outcome.check(
+        "the stopped batch's lock is taken over at once",
+        acquired.ok and previous.get("token") == "ci-stopped" and int(acquired.data.get("waited_ms") or 0) < 1000,
+        _result(acquired),
+    )
+    outcome.check(
+        "its process was still running (the same process ran both batches)",
+        acquired.ok and previous.get("process") == acquired.data["lock"]["process"],
+        {"previous": previous.get("process"), "now": acquired.data["lock"]["process"] if acquired.ok else None},
+    )
+    outcome.check("the rerun releases it", released.ok and released.data.get("released") is True, _result(released))
+    return outcome
+
+
 SCENARIOS: dict[str, t.Callable[[LocalPowerShell, argparse.Namespace], Outcome]] = {
     "selftest": scenario_selftest,
     "key-file": scenario_key_file,
@@ -521,6 +622,7 @@ SCENARIOS: dict[str, t.Callable[[LocalPowerShell, argparse.Namespace], Outcome]]
     "restore-rule": scenario_restore_rule,
     "batch": scenario_batch,
     "guards-lock": scenario_guards_lock,
+    "lock-stopped-batch": scenario_lock_stopped_batch,
 }
 
 
@@ -549,6 +651,7 @@ def parser() -> argparse.ArgumentParser:
     rule = sub.add_parser("restore-rule")
     rule.add_argument("--rule-name")
     sub.add_parser("guards-lock")
+    sub.add_parser("lock-stopped-batch")
     batch = sub.add_parser("batch")
     batch.add_argument("batch")
     return main

@@ -47,6 +47,7 @@ from psrpcore.types import (
 )
 
 from rdplab import bootstrap, transport_faults
+from rdplab.model import host as host_model
 
 if t.TYPE_CHECKING:
     from rdplab.model.host import WindowsHost
@@ -102,6 +103,9 @@ class Pool:
         self.pipelines: dict[str, Pipeline] = {}
         # Fragments ready for the client: per pipeline id (None: the pool itself).
         self.outgoing: dict[uuid.UUID | None, collections.deque[bytes]] = collections.defaultdict(collections.deque)
+        # The WinRM plugin host process (wsmprovhost.exe) every pipeline of the pool runs in: it outlives each batch,
+        # a stopped one included, until the pool is closed (rdplab.model.host.hosted_by).
+        self.process: dict[str, t.Any] | None = None
 
     def flush(self) -> None:
         """Move what psrpcore prepared into the per-target queues (caller holds the lock)."""
@@ -206,6 +210,7 @@ class PsrpEndpoint:
         with pool.lock:
             self._feed(pool, data, None)
         host = self.slot.host
+        pool.process = host.open_host_process()
         with self.slot.lock:
             self._pools()[shell_id] = pool
         with host.lock:
@@ -369,6 +374,8 @@ class PsrpEndpoint:
         pool = self._pool(request)
         with self.slot.lock:
             self._pools().pop(pool.shell_id, None)
+        if pool.process is not None:
+            self.slot.host.close_host_process(pool.process)
         return winrm.NS_TRANSFER + "/DeleteResponse", ""
 
     # -- running a pipeline ---------------------------------------------------------------------------------------
@@ -390,7 +397,7 @@ class PsrpEndpoint:
                     names = ", ".join(repr(c.command_text)[:60] for c in commands)
                     outcome = bootstrap.refusal(f"the pipeline is not a single script without arguments: {names}")
                 else:
-                    with transport_faults.running(pipeline.context):
+                    with transport_faults.running(pipeline.context), host_model.hosted_by(pool.process):
                         outcome = self._run_script(host, str(commands[0].command_text), lines)
             except Exception as exc:  # a bug in the lab: a failed pipeline with its message, not a hung one
                 message = f"rdplab: internal error: {type(exc).__name__}: {exc}\r\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from rdplab.model import sddl as sddl_mod
 from rdplab.model.errors import WRITE_FAULT_ERRORS, InvalidArgument, NotFound
@@ -20,6 +21,13 @@ PROGRAM_DATA_SDDL = (
 )
 # Windows' own folders below ProgramData (Microsoft, Crypto, RSA): SYSTEM-owned, inherited rights.
 SYSTEM_DIR_SDDL = "O:SYG:SYD:AI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)(A;OICIID;0x1200a9;;;BU)"
+# What a folder created directly in ProgramData without an explicit ACL inherits from it (ProgramData's inheritable
+# entries, as `icacls C:\ProgramData` lists them: BUILTIN\Users:(CI)(WD,AD,WEA,WA) lets every user create files and
+# folders in such a folder, and CREATOR OWNER:(OI)(CI)(IO)(F) gives whoever creates one full control of it; docs/lab.md,
+# "The run lock's folder and a standard user's files").
+PROGRAM_DATA_CHILD_SDDL = (
+    "O:BAG:SYD:AI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)(A;OICIIOID;GA;;;CO)(A;OICIID;0x1200a9;;;BU)(A;CIID;0x100116;;;BU)"
+)
 # What an entry created by the agent (running as an administrator) gets when the caller does not choose: inherited
 # full control for SYSTEM and Administrators, owned by Administrators.
 CREATED_SDDL = "O:BAG:SYD:AI(A;OICIID;FA;;;SY)(A;OICIID;FA;;;BA)"
@@ -59,6 +67,8 @@ class Entry:
     is_dir: bool
     sddl: str
     content: bytes = b""
+    # Its last write time where the model keeps one (the run lock's file); None: counts as written just now.
+    written: datetime | None = None
 
     @property
     def owner(self) -> str | None:
@@ -131,7 +141,10 @@ class FileSystem:
         if parent is not None and not self.exists(parent):
             self.make_dirs(parent)
         self.check_writable(path)
-        self.entries[normalize(path)] = Entry(path=path, is_dir=True, sddl=sddl or CREATED_SDDL)
+        if sddl is None:
+            inherits_program_data = parent is not None and normalize(parent) == normalize(PROGRAM_DATA)
+            sddl = PROGRAM_DATA_CHILD_SDDL if inherits_program_data else CREATED_SDDL
+        self.entries[normalize(path)] = Entry(path=path, is_dir=True, sddl=sddl)
         return True
 
     def write(self, path: str, content: bytes, sddl: str | None = None) -> Entry:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import threading
 import typing as t
@@ -23,12 +25,28 @@ from rdplab.model.timeutil import Clock, iso, utc_now
 from rdplab.model.token import AgentProcess, CallerToken
 
 if t.TYPE_CHECKING:
+    from collections.abc import Iterator
     from datetime import datetime
 
     from rdplab.model.certs import LabCA
     from rdplab.transport_faults import TransportFault
 
 PROTOCOL_VERSION = 1
+
+# The process a batch's agent runs in. Over WinRS and OpenSSH (and under become) every batch is a new powershell.exe
+# that ends with it; over PSRP the script runs in the WinRM plugin host (wsmprovhost.exe) of the runspace pool, one
+# process for every command of the connection, alive after a batch was stopped (docs/lab.md, "Agent processes").
+_HOSTING: contextvars.ContextVar[dict[str, t.Any] | None] = contextvars.ContextVar("rdplab_hosting", default=None)
+
+
+@contextlib.contextmanager
+def hosted_by(process: dict[str, t.Any] | None) -> Iterator[None]:
+    """Run the batches of this block in ``process`` (a runspace pool's host process: ``open_host_process``)."""
+    token = _HOSTING.set(process)
+    try:
+        yield
+    finally:
+        _HOSTING.reset(token)
 
 
 @dataclass
@@ -95,6 +113,14 @@ class WindowsHost:
         self._agent_pid = 4000
         self.running_agent: dict[str, t.Any] | None = None
         self.other_agent_processes: list[dict[str, t.Any]] = []
+        # Host processes of open runspace pools (PSRP): alive until their pool is closed.
+        self.host_processes: list[dict[str, t.Any]] = []
+        # Run lock files held open (normalized path -> holder): "batch" for the running batch (closed when it ends,
+        # however it ends), "other" for another run's batch in progress (the hold_run_lock fault).
+        self.open_lock_files: dict[str, str] = {}
+        # Opens of the run lock file that still meet a sharing violation (the busy_run_lock fault: another agent
+        # holding it for a moment).
+        self.lock_busy_opens = 0
         # Faults of the remote-management transport (rdplab.transport_faults), armed per command by the endpoints.
         self.transport_faults: list[TransportFault] = []
         self.firewall = Firewall.windows_default()
@@ -134,29 +160,51 @@ class WindowsHost:
             # Each batch is a new PowerShell process: a fresh copy of the caller's token, privileges as at logon.
             self.process = self.caller.start_process()
             self._start_agent_process()
-            for position, item in enumerate(operations):
-                name = item.get("op") if isinstance(item, dict) else None
-                op_name = name if isinstance(name, str) else repr(name)
-                # A terminate signalled by the client ends the process between two operations (BatchCancelled).
-                transport_faults.before_op(position)
-                # An operation marked "always" (a lock's release) runs even after a failure stopped the batch.
-                if stopped and not (isinstance(item, dict) and item.get("always") is True):
-                    results.append({"op": op_name, "ok": False, "skipped": True})
-                    continue
-                result = self._run_one(OPS, item, op_name)
-                results.append(result)
-                if not result["ok"] and on_error == "stop":
-                    stopped = True
-            self.running_agent = None
+            try:
+                for position, item in enumerate(operations):
+                    name = item.get("op") if isinstance(item, dict) else None
+                    op_name = name if isinstance(name, str) else repr(name)
+                    # A terminate signalled by the client ends the process between two operations (BatchCancelled).
+                    transport_faults.before_op(position)
+                    # An operation marked "always" (a lock's release) runs even after a failure stopped the batch.
+                    if stopped and not (isinstance(item, dict) and item.get("always") is True):
+                        results.append({"op": op_name, "ok": False, "skipped": True})
+                        continue
+                    result = self._run_one(OPS, item, op_name)
+                    results.append(result)
+                    if not result["ok"] and on_error == "stop":
+                        stopped = True
+            finally:
+                # The batch has ended (completed, or stopped by a terminate): the lock files it held are closed.
+                for path in [key for key, holder in self.open_lock_files.items() if holder == "batch"]:
+                    del self.open_lock_files[path]
+                self.running_agent = None
         return {"v": PROTOCOL_VERSION, "results": results}
 
     # -- agent processes (what a run lock's record names) --------------------------------------------------------
 
     def _start_agent_process(self) -> None:
-        # One batch runs at a time in the lab: a new batch means every earlier agent process has ended (a batch cut
-        # by a terminate included).
+        # One batch runs at a time in the lab: a new batch means every earlier powershell.exe has ended (a batch cut
+        # by a terminate included). Under PSRP the batch runs in its runspace pool's host process instead.
+        hosting = _HOSTING.get()
+        if hosting is not None:
+            self.running_agent = dict(hosting)
+            return
         self._agent_pid += 4
         self.running_agent = {"id": self._agent_pid, "started": iso(self.clock())}
+
+    def open_host_process(self) -> dict[str, t.Any]:
+        """A runspace pool's host process (wsmprovhost.exe): alive until ``close_host_process``."""
+        with self.lock:
+            self._agent_pid += 4
+            process = {"id": self._agent_pid, "started": iso(self.clock())}
+            self.host_processes.append(process)
+            return dict(process)
+
+    def close_host_process(self, process: dict[str, t.Any]) -> None:
+        with self.lock:
+            if process in self.host_processes:
+                self.host_processes.remove(process)
 
     def agent_process_record(self) -> dict[str, t.Any]:
         """The running batch's agent process: ``{id, started}`` as the agent reports its own."""
@@ -166,12 +214,12 @@ class WindowsHost:
         return dict(self.running_agent)
 
     def agent_process_alive(self, process: object) -> bool:
-        """Whether the agent process a lock record names still runs: the running batch's, or one the
-        ``hold_run_lock`` fault keeps alive (another controller's run in progress). A record without a process (not
-        rdpfix's) counts as running, as on Windows."""
+        """Whether the agent process a lock record names still runs: the running batch's, a runspace pool's host
+        process, or one the ``hold_run_lock`` fault keeps alive (another controller's run in progress). A record
+        without a process (not rdpfix's) counts as running, as on Windows."""
         if not isinstance(process, dict):
             return True
-        return process == self.running_agent or process in self.other_agent_processes
+        return process == self.running_agent or process in self.other_agent_processes or process in self.host_processes
 
     def _run_one(self, ops: t.Mapping[str, t.Any], item: object, op_name: str) -> dict[str, t.Any]:
         spec = ops.get(op_name)

@@ -90,7 +90,9 @@ def owner_name(sddl: str) -> str | None:
     return None if sid is None else ACCOUNT_NAMES.get(sid, sid)
 
 
-def dacl(sddl: str) -> list[Ace]:
+def dacl(sddl: str, *, inherit_only: bool = False) -> list[Ace]:
+    """The DACL's entries that apply to the object itself; with ``inherit_only`` also those that apply only to its
+    children (what RawSecurityDescriptor.DiscretionaryAcl lists)."""
     start = sddl.find("D:")
     if start < 0:
         return []
@@ -102,7 +104,7 @@ def dacl(sddl: str) -> list[Ace]:
         if len(parts) < 6 or parts[0] not in ("A", "D"):
             continue
         # Inherit-only ACEs apply to children, not to the object itself.
-        if "IO" in parts[1]:
+        if "IO" in parts[1] and not inherit_only:
             continue
         aces.append(Ace(allow=parts[0] == "A", flags=parts[1], mask=_mask(parts[2]), sid=_sid(parts[5])))
     return aces

@@ -4,6 +4,7 @@ lock (docs/agent-protocol.md, "Guards" and "The run lock")."""
 
 from __future__ import annotations
 
+import json
 import threading
 import typing as t
 from collections.abc import Callable
@@ -150,3 +151,50 @@ def test_another_runs_lock_fails_the_host_clearly_and_changes_nothing() -> None:
     assert again["changed"] is True, again.get("msg")
     assert any("took over the rdpfix run lock" in warning for warning in again["warnings"])
     assert not host.filesystem.exists(LOCK_FILE)
+
+
+def test_a_lock_left_by_a_stopped_batch_does_not_hold_the_rerun_although_its_psrp_process_lives_on() -> None:
+    # Under psrp the agent runs in the runspace pool's host process (wsmprovhost.exe), alive for the whole
+    # connection: a batch stopped before its release leaves a record naming a live process. The rerun must not wait
+    # out the lock and fail naming its own controller: the stopped batch's handle on the file is closed.
+    host_model = pytest.importorskip("rdplab.model.host")
+    host = load("expired-selfsigned")
+    pool = host.open_host_process()
+    host.inject_fault("hold_run_lock", {"seconds": 600, "alive": False, "token": "cut-run"})
+    record = json.loads(host.filesystem.get(LOCK_FILE).content)
+    record["process"] = pool
+    host.filesystem.get(LOCK_FILE).content = json.dumps(record).encode()
+    assert host.agent_process_alive(pool)
+    with host_model.hosted_by(pool):
+        result = run(host)
+    assert not result.get("failed"), result.get("msg")
+    assert result["changed"] is True
+    assert any("took over the rdpfix run lock left by run other-run" in warning for warning in result["warnings"])
+    assert not host.filesystem.exists(LOCK_FILE)
+
+
+def test_a_lock_a_standard_user_planted_is_taken_over_and_the_folder_closed_with_warnings() -> None:
+    faults = pytest.importorskip("rdplab.model.faults")
+    host = load("expired-selfsigned")
+    host.inject_fault("plant_run_lock", {})
+    result = run(host)
+    assert not result.get("failed"), result.get("msg")
+    assert result["changed"] is True
+    warnings = " ".join(result["warnings"])
+    assert f"which was owned by {faults.STANDARD_USER_SID}, not SYSTEM or Administrators" in warnings
+    assert "let others than SYSTEM and Administrators create or change files in it (S-1-5-32-545)" in warnings
+    assert "it now has the protected SYSTEM/Administrators DACL" in warnings
+    with pytest.raises(Exception, match="Access to the path"):
+        host.inject_fault("plant_run_lock", {})
+
+
+def test_a_planted_lock_held_open_fails_the_run_naming_the_files_owner() -> None:
+    faults = pytest.importorskip("rdplab.model.faults")
+    host = load("expired-selfsigned")
+    host.inject_fault("plant_run_lock", {"held_open": True})
+    before = rdp_store(host)
+    result = run(host)
+    assert result["failed"] is True
+    assert f"is owned by {faults.STANDARD_USER_SID}, not SYSTEM or Administrators" in result["msg"]
+    assert "nothing was changed" in result["msg"]
+    assert rdp_store(host) == before and manifests(host) == []

@@ -110,8 +110,9 @@ def test_another_runs_lock_is_waited_for_then_refused_naming_the_holder_and_noth
 
 
 def test_a_lock_expiring_within_the_wait_is_taken_over_after_waiting() -> None:
+    # An older version's record (no `held`: nobody holds its file open) whose process still runs: judged by its time.
     host = load()
-    host.inject_fault("hold_run_lock", {"seconds": 10})
+    host.inject_fault("hold_run_lock", {"seconds": 10, "legacy": True})
     locked = _lock.wrap(write_batch(), _lock.RunLock.for_run("certificate", host.name))
     result = send(host, locked.batch)
     acquired = result.data(locked.acquire)
@@ -147,7 +148,8 @@ def test_a_lock_left_by_a_batch_of_this_lab_that_ended_is_stale() -> None:
 
 def test_the_same_run_renews_its_own_lock() -> None:
     host = load()
-    host.inject_fault("hold_run_lock", {"seconds": 600, "token": "mine"})
+    # An earlier batch of this run that ended without its release (the record is this run's token).
+    host.inject_fault("hold_run_lock", {"seconds": 600, "token": "mine", "alive": False})
     lock = _lock.RunLock(token="mine", owner={"run": "mine"})
     locked = _lock.wrap(write_batch(), lock)
     result = send(host, locked.batch)
