@@ -8,8 +8,9 @@ host as it was; a lost answer is reported with its outcome and manifest id, neve
 converges, and restoring every manifest newest first gives back the exact pre-run state.
 
 ``make test`` runs the small matrix (MATRIX below); RDPFIX_FAULT_MATRIX=full runs the large one (docs/reliability.md
-gives both and their figures). The rows that need the per-host lock and the write guards (late logons, concurrent
-runs) are in the matrix only where the collection has those operations.
+gives both and their figures). The rows that rely on the per-host lock and the write guards (late logons, concurrent
+runs) are always in the matrix; a test fails when an operation they rely on is missing from the controller, the agent
+or the lab (a rename would otherwise drop them silently).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ SERVER: dict[str, tuple[str, ...]] = {
     "combined-machinekeys-firewall": ("machinekeys", "certificate", "firewall", "tls"),
 }
 
-HAS_LOCK = any(op.startswith("lock.") for op in _agent.OPERATIONS)
-HAS_GUARD = "guard" in _agent.OPERATIONS
+# The operations the late-logon rows (the session guard at the write) and the concurrent rows (the run lock) rely on.
+RELIED_ON = ("guard", "lock.acquire", "lock.release")
 
 
 @dataclass(frozen=True)
@@ -187,13 +188,9 @@ def small_matrix() -> list[Case]:
         transport_case("expired-selfsigned", "cut_at_op", "apply", op=6, then_down=True),
         *other_transport_cases("firewall-rules-disabled"),
     ]
-    if HAS_GUARD:
-        # No session at the read, so the plan restarts TermService; a user logs on before the apply.
-        cases.append(
-            Case("expired-selfsigned", "late-logon", late_logon=True, args=(("restart_service", "TermService"),))
-        )
-    if HAS_LOCK:
-        cases.append(Case("expired-selfsigned", "concurrent", concurrent=True))
+    # No session at the read, so the plan restarts TermService; a user logs on before the apply.
+    cases.append(Case("expired-selfsigned", "late-logon", late_logon=True, args=(("restart_service", "TermService"),)))
+    cases.append(Case("expired-selfsigned", "concurrent", concurrent=True))
     return cases
 
 
@@ -224,13 +221,11 @@ def full_matrix() -> list[Case]:
             Case(host, f"restore:cut_at_op{op}", in_restore={"kind": "cut_at_op", "op": op, "skip": 1})
             for op in (2, 4, 6)
         ]
-    if HAS_GUARD:
-        cases += [
-            Case(host, "late-logon", late_logon=True, args=(("restart_service", "TermService"),))
-            for host in ("expired-selfsigned", "missing-selfsigned")
-        ]
-    if HAS_LOCK:
-        cases += [Case(host, "concurrent", concurrent=True) for host in MODULES if host != "active-sessions"]
+    cases += [
+        Case(host, "late-logon", late_logon=True, args=(("restart_service", "TermService"),))
+        for host in ("expired-selfsigned", "missing-selfsigned")
+    ]
+    cases += [Case(host, "concurrent", concurrent=True) for host in MODULES if host != "active-sessions"]
     for host in ("expired-selfsigned", "machinekeys-rdp-key-no-ns", "firewall-rules-disabled"):
         cases += [
             transport_case(host, kind, point, via=via)
@@ -613,6 +608,17 @@ def restore_all(lab: t.Any, name: str) -> dict[str, t.Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ the test
+
+
+def test_the_operations_the_late_logon_and_concurrent_rows_rely_on_exist() -> None:
+    from rdplab.ops import OPS
+
+    agent_text = Path(_agent.AGENT_PATH).read_text(encoding="utf-8")
+    for op in RELIED_ON:
+        assert op in _agent.OPERATIONS, f"the controller has no {op}"
+        assert f"    '{op}' = {{" in agent_text, f"the agent has no {op}"
+        assert op in OPS, f"the lab has no {op}"
+    assert {case.id for case in small_matrix()} >= {"expired-selfsigned-late-logon", "expired-selfsigned-concurrent"}
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=[case.id for case in MATRIX])
