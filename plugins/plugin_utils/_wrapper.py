@@ -112,15 +112,21 @@ def async_status_path() -> str:
     return str(found.plugin_resolved_path)
 
 
-# How Ansible's async watchdog (async_watchdog.ps1) ends a job whose module outlived the task's ``async`` seconds: it
-# stops the module wherever it was and writes this, with no module result, into the job's result file.
+# How Ansible's async watchdog (async_watchdog.ps1) reports a failure once it has started the module: "failure during
+# async watchdog: <reason>", with no module result. Its timeout: it stopped the module wherever it was.
+WATCHDOG_FAILURE = "failure during async watchdog"
 WATCHDOG_TIMEOUT = "timed out waiting for module completion"
 
 
-class JobTimeout(AgentError):
+class JobLost(AgentError):
+    """An async job ended without its module's answer (Ansible's watchdog failed after starting the module - its
+    output could not be read, for instance): what its batch did on the host is not known. Not a refusal, so a write
+    batch that ends this way is reported as outcome unknown, with its manifest (``_agent.transport_failure``)."""
+
+
+class JobTimeout(JobLost):
     """An async job did not finish within the task's ``async`` seconds (the controller stopped waiting, or Ansible's
-    watchdog stopped the module): what its batch did on the host is not known. Not a refusal, so a write batch that
-    ends this way is reported as outcome unknown, with its manifest (``_agent.transport_failure``)."""
+    watchdog stopped the module)."""
 
 
 class AsyncJobs:
@@ -195,13 +201,15 @@ class AsyncJobs:
                     f"result file {results_file} on the host will say how it ended"
                 )
         message = str(status.get("msg") or "")
-        if status.get("failed") and "results" not in status and WATCHDOG_TIMEOUT in message:
-            # The watchdog stopped the module wherever it was: its changes may be made in full, in part or not at all.
+        if status.get("failed") and "results" not in status and message.startswith(WATCHDOG_FAILURE):
+            # The watchdog had started the module: its changes may be made in full, in part or not at all.
             self._cleanup(jid, results_file)
-            raise JobTimeout(
-                f"async job {jid}: Ansible's async watchdog stopped it after {self.timeout:g} seconds (the task's "
-                f"async) before it answered ({message[:300]})"
-            )
+            if WATCHDOG_TIMEOUT in message:
+                raise JobTimeout(
+                    f"async job {jid}: Ansible's async watchdog stopped it after {self.timeout:g} seconds (the "
+                    f"task's async) before it answered ({message[:300]})"
+                )
+            raise JobLost(f"async job {jid}: it ended without the module's answer ({message[:300]})")
         self.last_job = (jid, results_file)
         if cleanup:
             self._cleanup(jid, results_file)

@@ -181,3 +181,47 @@ def test_one_helper_reads_the_last_json_line_of_any_module_output() -> None:
     assert _agent.last_json(output) == {"b": 2}
     assert _agent.last_json(output.decode("utf-8")) == {"b": 2}
     assert _agent.last_json(b"no document\r\n") is None
+
+
+class _WatchdogHost:
+    """A job that ends the way Ansible's async watchdog reports a failure after it started the module."""
+
+    connected = True
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.commands: list[bytes] = []
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        self.commands.append(in_data or b"")
+        if b'"jid"' not in (in_data or b""):  # the batch itself: the job starts
+            return 0, b'{"ansible_job_id": "j2.7100", "results_file": "C:\\\\r\\\\j2.7100", "started": 1}\r\n', b""
+        if b"cleanup" in (in_data or b""):
+            return 0, b'{"ansible_job_id": "j2.7100", "erased": "C:\\\\r\\\\j2.7100"}\r\n', b""
+        status = {"ansible_job_id": "j2.7100", "started": 1, "finished": 1, "failed": True, "msg": self.message}
+        return 0, (json.dumps(status) + "\r\n").encode("utf-8"), b""
+
+
+@pytest.mark.parametrize(
+    ("reason", "raised"),
+    [
+        ("timed out waiting for module completion", _wrapper.JobTimeout),
+        ("No start of json char found in module result", _wrapper.JobLost),
+    ],
+)
+def test_a_job_the_watchdog_ended_without_an_answer_is_a_write_of_unknown_outcome(reason: str, raised: type) -> None:
+    host = _WatchdogHost(f"failure during async watchdog: {reason}")
+    jobs = _wrapper.AsyncJobs(host, _wrapper.ModuleWrapper(), poll=0, timeout=60, sleep=lambda _s: None)
+    batch = Batch(on_error="stop")
+    batch.manifest_id, batch.manifest_dir = "20261203T110000Z-tls-00aa1", "C:\\ProgramData\\rdpfix\\backups\\x"
+    batch.add("registry.set", path="HKLM:\\SOFTWARE\\X", name="Y", type="REG_DWORD", value=1)
+    with pytest.raises(_agent.OutcomeUnknown, match="20261203T110000Z-tls-00aa1") as caught:
+        _agent.run_batch(jobs, "web01", batch, _wrapper.ModuleWrapper())
+    assert isinstance(caught.value.__cause__, raised) and reason in str(caught.value.__cause__)
+    # The job's result file is removed all the same (async_status mode=cleanup).
+    assert len(host.commands) == 3
+    # A batch that only reads: the task fails with the reason, nothing was changed by it.
+    read = Batch(on_error="continue")
+    read.add("system.info")
+    with pytest.raises(raised, match=reason):
+        _agent.run_batch(jobs, "web01", read, _wrapper.ModuleWrapper())
