@@ -49,7 +49,7 @@ attributes:
       - An unreachable host's result is also C(failed) (ansible-core polls any async result that is not failed), so
         the host counts as failed, not unreachable. If the result cannot be written where Ansible's polling reads it,
         the module's own result is returned, failed, with a warning.
-      - C(poll=0) (fire and forget) is not supported: it is refused before anything is sent.
+      - C(poll=0) (fire and forget) is not supported; it is refused before anything is sent.
   become:
     description: Is usable alongside become keywords.
     support: full
