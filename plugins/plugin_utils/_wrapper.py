@@ -186,20 +186,35 @@ class AsyncJobs:
         if rc != 0 or not started or not started.get("ansible_job_id") or started.get("failed"):
             return rc, stdout, stderr  # the job did not start: its answer says why
         jid, results_file = str(started["ansible_job_id"]), str(started.get("results_file") or "")
-        while True:
+        problem: str | None = None
+        finished: dict[str, t.Any] | None = None
+        while finished is None:
             self.sleep(self.poll)
-            status_rc, status_out, status_err = self._exec(self.wrapper.async_status(jid))
-            status = last_json(status_out)
-            if status is None or (status.get("failed") and "results" not in status and not status.get("finished")):
-                detail = (status or {}).get("msg") or status_err.decode("utf-8", errors="replace") or "no answer"
-                raise AgentError(f"async job {jid}: async_status failed (rc={status_rc}): {str(detail)[:500]}")
-            if status.get("finished") in (1, True):
-                break
+            polled = self._poll(jid)
+            if isinstance(polled, str):
+                # As Ansible's own polling does: a connection failure while polling (a network bounce) is retried
+                # on a new connection until the deadline; the job runs on regardless.
+                problem = polled
+            else:
+                problem = None
+                status_rc, status_out, status_err = polled
+                status = last_json(status_out)
+                if status is None or (status.get("failed") and "results" not in status and not status.get("finished")):
+                    detail = (status or {}).get("msg") or status_err.decode("utf-8", errors="replace") or "no answer"
+                    raise AgentError(f"async job {jid}: async_status failed (rc={status_rc}): {str(detail)[:500]}")
+                if status.get("finished") in (1, True):
+                    finished = status
+                    break
             if self.clock() >= deadline:
-                raise JobTimeout(
-                    f"async job {jid} did not finish within {self.timeout:g} seconds (the task's async); its "
-                    f"result file {results_file} on the host will say how it ended"
-                )
+                break
+        if finished is None:
+            # Raised outside any handler: the failure is the job's, sent and started, whatever broke the polls.
+            polls = f"; its last poll failed: {problem}" if problem is not None else ""
+            raise JobTimeout(
+                f"async job {jid} did not finish within {self.timeout:g} seconds (the task's async), as far as the "
+                f"controller could see{polls}; its result file {results_file} on the host will say how it ended"
+            )
+        status = finished
         message = str(status.get("msg") or "")
         if status.get("failed") and "results" not in status and message.startswith(WATCHDOG_FAILURE):
             # The watchdog had started the module: its changes may be made in full, in part or not at all.
@@ -214,6 +229,20 @@ class AsyncJobs:
         if cleanup:
             self._cleanup(jid, results_file)
         return (1 if status.get("failed") else 0), json.dumps(status).encode("utf-8"), b""
+
+    def _poll(self, jid: str) -> tuple[int, bytes, bytes] | str:
+        """One async_status poll: its answer, or what broke the connection (which is then reset)."""
+        try:
+            return self._exec(self.wrapper.async_status(jid))
+        except Exception as exc:  # the connection's own failures and requests/pywinrm/pypsrp transport errors
+            problem = f"{type(exc).__name__}: {exc}"[:300]
+        reset = getattr(self.connection, "reset", None)
+        if callable(reset):
+            try:
+                reset()
+            except Exception as exc:  # the next poll fails and says it again
+                problem += f" (reconnecting failed: {type(exc).__name__}: {exc})"[:300]
+        return problem
 
     def _cleanup(self, jid: str, results_file: str) -> None:
         """Remove a finished job's result file; the result is in hand, so a failure here only leaves the file."""

@@ -225,3 +225,60 @@ def test_a_job_the_watchdog_ended_without_an_answer_is_a_write_of_unknown_outcom
     read.add("system.info")
     with pytest.raises(raised, match=reason):
         _agent.run_batch(jobs, "web01", read, _wrapper.ModuleWrapper())
+
+
+class _BouncingHost:
+    """A job that finishes; the connection drops under the first ``drops`` polls (refused: it looks like a host that
+    was never reached) and is reset after each, as Ansible's own async polling does."""
+
+    connected = True
+
+    def __init__(self, clock: list[float], drops: int) -> None:
+        self.clock, self.drops, self.resets, self.polls = clock, drops, 0, 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        self.clock[0] += 1
+        if b'"jid"' not in (in_data or b""):
+            return 0, b'{"ansible_job_id": "j3.7100", "results_file": "C:\\\\r\\\\j3.7100", "started": 1}\r\n', b""
+        if b"cleanup" in (in_data or b""):
+            return 0, b'{"ansible_job_id": "j3.7100", "erased": "C:\\\\r\\\\j3.7100"}\r\n', b""
+        self.polls += 1
+        if self.polls <= self.drops:
+            raise ConnectionRefusedError(111, "Connection refused")
+        answer = {"v": 1, "results": [{"op": "registry.set", "ok": True, "data": {}}], "finished": 1}
+        return 0, (json.dumps(answer) + "\r\n").encode("utf-8"), b""
+
+
+def tls_write() -> Batch:
+    batch = Batch(on_error="stop")
+    batch.manifest_id, batch.manifest_dir = "20261203T110000Z-tls-00bb2", "C:\\ProgramData\\rdpfix\\backups\\y"
+    batch.add("registry.set", path="HKLM:\\SOFTWARE\\X", name="Y", type="REG_DWORD", value=1)
+    return batch
+
+
+def test_a_connection_dropped_while_polling_a_job_is_retried_until_the_deadline() -> None:
+    now = [0.0]
+    host = _BouncingHost(now, drops=2)
+    jobs = _wrapper.AsyncJobs(
+        host, _wrapper.ModuleWrapper(), poll=1, timeout=60, sleep=lambda _s: None, clock=lambda: now[0]
+    )
+    result = _agent.run_batch(jobs, "web01", tls_write(), _wrapper.ModuleWrapper())
+    assert result[0].ok and host.resets == 2 and host.polls == 3
+
+
+def test_a_job_whose_polls_keep_failing_is_a_write_of_unknown_outcome_not_unreachable() -> None:
+    # The job was started: a refused poll does not mean the changes were not sent.
+    now = [0.0]
+    host = _BouncingHost(now, drops=1000)
+    jobs = _wrapper.AsyncJobs(
+        host, _wrapper.ModuleWrapper(), poll=1, timeout=5, sleep=lambda _s: None, clock=lambda: now[0]
+    )
+    with pytest.raises(_agent.OutcomeUnknown, match="20261203T110000Z-tls-00bb2") as caught:
+        _agent.run_batch(jobs, "web01", tls_write(), _wrapper.ModuleWrapper())
+    assert isinstance(caught.value.__cause__, _wrapper.JobTimeout)
+    assert "its last poll failed: ConnectionRefusedError" in str(caught.value.__cause__)
+    # Each command takes a second: started at 0 (deadline 5), answered at 1, polls answered at 2, 3, 4 and 5.
+    assert host.polls == 4 and host.resets == 4
