@@ -852,7 +852,7 @@ class _Handler(BaseHTTPRequestHandler):
             if parts[:1] == ["rdplab"]:
                 self._lab(method, parts, body)
             elif method == "GET" and lowered == ["metadata", "endpoints"]:
-                self._send(200, self._cloud_metadata())
+                self._send(200, self._cloud_metadata(query.get("api-version", "")))
             elif method == "GET" and lowered == ["metadata", "identity", "oauth2", "token"]:
                 if self.headers.get("Metadata", "").lower() != "true":
                     self._send(
@@ -996,13 +996,25 @@ class _Handler(BaseHTTPRequestHandler):
             "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
         }
 
-    def _cloud_metadata(self) -> dict[str, t.Any]:
-        endpoint = self.server.cloud.endpoint
-        return {
+    def _cloud_metadata(self, api_version: str) -> t.Any:
+        """Resource Manager's metadata endpoint for the lab's cloud, as the Azure CLI reads it (ARM_CLOUD_METADATA_URL:
+        from api-version 2019-05-01 a list of clouds, each with name, resourceManager, authentication and suffixes;
+        the shape is azure-cli-core's reader's, ``_arm_to_cli_mapper``, UNCONFIRMED against Azure's answer). Older
+        api-versions get the one cloud's object. No client in the tests reads it: azure_rm cannot (docs/azure.md)."""
+        origin = self._origin()
+        cloud = {
             "name": "RdplabCloud",
-            "resourceManager": endpoint + "/",
-            "authentication": {"loginEndpoint": endpoint + "/", "audiences": [endpoint + "/"], "tenant": TENANT},
+            "resourceManager": origin + "/",
+            "portal": origin + "/",
+            "authentication": {
+                "loginEndpoint": origin + "/",
+                "audiences": [origin + "/"],
+                "tenant": "common",
+                "identityProvider": "AAD",
+            },
+            "suffixes": {},
         }
+        return [cloud] if api_version >= "2019-05-01" else cloud
 
     # --- Resource Manager ---------------------------------------------------------------------------------------------
 
