@@ -201,6 +201,8 @@ class PhaseResult:
     log: Path | None
     # Task runs per host (PLAY RECAP ok + failed + skipped + ignored): what the controller pays per host.
     tasks_per_host: list[int] = dataclasses.field(default_factory=list)
+    # The machine's 1-minute load average when the phase started and when it ended (others' work shares the cores).
+    load_average: tuple[float, float] = (0.0, 0.0)
 
     def as_dict(self) -> dict[str, t.Any]:
         commands = self.commands_per_host
@@ -220,6 +222,7 @@ class PhaseResult:
                 "max": max(self.tasks_per_host, default=0),
             },
             "exit_code": self.exit_code,
+            "load_average_start_end": [round(value, 2) for value in self.load_average],
             "winrm_commands_per_host": {
                 "min": min(commands),
                 "avg": round(statistics.fmean(commands), 2),
@@ -417,9 +420,11 @@ def run_phase(
     env = variant.env()
     lab_cpu_before = sum(lab.cpu_seconds() for lab in labs)
     ansible_cpu_before = _children_cpu_seconds()
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     returncode, stdout, stderr = run_ansible(command, env)
     wall = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
     # ansible-playbook and its workers (waited for by it, so counted in its children's usage when it ends).
     ansible_cpu = _children_cpu_seconds() - ansible_cpu_before
     lab_cpu = sum(lab.cpu_seconds() for lab in labs) - lab_cpu_before
@@ -449,6 +454,7 @@ def run_phase(
             host["ok"] + host["failed"] + host["skipped"] + host["ignored"] + host["unreachable"]
             for host in outcome.values()
         ],
+        load_average=(load_before, load_after),
     )
 
 
@@ -640,7 +646,9 @@ def run_variant(
             result = run_phase(own, forks, phase, extra, log, keep_log=options.keep_logs is not None, variant=variant)
             results.append(result)
             print(
-                f"{variant.name}: forks {forks:>3} {phase:<22} {result.wall_seconds:6.1f} s"
+                f"{variant.name}: forks {forks:>3} {phase:<22} {result.wall_seconds:6.1f} s, "
+                f"{result.ansible_cpu_seconds:.1f} CPU s, load average {result.load_average[0]:.1f} -> "
+                f"{result.load_average[1]:.1f}"
                 + (f"  (ansible-playbook exit {result.exit_code})" if result.exit_code else ""),
                 flush=True,
             )

@@ -24,7 +24,9 @@ description:
     during setup (C(0x904) / extended C(0x7)), another hard failure, an NLA error, or only a prompt."
   - No credentials are ever sent. The NTLM exchange stops at the server's CHALLENGE, so no account can be locked out.
   - The module runs where it is delegated (normally the controller, C(delegate_to=localhost)); it changes nothing,
-    so check mode runs the same probe.
+    so check mode runs the same probe. On the controller (a C(local) connection) its action plugin runs the probe in
+    Ansible's own process, with the same options and result, instead of starting a Python interpreter for the module
+    on every host.
   - The protocol code is the collection's own (no third-party RDP library). The certificate summary needs the Python
     library C(cryptography) where the module runs; without it the certificate is reported by thumbprint only.
 author:
@@ -266,76 +268,17 @@ elapsed_ms:
 # Ansible's module layout puts the documentation first, so the imports follow it.
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import (  # noqa: E402
-    ALL_CHECKS,
-    ALL_PROTOCOLS,
-    ALL_TLS_VERSIONS,
-    ProbeOptions,
-    run_probe,
-    validate_options,
-)
-
-FAIL_SEVERITIES = {"never": (), "critical": ("critical",), "warning": ("critical", "warning")}
+from ansible_collections.rdpfix.rdp.plugins.module_utils._handshake import ARGUMENT_SPEC, outcome  # noqa: E402
+from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import run_probe  # noqa: E402
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec={
-            "host": {"type": "str", "required": True},
-            "port": {"type": "int", "default": 3389},
-            "server_name": {"type": "str"},
-            "checks": {"type": "list", "elements": "str", "choices": list(ALL_CHECKS), "default": list(ALL_CHECKS)},
-            "protocols": {
-                "type": "list",
-                "elements": "str",
-                "choices": list(ALL_PROTOCOLS),
-                "default": list(ALL_PROTOCOLS),
-            },
-            "tls_versions": {
-                "type": "list",
-                "elements": "str",
-                "choices": list(ALL_TLS_VERSIONS),
-                "default": list(ALL_TLS_VERSIONS),
-            },
-            "connect_timeout": {"type": "float", "default": 5.0},
-            "read_timeout": {"type": "float", "default": 5.0},
-            "udp_port": {"type": "int"},
-            "udp_timeout": {"type": "float", "default": 2.0},
-            "expected_thumbprint": {"type": "str"},
-            "cert_warn_days": {"type": "int", "default": 30},
-            "max_clock_skew": {"type": "float", "default": 300},
-            "cookie": {"type": "str"},
-            "fail_on": {"type": "str", "choices": list(FAIL_SEVERITIES), "default": "never"},
-        },
-        supports_check_mode=True,
-    )
-    params = module.params
-    options = ProbeOptions(
-        host=params["host"],
-        port=params["port"],
-        server_name=params["server_name"],
-        checks=params["checks"],
-        protocols=params["protocols"],
-        tls_versions=params["tls_versions"],
-        connect_timeout=params["connect_timeout"],
-        read_timeout=params["read_timeout"],
-        udp_port=params["udp_port"],
-        udp_timeout=params["udp_timeout"],
-        expected_thumbprint=params["expected_thumbprint"],
-        cert_warn_days=params["cert_warn_days"],
-        max_clock_skew=params["max_clock_skew"],
-        cookie=params["cookie"],
-    )
-    # Bad input is refused before any packet leaves the controller.
-    problems = validate_options(options)
-    if problems:
-        module.fail_json(msg="invalid options: " + "; ".join(problems))
-
-    report = run_probe(options)
-    failing = [item for item in report["findings"] if item["severity"] in FAIL_SEVERITIES[params["fail_on"]]]
-    if failing:
-        module.fail_json(msg=report["summary"], changed=False, **report)
-    module.exit_json(changed=False, msg=report["summary"], **report)
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    # Bad input is refused before any packet leaves the controller (outcome validates first).
+    failed, result = outcome(module.params, run_probe)
+    if failed:
+        module.fail_json(**result)
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

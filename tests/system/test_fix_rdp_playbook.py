@@ -21,6 +21,7 @@ pytestmark = pytest.mark.system
 BROKEN = ["expired-selfsigned", "missing-selfsigned", "pinned-missing", "active-sessions"]
 HEALTHY = ["healthy"]
 SUMMARY_TASK = "Show what was found and done"
+VERIFY_TASK = "rdpfix.rdp.rdpfix_server : Verify from the controller that RDP connects after the repair"
 
 
 def summary(run: PlaybookRun, host: str) -> list[str]:
@@ -107,6 +108,9 @@ def test_audit_fix_rerun(fleet: Lab) -> None:
     assert rerun.changed_hosts() == set()
     assert writes(fleet) == dict.fromkeys(before, 0)
     assert commands(fleet) == dict.fromkeys(before, 1)
+    # A rerun that changes nothing still verifies from outside (no WinRM command: the probe runs on the controller).
+    probed = rerun.results(VERIFY_TASK)
+    assert {host: result.get("connectable") for host, result in probed.items()} == dict.fromkeys(before, True)
     assert [line.split(":")[0] for line in summary(rerun, "healthy") if not line.startswith(" ")] == [
         "machinekeys",
         "certificate",
