@@ -1968,10 +1968,10 @@ function Get-LockOpenPrincipals {
 
 # The lock's folder: created with the protected SYSTEM/Administrators DACL. An existing one whose owner or DACL lets
 # anyone else create or change files in it (a folder an older version created with ProgramData's inherited ACL, where
-# Users may create files) is reported; rdpfix's own folder (%ProgramData%\rdpfix, $Own) is then given the protected
-# DACL - a tightening of rdpfix's own folder, never a widening - and a folder the caller named is left as it is.
+# Users may create files) is reported, and given the protected DACL when the caller asks ($Secure: the controller
+# does for rdpfix's own folder, %ProgramData%\rdpfix - a tightening, never a widening).
 function Initialize-LockFolder {
-    param([string]$Folder, [bool]$Own)
+    param([string]$Folder, [bool]$Secure)
     $report = [ordered]@{ path = $Folder; created = $false; open_to = @(); corrected = $false; previous_sddl = $null }
     $security = ConvertTo-DirectorySecurity -Sddl $LockFolderSddl
     if (-not [System.IO.Directory]::Exists($Folder)) {
@@ -2000,7 +2000,7 @@ function Initialize-LockFolder {
     }
     $report['open_to'] = $open
     $report['previous_sddl'] = $found.Sddl
-    if ($Own) {
+    if ($Secure) {
         Initialize-AgentToken
         $directory = New-Object System.IO.DirectoryInfo($Folder)
         Invoke-SecurityWrite -Action { Set-DirectorySecurity -Directory $directory -Security $security }
@@ -3234,7 +3234,10 @@ $Operations = [ordered]@{
     'lock.acquire' = {
         param($Args_)
         $path = Get-LockPath -Table $Args_
-        $own = (Get-StringArgument -Table $Args_ -Name 'path').Length -eq 0
+        $secure = Get-OpArgument -Table $Args_ -Name 'secure_folder' -Default $false
+        if (-not ($secure -is [bool])) {
+            throw (New-AgentException 'InvalidArgument' "argument 'secure_folder' must be true or false")
+        }
         $token = Get-StringArgument -Table $Args_ -Name 'token' -Required -NotEmpty
         $owner = Get-OpArgument -Table $Args_ -Name 'owner' -Required
         if ((Get-GuardKind -Value $owner) -ne 'object') {
@@ -3244,7 +3247,7 @@ $Operations = [ordered]@{
         $wait = Get-BoundedIntegerArgument -Table $Args_ -Name 'wait_ms' -Minimum 0 -Maximum $LockMaxWaitMilliseconds -Default 0
         $poll = Get-BoundedIntegerArgument -Table $Args_ -Name 'poll_ms' -Minimum 100 -Maximum 10000 -Default 1000
         $process = Get-AgentProcessRecord
-        $folder = Initialize-LockFolder -Folder ([System.IO.Path]::GetDirectoryName([System.IO.Path]::GetFullPath($path))) -Own $own
+        $folder = Initialize-LockFolder -Folder ([System.IO.Path]::GetDirectoryName([System.IO.Path]::GetFullPath($path))) -Secure $secure
         $clock = [System.Diagnostics.Stopwatch]::StartNew()
         while ($true) {
             $attempt = $null

@@ -81,6 +81,11 @@ class RunLock:
         }
         if self.path:
             args["path"] = self.path
+        else:
+            # rdpfix's own folder: a DACL that lets others than SYSTEM and Administrators create files there (an older
+            # version's, inherited from ProgramData) is tightened to the protected one. A folder a caller names is
+            # only reported (folder_warning).
+            args["secure_folder"] = True
         return args
 
     def release_args(self) -> dict[str, t.Any]:

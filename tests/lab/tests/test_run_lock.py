@@ -32,7 +32,9 @@ def load() -> WindowsHost:
 
 
 def acquire(token: str = "r1", **extra: t.Any) -> dict[str, t.Any]:
-    args = {"token": token, "owner": OWNER, "ttl_seconds": 900, "wait_ms": 30000, "poll_ms": 1000, **extra}
+    # As the controller asks for its own folder (_lock.RunLock.acquire_args): secure_folder.
+    args = {"token": token, "owner": OWNER, "ttl_seconds": 900, "wait_ms": 30000, "poll_ms": 1000}
+    args |= {"secure_folder": True, **extra} if "path" not in extra else extra
     return {"op": "lock.acquire", "args": args}
 
 

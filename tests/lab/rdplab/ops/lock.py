@@ -7,7 +7,8 @@ says ``held`` (its batch has ended, whatever became of its process: under PSRP t
 an older version's record (no ``held``) is judged by its time - never beyond its last write plus the longest time to
 live - and its process. A lock file not owned by SYSTEM or Administrators (a standard user's) is made Administrators'
 and taken over when nobody holds it open. The folder is created with a protected SYSTEM/Administrators DACL; an
-existing folder that lets anyone else create or change files is reported, and corrected when it is rdpfix's own.
+existing folder that lets anyone else create or change files is reported, and corrected when the caller asks
+(``secure_folder``: the controller does for rdpfix's own folder).
 
 Windows would wait; the lab knows the outcome of the wait at once (no other batch runs while one runs in the lab, and
 the lab's other holders - the ``hold_run_lock`` and ``plant_run_lock`` faults - never release on their own), so it
@@ -83,7 +84,7 @@ def open_principals(sddl: str) -> list[str]:
     return found
 
 
-def ensure_folder(host: WindowsHost, folder: str, own: bool) -> dict[str, t.Any]:
+def ensure_folder(host: WindowsHost, folder: str, secure: bool) -> dict[str, t.Any]:
     """The agent's Initialize-LockFolder."""
     report: dict[str, t.Any] = {
         "path": folder,
@@ -102,7 +103,7 @@ def ensure_folder(host: WindowsHost, folder: str, own: bool) -> dict[str, t.Any]
         return report
     report["open_to"] = found
     report["previous_sddl"] = entry.sddl
-    if own:
+    if secure:
         host.filesystem.set_sddl(folder, LOCK_FOLDER_SDDL)
         report["corrected"] = True
     return report
@@ -187,7 +188,7 @@ def _locked(path: str, holder: dict[str, t.Any] | None, now: datetime, waited: i
 
 def lock_acquire(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     path = lock_path(host, args)
-    own = args.get("path") in (None, "")
+    secure = _args.boolean(args, "secure_folder", False)
     token = _args.string(args, "token")
     owner = args.get("owner")
     if not isinstance(owner, dict):
@@ -197,7 +198,7 @@ def lock_acquire(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     poll = _integer(args, "poll_ms", 100, 10000, 1000)
     now = host.clock()
     process = host.agent_process_record()
-    folder = ensure_folder(host, ntpath.dirname(path), own)
+    folder = ensure_folder(host, ntpath.dirname(path), secure)
     key = normalize(path)
     record = {
         "token": token,
