@@ -29,4 +29,10 @@ notes:
   - Runs as an action plugin on the controller and talks to the host through its connection (C(winrm) or C(psrp)),
     sending one small PowerShell agent per round trip; nothing is copied to the host.
   - Everything changed is backed up first on the host and listed in the returned RV(backup) manifest.
+  - Every batch that changes the host holds the host's run lock (the file C(%ProgramData%\rdpfix\run.lock)) while it
+    runs; a second run on the same host waits up to 30 seconds, then fails naming the run that holds it and changes
+    nothing. A lock left by a run that was cut or crashed is taken over at once, with a warning.
+  - The folder C(%ProgramData%\rdpfix) is kept writable by SYSTEM and Administrators only, so that no standard user
+    can create the lock file and block every run; a folder an earlier version left open to other users is given that
+    protected ACL, with a warning naming who could write there and its previous ACL.
 """
