@@ -123,6 +123,7 @@ class ActionModule(RdpfixAction):
         last_action = max((position for position, _action in apply_index.actions), default=apply_index.manifest)
         failed_at = next((position for position, item in enumerate(applied.results) if not item.ok), None)
         if failed_at is not None and failed_at <= last_action:
+            self.record_statuses(backup, applied)
             raise ActionFailed(self._apply_failure(apply_batch, applied, failed_at, apply_index, backup), **result)
 
         result["changed"] = True

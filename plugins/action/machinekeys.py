@@ -152,6 +152,7 @@ class ActionModule(RdpfixAction):
         message = _outcome.failure_message(
             self.host, batch, applied, failed_at=failed_at, manifest=index.manifest, changes=changes, backup=backup
         )
+        self.record_statuses(backup, applied)
         raise ActionFailed(message, **result)
 
     # -------------------------------------------------------------------------------------------------- restore
@@ -203,6 +204,7 @@ class ActionModule(RdpfixAction):
                     "nothing was changed",
                     **result,
                 )
+            self.record_statuses(backup, applied)
             raise ActionFailed(
                 f"{self.host}: the restore stopped: {error}. What it replaced is saved under {backup.manifest_id}",
                 **result,

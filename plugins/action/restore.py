@@ -275,6 +275,7 @@ class ActionModule(RdpfixAction):
                 **result,
             )
         result["changed"] = True
+        self.record_statuses(plan.backup, applied)
         raise self._fail(
             f"restoring {plan.manifest.id} stopped: {error}. What it had replaced so far is saved under backup "
             f"manifest {plan.backup.manifest_id} ({plan.backup.directory}).{before}",

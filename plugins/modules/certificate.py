@@ -347,7 +347,8 @@ backup:
           C(sddl) and C(owner) as read) and C(registry_value) (previous content, kept in the manifest).
         - Each item the run carries out (a certificate removed, a key file's ACL replaced, the pin changed) has a
           C(status), C(done), C(failed) (its operation failed, so it did not happen) or C(not_run) (the run stopped
-          before it). The manifest on the host says C(planned) until the run has made every change, then C(done).
+          before it). The manifest on the host says C(planned) until the run has made every change, then C(done);
+          after a failed change, each item's status.
       type: list
       elements: dict
 restart_pending:

@@ -116,7 +116,8 @@ backup:
   description:
     - The backup manifest with every changed rule's previous record; null without changes.
     - Each item has a C(status), C(done), C(failed) (its change failed) or C(not_run) (the run stopped before it); the
-      manifest on the host says C(planned) until the run has made every change, then C(done).
+      manifest on the host says C(planned) until the run has made every change, then C(done); after a failed change,
+      each item's status.
   returned: always
   type: dict
 unresolved:

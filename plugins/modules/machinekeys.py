@@ -144,7 +144,8 @@ backup:
         - What was saved.
         - Each item the run carries out (a key or the store moved aside, an ACL replaced, the store created) has a
           C(status), C(done), C(failed) (its operation failed, so it did not happen) or C(not_run) (the run stopped
-          before it). The manifest on the host says C(planned) until the run has done them all, then C(done).
+          before it). The manifest on the host says C(planned) until the run has done them all, then C(done); after a
+          failed change, each item's status.
         - With O(state=restored), a move the manifest's run never made (its status, or for C(planned) the key
           folders and the backup) is skipped with a warning; the rest of the manifest is put back.
       type: list

@@ -144,7 +144,8 @@ backup:
       description:
         - What was saved.
         - Each item the restore carries out has a C(status), C(done), C(failed) or C(not_run), as for the repair
-          modules; its manifest on the host says C(planned) until the restore has made every change, then C(done).
+          modules; its manifest on the host says C(planned) until the restore has made every change, then C(done);
+          after a failed change, each item's status.
       type: list
       elements: dict
 before:

@@ -184,8 +184,10 @@ class BackupSet:
         """Add a change that carries out ``item`` to the batch; returns its position."""
         return self.carry(item, batch.add(op, **args))
 
-    def manifest(self, done: bool = False) -> dict[str, t.Any]:
-        """The manifest: version 2, with each carried-out item's ``status``, when any item is carried out."""
+    def manifest(self, done: bool = False, statuses: t.Mapping[int, str] | None = None) -> dict[str, t.Any]:
+        """The manifest: version 2, with each carried-out item's ``status``, when any item is carried out
+        (``planned``; ``done`` in the done-record; ``statuses``: what a stopped batch did of each item)."""
+        default = "done" if done else "planned"
         document: dict[str, t.Any] = {
             "v": MANIFEST_VERSION_STATUS if self.carried else MANIFEST_VERSION,
             "id": self.manifest_id,
@@ -193,16 +195,16 @@ class BackupSet:
             "host": self.host,
             "created": self.created,
             "items": [
-                item | ({"status": "done" if done else "planned"} if position in self.carried else {})
+                item | ({"status": (statuses or {}).get(position, default)} if position in self.carried else {})
                 for position, item in enumerate(self.items)
             ],
             "actions": self.planned_actions,
         }
         return document
 
-    def manifest_op(self, done: bool = False) -> dict[str, t.Any]:
+    def manifest_op(self, done: bool = False, statuses: t.Mapping[int, str] | None = None) -> dict[str, t.Any]:
         """The ``file.write`` of manifest.json (``done``: the done-record), as a batch operation."""
-        document = json.dumps(self.manifest(done), indent=2, sort_keys=True).encode("utf-8")
+        document = json.dumps(self.manifest(done, statuses), indent=2, sort_keys=True).encode("utf-8")
         return {
             "op": "file.write",
             "args": {
@@ -244,6 +246,15 @@ class BackupSet:
                     status = "failed"
             found[item] = status
         return found
+
+    def stopped_between(self, result: BatchResult) -> bool:
+        """Whether the answered apply batch wrote the manifest and then stopped before its done-record: the manifest
+        on the host says ``planned`` where the batch knows better."""
+        written = self.manifest_position is not None and self.manifest_position < len(result.results)
+        if not self.carried or not written or not result[t.cast(int, self.manifest_position)].ok:
+            return False
+        position = self.done_position
+        return position is None or position >= len(result.results) or not result[position].ok
 
     def summary(self, result: BatchResult | None = None) -> dict[str, t.Any]:
         """The ``backup`` return value; with the apply batch's ``result``, each carried-out item's status."""
@@ -574,10 +585,32 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
             message = _outcome.failure_message(
                 self.host, batch, applied, failed_at=failed_at, manifest=manifest, changes=changes, backup=backup
             )
+            self.record_statuses(backup, applied)
             if failed_at > manifest:
                 message += f" ({saved} are recorded in the manifest)"
             raise ActionFailed(message, **result)
         return applied
+
+    def record_statuses(self, backup: BackupSet, applied: BatchResult) -> None:
+        """After an apply batch that stopped between its manifest and its done-record (an operation failed): write the
+        manifest once more with what the batch did of each item (``done``, ``failed``, ``not_run``), so that the record
+        on the host tells the whole truth. One more round trip, on this failure path only; when it cannot be written,
+        the manifest keeps ``planned`` and a restore judges those items on the host (a warning says so)."""
+        if not backup.stopped_between(applied):
+            return
+        batch = Batch(on_error="stop")
+        batch.manifest_id, batch.manifest_dir = backup.manifest_id, backup.directory
+        batch.ops.append(backup.manifest_op(statuses=backup.statuses(applied)))
+        try:
+            written = self.run_batch(batch)
+            failure = None if written[0].ok else f"{written[0].error_type}: {written[0].error_message}"
+        except (AnsibleError, ActionFailed, HostChanged) as exc:
+            failure = str(exc)
+        if failure is not None:
+            self.warn(
+                f"the manifest {backup.manifest_id} could not be updated with what the run did ({failure}); it says "
+                "planned for what the run did not finish, and a restore judges those items on the host"
+            )
 
     def unresolved(self, params: dict[str, t.Any], findings: t.Sequence[dict[str, t.Any]]) -> list[str]:
         """Ids of the findings this run leaves for someone to decide: critical ones reported without a fix, and any

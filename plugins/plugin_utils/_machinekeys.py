@@ -1030,9 +1030,15 @@ def build_manifest_read(root: str, manifest_id: str) -> tuple[Batch, int, int, i
 MOVE_KINDS = ("store_moved", "key_moved")
 
 
+# Items a restore leaves out when their record says they were not carried out. The others are judged on the host
+# whatever their status: a certificate's saved key file also tells which file its certificate re-links to.
+SKIPPED_WHEN_NOT_DONE = frozenset({"registry_value", "firewall_rule", "acl", "store_created", *MOVE_KINDS})
+
+
 def never_done(item: dict[str, t.Any]) -> bool:
-    """An item whose record says it was not carried out (``failed``, ``not_run``): nothing of it to put back."""
-    return item.get("status") in ("failed", "not_run")
+    """An item whose record says it was not carried out (``failed``, ``not_run``: the manifest written again after
+    a batch that stopped at a failed operation): nothing of it to put back."""
+    return item.get("status") in ("failed", "not_run") and item.get("kind") in SKIPPED_WHEN_NOT_DONE
 
 
 def move_not_done(item: dict[str, t.Any], saved: bool, source: bool, source_size: int | None) -> bool:
@@ -1042,7 +1048,7 @@ def move_not_done(item: dict[str, t.Any], saved: bool, source: bool, source_size
     done-record) and version 1 are judged on the host: nothing in the backup (``saved``), and the source still where it
     was (``source``; a key file of the same size)."""
     status = item.get("status")
-    if never_done(item):
+    if status in ("failed", "not_run"):
         return True
     if status == "done":
         return False

@@ -689,9 +689,17 @@ def plan_manifest(state: HostState, manifest: Manifest, root: str, backup: Backu
         raise RestoreError("part of the host's state could not be read: " + "; ".join(state.read_errors))
     check_restorable(manifest)
     result = ManifestPlan(manifest, backup)
-    # What the manifest says was never done (status failed or not_run) has nothing to put back; what it says was done,
-    # or only planned (the batch stopped before its done-record; version 1), is judged against the host as it is.
-    done = replace(manifest, items=tuple(item for item in manifest.items if not mk.never_done(item)))
+    # A value, rule, ACL or move the manifest says was never done (status failed or not_run) has nothing to put back;
+    # the rest - done, only planned (the batch stopped before its done-record), version 1 - is judged on the host.
+    # (Moves are machinekeys' restore's to judge and name: _plan_machinekeys.)
+    skipped = [item for item in manifest.items if mk.never_done(item) and item.get("kind") not in mk.MOVE_KINDS]
+    done = replace(manifest, items=tuple(item for item in manifest.items if item not in skipped))
+    for item in skipped:
+        what = item.get("name") or item.get("path") or item.get("kind")
+        result.warnings.append(
+            f"{item.get('kind')} {what} was not changed by {manifest.id} (its change {item.get('status')}): nothing "
+            "of it to put back"
+        )
     if manifest.machinekeys:
         _plan_machinekeys(state, done, root, result)  # its batch records "restores" itself
     else:
@@ -870,6 +878,7 @@ def _plan_certificates(state: HostState, manifest: Manifest, result: ManifestPla
                 "acl.set",
                 "set_acl",
                 f"let the copy and the re-link open {source}: SYSTEM and Administrators only until its ACL is restored",
+                carries=replaced,
                 path=source,
                 sddl=RELINK_KEY_SDDL,
             )

@@ -7,6 +7,8 @@
   pre-run state (rdplab.restore_view).
 - A run that completes leaves the done-record: every carried-out item ``done`` on the host and in the result.
 - A restored key file regains the ACL and owner its manifest recorded.
+- A batch that stopped at a failed operation is followed by the manifest written once more with what it did of each
+  item (done, failed, not_run), and the restore puts back exactly the done part.
 - rdpfix.rdp.machinekeys state=restored skips a move that never happened (failed, or cut before it), like
   rdpfix.rdp.restore, and puts the rest back.
 """
@@ -227,9 +229,33 @@ def test_machinekeys_restored_skips_a_move_that_never_happened(how: str) -> None
     host.filesystem.faults.clear()
     [manifest_id] = manifest_ids(host)
     manifest = manifest_on_host(host, manifest_id)
-    assert [item["status"] for item in manifest["items"] if item["kind"] == "key_moved"] == ["planned"]
+    # A failed move is recorded as failed (the manifest written again after the batch stopped); a cut batch could not
+    # record anything after the cut: planned, judged on the host.
+    expected = "failed" if how == "move-failed" else "planned"
+    assert [item["status"] for item in manifest["items"] if item["kind"] == "key_moved"] == [expected]
     restored = run(host, "machinekeys", state="restored", manifest_id=manifest_id)
     assert not restored.get("failed"), restored.get("msg")
     assert any("was not moved" in warning for warning in restored.get("warnings", [])), restored.get("warnings")
     assert "an earlier restore" not in str(restored)
+    assert_exact(original, host)
+
+
+def test_a_failed_change_is_recorded_on_the_host_and_only_what_was_done_comes_back() -> None:
+    # A restore of a certificate run: it removes the certificate Windows created (done), then cannot give the key
+    # file its temporary ACL (AccessDenied on MachineKeys): the batch stops there.
+    host = load("expired-selfsigned")
+    original = state(host)
+    fixed_id = run(host, "certificate")["backup"]["manifest_id"]
+    host.filesystem.add_fault(MACHINE_KEYS, "AccessDenied")
+    stopped = run(host, "restore", manifest_id=fixed_id)
+    assert stopped["failed"] is True and stopped["changed"] is True, stopped
+    [backup] = stopped["backup"]
+    statuses = [item.get("status") for item in backup["items"]]
+    assert "done" in statuses and "failed" in statuses, statuses
+    # The manifest on the host was written again after the batch stopped: the same statuses as the result.
+    manifest = manifest_on_host(host, backup["manifest_id"])
+    assert [item.get("status") for item in manifest["items"]] == statuses
+    assert stopped["round_trips"] == 4  # discovery, state, the apply batch, the manifest written again
+    host.filesystem.faults.clear()
+    restore_newest_first(host)
     assert_exact(original, host)

@@ -277,8 +277,9 @@ def test_a_restore_that_stops_part_way_is_undone_from_its_own_manifest() -> None
 
 def test_a_manifest_whose_key_move_failed_restores_what_was_done() -> None:
     # The manifest is written before the key file is moved aside; the move then fails. Nothing of the item was done:
-    # the manifest says so (status planned, never done), the module's result says failed, and the restore puts back
-    # the rest instead of refusing with a reason that never happened ("an earlier restore put it back").
+    # the module's result says failed, and so does the manifest on the host (written again after the failed batch),
+    # and the restore puts back the rest instead of refusing with a reason that never happened ("an earlier restore
+    # put it back").
     host = load("machinekeys-rdp-key-no-ns")
     original = comparable(host)
     host.filesystem.add_fault("C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys", "AccessDenied")
@@ -289,7 +290,7 @@ def test_a_manifest_whose_key_move_failed_restores_what_was_done() -> None:
     assert item["status"] == "failed"
     on_host = json.loads(host.filesystem.get(f"{BACKUPS}\\backups\\{manifest_id}\\manifest.json").content)
     assert on_host["v"] == 2
-    assert [entry["status"] for entry in on_host["items"] if entry["kind"] == "key_moved"] == ["planned"]
+    assert [entry["status"] for entry in on_host["items"] if entry["kind"] == "key_moved"] == ["failed"]
     host.filesystem.faults.clear()
     restored = run(host, manifest_id=[manifest_id])
     assert not restored.get("failed"), restored.get("msg")

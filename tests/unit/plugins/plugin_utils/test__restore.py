@@ -622,3 +622,21 @@ def test_a_termservice_restart_with_sessions_is_pending_unless_allowed() -> None
         options = rs.Options(restart_service=service, allow_session_disruption=allowed)
         result = rs.plan_manifest(host, manifest([item]), ROOT, new_backup(), options)
         assert len(rs.pending_restart(host, result, options)) == pending
+
+
+@pytest.mark.parametrize(("status", "restored"), [("done", True), ("planned", True), (None, True), ("failed", False)])
+def test_a_value_whose_change_never_happened_is_left_alone(status: str | None, restored: bool) -> None:
+    # The run recorded the previous value; the host differs from it now. Done, only planned (judged on the host) and
+    # version 1 put it back; a change the manifest says failed never happened, so the difference is not the run's.
+    item: dict[str, t.Any] = {
+        "kind": "registry_value",
+        "path": POLICY,
+        "name": "SelectTransport",
+        "previous": {"type": "REG_DWORD", "value": 0},
+    }
+    if status is not None:
+        item["status"] = status
+    host = state(registry={(POLICY.casefold(), "selecttransport"): {"type": "REG_DWORD", "value": 1}})
+    result = plan(host, [item], module="transport")
+    assert (ops(result) == ["registry.set"]) is restored
+    assert any("was not changed by" in warning for warning in result.warnings) is not restored
