@@ -4,11 +4,14 @@ from Windows."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import typing as t
 from pathlib import Path
 
+import asyncssh
 import pytest
 import requests
 from winrm.exceptions import WinRMError
@@ -161,3 +164,87 @@ def test_dropped_before_the_command_nothing_runs_and_skip_picks_the_command(
 def test_bad_fault_parameters_are_refused(host: WindowsHost, params: dict[str, t.Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         host.inject_fault("transport", params)
+
+
+# -- the same faults over PSRP and SSH ---------------------------------------------------------------------------------
+
+
+def psrp_exec(batch: dict[str, t.Any]) -> tuple[int, bytes]:
+    """One batch through Ansible's psrp connection (pypsrp, NTLM with message encryption), timeouts as in a test
+    inventory."""
+    from ansible.playbook.play_context import PlayContext
+    from ansible.plugins.loader import connection_loader, shell_loader
+
+    connection = connection_loader.get("psrp", PlayContext(), shell=shell_loader.get("powershell"))
+    connection.set_options(
+        var_options={
+            "ansible_host": ADDRESS,
+            "ansible_user": USER,
+            "ansible_password": PASSWORD,
+            "ansible_port": 5985,
+            "ansible_psrp_protocol": "http",
+            "ansible_psrp_auth": "negotiate",
+            "ansible_psrp_operation_timeout": 1,
+            "ansible_psrp_read_timeout": 2,
+        }
+    )
+    command, stdin = module_command(batch)
+    try:
+        rc, stdout, _stderr = connection.exec_command(command, in_data=stdin, sudoable=False)
+    finally:
+        with contextlib.suppress(Exception):  # closing after a dropped answer fails; Ansible only logs it
+            connection.close()
+    return rc, stdout
+
+
+def ssh_exec(runtime: HostRuntime, batch: dict[str, t.Any]) -> tuple[int | None, bytes]:
+    command, stdin = module_command(batch)
+
+    async def go() -> tuple[int | None, bytes]:
+        async with asyncssh.connect(
+            ADDRESS, runtime.ssh.bound_port, username=USER, password=PASSWORD, known_hosts=None
+        ) as connection:
+            result = await connection.run(command, input=stdin, encoding=None)
+            return result.exit_status, bytes(result.stdout or b"")
+
+    return asyncio.run(go())
+
+
+def test_psrp_answer_dropped_after_the_pipeline_ran(runtime: HostRuntime, host: WindowsHost) -> None:
+    host.inject_fault("transport", {"kind": "drop_after"})
+    with pytest.raises(Exception, match=r"(?i)connection|aborted|closed"):
+        psrp_exec(write_batch(2))
+    assert written(host) == ["Step0", "Step1"]
+
+
+def test_psrp_request_dropped_before_the_pipeline_nothing_runs(runtime: HostRuntime, host: WindowsHost) -> None:
+    host.inject_fault("transport", {"kind": "drop_before"})
+    with pytest.raises(Exception, match=r"(?i)connection|aborted|closed"):
+        psrp_exec(write_batch(1))
+    assert written(host) == []
+
+
+def test_psrp_held_answer_is_asked_again_and_arrives(runtime: HostRuntime, host: WindowsHost) -> None:
+    # pypsrp sends the same Receive again after its read timeout; the host answers it with the same data.
+    host.inject_fault("transport", {"kind": "delay_after", "seconds": 3})
+    rc, stdout = psrp_exec(write_batch(1))
+    assert rc == 0 and all(item["ok"] for item in json.loads(stdout)["results"])
+    assert written(host) == ["Step0"] and host.transport_faults[0].fired == 1
+
+
+def test_ssh_dropped_before_nothing_runs_after_everything_ran(runtime: HostRuntime, host: WindowsHost) -> None:
+    # The connection closes without an exit status (OpenSSH exits 255): before the command, or after it ran.
+    host.inject_fault("transport", {"kind": "drop_before"})
+    assert ssh_exec(runtime, write_batch(1)) == (None, b"")
+    assert written(host) == []
+    host.inject_fault("transport", {"kind": "drop_after"})
+    assert ssh_exec(runtime, write_batch(2)) == (None, b"")
+    assert written(host) == ["Step0", "Step1"]
+
+
+def test_ssh_held_answer_arrives_late(runtime: HostRuntime, host: WindowsHost) -> None:
+    host.inject_fault("transport", {"kind": "delay_after", "seconds": 1})
+    started = time.monotonic()
+    rc, stdout = ssh_exec(runtime, write_batch(1))
+    assert time.monotonic() - started >= 1
+    assert rc == 0 and all(item["ok"] for item in json.loads(stdout)["results"])
