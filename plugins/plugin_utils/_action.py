@@ -325,6 +325,9 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.replanned: str | None = None
         # Set by rdpfix.rdp.server to carry the write batches of several modules in one round trip.
         self.batch_sender: Callable[[Batch], BatchResult] | None = None
+        # Set by rdpfix.rdp.server when a module that failed may still send the manifest of what it did
+        # (record_statuses) before the server decides which module failed first.
+        self.record_statuses_shared = False
         # The host's run lock this run takes in each write batch (_lock), created at the first write.
         self.run_lock: _lock.RunLock | None = None
         self.task_vars: dict[str, t.Any] = {}
@@ -597,6 +600,11 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         on the host tells the whole truth. One more round trip, on this failure path only; when it cannot be written,
         the manifest keeps ``planned`` and a restore judges those items on the host (a warning says so)."""
         if not backup.stopped_between(applied):
+            return
+        if self.batch_sender is not None and not self.record_statuses_shared:
+            # Inside rdpfix.rdp.server's shared batch, a second batch from a module that failed would let the server
+            # name a later module (whose changes the failure skipped) as the one that failed: the server sets
+            # record_statuses_shared once it waits for such a batch. Until then the manifest keeps planned.
             return
         batch = Batch(on_error="stop")
         batch.manifest_id, batch.manifest_dir = backup.manifest_id, backup.directory
