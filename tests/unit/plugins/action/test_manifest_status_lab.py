@@ -117,15 +117,18 @@ def manifest_ids(host: t.Any) -> list[str]:
     return [entry["id"] for entry in listed["manifests"] if "error" not in entry and not entry["restored"]]
 
 
-def restore_newest_first(host: t.Any) -> None:
-    for manifest_id in manifest_ids(host):  # the list is newest first
-        restored = run(host, "restore", manifest_id=manifest_id)
-        assert not restored.get("failed"), restored.get("msg")
-
-
 def assert_exact(before: dict[str, t.Any], host: t.Any) -> None:
     after = state(host)
     assert after == before, "\n".join(restore_view.differences(before, after))
+
+
+def assert_restored_to(before: dict[str, t.Any], host: t.Any) -> None:
+    """Restore every manifest not restored yet, newest first (as the list gives them): the host is ``before``."""
+    host.filesystem.faults.clear()
+    for manifest_id in manifest_ids(host):
+        restored = run(host, "restore", manifest_id=manifest_id)
+        assert not restored.get("failed"), restored.get("msg")
+    assert_exact(before, host)
 
 
 @pytest.mark.parametrize(("name", "module", "args"), KINDS, ids=KIND_IDS)
@@ -143,8 +146,7 @@ def test_a_batch_cut_after_its_first_item_is_restored_exactly(name: str, module:
     assert manifest["v"] == 2 and carried and {item["status"] for item in carried} == {"planned"}
     # ... and the first item was done: the host is not as it was.
     assert state(host) != original
-    restore_newest_first(host)
-    assert_exact(original, host)
+    assert_restored_to(original, host)
 
 
 @pytest.mark.parametrize(("name", "module", "args"), KINDS[2:5], ids=KIND_IDS[2:5])
@@ -174,8 +176,7 @@ def test_a_restore_cut_after_its_first_item_is_undone_exactly() -> None:
     first = run(host, "restore", manifest_id=restore_id)
     assert not first.get("failed"), first.get("msg")
     assert_exact(fixed, host)
-    restore_newest_first(host)
-    assert_exact(original, host)
+    assert_restored_to(original, host)
 
 
 def test_a_shared_batch_cut_inside_its_second_concern_is_restored_exactly() -> None:
@@ -194,8 +195,7 @@ def test_a_shared_batch_cut_inside_its_second_concern_is_restored_exactly() -> N
     assert {item["status"] for item in manifest_on_host(host, first)["items"] if "status" in item} == {"done"}
     assert {item["status"] for item in manifest_on_host(host, second)["items"] if "status" in item} == {"planned"}
     assert all(host.filesystem.get(f"{BACKUPS}\\{later}\\manifest.json") is None for later in rest)
-    restore_newest_first(host)
-    assert_exact(original, host)
+    assert_restored_to(original, host)
 
 
 def test_a_restored_key_file_regains_its_recorded_acl_and_owner() -> None:
@@ -256,9 +256,7 @@ def test_a_failed_change_is_recorded_on_the_host_and_only_what_was_done_comes_ba
     manifest = manifest_on_host(host, backup["manifest_id"])
     assert [item.get("status") for item in manifest["items"]] == statuses
     assert stopped["round_trips"] == 4  # discovery, state, the apply batch, the manifest written again
-    host.filesystem.faults.clear()
-    restore_newest_first(host)
-    assert_exact(original, host)
+    assert_restored_to(original, host)
 
 
 def test_a_concern_that_fails_in_the_shared_batch_is_restored_exactly() -> None:
@@ -277,6 +275,4 @@ def test_a_concern_that_fails_in_the_shared_batch_is_restored_exactly() -> None:
     # What the host's manifest says: the failed batch's statuses once the server carries that record, else planned.
     assert recorded in (statuses, ["planned"] * len(statuses)), recorded
     assert manifest_ids(host) == [backup["manifest_id"]]
-    host.filesystem.faults.clear()
-    restore_newest_first(host)
-    assert_exact(original, host)
+    assert_restored_to(original, host)
