@@ -42,6 +42,8 @@ PUBLIC = "expired-selfsigned"
 CHUNK = 3800
 # requirements/azure-rm.txt, built by `make setup`.
 AZURE_RM_BIN = ROOT / ".venv-azure-rm" / "bin"
+# The Azure CLI's stand-in (tests/lab/bin/az).
+AZ_STAND_IN = ROOT / "tests" / "lab" / "bin"
 # azure.azcollection 3.12.0 comes with the `ansible` package of requirements/test.txt, in this interpreter's packages.
 BUNDLED_COLLECTIONS = Path(sysconfig.get_paths()["purelib"])
 
@@ -93,7 +95,29 @@ class AzureLab:
         env["PATH"] = f"{AZURE_RM_BIN}:{env['PATH']}"
         return env
 
-    def run(self, *command: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    def az_login(self, log: Path) -> dict[str, str]:
+        """The environment of a controller where `az login` was run, and nothing else: no AZURE_* secret, both
+        azure_rm and the connection on auth_source cli. The CLI is the stand-in tests/lab/bin/az, which gets its
+        token from login.microsoftonline.com through the lab's proxy (docs/lab.md, "The Azure cloud")."""
+        cloud = self.state["azure"]
+        return {
+            "ANSIBLE_AZURE_AUTH_SOURCE": "cli",
+            "AZURE_CLIENT_ID": "",
+            "AZURE_SECRET": "",
+            "AZURE_TENANT": "",
+            "PATH": f"{AZ_STAND_IN}:{AZURE_RM_BIN}:{ansible_env()['PATH']}",
+            "RDPLAB_AZ_ENDPOINT": "https://login.microsoftonline.com",
+            "RDPLAB_AZ_TENANT": cloud["tenant"],
+            "RDPLAB_AZ_CLIENT_ID": cloud["client_id"],
+            "RDPLAB_AZ_SECRET": cloud["client_secret"],
+            "RDPLAB_AZ_SUBSCRIPTION": cloud["subscription"],
+            "RDPLAB_AZ_CA_FILE": cloud["ca_file"],
+            "RDPLAB_AZ_LOG": str(log),
+        }
+
+    def run(
+        self, *command: str, timeout: int = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         if not (AZURE_RM_BIN / "ansible-playbook").exists():
             pytest.fail(f"{AZURE_RM_BIN} is missing: `make setup` builds it from requirements/azure-rm.txt")
         return subprocess.run(
@@ -103,16 +127,21 @@ class AzureLab:
             timeout=timeout,
             check=False,
             cwd=ROOT,
-            env=self.environment(ANSIBLE_STDOUT_CALLBACK="ansible.posix.json"),
+            env={**self.environment(ANSIBLE_STDOUT_CALLBACK="ansible.posix.json"), **(env or {})},
         )
 
     def playbook(
-        self, playbook: str | Path, *options: str, limit: str = "azure_vms", extra_vars: dict[str, t.Any] | None = None
+        self,
+        playbook: str | Path,
+        *options: str,
+        limit: str = "azure_vms",
+        extra_vars: dict[str, t.Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> PlaybookRun:
         command = ["ansible-playbook", "-i", str(self.inventory), str(ROOT / playbook), "--limit", limit]
         if extra_vars:
             command += ["--extra-vars", json.dumps(extra_vars)]
-        done = self.run(*command, *options)
+        done = self.run(*command, *options, env=env)
         start = done.stdout.find("{")
         document = json.loads(done.stdout[start:]) if start >= 0 else {}
         return PlaybookRun(rc=done.returncode, stdout=done.stdout, stderr=done.stderr, document=document)
@@ -307,14 +336,26 @@ ASYNC_PLAYBOOK = [
 ]
 
 
-def test_async_tasks_run_as_jobs_polled_through_run_command(azure_lab: AzureLab, tmp_path: Path) -> None:
+def test_async_tasks_through_run_command_with_the_azure_cli_credential(azure_lab: AzureLab, tmp_path: Path) -> None:
     import yaml
 
     path = tmp_path / "async.yml"
     path.write_text(yaml.safe_dump(ASYNC_PLAYBOOK, sort_keys=False), encoding="utf-8")
     azure_lab.zero()
-    run = azure_lab.playbook(path, limit="healthy")
+    log = tmp_path / "az.log"
+    run = azure_lab.playbook(path, limit="healthy", env=azure_lab.az_login(log))
     assert run.rc == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # Only `az login` authenticated: azure_rm asked the CLI for its cloud and for tokens (its REST client's scope has
+    # the trailing slash, its compute client's not; no subscription lookup: AZURE_SUBSCRIPTION_ID is set), and the
+    # connection asked for a token of its own (public Azure's classic audience).
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert ["cloud", "show", "--query", "name"] in calls
+    resources = {call[call.index("--resource") + 1] for call in calls if call[:2] == ["account", "get-access-token"]}
+    assert resources == {
+        "https://management.azure.com/",
+        "https://management.azure.com",
+        "https://management.core.windows.net",
+    }
     synchronous = run.results("facts")["healthy"]
     background = run.results("facts as an async task")["healthy"]
     refused = run.results("fire and forget")["healthy"]

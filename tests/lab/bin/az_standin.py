@@ -1,13 +1,15 @@
 """A stand-in for the Azure CLI (`az`, run by the script tests/lab/bin/az), for tests of azure-identity's
 AzureCliCredential against the lab's cloud.
 
-It is not the Azure CLI: it answers only what AzureCliCredential and azure.azcollection run -
-``az account get-access-token --output json --resource R [--tenant T] [--subscription S]`` and
-``az account show [--query id]`` - as the real CLI prints them, and gets the token from the lab's Microsoft Entra
+It is not the Azure CLI: it answers only what AzureCliCredential and azure.azcollection run - ``az account
+get-access-token --output json --resource R [--tenant T] [--subscription S]``, ``az account show [--query id]`` and
+``az cloud show [--query name]`` - as the real CLI prints them, and gets the token from the lab's Microsoft Entra
 token endpoint with the lab's service principal (client credentials), where the real CLI would use the token cache of
 ``az login``. "Logged in" means RDPLAB_AZ_ENDPOINT, RDPLAB_AZ_TENANT, RDPLAB_AZ_CLIENT_ID, RDPLAB_AZ_SECRET,
 RDPLAB_AZ_SUBSCRIPTION and RDPLAB_AZ_CA_FILE are set (tests set them from the lab's state); otherwise it fails as the
-CLI does before `az login`. docs/lab.md, "The Azure cloud".
+CLI does before `az login`. The active cloud is RDPLAB_AZ_CLOUD (AzureCloud by default: with the lab's proxy the lab
+answers as public Azure). Each invocation's arguments are appended to RDPLAB_AZ_LOG when set. docs/lab.md, "The Azure
+cloud".
 """
 
 import datetime
@@ -33,6 +35,14 @@ def option(args: list[str], name: str) -> str | None:
 
 def main(args: list[str]) -> None:
     settings = {name: os.environ.get("RDPLAB_AZ_" + name) for name in SETTINGS}
+    log = os.environ.get("RDPLAB_AZ_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(args) + "\n")
+    if args[:2] == ["cloud", "show"]:
+        name = os.environ.get("RDPLAB_AZ_CLOUD", "AzureCloud")
+        print(json.dumps(name if option(args, "--query") == "name" else {"name": name, "isActive": True}, indent=2))
+        return
     if args[:2] not in (["account", "get-access-token"], ["account", "show"]):
         fail(f"ERROR: the lab's az stand-in does not implement: az {' '.join(args)}", 2)
     if not all(settings.values()):
