@@ -163,3 +163,31 @@ def test_release_tries_again_when_another_agent_holds_the_file_for_a_moment() ->
     [stuck] = run(host, {"op": "lock.release", "args": {"token": "cut-run"}})
     assert stuck["error"]["type"] == "Locked" and "was not released" in stuck["error"]["message"]
     assert host.filesystem.exists(LOCK_FILE)
+
+
+def test_data_deeper_than_the_result_document_keeps_reaches_the_controller_and_the_guard_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ConvertTo-Json -Depth 10 on the document leaves an operation's data 7 levels; the agent's guard sends the data
+    # through JSON at that depth too, so both see the same string where the data went deeper (rdplab.model.jsondepth).
+    from rdplab import ops as lab_ops
+    from rdplab.model import jsondepth
+
+    deep: dict[str, t.Any] = {"leaf": 1}
+    for _level in range(9):
+        deep = {"next": deep}
+    spec = lab_ops.OPS["system.info"]
+    monkeypatch.setitem(lab_ops.OPS, "system.info", type(spec)(lambda host, args: deep, writes=False))
+    host = load()
+    [answer, guard] = run(
+        host,
+        {"op": "system.info", "args": {}},
+        {"op": "guard", "args": {"label": "deep", "read": {"op": "system.info", "args": {}}, "expect": deep}},
+    )
+    level = answer["data"]
+    for _step in range(jsondepth.DATA_JSON_DEPTH):
+        level = level["next"]
+    assert level == {"next": jsondepth.DICTIONARY_TYPE}
+    assert guard["error"]["type"] == "GuardFailed"
+    assert 'found "System.Collections.Specialized.OrderedDictionary"' in guard["error"]["message"]
+    assert guard["data"]["actual"] == answer["data"]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import threading
 import typing as t
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rdplab import transport_faults
-from rdplab.model import listener, schannel
+from rdplab.model import jsondepth, listener, schannel
 from rdplab.model.errors import BatchError, Failed, NotFound, OpError
 from rdplab.model.events import EventLog
 from rdplab.model.filesystem import FileSystem
@@ -239,12 +238,13 @@ class WindowsHost:
             # What the batch requires the operation to have done, compared as the agent does (a guard's subset).
             from rdplab.ops.guard import first_difference
 
-            difference = first_difference(expected, json.loads(json.dumps(data)), "subset")
+            difference = first_difference(expected, jsondepth.travelled(data), "subset")
             if difference is not None:
                 return _error(op_name, "NotDone", f"it did not do what the batch required ({difference})", data)
         if spec.writes and spec.counted:
             self.counters.writes += 1
-        return {"op": op_name, "ok": True, "data": data}
+        # The data as the result document carries it (ConvertTo-Json -Depth 10, three levels above the data).
+        return {"op": op_name, "ok": True, "data": jsondepth.travelled(data)}
 
     # -- services (used by operations and faults) ----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import typing as t
 
+from rdplab.model import jsondepth
 from rdplab.model.errors import GuardFailed, InvalidArgument, OpError
 from rdplab.ops import _args
 
@@ -179,8 +180,9 @@ def guard(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     except OpError as exc:
         # The read's own error type: a guard that cannot read knows nothing, which is not a difference.
         raise type(exc)(f"{label}: {op} failed: {exc.message}") from None
-    # As the agent does: the data as it travels (JSON), so that a value compares as the controller sees it.
-    actual = pick(json.loads(json.dumps(data)), steps)
+    # As the agent does: the data as it travels (JSON, at the depth the result document leaves it), so that a value
+    # compares as the controller sees it.
+    actual = pick(jsondepth.travelled(data), steps)
     difference = first_difference(args["expect"], actual, match, _pick_name(steps))
     if difference is not None:
         raise GuardFailed(f"{label}: {difference}", data={"actual": actual})
