@@ -8,12 +8,14 @@ lab's HTTPS proxy (HTTPS_PROXY) and CA (REQUESTS_CA_BUNDLE) bring management.azu
 to the lab (docs/lab.md, "The Azure cloud"). They run from .venv-azure-rm (requirements/azure-rm.txt: this collection's
 requirements and what azure_rm imports), with azure.azcollection 3.12.0 from the pinned ``ansible`` package.
 
-One fleet of three VMs: the inventory's groups and host variables (and the Resource Manager requests azure_rm makes,
-counted by the lab), then ``fix_rdp.yml -l azure_vms`` (check, apply, rerun) and ``audit_rdp.yml``, one playbook run
-per phase, with the Run Commands per VM asserted exactly (each costs about 20 s on Azure: docs/azure.md), then async
-tasks through Run Command. Nothing travels over WinRM. The fault cases of Run Command (busy VM, output over 4 KB,
-stopped VM, missing agent, expired token), the other credentials and file transfers are tested in process in
-tests/lab/tests/test_arm.py; here a deallocated VM ends unreachable in a real playbook run.
+One fleet of three VMs: the inventory's groups and host variables (the same as rdpfix.rdp.azure_vms gives, and the
+Resource Manager requests azure_rm makes, counted by the lab), then ``fix_rdp.yml -l azure_vms`` (check, apply, rerun)
+and ``audit_rdp.yml``, one playbook run per phase, with the Run Commands per VM asserted exactly (each costs about 20 s
+on Azure: docs/azure.md), then async tasks through Run Command in a run where the Azure CLI (a stand-in,
+tests/lab/bin/az) is the only credential of azure_rm and the connection. Nothing travels over WinRM. The fault cases of
+Run Command (busy VM, output over 4 KB, stopped VM, missing agent, expired token), the other credentials and file
+transfers are tested in process in tests/lab/tests/test_arm.py; here a deallocated VM ends unreachable in a real
+playbook run.
 """
 
 from __future__ import annotations
