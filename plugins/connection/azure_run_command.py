@@ -201,7 +201,13 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _azure as azure
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _run_command as rc
 
 try:
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+    from azure.core.exceptions import (
+        AzureError,
+        ClientAuthenticationError,
+        HttpResponseError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
     from azure.mgmt.compute.models import RunCommandInput
 
     AZURE_IMPORT_ERROR: ImportError | None = None
@@ -220,6 +226,12 @@ AUTH_ERROR_CODES = frozenset(
 
 class RunCommandOutcomeUnknown(AnsibleConnectionFailure):  # type: ignore[misc]
     """A Run Command was accepted by Azure and its result could not be obtained: it may have run, or may still run."""
+
+
+class RunCommandNotSent(AnsibleConnectionFailure):  # type: ignore[misc]
+    """No script ran: Azure refused the Run Command (busy through every retry, not allowed, VM stopped, agent not
+    ready, authentication failed) or could not be reached before the request went out. The agent runner reads this
+    class as "the changes were not sent" (unreachable), never as an unknown outcome."""
 
 
 class Connection(ConnectionBase):  # type: ignore[misc]
@@ -312,9 +324,16 @@ class Connection(ConnectionBase):  # type: ignore[misc]
                     display.vvv(f"AZURE RUN COMMAND: {what}: token refused ({code or status}), authenticating again")
                     self._build_client()
                     continue
-                raise AnsibleConnectionFailure(f"Azure authentication failed for {self._describe()}: {exc}") from exc
+                raise RunCommandNotSent(f"Azure authentication failed for {self._describe()}: {exc}") from exc
             except ServiceRequestError as exc:
-                raise AnsibleConnectionFailure(f"Azure Resource Manager is unreachable ({what}): {exc}") from exc
+                # azure-core: the request was not sent.
+                raise RunCommandNotSent(f"Azure Resource Manager is unreachable ({what}): {exc}") from exc
+            except ServiceResponseError as exc:
+                # azure-core: the request went out and its answer was lost - for a Run Command, it may run.
+                raise RunCommandOutcomeUnknown(
+                    f"the answer of Azure Resource Manager was lost ({what}) for {self._describe()}: {exc}; "
+                    "outcome unknown"
+                ) from exc
         raise AssertionError("unreachable")
 
     def _check_vm(self) -> None:
@@ -324,17 +343,17 @@ class Connection(ConnectionBase):  # type: ignore[misc]
             view = self._call("instance view", lambda: self._client.virtual_machines.instance_view(group, name))
         except HttpResponseError as exc:
             if exc.status_code == 404:
-                raise AnsibleConnectionFailure(f"{self._describe()} does not exist (404: {exc.message})") from exc
+                raise RunCommandNotSent(f"{self._describe()} does not exist (404: {exc.message})") from exc
             if exc.status_code == 403:
-                raise AnsibleConnectionFailure(
+                raise RunCommandNotSent(
                     f"not allowed to read {self._describe()} (403): the identity needs Microsoft.Compute/"
                     "virtualMachines/read and runCommand/action, e.g. the Virtual Machine Contributor role"
                 ) from exc
-            raise AnsibleConnectionFailure(f"cannot read {self._describe()}: {exc}") from exc
+            raise RunCommandNotSent(f"cannot read {self._describe()}: {exc}") from exc
         states = [s.code.split("/", 1)[1] for s in view.statuses or [] if (s.code or "").startswith("PowerState/")]
         power = states[0] if states else "unknown"
         if power != "running":
-            raise AnsibleConnectionFailure(
+            raise RunCommandNotSent(
                 f"{self._describe()} is not running (PowerState/{power}): Run Command needs a running VM; "
                 "start it first (az vm start)"
             )
@@ -342,7 +361,7 @@ class Connection(ConnectionBase):  # type: ignore[misc]
         agent_status = [s.display_status for s in (agent.statuses if agent else None) or []]
         if agent is None or "Ready" not in agent_status:
             detail = ", ".join(str(s) for s in agent_status) or "no VM agent reported"
-            raise AnsibleConnectionFailure(
+            raise RunCommandNotSent(
                 f"the VM agent of {self._describe()} is not ready ({detail}): Run Command needs the Azure VM agent "
                 "running with outbound HTTPS to Azure"
             )
@@ -370,18 +389,18 @@ class Connection(ConnectionBase):  # type: ignore[misc]
                     wait = min(wait * 2, MAX_BACKOFF)
                     continue
                 if busy:
-                    raise AnsibleConnectionFailure(
+                    raise RunCommandNotSent(
                         f"{self._describe()} stayed busy with another Run Command through {retries} retries "
                         "(409 Conflict; Azure runs one script at a time per VM)"
                     ) from exc
                 if exc.status_code == 409:
                     self._check_vm()  # stopped or deallocated in the meantime: say so
                 if exc.status_code == 403:
-                    raise AnsibleConnectionFailure(
+                    raise RunCommandNotSent(
                         f"not allowed to run commands on {self._describe()} (403): the identity needs "
                         "Microsoft.Compute/virtualMachines/runCommand/action (Virtual Machine Contributor)"
                     ) from exc
-                raise AnsibleConnectionFailure(f"Run Command refused on {self._describe()}: {exc.message}") from exc
+                raise RunCommandNotSent(f"Run Command refused on {self._describe()}: {exc.message}") from exc
         self.run_commands += 1
         timeout = int(self.get_option("timeout"))
         try:
@@ -397,7 +416,7 @@ class Connection(ConnectionBase):  # type: ignore[misc]
                 f"the Run Command on {self._describe()} was accepted and then failed ({what}): {exc.message}; "
                 "whether the script ran is unknown"
             ) from exc
-        except ServiceRequestError as exc:
+        except AzureError as exc:  # the request (ServiceRequestError) or answer (ServiceResponseError) of a poll
             raise RunCommandOutcomeUnknown(
                 f"Azure Resource Manager became unreachable while the Run Command on {self._describe()} ran "
                 f"({what}): {exc}; outcome unknown"

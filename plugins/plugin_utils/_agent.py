@@ -143,6 +143,8 @@ _NOT_SENT = frozenset(
         "InvalidCredentialsError",
         "AnsibleAuthenticationFailure",
         "SSLCertVerificationError",
+        # rdpfix.rdp.azure_run_command: Azure refused the Run Command or was not reached; no script ran.
+        "RunCommandNotSent",
     }
 )
 # ... and names that mean the request went out and the answer did not come back.
@@ -160,6 +162,8 @@ _SENT = frozenset(
         "WinRMTransportError",
         "WSManFaultError",
         "WinRMOperationTimeoutError",
+        # rdpfix.rdp.azure_run_command: the Run Command was accepted; its result was not obtained.
+        "RunCommandOutcomeUnknown",
     }
 )
 

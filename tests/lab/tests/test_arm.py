@@ -251,6 +251,78 @@ def test_a_vm_stopped_after_the_check_is_reported_as_stopped(
     assert (vm.run_commands, recorder.calls) == (0, [])
 
 
+def a_write_batch() -> t.Any:
+    from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import BackupSet
+    from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
+
+    batch = Batch(on_error="stop")
+    backup = BackupSet.create("certificate", NAME, "C:\\ProgramData\\rdpfix\\backups")
+    backup.begin(batch)
+    backup.finish(batch)
+    batch.add("service.restart", name="SessionEnv")
+    return batch
+
+
+@pytest.mark.parametrize("refusal", ["busy", "stopped", "forbidden"])
+def test_a_refused_run_command_tells_a_write_batch_that_nothing_was_sent(
+    cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """Azure refused the Run Command, so no script ran: a write batch is unreachable with nothing changed, never an
+    unknown outcome (which would send more Run Commands to find out, into the same refusal)."""
+    from azure.core.exceptions import HttpResponseError
+
+    from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import OutcomeUnknown, transport_failure
+
+    plugin = connection(cloud, ansible_azure_run_command_conflict_retries=1)
+    try:
+        plugin._connect()
+        if refusal == "busy":
+            cloud.configure({"vm": NAME, "busy_seconds": 60})
+        elif refusal == "stopped":
+            cloud.configure({"vm": NAME, "power_state": "deallocated"})
+        else:
+            response = HttpResponseError(message="AuthorizationFailed")
+            response.status_code = 403
+            monkeypatch.setattr(
+                plugin._client.virtual_machines, "begin_run_command", lambda *a, **k: (_ for _ in ()).throw(response)
+            )
+        with pytest.raises(AnsibleConnectionFailure) as raised:
+            plugin.exec_command(COMMAND_LINE, in_data=STDIN, sudoable=False)
+    finally:
+        plugin.close()
+    found = transport_failure(NAME, a_write_batch(), raised.value, True, True)
+    assert not isinstance(found, OutcomeUnknown), found
+    assert "not sent" in found.message and "nothing was changed" in found.message
+    assert (vm.run_commands, recorder.calls) == (0, [])
+
+
+def test_a_lost_answer_to_the_run_command_request_is_an_unknown_outcome(
+    cloud: arm.ArmCloud, vm: arm.ArmVm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """azure-core's ServiceResponseError: the request went out and its answer was lost - the script may run."""
+    from azure.core.exceptions import ServiceResponseError
+
+    from ansible_collections.rdpfix.rdp.plugins.connection.azure_run_command import RunCommandOutcomeUnknown
+    from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import OutcomeUnknown, transport_failure
+
+    plugin = connection(cloud)
+    try:
+        plugin._connect()
+        lost = ServiceResponseError("Connection aborted.")
+        monkeypatch.setattr(
+            plugin._client.virtual_machines, "begin_run_command", lambda *a, **k: (_ for _ in ()).throw(lost)
+        )
+        with pytest.raises(RunCommandOutcomeUnknown, match="answer of Azure Resource Manager was lost"):
+            plugin.exec_command(COMMAND_LINE, in_data=STDIN, sudoable=False)
+        batch = a_write_batch()
+        with pytest.raises(RunCommandOutcomeUnknown) as raised:
+            plugin.exec_command(COMMAND_LINE, in_data=STDIN, sudoable=False)
+    finally:
+        plugin.close()
+    found = transport_failure(NAME, batch, raised.value, True, True)
+    assert isinstance(found, OutcomeUnknown) and found.manifest_id == batch.manifest_id
+
+
 @pytest.mark.parametrize(("agent", "shown"), [("missing", "no VM agent reported"), ("Not Ready", "Not Ready")])
 def test_a_vm_without_a_ready_agent_is_unreachable(
     cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder, agent: str, shown: str
