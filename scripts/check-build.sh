@@ -110,10 +110,12 @@ fi
 grep -q 'rdpfix-rdp' "$tmp/ee/_build/requirements.yml" || { echo "the EE does not install rdpfix.rdp"; exit 1; }
 # azure.azcollection (the azure_rm inventory) with requirements/azure-rm.txt in place of its own Python requirements,
 # which conflict with this collection's cryptography (docs/azure.md, "The azure_rm inventory").
-grep -q 'azure.azcollection' "$tmp/ee/_build/requirements.yml" \
+if ! { grep -q 'azure.azcollection' "$tmp/ee/_build/requirements.yml" \
   && grep -qx 'azure.azcollection' "$tmp/ee/_build/exclude-collections.txt" \
-  && grep -q '^azure-cli-core==' "$tmp/ee/_build/requirements.txt" \
-  || { echo "the EE lacks azure.azcollection with requirements/azure-rm.txt instead of its own requirements"; exit 1; }
+  && grep -q '^azure-cli-core==' "$tmp/ee/_build/requirements.txt"; }; then
+  echo "the EE lacks azure.azcollection with requirements/azure-rm.txt instead of its own requirements"
+  exit 1
+fi
 mkdir -p "$tmp/ee-installed/ansible_collections/ansible"
 cp -r "$bundle" "$tmp/ee-installed/ansible_collections/ansible/windows"
 ANSIBLE_COLLECTIONS_PATH="$tmp/ee-installed" \

@@ -1173,7 +1173,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def do_CONNECT(self) -> None:
         cloud = self.server.cloud
-        host, _, port = self.path.rpartition(":")
+        host, _colon, port = self.path.rpartition(":")
         host = host.strip("[]").lower()
         with cloud.lock:
             accepted = host in PUBLIC_HOSTS and port == "443"

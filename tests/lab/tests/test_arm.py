@@ -251,6 +251,15 @@ def test_a_vm_stopped_after_the_check_is_reported_as_stopped(
     assert (vm.run_commands, recorder.calls) == (0, [])
 
 
+def raising(error: BaseException) -> t.Callable[..., t.Any]:
+    """A stand-in for an SDK call that fails with ``error``."""
+
+    def call(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        raise error
+
+    return call
+
+
 def a_write_batch() -> t.Any:
     from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import BackupSet
     from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
@@ -283,9 +292,7 @@ def test_a_refused_run_command_tells_a_write_batch_that_nothing_was_sent(
         else:
             response = HttpResponseError(message="AuthorizationFailed")
             response.status_code = 403
-            monkeypatch.setattr(
-                plugin._client.virtual_machines, "begin_run_command", lambda *a, **k: (_ for _ in ()).throw(response)
-            )
+            monkeypatch.setattr(plugin._client.virtual_machines, "begin_run_command", raising(response))
         with pytest.raises(AnsibleConnectionFailure) as raised:
             plugin.exec_command(COMMAND_LINE, in_data=STDIN, sudoable=False)
     finally:
@@ -309,9 +316,7 @@ def test_a_lost_answer_to_the_run_command_request_is_an_unknown_outcome(
     try:
         plugin._connect()
         lost = ServiceResponseError("Connection aborted.")
-        monkeypatch.setattr(
-            plugin._client.virtual_machines, "begin_run_command", lambda *a, **k: (_ for _ in ()).throw(lost)
-        )
+        monkeypatch.setattr(plugin._client.virtual_machines, "begin_run_command", raising(lost))
         with pytest.raises(RunCommandOutcomeUnknown, match="answer of Azure Resource Manager was lost"):
             plugin.exec_command(COMMAND_LINE, in_data=STDIN, sudoable=False)
         batch = a_write_batch()

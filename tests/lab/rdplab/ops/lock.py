@@ -277,7 +277,7 @@ def lock_release(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
         return {"released": True, "holder": None}
     if entry is None:
         return {"released": False, "holder": None}
-    for _ in range(RELEASE_ATTEMPTS):
+    for _attempt in range(RELEASE_ATTEMPTS):
         if host.open_lock_files.get(key) == HOLDER_USER or _busy(host):
             continue
         found = read_record(host, entry, 0)
