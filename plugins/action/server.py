@@ -74,10 +74,18 @@ class _Concern:
     wrote: bool = False
     # Set when another module's failure stopped it before it sent any write.
     stopped: bool = False
+    # The module whose failed operation stopped a shared batch before any of this module's operations ran (all of
+    # them skipped): this module did not run, and its result says so.
+    skipped_by: str | None = None
 
     @property
     def done(self) -> bool:
         return self.result is not None
+
+    @property
+    def skipped(self) -> bool:
+        """It failed only because another module's failure skipped all its operations: it did not run."""
+        return self.skipped_by is not None and not self.wrote and bool((self.result or {}).get("failed"))
 
 
 class ActionModule(RdpfixAction):
@@ -154,11 +162,13 @@ class ActionModule(RdpfixAction):
         self, params: dict[str, t.Any], snapshot: Snapshot, order: list[str], concerns: dict[str, _Concern]
     ) -> dict[str, t.Any]:
         stopped_at: str | None = None
+        # The module that failed while one before it was still running: no module starts meanwhile.
+        failing: str | None = None
         while True:
             started = False
             merged = self._merge(snapshot, [concerns[name] for name in order if name in concerns])
             for name in order:
-                if name in concerns or stopped_at is not None or not self._ready(name, order, concerns):
+                if name in concerns or stopped_at or failing or not self._ready(name, order, concerns):
                     continue
                 if any(
                     (concerns[before].result or {}).get("failed")
@@ -179,13 +189,18 @@ class ActionModule(RdpfixAction):
                 # As in the role's separate tasks: a module that fails ends the host's run; those after it change
                 # nothing more. A module whose changes a shared batch already carried (or lost) finishes - its
                 # verification included: its result is the truth about the host.
-                stopped_at = failed
                 for name in order[order.index(failed) + 1 :]:
                     item = concerns.get(name)
                     if item is not None and not item.done and not item.wrote and item.lost is None:
                         item.stopped = True
                         self._answer(item, ActionFailed(f"not run: {failed} failed before this module sent a change"))
                 self._wait_quiet(list(concerns.values()))
+                # A module before it that is still running (recording in its manifest what its failed batch did, say)
+                # may be the cause - a later module whose operations the failure skipped fails too: the one that
+                # failed first in the role's order is named once every module before it is done.
+                failing = failed
+                if not any(not concerns[name].done for name in order[: order.index(failed)] if name in concerns):
+                    stopped_at = failed
             waiting = [concerns[name] for name in order if name in concerns and concerns[name].pending is not None]
             if waiting:
                 self._send_together(waiting)
@@ -197,7 +212,9 @@ class ActionModule(RdpfixAction):
         # Every module that ran to its own end keeps its result - those whose changes a shared batch carried or lost
         # above all; a module stopped before it sent a change, or never started, did not run (not_run_concerns).
         kept = [name for name in order if name in concerns and not concerns[name].stopped]
-        not_run = [name for name in order if name not in kept]
+        # ... and one whose operations the shared batch skipped after an earlier module's failure did not run either,
+        # though its result (saying so) is kept.
+        not_run = [name for name in order if name not in kept or concerns[name].skipped]
         results = {name: self._shaped(concerns[name]) for name in kept}
         self.snapshot = self._merge(snapshot, [concerns[name] for name in kept])
         replanned = [name for name, result in results.items() if result.get("replanned")]
@@ -221,7 +238,7 @@ class ActionModule(RdpfixAction):
             if made:
                 outcome["msg"] += f" (changes made by {', '.join(made)}: see their results)"
             if not_run:
-                outcome["msg"] += f" (not run: {', '.join(not_run)})"
+                outcome["msg"] += f" (not run because {stopped_at} failed, nothing changed: {', '.join(not_run)})"
         lost = [item.lost for item in (concerns[name] for name in kept) if item.lost is not None]
         if lost and unreachable is None:
             # Each concern's own result names its manifest and what it found; the task's says it for all of them.
@@ -269,6 +286,9 @@ class ActionModule(RdpfixAction):
             return reply
 
         action.batch_sender = sender
+        # A module that failed may send one more batch - its manifest written again with what the failed batch did
+        # (record_statuses): the failure is named only once every module before it is done (_run_concerns).
+        action.record_statuses_shared = True
 
         def work() -> None:
             try:
@@ -327,6 +347,8 @@ class ActionModule(RdpfixAction):
                 continue
             guard_results = sent.results[: sum(len(part) for part in guards)]
             stale = next((result for result in guard_results if not result.ok), None)
+            # The module whose own operation failed and stopped the batch (those after it were skipped), if any.
+            cause = self._stopped_by(group, own, sent.results[len(guard_results) :]) if stale is None else None
             offset_guard = 0
             offset_own = len(guard_results)
             offset_reread = offset_own + sum(len(part) for part in own)
@@ -345,9 +367,24 @@ class ActionModule(RdpfixAction):
                     # Its own guards held, but another module's stopped the batch before anything was written.
                     self._answer(item, StaleSnapshot(stale.error_message or "another concern's guard failed"))
                 else:
-                    item.wrote = item.wrote or (stale is None and any(op["op"] in WRITE_OPERATIONS for op in own_ops))
+                    ran = mine[len(own_guards) : len(own_guards) + len(own_ops)]
+                    if cause is not None and cause != item.name and ran and all(result.skipped for result in ran):
+                        # Another module's failure stopped the batch before any of this module's operations ran.
+                        item.skipped_by = cause
+                    elif stale is None and any(op["op"] in WRITE_OPERATIONS for op in own_ops):
+                        item.wrote = True
                     self._answer(item, BatchResult(sent.host, mine))
             self._wait_quiet(group)
+
+    @staticmethod
+    def _stopped_by(group: list[_Concern], own: list[list[dict[str, t.Any]]], results: list[t.Any]) -> str | None:
+        """The module whose own operation failed first in a shared batch (``results`` after the guards), or None."""
+        offset = 0
+        for item, ops in zip(group, own, strict=True):
+            if any(not result.ok and not result.skipped for result in results[offset : offset + len(ops)]):
+                return item.name
+            offset += len(ops)
+        return None
 
     def _answer_lost(self, group: list[_Concern], lost: OutcomeUnknown) -> None:
         """The answer to a shared batch that writes was lost: each module whose changes it carried learns that the
@@ -413,6 +450,14 @@ class ActionModule(RdpfixAction):
     def _shaped(self, item: _Concern) -> dict[str, t.Any]:
         result = dict(item.result or {})
         result.pop("snapshot", None)
+        if item.skipped:
+            # Its own words would blame its first skipped operation ("the backup could not be written"): the
+            # module did not run, because the one named failed before it in the same batch.
+            result["changed"] = False
+            result["msg"] = (
+                f"{self.host}: {item.name} did not run because {item.skipped_by} failed before it in the shared "
+                "batch (its operations were skipped); nothing was changed"
+            )
         # The round trips that carried this module's batches (shared with the other modules in them).
         result["round_trips"] = item.carried + int(result.get("round_trips") or 0)
         result["module"] = f"rdpfix.rdp.{item.name}"

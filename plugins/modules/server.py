@@ -28,6 +28,10 @@ description:
     change yet, as separate tasks would (RV(not_run_concerns)). A module whose changes a shared batch already carried
     runs to its end, its verification included, and is reported with its changes, its backup manifest and, for
     M(rdpfix.rdp.tls), C(reboot_required); the task is C(changed) when any of them changed the host.
+  - A module whose operation fails inside the shared batch writes its manifest once more with what the batch did of
+    each item (one more WinRM command, on that failure path only), before the task names it as the module that
+    failed; the modules after it in that batch, whose operations were skipped, did not run and say so in their
+    results ("did not run because <module> failed ...; nothing was changed").
   - A module waits for the answer to a shared batch as long as the connection does (the task sends the batch itself,
     within the connection's timeouts), so a slow batch never ends a module without its result.
   - Each module's result is returned under RV(concerns) in the shape of that module's own result; O(report) shows
@@ -130,8 +134,9 @@ failed_concern:
   type: str
 not_run_concerns:
   description:
-    - The modules named in the options that did not run, in the role's order - not started, or stopped before they
-      sent any change, because a module before them failed. Empty when every module ran.
+    - The modules named in the options that did not run, in the role's order - not started, stopped before they
+      sent any change, or whose operations the shared batch skipped, because a module before them failed. Empty when
+      every module ran. Those whose operations were skipped also have a result under RV(concerns) saying so.
   returned: unless O(report) is given
   type: list
   elements: str
@@ -147,8 +152,8 @@ snapshot:
 round_trips:
   description:
     - WinRM commands the task sent - 0 in check mode or when nothing changes, 1 for the apply batch, plus the read
-      batch of a module that plans anew, a certificate change after a key store repair, and the documented polls;
-      plus 1 for the snapshot's read when the task took it itself (no O(snapshot) given).
+      batch of a module that plans anew, a certificate change after a key store repair, the documented polls, and
+      the manifest a module writes again after its operation failed; plus 1 for the snapshot's read when the task took it itself (no O(snapshot) given).
       With O(report), the round trips of the reported module.
   returned: always
   type: int

@@ -3,6 +3,8 @@
 - every concern's options are checked before any batch is sent: one concern's bad input leaves the host untouched;
 - a concern that fails after the shared batch carried the others' changes does not hide them: each concern whose
   changes went out keeps its result (changes, manifest, reboot_required); only those that sent nothing are not run;
+- a concern whose operations the shared batch skipped after an earlier concern's failure says it did not run
+  because of that concern (nothing changed), and the earlier concern is the one named as failed;
 - a slow shared batch is waited for as long as the connection waits: no concern ends as "no answer" without its
   manifest.
 """
@@ -102,7 +104,37 @@ def test_a_concern_failing_after_the_shared_batch_keeps_the_others_changes(monke
     )
     assert host.registry.dword(TLS12, "Enabled") == 1
     assert result["changed"] is True
-    assert "changes made by tls" in result["msg"] and "not run: certificate" in result["msg"]
+    assert "changes made by tls" in result["msg"]
+    assert result["msg"].endswith("(not run because machinekeys failed, nothing changed: certificate)")
+
+
+def test_a_concern_skipped_by_an_earlier_failure_says_it_did_not_run() -> None:
+    # The key store's ACL write is refused inside the shared batch: TLS's operations after it are skipped. TLS did not
+    # run because the key store failed - its result and the task's message say so (not "the backup could not be
+    # written"), it changed nothing and left no manifest; the key store is the module that failed.
+    host = load("combined-machinekeys-tls12")
+    facts = snapshot_of(host)
+    tls12_before = host.registry.dword(TLS12, "Enabled")
+    host.filesystem.add_fault("C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys", "AccessDenied")
+    result = run(
+        server_action.ActionModule, host, snapshot=facts, machinekeys={}, certificate={}, tls={"nla": "enabled"}
+    )
+    assert result["failed"] is True and result["failed_concern"] == "machinekeys"
+    # The shared apply batch, then the key store's manifest written again with its items' statuses.
+    assert result["round_trips"] == 2
+    assert list(result["concerns"]) == ["machinekeys", "tls"]
+    assert result["not_run_concerns"] == ["certificate", "tls"]
+    tls = result["concerns"]["tls"]
+    assert tls["failed"] is True and tls["changed"] is False and tls["round_trips"] == 1
+    assert tls["msg"] == (
+        f"{host.name}: tls did not run because machinekeys failed before it in the shared batch (its operations were "
+        "skipped); nothing was changed"
+    )
+    assert result["changed"] is False and "changes made by" not in result["msg"]
+    assert result["msg"].startswith(f"{host.name}: acl.set failed: AccessDenied")
+    assert result["msg"].endswith("(not run because machinekeys failed, nothing changed: certificate, tls)")
+    assert manifests(host) == [result["concerns"]["machinekeys"]["backup"]["manifest_id"]]
+    assert tls12_before != 1 and host.registry.dword(TLS12, "Enabled") == tls12_before
 
 
 class Slow(rdplab_direct.DirectConnection):  # type: ignore[misc]
