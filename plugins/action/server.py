@@ -239,7 +239,13 @@ class ActionModule(RdpfixAction):
                 outcome["msg"] += f" (changes made by {', '.join(made)}: see their results)"
             if not_run:
                 outcome["msg"] += f" (not run because {stopped_at} failed, nothing changed: {', '.join(not_run)})"
-        lost = [item.lost for item in (concerns[name] for name in kept) if item.lost is not None]
+        # A lost answer whose concern read the host again (its result has an outcome): not one to the manifest a failed
+        # concern writes again after its answered batch (record_statuses warns of that itself).
+        lost = [
+            item.lost
+            for name, item in ((name, concerns[name]) for name in kept)
+            if item.lost is not None and "outcome" in results[name]
+        ]
         if lost and unreachable is None:
             # Each concern's own result names its manifest and what it found; the task's says it for all of them.
             outcome["outcomes"] = {name: result["outcome"] for name, result in results.items() if "outcome" in result}

@@ -5,6 +5,7 @@
   changes went out keeps its result (changes, manifest, reboot_required); only those that sent nothing are not run;
 - a concern whose operations the shared batch skipped after an earlier concern's failure says it did not run
   because of that concern (nothing changed), and the earlier concern is the one named as failed;
+- a lost answer to a failed concern's manifest written again does not turn its failure into a lost apply batch;
 - a slow shared batch is waited for as long as the connection waits: no concern ends as "no answer" without its
   manifest.
 """
@@ -135,6 +136,32 @@ def test_a_concern_skipped_by_an_earlier_failure_says_it_did_not_run() -> None:
     assert result["msg"].endswith("(not run because machinekeys failed, nothing changed: certificate, tls)")
     assert manifests(host) == [result["concerns"]["machinekeys"]["backup"]["manifest_id"]]
     assert tls12_before != 1 and host.registry.dword(TLS12, "Enabled") == tls12_before
+
+
+class DropSecond(rdplab_direct.DirectConnection):  # type: ignore[misc]
+    """The second command (the snapshot was given: the batch after the apply batch) runs, and its answer is lost."""
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        answer: tuple[int, bytes, bytes] = super().exec_command(cmd, in_data, sudoable)
+        if len(self.wire) == 2:
+            raise ConnectionResetError("connection reset by peer")
+        return answer
+
+
+def test_a_lost_answer_to_the_failed_concerns_status_record_keeps_its_failure() -> None:
+    # The apply batch was answered (the key store's ACL write refused); only the answer to the key store's manifest
+    # written again is lost. The task still fails naming the key store with its own message - not "the answer to the
+    # apply batch the concerns shared was lost" - and the key store warns that its manifest may still say planned.
+    host = load("combined-machinekeys-tls12")
+    facts = snapshot_of(host)
+    host.filesystem.add_fault("C:\\ProgramData\\Microsoft\\Crypto\\RSA\\MachineKeys", "AccessDenied")
+    result = run(server_action.ActionModule, host, DropSecond(host), snapshot=facts, machinekeys={}, tls={})
+    assert result["failed"] is True and result["failed_concern"] == "machinekeys"
+    assert result["round_trips"] == 2 and "outcomes" not in result
+    assert result["msg"].startswith(f"{host.name}: acl.set failed: AccessDenied"), result["msg"]
+    machinekeys = result["concerns"]["machinekeys"]
+    assert "outcome" not in machinekeys and machinekeys["msg"] in result["msg"]
+    assert any("could not be updated with what the run did" in item for item in machinekeys["warnings"])
 
 
 class Slow(rdplab_direct.DirectConnection):  # type: ignore[misc]
