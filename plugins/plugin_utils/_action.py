@@ -60,6 +60,11 @@ SNAPSHOT_ARGUMENT_SPEC: dict[str, dict[str, t.Any]] = {
 # Backups hold private keys: only SYSTEM and Administrators may read them, nothing is inherited from ProgramData.
 BACKUP_DIR_SDDL = "O:BAG:SYD:PAI(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)"
 MANIFEST_FILE = "manifest.json"
+# Created with the backup folder by its one writer, atomically (dir.create's ``claim``): the apply batch, or - when the
+# batch's answer was lost and its folder is not there yet - the run reading the host again, which so fences the lost
+# batch off (_outcome.resolve). A folder claimed by that run holds only this file, its text starting with FENCED.
+CLAIM_FILE = "claim.txt"
+FENCED = "fenced"
 MANIFEST_VERSION = 1
 # Manifests whose carried-out items say what was done of them (``status``); rdpfix.rdp.restore reads 1 and 2.
 MANIFEST_VERSION_STATUS = 2
@@ -150,7 +155,15 @@ class BackupSet:
     def begin(self, batch: Batch) -> int:
         # Named by the batch, so that a lost answer reports this manifest (OutcomeUnknown).
         batch.manifest_id, batch.manifest_dir = self.manifest_id, self.directory
-        return batch.add("dir.create", path=self.directory, sddl=BACKUP_DIR_SDDL)
+        # Claimed: a folder someone else claimed first (the run that found this batch's answer lost) stops the batch
+        # here, before any write.
+        return batch.add(
+            "dir.create",
+            path=self.directory,
+            sddl=BACKUP_DIR_SDDL,
+            claim=CLAIM_FILE,
+            claim_text=f"rdpfix.rdp.{self.module} {self.manifest_id}",
+        )
 
     @property
     def last_item(self) -> int:
@@ -341,18 +354,23 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
     def validate_params(self, params: dict[str, t.Any]) -> None:
         """Checks the argument spec cannot express; raise ``ActionFailed``. Runs before the connection is used."""
 
-    def send(self, batch: Batch) -> BatchResult:
-        """Send one batch: exactly one command over the connection, counted in ``round_trips``."""
+    def send(self, batch: Batch, *, locked: bool = True) -> BatchResult:
+        """Send one batch: exactly one command over the connection, counted in ``round_trips``. ``locked=False``: a
+        write batch sent outside the run lock (the fence of _outcome.resolve, atomic by itself)."""
         if self.batch_sender is not None:
             return self.batch_sender(batch)
-        if batch.writes and not _lock.is_locked(batch):
+        if locked and batch.writes and not _lock.is_locked(batch):
             return self._send_locked(batch)
         if batch.ops:
             self.round_trips += 1
         answered = run_batch(self.channel(), self.host, batch, self.wire_builder())
-        if batch.writes and any(
-            item.ok and item.op in _agent.WRITE_OPERATIONS and item.op not in _lock.OPERATIONS
-            for item in answered.results
+        if (
+            locked
+            and batch.writes
+            and any(
+                item.ok and item.op in _agent.WRITE_OPERATIONS and item.op not in _lock.OPERATIONS
+                for item in answered.results
+            )
         ):
             self.written.append(batch.manifest_id)
         return answered

@@ -530,6 +530,37 @@ function Read-FileSecurity {
 $AgentErrorData = @{ Value = $null }
 
 # An exception carrying one of the protocol's error types; Get-AgentErrorType reads the tag back.
+function Add-FolderClaim {
+    # dir.create's claim: the named file created inside the folder with FileMode.CreateNew, which Windows makes atomic
+    # (CreateFile with CREATE_NEW): of two callers, exactly one creates it, the other gets ERROR_FILE_EXISTS. The folder
+    # itself cannot serve: Directory.CreateDirectory succeeds on an existing folder, and a test then a create races.
+    # The loser fails (AlreadyClaimed), or with -MustClaim $false is told so: $false.
+    param([string]$Folder, [string]$Name, [string]$Text, [bool]$MustClaim)
+    $claimPath = [System.IO.Path]::Combine($Folder, $Name)
+    try {
+        $stream = New-Object System.IO.FileStream ($claimPath, [System.IO.FileMode]::CreateNew, [System.IO.FileAccess]::Write, [System.IO.FileShare]::None)
+    }
+    catch [System.IO.IOException] {
+        if ([System.IO.File]::Exists($claimPath)) {
+            if (-not $MustClaim) {
+                return $false
+            }
+            throw (New-AgentException 'AlreadyClaimed' "'$claimPath' exists: the folder was claimed first")
+        }
+        throw
+    }
+    try {
+        if ($Text) {
+            $bytes = (New-Object System.Text.UTF8Encoding $false).GetBytes($Text)
+            $stream.Write($bytes, 0, $bytes.Length)
+        }
+    }
+    finally {
+        $stream.Dispose()
+    }
+    return $true
+}
+
 function New-AgentException {
     param([string]$Type, [string]$Message)
     $exception = New-Object System.Exception $Message
@@ -2748,6 +2779,15 @@ $Operations = [ordered]@{
         param($Args_)
         $path = Get-StringArgument -Table $Args_ -Name 'path' -Required -NotEmpty
         $sddl = Get-StringArgument -Table $Args_ -Name 'sddl'
+        $claim = Get-StringArgument -Table $Args_ -Name 'claim'
+        $claimText = Get-StringArgument -Table $Args_ -Name 'claim_text'
+        $mustClaim = Get-OpArgument -Table $Args_ -Name 'must_claim' -Default $true
+        if (-not ($mustClaim -is [bool])) {
+            throw (New-AgentException 'InvalidArgument' "argument 'must_claim' must be true or false")
+        }
+        if ($claim -and ($claim.IndexOfAny([char[]]'\/:') -ge 0 -or $claim -eq '.' -or $claim -eq '..')) {
+            throw (New-AgentException 'InvalidArgument' "claim must be a plain file name, got '$claim'")
+        }
         $security = $null
         if ($sddl) {
             # Parsed before the folder is created, so a bad SDDL creates nothing (ArgumentException: InvalidArgument).
@@ -2759,7 +2799,11 @@ $Operations = [ordered]@{
                 throw (New-AgentException 'InvalidArgument' "'$path' exists and is a file")
             }
             # An existing folder keeps its ACL: changing it would need a backup the planner did not ask for.
-            return [ordered]@{ created = $false }
+            if (-not $claim) {
+                return [ordered]@{ created = $false }
+            }
+            $claimed = Add-FolderClaim -Folder $item.FullName -Name $claim -Text $claimText -MustClaim $mustClaim
+            return [ordered]@{ created = $false; claimed = $claimed }
         }
         # Directory.CreateDirectory takes the path literally (New-Item -Path would read [ and ] as wildcards).
         $created = [System.IO.Directory]::CreateDirectory($path)
@@ -2776,7 +2820,11 @@ $Operations = [ordered]@{
                 throw
             }
         }
-        return [ordered]@{ created = $true }
+        if (-not $claim) {
+            return [ordered]@{ created = $true }
+        }
+        $claimed = Add-FolderClaim -Folder $created.FullName -Name $claim -Text $claimText -MustClaim $mustClaim
+        return [ordered]@{ created = $true; claimed = $claimed }
     }
 
     'file.write' = {

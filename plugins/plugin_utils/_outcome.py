@@ -3,13 +3,22 @@
 """What a module says when the answer to its changes was lost: it reads the host again and tells what it finds.
 
 ``_agent.run_batch`` raises ``OutcomeUnknown`` when a batch that changes the host was sent and its answer did not come
-back (docs/reliability.md). The module then opens a new connection, looks for the backup manifest the lost batch was
-to write (the controller chose its id before sending), and plans again from the host as it is now, in check mode:
+back (docs/reliability.md). The module then opens a new connection, fences the lost batch off and looks for the
+backup manifest it was to write (the controller chose its id before sending), and plans again from the host as it is
+now, in check mode:
 
 * nothing left to do and the manifest is there: the changes were made - ``changed``, ``outcome: made``, a warning;
-* changes left: failed, ``outcome: partial`` (the manifest is there: the batch ran, maybe not to its end) or
-  ``outcome: not_made`` (no manifest: nothing was changed), listing what is still to do;
+* changes left: failed, ``outcome: partial`` (the batch claimed its backup folder: it ran, maybe not to its end, maybe
+  is still running) or ``outcome: not_made`` (this run claimed the folder first: the batch never wrote and never will),
+  listing what is still to do;
 * the host cannot be read again: failed, ``outcome: unknown``, naming the manifest to look at.
+
+The fence: on Windows a command goes on after its connection dropped (a WinRM shell lives on, a Run Command cannot be
+cancelled), so a lost batch may still be waiting for the run lock when the host is read again, and write after. A
+missing manifest alone proves nothing. Every apply batch starts by creating its backup folder with a claim file, atomic
+on the host (dir.create ``claim``), and stops before any write if the file is there. ``fence`` claims the folder of the
+lost batch in the round trip that reads its manifest: claimed - the batch can no longer write; already claimed - the
+batch got there first, and its manifest tells the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import typing as t
 from ansible.errors import AnsibleError
 
 from ._agent import Batch, BatchResult, OutcomeUnknown
+from ._guards import GUARD_OP
 
 if t.TYPE_CHECKING:
     from ._action import RdpfixAction
@@ -27,14 +37,40 @@ if t.TYPE_CHECKING:
 MANIFEST_FILE = "manifest.json"
 
 
-def manifest_written(action: RdpfixAction, lost: OutcomeUnknown) -> bool | None:
-    """Whether the lost batch's manifest is on the host (None: the batch had none)."""
+# dir.create's error when the claim file is already there.
+ALREADY_CLAIMED = "AlreadyClaimed"
+
+
+def fence(action: RdpfixAction, lost: OutcomeUnknown) -> bool | None:
+    """Claim the lost batch's backup folder, and read its manifest, in one round trip. True: the manifest is there (the
+    batch ran); False: this run claimed the folder - the batch never wrote and never will; None: neither is known (the
+    batch had no backup folder, or claimed it and has no manifest yet, or the claim failed)."""
+    from ._action import BACKUP_DIR_SDDL, CLAIM_FILE, FENCED  # noqa: PLC0415 (_action imports this module)
+
     if not lost.manifest_dir:
         return None
-    batch = Batch(on_error="continue")
+    # The manifest read first, the claim last: "stop" (a batch inside rdpfix.rdp.server's run lock must stop on a
+    # failure) skips nothing. A claim made after a read that found no manifest still fences: the batch writes its
+    # manifest only after its own claim.
+    batch = Batch(on_error="stop")
     position = batch.add("file.stat", path=ntpath.join(lost.manifest_dir, MANIFEST_FILE))
-    stat = action.send(batch)[position]
-    return bool(stat.ok and stat.data.get("exists"))
+    claim = batch.add(
+        "dir.create",
+        path=lost.manifest_dir,
+        sddl=BACKUP_DIR_SDDL,
+        claim=CLAIM_FILE,
+        claim_text=f"{FENCED}: the answer to batch {lost.manifest_id} was lost; the run that read the host again "
+        "claimed this folder so that the batch can no longer write",
+        # Claimed first by the batch: told, not failed (a failure would stop the other modules' reads in
+        # rdpfix.rdp.server's shared batch).
+        must_claim=False,
+    )
+    # Outside the run lock: the lost batch may hold it, and the claim is atomic by itself.
+    answered = action.send(batch, locked=False)
+    stat = answered[position]
+    if stat.ok and stat.data.get("exists"):
+        return True
+    return False if answered[claim].ok and answered[claim].data.get("claimed") is True else None
 
 
 def _still_to_do(again: dict[str, t.Any]) -> list[str]:
@@ -64,7 +100,7 @@ def resolve(action: RdpfixAction, params: dict[str, t.Any], lost: OutcomeUnknown
         reset = getattr(action._connection, "reset", None) if action.batch_sender is None else None
         if callable(reset):
             reset()
-        present = manifest_written(action, lost)
+        present = fence(action, lost)
         action.check_mode = True
         action.snapshot, action.relied_on = None, {}
         again = action.run_task(params)
@@ -89,6 +125,12 @@ def resolve(action: RdpfixAction, params: dict[str, t.Any], lost: OutcomeUnknown
     elif present is False:
         state = f"nothing was changed ({where} is not on the host: the batch never reached these changes)"
         outcome = "not_made"
+    elif lost.manifest_dir:
+        state = (
+            f"the batch started, perhaps is still running: its backup folder {lost.manifest_dir} could not be claimed "
+            f"and holds no manifest yet"
+        )
+        outcome = "partial"
     else:
         state = "the host still needs changes"
         outcome = "partial"
@@ -152,6 +194,15 @@ def failure_message(
     failed = applied[failed_at]
     error = f"{failed.op} failed: {failed.error_type or 'Failed'}: {failed.error_message or ''}".rstrip(": ")
     where = f"manifest {backup.manifest_id} ({backup.directory})"
+    if failed.op == GUARD_OP and failed_at < len(batch.ops):
+        # A guard whose read failed (AccessDenied...): a GuardFailed is handled before, as a host that changed.
+        label = (batch.ops[failed_at].get("args") or {}).get("label") or "the state the plan relied on"
+        return f"{host}: the check before the changes could not be made: {label} ({error}); nothing was changed"
+    if failed.op == "dir.create" and failed.error_type == ALREADY_CLAIMED:
+        return (
+            f"{host}: the backup folder {backup.directory} was claimed by another run first ({error}); nothing was "
+            "changed"
+        )
     if failed_at <= manifest:
         return f"{host}: the backup could not be written to {backup.directory} ({error}); nothing was changed"
     made, not_made = change_report(batch, applied, changes, labels)

@@ -45,7 +45,7 @@ from ansible_collections.rdpfix.rdp.plugins.module_utils._x509 import summarize_
 
 from . import _certificate as certificate
 from . import _machinekeys as mk
-from ._action import BackupSet
+from ._action import CLAIM_FILE, FENCED, BackupSet
 from ._agent import Batch, BatchResult, OpResult, contract_string_list
 from ._firewall import OWN_GROUP, OWN_RULE_DESCRIPTION
 from ._tls import CIPHER_POLICY_KEY, FIPS_KEY, SCHANNEL_PROTOCOLS_KEY
@@ -290,8 +290,22 @@ def build_discovery_batch(root: str, manifest_ids: t.Sequence[str]) -> tuple[Bat
     """Round trip 1: ``system.info`` and either the backup folder's listing (no ids) or the requested manifests."""
     batch = Batch(on_error="continue")
     system = batch.add("system.info")
-    listing = None if manifest_ids else batch.add("dir.read_each", path=root, names=[MANIFEST_FILE, RESTORED_MARKER])
+    names = [MANIFEST_FILE, RESTORED_MARKER, CLAIM_FILE]
+    listing = None if manifest_ids else batch.add("dir.read_each", path=root, names=names)
     return batch, DiscoveryIndex(system, listing, add_manifest_reads(batch, root, manifest_ids))
+
+
+def _fenced(folder: dict[str, t.Any]) -> bool:
+    """A folder without manifest claimed by the run that found its batch's answer lost (_outcome.fence): that batch
+    never wrote, there is nothing in it to list or restore."""
+    files = folder.get("files") or {}
+    if files.get(MANIFEST_FILE) is not None or not files.get(CLAIM_FILE):
+        return False
+    try:
+        text = base64.b64decode(str(files[CLAIM_FILE]), validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return False
+    return text.startswith(FENCED)
 
 
 def listed_manifests(result: BatchResult, position: int) -> tuple[BatchResult, dict[str, tuple[int, int]]]:
@@ -301,7 +315,7 @@ def listed_manifests(result: BatchResult, position: int) -> tuple[BatchResult, d
     folders: dict[str, dict[str, t.Any]] = {}
     for folder in data.get("folders") or []:
         name = str(folder.get("name") or "") if isinstance(folder, dict) else ""
-        if MANIFEST_ID_RE.match(name):
+        if MANIFEST_ID_RE.match(name) and not _fenced(folder):
             folders[name] = folder
     reads: list[OpResult] = []
     positions: dict[str, tuple[int, int]] = {}

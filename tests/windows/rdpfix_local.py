@@ -273,12 +273,23 @@ def scenario_key_file(connection: LocalPowerShell, options: argparse.Namespace) 
         connection,
         [
             ("file.stat", {"path": key["path"]}),
-            ("dir.create", {"path": folder, "sddl": options.backup_sddl}),
+            ("dir.create", {"path": folder, "sddl": options.backup_sddl, "claim": "claim.txt", "claim_text": "ci"}),
             ("file.copy", {"src": key["path"], "dest": copied}),
         ],
     )
     stat, created, copy = (_result(item) for item in done)
     outcome.observed.update(file_stat=stat, dir_create=created, file_copy=copy, copy_path=copied)
+    # The claim is Windows' CreateNew: a second claim of the same folder fails, or is told with must_claim false.
+    claims = [
+        *run(connection, [("dir.create", {"path": folder, "claim": "claim.txt", "must_claim": False})]),
+        *run(connection, [("dir.create", {"path": folder, "claim": "claim.txt"})]),
+    ]
+    told, refused = (_result(item) for item in claims)
+    outcome.observed.update(dir_create_claims=[told, refused])
+    outcome.check("a claimed folder is claimed once", created.get("data", {}).get("claimed") is True, created)
+    outcome.check("a second claim is told", told["ok"] and told.get("data", {}).get("claimed") is False, told)
+    refused_error = str(refused.get("error") or "")
+    outcome.check("a second required claim fails", refused_error.startswith("AlreadyClaimed"), refused)
     sha = stat.get("data", {}).get("sha256") if stat["ok"] else None
     outcome.check("file.stat answers", stat["ok"], stat.get("error"))
     outcome.check("the key file's content can be hashed (backup semantics)", sha is not None, stat)

@@ -356,3 +356,30 @@ def test_dir_read_each_reads_the_named_files_of_every_subfolder() -> None:
             {"name": "empty", "files": {"manifest.json": None, "restored.json": None}, "errors": {}},
         ],
     }
+
+
+def test_dir_create_claim_lets_one_caller_have_the_folder() -> None:
+    host = load()
+    folder = BACKUPS + "\\m3"
+    claim = {"path": folder, "claim": "claim.txt", "claim_text": "first"}
+    first = host.run_batch(batch(("dir.create", claim)))["results"][0]
+    assert first["ok"] and first["data"] == {"created": True, "claimed": True}
+    # The folder is there: the second caller fails on the claim file, and the batch stops before its write.
+    second = host.run_batch(
+        batch(
+            ("dir.create", {**claim, "claim_text": "second"}),
+            ("file.write", {"path": folder + "\\manifest.json", "content_b64": b64(b"{}")}),
+        )
+    )["results"]
+    assert second[0]["error"]["type"] == "AlreadyClaimed" and second[1].get("skipped")
+    claimed = host.filesystem.get(folder + "\\claim.txt")
+    assert claimed is not None and claimed.content == b"first"
+    assert not host.filesystem.exists(folder + "\\manifest.json")
+    told = host.run_batch(batch(("dir.create", {**claim, "must_claim": False})))["results"][0]
+    assert told["ok"] and told["data"] == {"created": False, "claimed": False}
+    # A folder that exists unclaimed can still be claimed once; without a claim, dir.create is as before.
+    host.run_batch(batch(("dir.create", {"path": BACKUPS + "\\m4"})))
+    again = host.run_batch(batch(("dir.create", {"path": BACKUPS + "\\m4", "claim": "claim.txt"})))["results"][0]
+    assert again["ok"] and again["data"] == {"created": False, "claimed": True}
+    refused = host.run_batch(batch(("dir.create", {"path": BACKUPS + "\\m5", "claim": "..\\x"})))["results"][0]
+    assert refused["error"]["type"] == "InvalidArgument" and not host.filesystem.exists(BACKUPS + "\\m5")

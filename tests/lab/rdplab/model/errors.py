@@ -56,6 +56,12 @@ class Locked(OpError):
     error_type = "Locked"
 
 
+class AlreadyClaimed(OpError):
+    """dir.create's ``claim`` file is already in the folder: another caller claimed it first."""
+
+    error_type = "AlreadyClaimed"
+
+
 # The error types a `fail_writes_under` fault may produce, by protocol name.
 WRITE_FAULT_ERRORS: dict[str, type[OpError]] = {"DiskFull": DiskFull, "AccessDenied": AccessDenied}
 

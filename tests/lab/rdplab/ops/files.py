@@ -8,7 +8,7 @@ import hashlib
 import typing as t
 
 from rdplab.model import sddl as sddl_mod
-from rdplab.model.errors import InvalidArgument, NotFound, OpError
+from rdplab.model.errors import AlreadyClaimed, InvalidArgument, NotFound, OpError
 from rdplab.model.filesystem import name_of, validate_path
 from rdplab.ops import _access
 
@@ -96,11 +96,31 @@ def dir_create(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     sddl = args.get("sddl")
     if sddl is not None and (not isinstance(sddl, str) or not sddl_mod.is_valid(sddl)):
         raise InvalidArgument(f"argument 'sddl' must be an SDDL string with owner and DACL, got {sddl!r}")
+    claim = args.get("claim")
+    if claim is not None and (not isinstance(claim, str) or claim in (".", "..") or any(c in claim for c in "\\/:")):
+        raise InvalidArgument(f"claim must be a plain file name, got {claim!r}")
+    claim_text = args.get("claim_text")
+    if claim_text is not None and not isinstance(claim_text, str):
+        raise InvalidArgument(f"argument 'claim_text' must be a string, got {claim_text!r}")
+    must_claim = args.get("must_claim", True)
+    if not isinstance(must_claim, bool):
+        raise InvalidArgument("argument 'must_claim' must be true or false")
     if sddl is not None and not host.filesystem.exists(path):
         # The agent creates the folder, then applies the SDDL; an owner it may not set removes the folder again.
         host.process.start_agent()
         host.process.check_owner(path, sddl)
-    return {"created": host.filesystem.make_dirs(path, sddl)}
+    created = host.filesystem.make_dirs(path, sddl)
+    if not claim:
+        return {"created": created}
+    # The agent creates the claim file with FileMode.CreateNew, atomic on Windows: whether the folder was new or not,
+    # the caller that finds the file already there fails and writes nothing (docs/lab.md, "dir.create's claim").
+    claim_path = f"{path}\\{claim}"
+    if host.filesystem.exists(claim_path):
+        if not must_claim:
+            return {"created": created, "claimed": False}
+        raise AlreadyClaimed(f"'{claim_path}' exists: the folder was claimed first")
+    host.filesystem.write(claim_path, (claim_text or "").encode("utf-8"))
+    return {"created": created, "claimed": True}
 
 
 def file_write(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -142,8 +142,11 @@ class ScriptedHost:
         return {"slept_ms": milliseconds}
 
     # write operations
-    def op_dir_create(self, path: str, sddl: str) -> dict[str, t.Any]:
-        return {"created": True}
+    def op_dir_create(self, path: str, sddl: str, claim: str = "", claim_text: str = "") -> dict[str, t.Any]:
+        if not claim:
+            return {"created": True}
+        self.files[f"{path}\\{claim}"] = claim_text.encode("utf-8")
+        return {"created": True, "claimed": True}
 
     def op_file_write(self, path: str, content_b64: str) -> dict[str, t.Any]:
         self.files[path] = base64.b64decode(content_b64)

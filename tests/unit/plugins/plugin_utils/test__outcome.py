@@ -235,3 +235,37 @@ def test_a_lost_answer_stays_unknown_with_its_manifest_when_the_host_cannot_be_r
     assert result["failed"] is True and result["outcome"] == "unknown" and result["changed"] is False
     assert result["backup"]["manifest_id"] == batch.manifest_id and batch.manifest_id in result["msg"]
     assert "Reading the host again failed too" in result["msg"] and action.check_mode is False
+
+
+def test_a_guard_whose_read_failed_is_named_not_reported_as_a_backup_failure() -> None:
+    batch = Batch(on_error="stop")
+    batch.add("guard", label="no one logged on", read={"op": "sessions.list", "args": {}}, expect=[], match="equal")
+    backup = BackupSet.create("certificate", "WEB01", "C:\\ProgramData\\rdpfix\\backups")
+    backup.begin(batch)
+    manifest = backup.finish(batch)
+    batch.add("cert.remove", store="Remote Desktop", thumbprint="AB" * 20)
+    applied = BatchResult(
+        "web01",
+        [
+            OpResult(op="guard", ok=False, error_type="AccessDenied", error_message="Access is denied"),
+            *(OpResult(op="x", ok=False, skipped=True) for _ in batch.ops[1:]),
+        ],
+    )
+    message = _outcome.failure_message(
+        "web01", batch, applied, failed_at=0, manifest=manifest, changes=[manifest + 1], backup=backup
+    )
+    assert "could not be made: no one logged on" in message and "AccessDenied" in message
+    assert "backup could not be written" not in message and "nothing was changed" in message
+    # The backup folder claimed by another run first (the run that found this batch's answer lost).
+    applied = BatchResult(
+        "web01",
+        [
+            OpResult(op="guard", ok=True),
+            OpResult(op="dir.create", ok=False, error_type="AlreadyClaimed", error_message="claimed first"),
+            *(OpResult(op="x", ok=False, skipped=True) for _ in batch.ops[2:]),
+        ],
+    )
+    message = _outcome.failure_message(
+        "web01", batch, applied, failed_at=1, manifest=manifest, changes=[manifest + 1], backup=backup
+    )
+    assert "claimed by another run first" in message and "nothing was changed" in message

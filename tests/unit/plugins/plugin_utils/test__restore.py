@@ -111,7 +111,7 @@ def test_discovery_is_one_read_only_batch() -> None:
     batch, index = rs.build_discovery_batch(ROOT, ())
     assert not batch.writes and batch.on_error == "continue"
     assert [op["op"] for op in batch.ops] == ["system.info", "dir.read_each"] and index.listing == 1
-    assert batch.ops[1]["args"] == {"path": ROOT, "names": ["manifest.json", "restored.json"]}
+    assert batch.ops[1]["args"] == {"path": ROOT, "names": ["manifest.json", "restored.json", "claim.txt"]}
     batch, index = rs.build_discovery_batch(ROOT, (MANIFEST_ID,))
     assert index.listing is None
     assert [op["args"].get("path") for op in batch.ops[1:]] == [
