@@ -19,7 +19,7 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
 def batches() -> list[Batch]:
     read = Batch(on_error="continue")
     read.add("system.info")
-    read.add("registry.get", path="HKLM:\\SOFTWARE\\Ünïcödé \"quoted\" \\ back", names=["a\tb", "<&>'"])
+    read.add("registry.get", path='HKLM:\\SOFTWARE\\Ünïcödé "quoted" \\ back', names=["a\tb", "<&>'"])
     write = Batch(on_error="stop")
     write.add("file.write", path="C:\\ProgramData\\rdpfix\\x.json", content_b64="eyJ9\n" * 50)
     write.add_always("lock.release", name="rdpfix")
