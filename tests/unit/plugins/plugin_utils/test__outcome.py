@@ -248,7 +248,7 @@ def test_a_guard_whose_read_failed_is_named_not_reported_as_a_backup_failure() -
         "web01",
         [
             OpResult(op="guard", ok=False, error_type="AccessDenied", error_message="Access is denied"),
-            *(OpResult(op="x", ok=False, skipped=True) for _ in batch.ops[1:]),
+            *(OpResult(op="x", ok=False, skipped=True) for _op in batch.ops[1:]),
         ],
     )
     message = _outcome.failure_message(
@@ -262,7 +262,7 @@ def test_a_guard_whose_read_failed_is_named_not_reported_as_a_backup_failure() -
         [
             OpResult(op="guard", ok=True),
             OpResult(op="dir.create", ok=False, error_type="AlreadyClaimed", error_message="claimed first"),
-            *(OpResult(op="x", ok=False, skipped=True) for _ in batch.ops[2:]),
+            *(OpResult(op="x", ok=False, skipped=True) for _op in batch.ops[2:]),
         ],
     )
     message = _outcome.failure_message(
