@@ -35,6 +35,9 @@ def left_line(result: t.Mapping[str, t.Any], summary: t.Mapping[str, t.Any]) -> 
         return f"UNREACHABLE: {reason}{SOME_RAN if summary else NOTHING_RAN}"
     if result.get("failed_concern"):
         return f"FAILED: {_text(result.get('msg', ''))}"
+    if result.get("failed") and not result.get("concerns") and "msg" in result:
+        # The repair itself failed before any concern ran (the host could not be read, bad options, ...).
+        return f"FAILED: {_text(result['msg'])}{NOTHING_RAN}"
     return f"FAILED: {AFTER_REPAIR}"
 
 

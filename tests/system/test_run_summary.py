@@ -19,8 +19,15 @@ LEFT_TASK = "Show what was found and done on the hosts that left the run (unreac
 # healthy: nothing to do; expired-selfsigned: the answer to its apply batch dropped after the batch ran (the module
 # reads again: made); combined-machinekeys-firewall: every command after its read dropped (two concerns' changes sent
 # in one batch, the answer lost, the host cannot be read again: outcome unknown for each); firewall-rules-disabled:
-# its credentials refused (unreachable at the first task).
-HOSTS = ["healthy", "expired-selfsigned", "combined-machinekeys-firewall", "firewall-rules-disabled"]
+# its credentials refused (unreachable at the first task); tls-security-layer-rdp: a become method the agent cannot
+# be sent with (the repair task fails before any concern ran, so no per-concern result would fail the host).
+HOSTS = [
+    "healthy",
+    "expired-selfsigned",
+    "combined-machinekeys-firewall",
+    "firewall-rules-disabled",
+    "tls-security-layer-rdp",
+]
 
 
 def left_summaries(run: PlaybookRun) -> dict[str, list[str]]:
@@ -38,6 +45,9 @@ def run(lab_factory: t.Callable[..., Lab], tmp_path: t.Any) -> tuple[Lab, Playbo
     lab = lab_factory(*HOSTS)
     inventory = yaml.safe_load(lab.inventory.read_text())
     inventory["all"]["children"]["windows"]["hosts"]["firewall-rules-disabled"]["ansible_password"] = "wrong"
+    inventory["all"]["children"]["windows"]["hosts"]["tls-security-layer-rdp"].update(
+        {"ansible_become": True, "ansible_become_method": "ansible.builtin.su"}
+    )
     bad_inventory = tmp_path / "inventory.yml"
     bad_inventory.write_text(yaml.safe_dump(inventory))
     # The first command of a host is its read, the second its apply batch.
@@ -61,7 +71,13 @@ def test_the_summary_lists_unreachable_and_failed_hosts_and_lost_answers(run: tu
 
     # Hosts that left the run: listed once each, saying why.
     left = left_summaries(played)
-    assert set(left) == {"firewall-rules-disabled", "combined-machinekeys-firewall"}, left
+    assert set(left) == {"firewall-rules-disabled", "combined-machinekeys-firewall", "tls-security-layer-rdp"}, left
+    # The repair task failed before any concern ran: the host fails there (it never reaches the verification), and
+    # its summary gives the repair's own reason.
+    assert played.stats["tls-security-layer-rdp"]["failures"] == 1
+    unsendable = left["tls-security-layer-rdp"]
+    assert unsendable[0].startswith("FAILED: ") and "the rdpfix agent cannot be sent" in unsendable[0], unsendable
+    assert unsendable[0].endswith("nothing of the repair is known to have run") and len(unsendable) == 1, unsendable
     unreachable = left["firewall-rules-disabled"]
     assert unreachable[0].startswith("UNREACHABLE: ") and "nothing of the repair is known to have run" in unreachable[0]
     failed = left["combined-machinekeys-firewall"]

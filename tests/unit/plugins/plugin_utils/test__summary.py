@@ -164,6 +164,11 @@ def test_hosts_that_left_the_run_say_why_first() -> None:
         *HEALTHY_LINES,
     ]
     assert summary_lines(None, left=True) == ["FAILED: a task after the repair failed (see it above)"]
+    # The repair itself failed before any concern ran: its own message, not a later task's.
+    unreadable = {"failed": True, "msg": "web01: the rdpfix agent failed: AccessDenied"}
+    assert summary_lines(unreadable, left=True) == [
+        "FAILED: web01: the rdpfix agent failed: AccessDenied; nothing of the repair is known to have run"
+    ]
 
 
 def test_a_host_on_which_no_concern_ran_has_no_lines() -> None:
