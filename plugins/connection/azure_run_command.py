@@ -209,6 +209,7 @@ try:
         ServiceResponseError,
     )
     from azure.mgmt.compute.models import RunCommandInput
+    from azure.mgmt.core.polling.arm_polling import ARMPolling
 
     AZURE_IMPORT_ERROR: ImportError | None = None
 except ImportError as import_error:  # the controller lacks the SDK: a clear error when the connection is used
@@ -248,6 +249,7 @@ class Connection(ConnectionBase):  # type: ignore[misc]
         self.has_native_async = False
         self._shell_type = "powershell"
         self._client: t.Any = None
+        self._endpoint = ""
         self._vm: tuple[str, str, str] | None = None
         self._connected: bool = False
         # How many Run Commands this connection sent (each is one script on the VM, about 20 s on Azure).
@@ -292,6 +294,7 @@ class Connection(ConnectionBase):  # type: ignore[misc]
         subscription = self._coordinates()[0]
         try:
             settings = azure.settings_from(self.get_option)
+            self._endpoint = settings.resource_manager
             self._client = azure.compute_client(settings, subscription, float(self.get_option("poll_interval")))
         except azure.AzureSettingsError as exc:
             raise AnsibleConnectionFailure(str(exc)) from exc
@@ -368,6 +371,15 @@ class Connection(ConnectionBase):  # type: ignore[misc]
 
     # --- one Run Command ---------------------------------------------------------------------------------------------
 
+    def _send_run_command(self, group: str, name: str, parameters: t.Any) -> t.Any:
+        """The runCommand POST, sent once: azure-core's RetryPolicy would send a POST again after 500, 503 or 504
+        and after any answer carrying Retry-After, when the first one may have started the script (a second run, or
+        a 409 busy answer to our own script). The polls (GETs) keep the client's retries."""
+        polling = ARMPolling(
+            float(self.get_option("poll_interval")), path_format_arguments={"endpoint": self._endpoint}
+        )
+        return self._client.virtual_machines.begin_run_command(group, name, parameters, polling=polling, retry_total=0)
+
     def _run_script(self, script: str, what: str) -> tuple[str, str]:
         """Send one script, wait for it, return its stdout and stderr messages (Azure keeps the last 4,096 bytes of
         each)."""
@@ -377,11 +389,15 @@ class Connection(ConnectionBase):  # type: ignore[misc]
         retries = int(self.get_option("conflict_retries"))
         for attempt in range(retries + 1):
             try:
-                poller = self._call(
-                    what, lambda: self._client.virtual_machines.begin_run_command(group, name, parameters)
-                )
+                poller = self._call(what, lambda: self._send_run_command(group, name, parameters))
                 break
             except HttpResponseError as exc:
+                if exc.status_code is not None and (exc.status_code >= 500 or exc.status_code == 408):
+                    # The POST reached Azure and no refusal came back: the script may have started.
+                    raise RunCommandOutcomeUnknown(
+                        f"Azure answered the Run Command request for {self._describe()} with {exc.status_code} "
+                        f"({what}): {exc.message}; the script may have started: outcome unknown"
+                    ) from exc
                 busy = exc.status_code == 409 and BUSY_MESSAGE in str(exc.message or exc).lower()
                 if busy and attempt < retries:
                     display.vvv(f"AZURE RUN COMMAND: {self._describe()} busy, retrying in {wait:.1f} s", host=name)

@@ -163,6 +163,8 @@ class ArmVm:
     public_ip: bool = False
     run_commands: int = 0
     conflicts: int = 0
+    # Fault: how many coming runCommand POSTs start their script and are then answered 504 GatewayTimeout.
+    timed_out_posts: int = 0
     scripts: list[str] = field(default_factory=list)
     # Per exec script: bytes of the command's stdout+stderr, characters of its compressed result blob.
     results: list[dict[str, int]] = field(default_factory=list)
@@ -323,6 +325,8 @@ class ArmCloud:
                     vm.agent = str(body["agent"])
                 if "busy_seconds" in body:
                     vm.busy_until = time.monotonic() + float(body["busy_seconds"])
+                if "timed_out_posts" in body:
+                    vm.timed_out_posts = int(body["timed_out_posts"])
                 if "public_ip" in body:
                     vm.public_ip = str(body["public_ip"]).lower() in ("1", "true", "yes")
         return self.state()
@@ -514,9 +518,19 @@ class ArmCloud:
             vm.scripts.append("\n".join(script))
             self.operations[operation.op_id] = operation
             latency = self.latency
+            timed_out = vm.timed_out_posts > 0
+            vm.timed_out_posts -= timed_out
         threading.Thread(
             target=self._execute, args=(operation, list(script), latency), name=f"runcmd-{vm.name}", daemon=True
         ).start()
+        if timed_out:
+            # The gateway gave up waiting for Microsoft.Compute, which had already started the script (docs/lab.md:
+            # modelled, UNCONFIRMED). A second POST now meets the running script: 409 Conflict.
+            raise ArmError(
+                504,
+                "GatewayTimeout",
+                "The gateway did not receive a response from 'Microsoft.Compute' within the specified time period.",
+            )
         return operation
 
     def _execute(self, operation: Operation, script: list[str], latency: float) -> None:

@@ -89,6 +89,7 @@ def vm(cloud: arm.ArmCloud) -> arm.ArmVm:
     """The VM, running, its agent ready, nothing busy, counters zero, the cloud's defaults back."""
     cloud.configure({"reset_counters": True, "latency": 0, "stderr_limit": arm.OUTPUT_LIMIT})
     cloud.configure({"vm": NAME, "power_state": "running", "agent": "Ready", "busy_seconds": 0, "public_ip": False})
+    cloud.configure({"vm": NAME, "timed_out_posts": 0})
     found = cloud.vms[NAME]
     found.files.clear()
     found.slot.replace_host(WindowsHost.from_file(HOST_FILE))
@@ -209,10 +210,20 @@ def test_a_result_file_left_behind_is_removed_after_15_minutes(
     assert len(vm.files) == 1
 
 
-def test_a_busy_vm_is_retried_with_backoff(cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder) -> None:
+def test_a_busy_vm_is_retried_with_backoff(
+    cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plugin = connection(cloud)
     try:
         plugin._connect()
+        sent: list[dict[str, t.Any]] = []
+        send = plugin._client.virtual_machines.begin_run_command
+
+        def recorded(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            sent.append(dict(kwargs))
+            return send(*args, **kwargs)
+
+        monkeypatch.setattr(plugin._client.virtual_machines, "begin_run_command", recorded)
         # Another script runs on the VM for 0.6 s: 409 until then; the retries wait 0.1, 0.2, 0.4, ... s.
         cloud.configure({"vm": NAME, "busy_seconds": 0.6})
         assert plugin.exec_command(COMMAND_LINE, in_data=STDIN, sudoable=False) == (0, OUTCOME.stdout, b"")
@@ -221,6 +232,9 @@ def test_a_busy_vm_is_retried_with_backoff(cloud: arm.ArmCloud, vm: arm.ArmVm, r
     assert vm.conflicts >= 2
     assert vm.run_commands == 1
     assert recorder.calls == [(COMMAND_LINE, STDIN)]
+    # Our own loop retried the 409s; each POST went out with azure-core's retries off.
+    assert len(sent) == vm.conflicts + 1
+    assert all(kwargs.get("retry_total") == 0 for kwargs in sent), sent
 
 
 def test_a_vm_that_stays_busy_fails_after_the_retries(cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder) -> None:
@@ -326,6 +340,54 @@ def test_a_lost_answer_to_the_run_command_request_is_an_unknown_outcome(
         plugin.close()
     found = transport_failure(NAME, batch, raised.value, True, True)
     assert isinstance(found, OutcomeUnknown) and found.manifest_id == batch.manifest_id
+
+
+@pytest.mark.parametrize("status", [500, 504, 408])
+def test_a_server_error_answering_the_run_command_request_is_an_unknown_outcome(
+    cloud: arm.ArmCloud, vm: arm.ArmVm, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """A 5xx or 408 answer to the runCommand POST is no refusal: Azure may have started the script."""
+    from azure.core.exceptions import HttpResponseError
+
+    from ansible_collections.rdpfix.rdp.plugins.connection.azure_run_command import RunCommandOutcomeUnknown
+    from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import OutcomeUnknown, transport_failure
+
+    plugin = connection(cloud)
+    sent: list[dict[str, t.Any]] = []
+    error = HttpResponseError(message="GatewayTimeout")
+    error.status_code = status
+
+    def failing(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        sent.append(dict(kwargs))
+        raise error
+
+    try:
+        plugin._connect()
+        monkeypatch.setattr(plugin._client.virtual_machines, "begin_run_command", failing)
+        batch = a_write_batch()
+        with pytest.raises(RunCommandOutcomeUnknown, match=rf"(?s)with {status} .* may have started") as raised:
+            plugin.exec_command(COMMAND_LINE, in_data=STDIN, sudoable=False)
+    finally:
+        plugin.close()
+    found = transport_failure(NAME, batch, raised.value, True, True)
+    assert isinstance(found, OutcomeUnknown) and found.manifest_id == batch.manifest_id
+    assert len(sent) == 1 and sent[0].get("retry_total") == 0, sent
+
+
+def test_a_run_command_post_answered_504_after_the_script_started_is_not_sent_again(
+    cloud: arm.ArmCloud, vm: arm.ArmVm, recorder: Recorder
+) -> None:
+    """The lab's gateway answers 504 after Microsoft.Compute started the script: one run, outcome unknown (azure-core
+    on its own would send the POST again, meet our own script as 409 busy and call it "nothing sent")."""
+    from ansible_collections.rdpfix.rdp.plugins.connection.azure_run_command import RunCommandOutcomeUnknown
+
+    cloud.configure({"vm": NAME, "timed_out_posts": 1})
+    with pytest.raises(RunCommandOutcomeUnknown, match=r"(?s)with 504 .* outcome unknown"):
+        run(cloud)
+    deadline = time.monotonic() + 10
+    while vm.running is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (vm.run_commands, vm.conflicts, recorder.calls) == (1, 0, [(COMMAND_LINE, STDIN)])
 
 
 @pytest.mark.parametrize(("agent", "shown"), [("missing", "no VM agent reported"), ("Not Ready", "Not Ready")])
