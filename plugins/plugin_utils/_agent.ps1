@@ -545,6 +545,16 @@ function Add-FolderClaim {
             if (-not $MustClaim) {
                 return $false
             }
+            # Reported, not judged: the controller tells its own claim (an earlier execution of this same batch) from
+            # another run's. $null when it cannot be read (its creator still holds it open, FileShare.None).
+            $existing = $null
+            try {
+                $existing = (New-Object System.Text.UTF8Encoding $false).GetString((Read-FileBytes -Path $claimPath))
+            }
+            catch {
+                $existing = $null
+            }
+            $AgentErrorData.Value = [ordered]@{ claim_text = $existing }
             throw (New-AgentException 'AlreadyClaimed' "'$claimPath' exists: the folder was claimed first")
         }
         throw

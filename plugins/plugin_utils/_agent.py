@@ -399,4 +399,30 @@ def run_batch(connection: _Connection, host: str, batch: Batch, build: Builder) 
         if failure is exc:
             raise
         raise failure from exc
-    return parse_output(host, rc, stdout, stderr, expected=len(batch.ops))
+    answered = parse_output(host, rc, stdout, stderr, expected=len(batch.ops))
+    if own_claim_found(batch, answered):
+        raise OutcomeUnknown(
+            host,
+            "the batch found its backup folder already claimed by itself: an earlier execution of this same batch "
+            "(a command sent again after its connection dropped) ran, and its answer was lost",
+            batch.manifest_id,
+            batch.manifest_dir,
+        )
+    return answered
+
+
+def own_claim_found(batch: Batch, answered: BatchResult) -> bool:
+    """Whether a claim of the batch (dir.create ``claim``) failed on a claim file holding the batch's own claim text
+    (or one that could not be read): an earlier execution of this very batch claimed the folder - a command sent again
+    after its connection dropped (ssh's reconnection retries, a request re-sent by a client library) - and may have
+    made every change. Only a claim with another text (the fence of a run that read the host again) proves that the
+    batch changed nothing."""
+    for position, item in enumerate(answered.results):
+        if item.ok or item.op != "dir.create" or item.error_type != "AlreadyClaimed" or position >= len(batch.ops):
+            continue
+        own = (batch.ops[position].get("args") or {}).get("claim_text")
+        if not own:
+            continue
+        found = item.data.get("claim_text")
+        return found is None or found == own
+    return False

@@ -112,11 +112,15 @@ def resolve(action: RdpfixAction, params: dict[str, t.Any], lost: OutcomeUnknown
         action.check_mode = check_mode
     where = f"backup manifest {lost.manifest_id} ({lost.manifest_dir})"
     if not again.get("changed"):
-        action.warn(
-            f"The answer to the changes was lost ({lost.reason}); read again, the host shows them made"
-            + (f", recorded in {where}" if present else "")
-        )
         made = present is not False
+        action.warn(
+            f"The answer to the changes was lost ({lost.reason}); read again, "
+            + (
+                "the host shows them made" + (f", recorded in {where}" if present else "")
+                if made
+                else "the host already is as planned; the lost batch made none of it"
+            )
+        )
         return again | {"changed": made, "outcome": "made" if made else "not_needed", "backup": backup}
     todo = _still_to_do(again)
     if present:
@@ -199,6 +203,8 @@ def failure_message(
         label = (batch.ops[failed_at].get("args") or {}).get("label") or "the state the plan relied on"
         return f"{host}: the check before the changes could not be made: {label} ({error}); nothing was changed"
     if failed.op == "dir.create" and failed.error_type == ALREADY_CLAIMED:
+        # A claim of this batch's own (an earlier execution of it) is an unknown outcome, raised by _agent.run_batch:
+        # here the claim is another run's (the fence of a run that read the host again).
         return (
             f"{host}: the backup folder {backup.directory} was claimed by another run first ({error}); nothing was "
             "changed"

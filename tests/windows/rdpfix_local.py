@@ -210,6 +210,8 @@ def _result(item: t.Any) -> dict[str, t.Any]:
     return {
         "ok": False,
         "error": f"{item.error_type or ('Skipped' if item.skipped else 'Failed')}: {item.error_message}",
+        # What a failed operation still reports (a refused claim's text, a guard's actual value).
+        **({"data": item.data} if item.data else {}),
     }
 
 
@@ -290,6 +292,9 @@ def scenario_key_file(connection: LocalPowerShell, options: argparse.Namespace) 
     outcome.check("a second claim is told", told["ok"] and told.get("data", {}).get("claimed") is False, told)
     refused_error = str(refused.get("error") or "")
     outcome.check("a second required claim fails", refused_error.startswith("AlreadyClaimed"), refused)
+    outcome.check(
+        "a refused claim reports the claim it found", refused.get("data", {}).get("claim_text") == "ci", refused
+    )
     sha = stat.get("data", {}).get("sha256") if stat["ok"] else None
     outcome.check("file.stat answers", stat["ok"], stat.get("error"))
     outcome.check("the key file's content can be hashed (backup semantics)", sha is not None, stat)

@@ -372,6 +372,8 @@ def test_dir_create_claim_lets_one_caller_have_the_folder() -> None:
         )
     )["results"]
     assert second[0]["error"]["type"] == "AlreadyClaimed" and second[1].get("skipped")
+    # It reports the claim it found (the controller tells a claim of its own batch from another run's).
+    assert second[0]["data"] == {"claim_text": "first"}
     claimed = host.filesystem.get(folder + "\\claim.txt")
     assert claimed is not None and claimed.content == b"first"
     assert not host.filesystem.exists(folder + "\\manifest.json")

@@ -118,7 +118,10 @@ def dir_create(host: WindowsHost, args: dict[str, t.Any]) -> dict[str, t.Any]:
     if host.filesystem.exists(claim_path):
         if not must_claim:
             return {"created": created, "claimed": False}
-        raise AlreadyClaimed(f"'{claim_path}' exists: the folder was claimed first")
+        # The agent reports the existing claim's text (the controller tells its own claim from another run's).
+        entry = host.filesystem.get(claim_path)
+        existing = entry.content.decode("utf-8", "replace") if entry is not None and not entry.is_dir else None
+        raise AlreadyClaimed(f"'{claim_path}' exists: the folder was claimed first", {"claim_text": existing})
     host.filesystem.write(claim_path, (claim_text or "").encode("utf-8"))
     return {"created": created, "claimed": True}
 

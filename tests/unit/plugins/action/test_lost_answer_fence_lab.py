@@ -112,3 +112,39 @@ def test_a_batch_that_claimed_its_folder_first_is_judged_by_its_manifest() -> No
     assert manifest is not None
     claim = host.filesystem.get(f"{BACKUPS}\\{result['backup']['manifest_id']}\\{_action.CLAIM_FILE}")
     assert claim is not None and not claim.content.decode("utf-8").startswith(_action.FENCED)
+
+
+def test_a_batch_run_again_after_its_own_claim_is_not_said_to_have_changed_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same batch executed twice (ssh's reconnection_retries run a command again after an exit 255, a client
+    # library re-sends a request): the first execution claimed the backup folder, wrote its manifest and was cut
+    # before its changes; the second finds the folder claimed - by this very batch - and its answer is the one that
+    # comes back. "Claimed by another run, nothing was changed" would be untrue: the manifest judges.
+    host = rdplab_host.WindowsHost.from_file(HOSTS / "expired-selfsigned.yml")
+    connection = rdplab_direct.DirectConnection(host)
+    begun: list[_action.BackupSet] = []
+    begin = _action.BackupSet.begin
+
+    def recorded(self: _action.BackupSet, batch: _agent.Batch) -> int:
+        begun.append(self)
+        return begin(self, batch)
+
+    monkeypatch.setattr(_action.BackupSet, "begin", recorded)
+    original = connection.exec_command
+
+    def first_execution_cut(cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        if begun and not host.filesystem.exists(begun[0].directory):
+            # What the first execution left: its own claim and its manifest.
+            planned = _agent.Batch()
+            own = str(planned.ops[begin(begun[0], planned)]["args"]["claim_text"])
+            host.filesystem.make_dirs(begun[0].directory)
+            host.filesystem.write(f"{begun[0].directory}\\{_action.CLAIM_FILE}", own.encode("utf-8"))
+            host.filesystem.write(f"{begun[0].directory}\\manifest.json", b"{}")
+        return t.cast(tuple[int, bytes, bytes], original(cmd, in_data, sudoable))
+
+    connection.exec_command = first_execution_cut
+    result = run(CertificateAction, connection)
+    assert "nothing was changed" not in str(result.get("msg")), result.get("msg")
+    assert result["failed"] and result["outcome"] == "partial" and result["changed"], result.get("msg")
+    assert result["backup"]["manifest_id"] == begun[0].manifest_id and result["still_to_do"], result

@@ -3,6 +3,7 @@ was and was not changed, from the batch's own results."""
 
 from __future__ import annotations
 
+import json
 import typing as t
 
 import pytest
@@ -14,6 +15,7 @@ from winrm.exceptions import InvalidCredentialsError, WinRMError
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _outcome
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import BackupSet
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import (
+    PROTOCOL_VERSION,
     Batch,
     BatchResult,
     OpResult,
@@ -269,3 +271,57 @@ def test_a_guard_whose_read_failed_is_named_not_reported_as_a_backup_failure() -
         "web01", batch, applied, failed_at=1, manifest=manifest, changes=[manifest + 1], backup=backup
     )
     assert "claimed by another run first" in message and "nothing was changed" in message
+
+
+class AnsweringConnection:
+    """Answers the batch as the agent does: its first operation (the backup folder's claim) refused, the claim file
+    found holding ``found``."""
+
+    def __init__(self, found: str | None) -> None:
+        self.found = found
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        refused = {
+            "op": "dir.create",
+            "ok": False,
+            "error": {"type": "AlreadyClaimed", "message": "claim.txt exists: the folder was claimed first"},
+            "data": {"claim_text": self.found},
+        }
+        skipped = [{"op": "x", "ok": False, "skipped": True}] * (len(write_batch().ops) - 1)
+        document = {"v": PROTOCOL_VERSION, "results": [refused, *skipped]}
+        return 0, json.dumps(document).encode("utf-8"), b""
+
+
+def test_a_batch_that_finds_its_own_claim_ran_before_and_its_outcome_is_unknown() -> None:
+    # The same batch executed a second time (ssh's reconnection_retries, a re-sent request): the first claimed.
+    batch = write_batch()
+    own = str(batch.ops[0]["args"]["claim_text"])
+    for found in (own, None):  # None: the claim file could not be read
+        with pytest.raises(OutcomeUnknown) as raised:
+            run_batch(AnsweringConnection(found), "web01", batch, lambda _b: WireCommand("cmd", b""))
+        assert raised.value.manifest_id == batch.manifest_id and raised.value.manifest_dir == batch.manifest_dir
+    # A folder fenced by a run that read the host again: the batch's own answer, which says nothing was changed.
+    fenced = run_batch(AnsweringConnection("fenced: ..."), "web01", batch, lambda _b: WireCommand("cmd", b""))
+    assert fenced[0].error_type == "AlreadyClaimed" and fenced[0].data == {"claim_text": "fenced: ..."}
+
+
+def test_a_lost_batch_that_never_wrote_on_a_host_needing_nothing_is_not_said_to_have_made_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batch = write_batch()
+    lost = OutcomeUnknown("web01", "Read timed out.", batch.manifest_id, batch.manifest_dir)
+    warnings: list[str] = []
+    attributes = {
+        "host": "web01",
+        "check_mode": False,
+        "_connection": object(),
+        "batch_sender": None,
+        "warn": lambda self, text: warnings.append(text),
+        "run_task": lambda self, params: {"changed": False},
+    }
+    action = t.cast(t.Any, type("Action", (), attributes)())
+    monkeypatch.setattr(_outcome, "fence", lambda action, lost: False)  # this run claimed the folder
+    result = _outcome.resolve(action, {}, lost)
+    assert result["outcome"] == "not_needed" and result["changed"] is False
+    assert len(warnings) == 1 and "shows them made" not in warnings[0], warnings
+    assert "the host already is as planned; the lost batch made none of it" in warnings[0]
