@@ -68,6 +68,8 @@ attributes:
       - C(ansible.builtin.winrm), C(ansible.builtin.psrp), and C(ansible.builtin.ssh) with
         C(ansible_shell_type=powershell) (Windows OpenSSH); each batch is one command through Ansible's PowerShell
         module wrapper, whatever the C(pipelining) setting.
+      - P(rdpfix.rdp.azure_run_command#connection) reaches Azure VMs through Azure Run Command, one Run Command per
+        batch (more only for results past about 7,600 characters).
   delegation:
     description: Can be used in conjunction with delegate_to and related keywords.
     support: partial
