@@ -23,7 +23,8 @@ from ansible_collections.rdpfix.rdp.plugins.action import firewall as firewall_a
 from ansible_collections.rdpfix.rdp.plugins.action import machinekeys as machinekeys_action
 from ansible_collections.rdpfix.rdp.plugins.action import tls as tls_action
 from ansible_collections.rdpfix.rdp.plugins.action import transport as transport_action
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _server_read
+from ansible_collections.rdpfix.rdp.plugins.module_utils import _rdp_probe
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _server_read, _verification
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     REREADS_ATTRIBUTE,
     SNAPSHOT_ARGUMENT_SPEC,
@@ -93,19 +94,49 @@ class ActionModule(RdpfixAction):
     ARGUMENT_SPEC: t.ClassVar[dict[str, dict[str, t.Any]]] = {
         **SNAPSHOT_ARGUMENT_SPEC,
         **{name: {"type": "dict"} for name in CONCERNS},
-        "report": {"type": "dict"},
+        # Every concern to run and its options in one dict (name -> options): one template for a role to fill in
+        # instead of one per concern (Ansible compiles each template of a task anew on every host).
+        "concerns": {"type": "dict"},
+        # A result (one item of an earlier run's concerns), or the name of one - a concern, or verification - in the
+        # registered result named by report_from, which is then read as it is, never templated (the cheap way, for a
+        # loop on every host).
+        "report": {"type": "raw"},
+        "report_from": {"type": "str"},
         # The backup_root of every concern whose options give none: a member of the backup action group, so that
         # module_defaults for group/rdpfix.rdp.backup reach the concerns (a task that passes a concern's backup_root,
         # even as omit, would hide the module default; a concern's own backup_root still wins).
         "backup_root": {"type": "str"},
+        "verify": _verification.OPTION_SPEC,
+        "return_snapshot": {"type": "bool", "default": True},
     }
-    MUTUALLY_EXCLUSIVE: t.ClassVar[list[list[str]]] = [["report", "snapshot"]]
+    MUTUALLY_EXCLUSIVE: t.ClassVar[list[list[str]]] = [
+        ["report", "snapshot"],
+        ["report", "verify"],
+        ["report", "concerns"],
+        *(["concerns", name] for name in CONCERNS),
+    ]
+    REQUIRED_BY: t.ClassVar[dict[str, list[str]]] = {"report_from": ["report"]}
     # The read options when this task takes the snapshot itself (no snapshot given).
     _read_options: t.Any = None
+    # The result O(report) shows.
+    _reported: t.Mapping[str, t.Any] = {}
 
     def validate_params(self, params: dict[str, t.Any]) -> None:
+        # The role plans nothing more from the snapshot: without it, the result Ansible keeps for every host stays
+        # small (a third of its size), which the controller pays for in every later task of the play.
+        self.returns_snapshot = bool(params["return_snapshot"])
         if params["report"] is not None:
+            self._reported = self._report_source(params["report"], params["report_from"])
             return
+        if params["concerns"] is not None:
+            unknown = sorted(set(params["concerns"]) - set(CONCERNS))
+            if unknown:
+                known = ", ".join(CONCERNS)
+                raise ActionFailed(f"concerns: unknown concern(s) {', '.join(unknown)}; choose from {known}")
+            for name, options in params["concerns"].items():
+                if options is not None and not isinstance(options, dict):
+                    raise ActionFailed(f"concerns.{name}: give the options of {name} as a dictionary")
+                params[name] = dict(options or {})
         if not any(params[name] is not None for name in CONCERNS):
             raise ActionFailed(f"name at least one concern to run: {', '.join(CONCERNS)}")
         for name in CONCERNS:
@@ -139,7 +170,7 @@ class ActionModule(RdpfixAction):
 
     def run_task(self, params: dict[str, t.Any]) -> dict[str, t.Any]:
         if params["report"] is not None:
-            return self._report(params["report"])
+            return self._report(self._reported)
         if self.snapshot is None:
             if self._read_options is None:  # validate_params sets them when no snapshot is given
                 raise ActionFailed(f"{self.host}: rdpfix.rdp.server needs a snapshot")
@@ -151,12 +182,25 @@ class ActionModule(RdpfixAction):
         concerns: dict[str, _Concern] = {}
         self._abandoned = False
         try:
-            return self._run_concerns(params, self.snapshot, order, concerns)
+            outcome = self._run_concerns(params, self.snapshot, order, concerns)
         finally:
             # A module thread still waiting for an answer (this thread failed) is released, never left hanging.
             with self._lock:
                 self._abandoned = True
                 self._lock.notify_all()
+        ran = not outcome.get("failed") and not outcome.get("unreachable")
+        if params["verify"] is not None and not self.check_mode and ran:
+            # After every real run, one that changed nothing too: a host whose RDP does not connect must not look
+            # converged. Check mode predicts and probes nothing (the audit has its own probe).
+            outcome["verification"] = _verification.verify(params["verify"], outcome["concerns"], self.probe)
+            if outcome["verification"].get("failed"):
+                outcome.update(failed=True, msg=outcome["verification"]["msg"])
+        return outcome
+
+    @staticmethod
+    def probe(options: _rdp_probe.ProbeOptions) -> dict[str, t.Any]:
+        """rdpfix.rdp.handshake's probe, from the controller (this task's process) to the host's RDP port."""
+        return _rdp_probe.run_probe(options)
 
     def _run_concerns(
         self, params: dict[str, t.Any], snapshot: Snapshot, order: list[str], concerns: dict[str, _Concern]
@@ -469,7 +513,23 @@ class ActionModule(RdpfixAction):
         result["module"] = f"rdpfix.rdp.{item.name}"
         return result
 
-    def _report(self, report: dict[str, t.Any]) -> dict[str, t.Any]:
+    def _report_source(self, report: t.Any, source_name: str | None) -> t.Mapping[str, t.Any]:
+        """The result O(report) names (or is)."""
+        if source_name is None:
+            if not isinstance(report, t.Mapping):
+                raise ActionFailed("report: give one item of an earlier run's concerns, or its name with report_from")
+            return report
+        source = self._rdpfix_task_vars.get(source_name)
+        if not isinstance(source, t.Mapping):
+            raise ActionFailed(f"report_from: {source_name} is not a registered result of rdpfix.rdp.server here")
+        if not isinstance(report, str):
+            raise ActionFailed("report: with report_from, give the name of a concern (or verification)")
+        found = source.get("verification") if report == "verification" else (source.get("concerns") or {}).get(report)
+        if not isinstance(found, t.Mapping):
+            raise ActionFailed(f"report: {source_name} has no result for {report}")
+        return found
+
+    def _report(self, report: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         """One module's result from an earlier run of this module, as this task's result: nothing is sent."""
         shown = dict(report)
         for warning in shown.pop("warnings", None) or []:

@@ -75,11 +75,53 @@ options:
   tls:
     description: Run M(rdpfix.rdp.tls) with these options.
     type: dict
+  concerns:
+    description:
+      - Every concern to run and its options, in one dictionary (concern name -> that module's options), instead of
+        the options O(machinekeys), O(certificate), O(firewall), O(transport) and O(tls) (mutually exclusive with
+        them). The same run; for a role that builds all the options in one template (Ansible compiles every template
+        of a task anew on every host, so one template for all concerns costs the controller less).
+    type: dict
   report:
     description:
       - One item of RV(concerns) of an earlier run, returned as this task's result (changed, diff, findings, backup;
         failed when that module failed), and nothing is sent. For one output line per concern.
+      - With O(report_from), the name of that item instead - a concern, or C(verification) for RV(verification) -
+        read from the registered result O(report_from) names.
+    type: raw
+  report_from:
+    description:
+      - The name of a variable holding an earlier run's registered result, from which O(report) (a name) is read as
+        it is, never templated into the task's arguments - the cheaper way to show every host's results in a loop.
+    type: str
+  verify:
+    description:
+      - After a real run (never in check mode, nor after a failed run), probe RDP from the controller, in this task's
+        own process, as M(rdpfix.rdp.handshake) does with its default checks, and return the report as
+        RV(verification). No WinRM command is sent (the probe goes to the host's RDP port).
+      - The task fails when RDP does not connect, or the listener presents a certificate that is expired or not made
+        for server authentication, although the run left nothing pending - no reboot required, no service restart
+        pending, no finding unresolved (a module's C(unresolved)); what is pending is listed in the report instead.
+      - The C(rdpfix.rdp.rdpfix_server) role passes it unless
+        O(rdpfix.rdp.rdpfix_server#role:main:rdpfix_server_verify) is false, and verifies once more after a reboot.
     type: dict
+    suboptions:
+      host:
+        description: The address the controller probes (the role passes C(ansible_host), else the inventory name).
+        type: str
+        required: true
+      fallback_port:
+        description:
+          - The RDP port when the firewall concern did not run or could not read the listener's own (PortNumber),
+            which is probed otherwise.
+        type: int
+        default: 3389
+  return_snapshot:
+    description:
+      - Return the snapshot (RV(snapshot)) for later tasks to plan from. The role sets it false, since nothing after
+        its repair plans from it and the result Ansible keeps for every host is then a third of the size.
+    type: bool
+    default: true
   backup_root:
     description:
       - The C(backup_root) of every concern whose options give none (a concern's own C(backup_root) wins).
@@ -118,6 +160,25 @@ EXAMPLES = r"""
   loop: "{{ rdp_repair.concerns | dict2items }}"
   loop_control:
     label: "{{ item.key }}"
+
+- name: Read, repair and verify from the controller that RDP connects, keeping no snapshot in the result
+  rdpfix.rdp.server:
+    concerns:
+      certificate: {}
+      firewall:
+        profiles: [Domain, Private]
+    verify:
+      host: "{{ ansible_host | default(inventory_hostname) }}"
+    return_snapshot: false
+  register: rdp_verified
+  # Each concern's failure, and a failed verification, is shown by the loop below.
+  failed_when: rdp_verified.concerns is not defined and (rdp_verified.failed | default(false))
+
+- name: One result per concern, and the verification, read by name (nothing templated per item)
+  rdpfix.rdp.server:
+    report: "{{ item }}"
+    report_from: rdp_verified
+  loop: "{{ rdp_verified.concerns.keys() | list + (['verification'] if rdp_verified.verification is defined else []) }}"
 """
 
 RETURN = r"""
@@ -147,8 +208,20 @@ replanned_concerns:
   elements: str
 snapshot:
   description: The snapshot, updated with every read and re-read of the run, for later tasks to plan from.
-  returned: unless O(report) is given
+  returned: unless O(report) is given or O(return_snapshot) is false
   type: dict
+verification:
+  description:
+    - The final verification (O(verify)) - the probe's report as M(rdpfix.rdp.handshake) returns it (C(connectable),
+      C(verdict), C(target), C(tls), C(findings), ...), plus C(pending) (what the run left pending, which excuses RDP
+      that does not connect yet) and, when it failed the task, C(failed) and C(msg).
+  returned: when O(verify) is given, in a real run that did not fail before it
+  type: dict
+  sample:
+    connectable: true
+    verdict: ok
+    target: {host: 192.0.2.10, port: 3389}
+    pending: []
 round_trips:
   description:
     - WinRM commands the task sent - 0 in check mode or when nothing changes, 1 for the apply batch, plus the read

@@ -336,6 +336,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.snapshot: Snapshot | None = None
         self.relied_on: dict[str, tuple[str, dict[str, t.Any], dict[str, t.Any]]] = {}
         self.replanned: str | None = None
+        # Whether the result carries the snapshot for later tasks (rdpfix.rdp.server's return_snapshot).
+        self.returns_snapshot = True
         # Set by rdpfix.rdp.server to carry the write batches of several modules in one round trip.
         self.batch_sender: Callable[[Batch], BatchResult] | None = None
         # Set by rdpfix.rdp.server when a module that failed may still send the manifest of what it did
@@ -692,6 +694,7 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         self.lasting_warnings = []
         self.now = utc_now()
         self.snapshot, self.relied_on, self.replanned = None, {}, None
+        self.returns_snapshot = True
         # Manifest ids of the write batches this run has had answered (a later failure says changes were made).
         self.written: list[str | None] = []
         self.task_vars, self._builder, self._jobs = task_vars, None, None
@@ -761,7 +764,8 @@ class RdpfixAction(ActionBase, metaclass=abc.ABCMeta):
         if not self.diff_mode:
             result.pop("diff", None)
         if self.snapshot is not None:
-            result["snapshot"] = self.snapshot.to_dict()
+            if self.returns_snapshot:
+                result["snapshot"] = self.snapshot.to_dict()
             result["replanned"] = self.replanned
         if self._task.async_val and self.batch_sender is None:
             return self._finish_async(result)

@@ -38,6 +38,10 @@ def left_line(result: t.Mapping[str, t.Any], summary: t.Mapping[str, t.Any]) -> 
     if result.get("failed") and not result.get("concerns") and "msg" in result:
         # The repair itself failed before any concern ran (the host could not be read, bad options, ...).
         return f"FAILED: {_text(result['msg'])}{NOTHING_RAN}"
+    verification = _mapping(result.get("verification"))
+    if verification.get("failed"):
+        # The repair task's own final verification (rdpfix.rdp.server's verify).
+        return f"FAILED: {_text(verification.get('msg', ''))}"
     return f"FAILED: {AFTER_REPAIR}"
 
 

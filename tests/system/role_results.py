@@ -16,7 +16,8 @@ APPLY_TASK = (
     "batch"
 )
 REPORT_TASK = "rdpfix.rdp.rdpfix_server : Show each concern's result (one line, and with --diff one diff, per concern)"
-CONCERNS = ("machinekeys", "certificate", "firewall", "transport", "tls")
+# The concerns, and the repair task's final verification (shown as the loop's last item).
+CONCERNS = ("machinekeys", "certificate", "firewall", "transport", "tls", "verification")
 
 
 def concern_results(run: PlaybookRun, concern: str) -> dict[str, dict[str, t.Any]]:
@@ -25,7 +26,7 @@ def concern_results(run: PlaybookRun, concern: str) -> dict[str, dict[str, t.Any
     found: dict[str, dict[str, t.Any]] = {}
     for host, result in run.results(REPORT_TASK).items():
         for item in result.get("results") or []:
-            if (item.get("item") or {}).get("key") == name:
+            if item.get("item") == name:
                 found[host] = item
     return found
 
@@ -34,7 +35,7 @@ def failed_concern(run: PlaybookRun, host: str) -> str | None:
     """The module (rdpfix.rdp.<concern>) whose result failed the host, or None."""
     for item in run.results(REPORT_TASK).get(host, {}).get("results") or []:
         if item.get("failed"):
-            return f"rdpfix.rdp.{(item.get('item') or {}).get('key')}"
+            return f"rdpfix.rdp.{item.get('item')}"
     return None
 
 

@@ -12,7 +12,7 @@ import typing as t
 import pytest
 import yaml
 from harness import Lab, PlaybookRun, run_playbook
-from role_results import APPLY_TASK, concern_results
+from role_results import APPLY_TASK, concern_results, results_of
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
 
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.system
 BROKEN = ["expired-selfsigned", "missing-selfsigned", "pinned-missing", "active-sessions"]
 HEALTHY = ["healthy"]
 SUMMARY_TASK = "Show what was found and done"
-VERIFY_TASK = "rdpfix.rdp.rdpfix_server : Verify from the controller that RDP connects after the repair"
+# The repair task's own final verification, shown as the last item of the per-concern results.
+VERIFY_TASK = "verification"
 
 
 def summary(run: PlaybookRun, host: str) -> list[str]:
@@ -109,7 +110,7 @@ def test_audit_fix_rerun(fleet: Lab) -> None:
     assert writes(fleet) == dict.fromkeys(before, 0)
     assert commands(fleet) == dict.fromkeys(before, 1)
     # A rerun that changes nothing still verifies from outside (no WinRM command: the probe runs on the controller).
-    probed = rerun.results(VERIFY_TASK)
+    probed = results_of(rerun, VERIFY_TASK)
     assert {host: result.get("connectable") for host, result in probed.items()} == dict.fromkeys(before, True)
     assert [line.split(":")[0] for line in summary(rerun, "healthy") if not line.startswith(" ")] == [
         "machinekeys",

@@ -40,8 +40,9 @@ TASK = {
     "sessions": ROLE + "Read the RDP sessions right before the reboot",
     "reboot": ROLE + "Reboot so that Schannel changes take effect",
     "waits": ROLE + "Report a reboot that waits for the users on the host",
-    "probe": ROLE + "Verify from the controller that RDP connects after the repair",
-    "fail": ROLE + "Fail the host when RDP does not connect, or presents an unusable certificate, after the repair",
+    # The repair task's own final verification (its result is the loop's last item), and the one after a reboot.
+    "verification": "verification",
+    "probe_after_reboot": ROLE + "Verify from the controller that RDP connects after the repair",
     "audit_probe": ROLE + "Probe each host's RDP port from the controller",
     "summary": "Show what was found and done",
 }
@@ -105,9 +106,15 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
     after = snapshots(lab)
     # Only the verification fails a host: RDP is still refused where nothing was left pending or for a decision.
     assert failed(run) == {"verify-connections-denied"}, run.stdout[-3000:] + run.stderr
-    message = results_of(run, TASK["fail"])["verify-connections-denied"]["msg"]
-    assert "RDP still does not connect after the repair" in message and "rdpfix_server_verify=false" in message
-    assert results_of(run, TASK["probe"])["verify-connections-denied"]["connectable"] is False
+    denied = results_of(run, TASK["verification"])["verify-connections-denied"]
+    assert denied["failed"] is True and denied["connectable"] is False
+    assert (
+        "RDP still does not connect after the repair" in denied["msg"] and "rdpfix_server_verify=false" in denied["msg"]
+    )
+    # No reboot followed on any host: the repair task's verification was the only one.
+    assert not any(
+        result.get("connectable") is not None for result in results_of(run, TASK["probe_after_reboot"]).values()
+    )
 
     waiting = {"sessions-tls12-disabled": "CORP\\alice", "sessions-firewall-tls12": "CORP\\dave"}
     waiting["tls-tls12-disabled"] = "CORP\\frank"
@@ -124,15 +131,15 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
     assert users(after["sessions-tls12-disabled"]) == [(2, "CORP\\alice", "Active"), (3, "CORP\\bob", "Disconnected")]
     # The firewall repair opened the port, the TLS repair waits for the reboot: the verification ran and, with the
     # reboot pending, did not fail the host.
-    probed = results_of(run, TASK["probe"])["sessions-firewall-tls12"]
-    assert probed["connectable"] is False
-    assert results_of(run, TASK["fail"])["sessions-firewall-tls12"].get("skipped")
+    probed = results_of(run, TASK["verification"])["sessions-firewall-tls12"]
+    assert probed["connectable"] is False and not probed.get("failed")
+    assert "tls: a reboot is required" in probed["pending"]
     # A TermService restart that would end sessions waits too.
     certificate = results_of(run, TASK["certificate"])["active-sessions"]
     assert certificate["restart_pending"] is True
     assert users(after["active-sessions"]) == users(before["active-sessions"]) != []
     # The moved listener: the verification probed 3390, where the firewall repair opened it.
-    moved = results_of(run, TASK["probe"])["firewall-moved-port"]
+    moved = results_of(run, TASK["verification"])["firewall-moved-port"]
     assert moved["connectable"] is True and moved["target"]["port"] == 3390
 
     # 2. Told not to verify (a controller that cannot reach RDP), the same host passes.
@@ -158,6 +165,8 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
         assert rebooted[name]["system"]["boot_time"] != before[name]["system"]["boot_time"]
         assert users(rebooted[name]) == [], "a reboot ends every session"
         assert connects(lab, name, rebooted[name])
+        # Verified once more after the reboot (the repair task's verification came before it).
+        assert results_of(consent, TASK["probe_after_reboot"])[name]["connectable"] is True
         line = summary_line(consent, name, "tls")
         assert "rebooted" in line and "reboot required" not in line, line
 

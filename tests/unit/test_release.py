@@ -100,9 +100,13 @@ def test_server_role_tasks_pass_backup_root_to_every_module_that_takes_it() -> N
             elif module in takes:
                 assert "backup_root" in (task[module] or {}), f"{path.name}: {task['name']} does not pass backup_root"
     role_vars = yaml.safe_load((ROOT / "roles" / "rdpfix_server" / "vars" / "main.yml").read_text())
+    # Every concern's options in one expression (each template is compiled anew for every host); each concern
+    # passes the role's backup_root.
+    options = role_vars["rdpfix_server_concern_options"]
     for concern in ("machinekeys", "certificate", "firewall", "transport", "tls"):
-        # One expression per concern (a dict of templates would be compiled key by key for every host).
-        assert "'backup_root': rdpfix_server_backup_root or none" in role_vars[f"rdpfix_server_{concern}_args"], concern
+        block = options.split(f"'{concern}': {{", 1)[1].split("}", 1)[0]
+        assert "'backup_root': rdpfix_server_backup_root or none" in block, concern
+    assert options.count("{{") == 1, "one template"
 
 
 def test_each_concern_has_its_tag() -> None:

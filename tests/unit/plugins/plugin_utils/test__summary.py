@@ -164,6 +164,10 @@ def test_hosts_that_left_the_run_say_why_first() -> None:
         *HEALTHY_LINES,
     ]
     assert summary_lines(None, left=True) == ["FAILED: a task after the repair failed (see it above)"]
+    # The repair task's own final verification failed the host: its message.
+    denied = "RDP still does not connect after the repair (refused): connection refused"
+    verified = {"failed": True, "msg": denied, "concerns": HEALTHY, "verification": {"failed": True, "msg": denied}}
+    assert summary_lines(verified, left=True) == [f"FAILED: {denied}", *HEALTHY_LINES]
     # The repair itself failed before any concern ran: its own message, not a later task's.
     unreadable = {"failed": True, "msg": "web01: the rdpfix agent failed: AccessDenied"}
     assert summary_lines(unreadable, left=True) == [

@@ -1,0 +1,171 @@
+"""rdpfix.rdp.server's options for the role's one-task-per-host path, against the lab's simulated hosts:
+
+- ``verify``: after a real run the task probes RDP from the controller (its own process, no WinRM command) and fails
+  when RDP does not connect although the run left nothing pending; what the run left pending excuses it; check mode
+  probes nothing;
+- ``concerns``: every concern and its options in one dict plans exactly as the per-concern options do;
+- ``return_snapshot: false``: the same result without the snapshot;
+- ``report`` with ``report_from``: one concern's (or the verification's) result read from a registered result by name.
+
+The probe here meets a closed port on 127.0.0.1 (the in-process lab has no RDP listener); a listener that connects is
+verified through ansible-playbook by the system tests (tests/system/test_fix_rdp_playbook.py, test_promises.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import typing as t
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+rdplab_direct = pytest.importorskip("rdplab.direct")
+rdplab_fleet = pytest.importorskip("rdplab.model.fleet")
+
+from ansible_collections.rdpfix.rdp.plugins.action import server as server_action  # noqa: E402
+
+HOSTS = Path(__file__).resolve().parents[3] / "lab" / "hosts"
+CONCERNS: dict[str, dict[str, t.Any]] = {"machinekeys": {}, "certificate": {}, "firewall": {}, "tls": {}}
+VOLATILE = ("round_trips", "backup", "diff")
+
+
+def load(name: str) -> t.Any:
+    return rdplab_fleet.load_fleet([HOSTS / f"{name}.yml"])[0]
+
+
+def closed_port() -> int:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = int(holder.getsockname()[1])
+    holder.close()
+    return port
+
+
+def run(
+    host: t.Any, check_mode: bool = False, task_vars: dict[str, t.Any] | None = None, **args: t.Any
+) -> dict[str, t.Any]:
+    task = SimpleNamespace(args=args, check_mode=check_mode, diff=True, async_val=0, action="rdpfix.rdp.server")
+    action = server_action.ActionModule(
+        task, rdplab_direct.DirectConnection(host), SimpleNamespace(remote_addr="127.0.0.2"), None, None, None
+    )
+    return t.cast(dict[str, t.Any], action.run(task_vars={"inventory_hostname": host.name, **(task_vars or {})}))
+
+
+def plans(result: dict[str, t.Any]) -> dict[str, dict[str, t.Any]]:
+    return {
+        name: {key: value for key, value in item.items() if key not in VOLATILE}
+        for name, item in result["concerns"].items()
+    }
+
+
+def test_a_compliant_host_whose_rdp_does_not_connect_fails_the_verification_with_no_winrm_command() -> None:
+    host = load("healthy")
+    port = closed_port()
+    result = run(host, verify={"host": "127.0.0.1", "fallback_port": port}, **CONCERNS)
+    # The read only: the probe goes from the controller to the RDP port.
+    assert host.counters.winrm_commands == 1 == result["round_trips"]
+    assert result["failed"] is True and result["changed"] is False
+    verification = result["verification"]
+    assert verification["failed"] is True and verification["connectable"] is False
+    assert verification["pending"] == []
+    assert result["msg"] == verification["msg"]
+    assert verification["msg"].startswith("RDP still does not connect after the repair (unreachable)")
+    assert "rdpfix_server_verify=false" in verification["msg"]
+    # The firewall read no port it could use for this host? It did: the listener's own (3389) wins over the fallback.
+    assert verification["target"]["port"] == 3389 != port
+    # Every concern's result is still there, none of them failed.
+    assert set(result["concerns"]) == set(CONCERNS)
+    assert not any(item.get("failed") for item in result["concerns"].values())
+
+
+def test_the_listeners_port_as_the_firewall_read_it_is_probed() -> None:
+    result = run(load("firewall-moved-port"), verify={"host": "127.0.0.1", "fallback_port": 3389}, **CONCERNS)
+    assert result["concerns"]["firewall"]["changed"] is True
+    assert result["verification"]["target"]["port"] == 3390
+
+
+def test_without_the_firewall_concern_the_fallback_port_is_probed() -> None:
+    port = closed_port()
+    result = run(load("healthy"), verify={"host": "127.0.0.1", "fallback_port": port}, tls={})
+    assert result["verification"]["target"]["port"] == port
+
+
+def test_a_pending_reboot_excuses_rdp_that_does_not_connect_yet() -> None:
+    result = run(load("tls-tls12-disabled"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **CONCERNS)
+    assert result["concerns"]["tls"]["reboot_required"] is True
+    verification = result["verification"]
+    assert verification["connectable"] is False and not verification.get("failed")
+    assert "tls: a reboot is required" in verification["pending"]
+    assert not result.get("failed")
+    assert verification["msg"].endswith("Not failed: " + "; ".join(verification["pending"]) + ".")
+
+
+def test_check_mode_and_a_failed_run_probe_nothing() -> None:
+    verify = {"host": "127.0.0.1", "fallback_port": closed_port()}
+    audit = run(load("healthy"), check_mode=True, verify=verify, **CONCERNS)
+    assert "verification" not in audit and not audit.get("failed")
+    refused = run(load("healthy"), verify=verify, certificate={"replace_when": "always"})
+    assert refused.get("failed") and "verification" not in refused
+
+
+def test_the_concerns_option_plans_as_the_per_concern_options() -> None:
+    apart = run(load("combined-all"), check_mode=True, **CONCERNS, transport={"mode": "tcp_only"})
+    together = run(load("combined-all"), check_mode=True, concerns={**CONCERNS, "transport": {"mode": "tcp_only"}})
+    assert plans(together) == plans(apart)
+    assert (
+        list(together["concerns"])
+        == list(apart["concerns"])
+        == [
+            "machinekeys",
+            "certificate",
+            "firewall",
+            "transport",
+            "tls",
+        ]
+    )
+    assert together["snapshot"] == apart["snapshot"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"concerns": {"firewall": {}, "dns": {}}}, "concerns: unknown concern(s) dns"),
+        ({"concerns": {"firewall": "on"}}, "concerns.firewall: give the options of firewall as a dictionary"),
+        ({"concerns": {"firewall": {}}, "firewall": {}}, "mutually exclusive: concerns|firewall"),
+        ({"concerns": {"firewall": {"profiles": ["Nowhere"]}}}, "firewall"),
+        ({"report": "tls"}, "report: give one item of an earlier run's concerns, or its name with report_from"),
+        ({"report_from": "rdpfix_server_result"}, "report_from"),
+    ],
+)
+def test_bad_input_is_refused_before_the_host_is_contacted(args: dict[str, t.Any], message: str) -> None:
+    host = load("healthy")
+    result = run(host, **args)
+    assert result["failed"] is True and message in result["msg"], result["msg"]
+    assert host.counters.winrm_commands == 0
+
+
+def test_without_return_snapshot_the_result_is_the_same_without_the_snapshot() -> None:
+    kept = run(load("expired-selfsigned"), **CONCERNS)
+    dropped = run(load("expired-selfsigned"), return_snapshot=False, **CONCERNS)
+    assert "snapshot" in kept and "snapshot" not in dropped
+    assert plans(dropped) == plans(kept)
+    assert {k for k in kept if k != "snapshot"} == set(dropped)
+
+
+def test_report_from_reads_one_result_by_name_from_a_registered_result() -> None:
+    registered = run(
+        load("expired-selfsigned"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **CONCERNS
+    )
+    task_vars = {"rdpfix_server_result": registered}
+    shown = run(load("healthy"), task_vars=task_vars, report="certificate", report_from="rdpfix_server_result")
+    assert shown["changed"] is True and shown["module"] == "rdpfix.rdp.certificate"
+    assert shown["round_trips"] == registered["concerns"]["certificate"]["round_trips"]
+    # The failed verification fails the item that shows it, with its message.
+    verification = run(load("healthy"), task_vars=task_vars, report="verification", report_from="rdpfix_server_result")
+    assert verification["failed"] is True and verification["msg"] == registered["verification"]["msg"]
+    assert verification["connectable"] is False
+    missing = run(load("healthy"), task_vars=task_vars, report="transport", report_from="rdpfix_server_result")
+    assert missing["failed"] is True and "rdpfix_server_result has no result for transport" in missing["msg"]
+    unknown = run(load("healthy"), task_vars=task_vars, report="tls", report_from="nothing_registered")
+    assert unknown["failed"] is True and "report_from: nothing_registered is not a registered result" in unknown["msg"]
