@@ -114,6 +114,7 @@ class ActionModule(RdpfixAction):
         ["report", "verify"],
         ["report", "concerns"],
         *(["concerns", name] for name in CONCERNS),
+        *(["report", name] for name in CONCERNS),
     ]
     REQUIRED_BY: t.ClassVar[dict[str, list[str]]] = {"report_from": ["report"]}
     # The read options when this task takes the snapshot itself (no snapshot given).
@@ -128,15 +129,22 @@ class ActionModule(RdpfixAction):
         if params["report"] is not None:
             self._reported = self._report_source(params["report"], params["report_from"])
             return
+        if params["verify"] is not None:
+            wrong = _verification.problems(params["verify"])
+            if wrong:
+                raise ActionFailed("; ".join(wrong))
         if params["concerns"] is not None:
+            if not params["concerns"]:
+                raise ActionFailed(f"concerns is empty: name at least one concern to run: {', '.join(CONCERNS)}")
             unknown = sorted(set(params["concerns"]) - set(CONCERNS))
             if unknown:
                 known = ", ".join(CONCERNS)
                 raise ActionFailed(f"concerns: unknown concern(s) {', '.join(unknown)}; choose from {known}")
             for name, options in params["concerns"].items():
+                # None leaves the concern alone, as its own option does when omitted.
                 if options is not None and not isinstance(options, dict):
                     raise ActionFailed(f"concerns.{name}: give the options of {name} as a dictionary")
-                params[name] = dict(options or {})
+                params[name] = None if options is None else dict(options)
         if not any(params[name] is not None for name in CONCERNS):
             raise ActionFailed(f"name at least one concern to run: {', '.join(CONCERNS)}")
         for name in CONCERNS:
@@ -512,6 +520,12 @@ class ActionModule(RdpfixAction):
         result["round_trips"] = item.carried + int(result.get("round_trips") or 0)
         result["module"] = f"rdpfix.rdp.{item.name}"
         return result
+
+    def unresolved(self, params: dict[str, t.Any], findings: t.Sequence[dict[str, t.Any]]) -> list[str]:
+        if params["report"] is not None:
+            # A reported result keeps its own module's judgement (this module's name would count every finding).
+            return [str(item) for item in self._reported.get("unresolved") or []]
+        return super().unresolved(params, findings)
 
     def _report_source(self, report: t.Any, source_name: str | None) -> t.Mapping[str, t.Any]:
         """The result O(report) names (or is)."""

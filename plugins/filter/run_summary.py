@@ -1,6 +1,7 @@
 # Copyright: contributors to rdpfix.rdp
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The filter rdpfix.rdp.run_summary (documentation: run_summary.yml next to this file)."""
+"""The filters rdpfix.rdp.run_summary and rdpfix.rdp.run_summaries (documentation: run_summary.yml and
+run_summaries.yml next to this file)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,31 @@ def run_summary(result: t.Any, summary: t.Any = None, check_mode: t.Any = False,
     return summary_lines(result, summary, check_mode=bool(check_mode), left=bool(left))
 
 
+def run_summaries(hostvars: t.Any, hosts: t.Any, left: t.Any = (), check_mode: t.Any = False) -> dict[str, list[str]]:
+    """Every host's run summary by host name, read from ``hostvars`` (each host's registered ``rdpfix_server_result``
+    and, after a reboot, ``rdpfix_server_summary``): one task for the whole run instead of one per host."""
+    if not isinstance(hostvars, t.Mapping):
+        raise AnsibleFilterError(f"rdpfix.rdp.run_summaries: give hostvars, not {type(hostvars).__name__}")
+    if isinstance(hosts, (str, bytes)) or not isinstance(hosts, t.Iterable):
+        raise AnsibleFilterError("rdpfix.rdp.run_summaries: hosts must be a list of host names, not a string")
+    gone = {str(name) for name in left or ()}
+    summaries: dict[str, list[str]] = {}
+    for host in hosts:
+        name = str(host)
+        own = hostvars.get(name) or {}
+        result = own.get("rdpfix_server_result")
+        recorded = own.get("rdpfix_server_summary")
+        summaries[name] = run_summary(
+            result if isinstance(result, t.Mapping) else {},
+            recorded if isinstance(recorded, t.Mapping) else None,
+            check_mode,
+            name in gone,
+        )
+    return summaries
+
+
 class FilterModule:
     """rdpfix.rdp filters."""
 
     def filters(self) -> dict[str, t.Callable[..., t.Any]]:
-        return {"run_summary": run_summary}
+        return {"run_summary": run_summary, "run_summaries": run_summaries}

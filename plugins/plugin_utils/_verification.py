@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import typing as t
 
-from ansible_collections.rdpfix.rdp.plugins.module_utils._handshake import ARGUMENT_SPEC, outcome
-from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import ProbeOptions
+from ansible_collections.rdpfix.rdp.plugins.module_utils._handshake import ARGUMENT_SPEC, options_from, outcome
+from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import ProbeOptions, validate_options
 
 Probe = t.Callable[[ProbeOptions], dict[str, t.Any]]
 
@@ -63,11 +63,23 @@ def problem(report: dict[str, t.Any]) -> str | None:
     return None
 
 
+def probe_params(options: dict[str, t.Any], port: int) -> dict[str, t.Any]:
+    """rdpfix.rdp.handshake's options for the verification: its defaults, the host and the port."""
+    params = {name: spec.get("default") for name, spec in ARGUMENT_SPEC.items()}
+    params.update(host=options["host"], port=port)
+    return params
+
+
+def problems(options: dict[str, t.Any]) -> list[str]:
+    """What is wrong with the verify options, checked before the host is contacted (empty when nothing is)."""
+    found = validate_options(options_from(probe_params(options, int(options["fallback_port"]))))
+    return [f"verify.{problem.replace('port must', 'fallback_port must', 1)}" for problem in found]
+
+
 def verify(options: dict[str, t.Any], concerns: dict[str, dict[str, t.Any]], probe: Probe) -> dict[str, t.Any]:
     """The verification's result: the probe's report (as rdpfix.rdp.handshake returns it), ``pending`` (what excuses a
     failure) and, when RDP is not what the repair promised although nothing excuses it, ``failed`` and ``msg``."""
-    params = {name: spec.get("default") for name, spec in ARGUMENT_SPEC.items()}
-    params.update(host=options["host"], port=probe_port(concerns, int(options["fallback_port"])))
+    params = probe_params(options, probe_port(concerns, int(options["fallback_port"])))
     probe_failed, report = outcome(params, probe)
     result: dict[str, t.Any] = {"changed": False, **report, "pending": pending(concerns)}
     if probe_failed:  # options the probe refuses (a host name it cannot use): nothing was probed

@@ -44,3 +44,14 @@ def results_of(run: PlaybookRun, task: str) -> dict[str, dict[str, t.Any]]:
     if task.removeprefix("rdpfix.rdp.") in CONCERNS:
         return concern_results(run, task)
     return run.results(task)
+
+
+SUMMARY_TASK = "Show what was found and done"
+
+
+def run_summaries(run: PlaybookRun) -> dict[str, list[str]]:
+    """host -> its lines in playbooks/fix_rdp.yml's run summary (one task, run once, for every host of the run)."""
+    results = run.results(SUMMARY_TASK)
+    assert len(results) == 1, f"the summary runs once, not for {sorted(results)}"
+    (result,) = results.values()
+    return t.cast(dict[str, list[str]], result["msg"])

@@ -12,7 +12,7 @@ import typing as t
 import pytest
 import yaml
 from harness import Lab, PlaybookRun, run_playbook
-from role_results import APPLY_TASK, concern_results, results_of
+from role_results import APPLY_TASK, concern_results, results_of, run_summaries
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
 
@@ -20,14 +20,13 @@ pytestmark = pytest.mark.system
 
 BROKEN = ["expired-selfsigned", "missing-selfsigned", "pinned-missing", "active-sessions"]
 HEALTHY = ["healthy"]
-SUMMARY_TASK = "Show what was found and done"
 # The repair task's own final verification, shown as the last item of the per-concern results.
 VERIFY_TASK = "verification"
 
 
 def summary(run: PlaybookRun, host: str) -> list[str]:
-    """The per-host summary the playbook prints last: one line per module, one indented line per finding."""
-    return t.cast(list[str], run.results(SUMMARY_TASK)[host]["msg"])
+    """A host's summary, which the playbook prints last: one line per module, one indented line per finding."""
+    return run_summaries(run)[host]
 
 
 def tls_handshake_ok(lab: Lab, host: str) -> bool:

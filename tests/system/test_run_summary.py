@@ -11,11 +11,10 @@ import typing as t
 import pytest
 import yaml
 from harness import Lab, PlaybookRun, run_playbook
+from role_results import run_summaries
 
 pytestmark = pytest.mark.system
 
-SUMMARY_TASK = "Show what was found and done"
-LEFT_TASK = "Show what was found and done on the hosts that left the run (unreachable or failed)"
 # healthy: nothing to do; expired-selfsigned: the answer to its apply batch dropped after the batch ran (the module
 # reads again: made); combined-machinekeys-firewall: every command after its read dropped (two concerns' changes sent
 # in one batch, the answer lost, the host cannot be read again: outcome unknown for each); firewall-rules-disabled:
@@ -28,16 +27,6 @@ HOSTS = [
     "firewall-rules-disabled",
     "tls-security-layer-rdp",
 ]
-
-
-def left_summaries(run: PlaybookRun) -> dict[str, list[str]]:
-    """host -> its summary lines, for the hosts that left the run (one run_once task, one item per host)."""
-    found: dict[str, list[str]] = {}
-    for result in run.results(LEFT_TASK).values():
-        for item in result.get("results") or []:
-            if not item.get("skipped"):
-                found[str(item["item"])] = t.cast(list[str], item["msg"])
-    return found
 
 
 @pytest.fixture
@@ -63,14 +52,17 @@ def test_the_summary_lists_unreachable_and_failed_hosts_and_lost_answers(run: tu
     assert played.stats["combined-machinekeys-firewall"]["failures"] >= 1
     assert played.stats["expired-selfsigned"].get("failures", 0) == 0
 
-    # Hosts still in the play: their own summary task, as before.
-    summaries = played.results(SUMMARY_TASK)
-    assert set(summaries) == {"healthy", "expired-selfsigned"}
-    expired = [line for line in summaries["expired-selfsigned"]["msg"] if line.startswith("certificate:")]
+    # One summary, run once, names every host of the run.
+    summaries = run_summaries(played)
+    assert set(summaries) == set(HOSTS)
+    expired = [line for line in summaries["expired-selfsigned"] if line.startswith("certificate:")]
     assert len(expired) == 1 and "answer lost, read again: made (backup manifest " in expired[0], expired
+    assert not any(line.startswith(("FAILED", "UNREACHABLE")) for line in summaries["healthy"])
 
-    # Hosts that left the run: listed once each, saying why.
-    left = left_summaries(played)
+    # Hosts that left the run: their first line says why.
+    left = {
+        name: lines for name, lines in summaries.items() if lines and lines[0].startswith(("FAILED", "UNREACHABLE"))
+    }
     assert set(left) == {"firewall-rules-disabled", "combined-machinekeys-firewall", "tls-security-layer-rdp"}, left
     # The repair task failed before any concern ran: the host fails there (it never reaches the verification), and
     # its summary gives the repair's own reason.

@@ -27,6 +27,8 @@ from ansible_collections.rdpfix.rdp.plugins.action import server as server_actio
 
 HOSTS = Path(__file__).resolve().parents[3] / "lab" / "hosts"
 CONCERNS: dict[str, dict[str, t.Any]] = {"machinekeys": {}, "certificate": {}, "firewall": {}, "tls": {}}
+# Without the firewall concern, which would read the listener's port (3389) and have it probed on 127.0.0.1.
+NO_FIREWALL: dict[str, dict[str, t.Any]] = {"machinekeys": {}, "certificate": {}, "tls": {}}
 VOLATILE = ("round_trips", "backup", "diff")
 
 
@@ -62,27 +64,34 @@ def plans(result: dict[str, t.Any]) -> dict[str, dict[str, t.Any]]:
 def test_a_compliant_host_whose_rdp_does_not_connect_fails_the_verification_with_no_winrm_command() -> None:
     host = load("healthy")
     port = closed_port()
-    result = run(host, verify={"host": "127.0.0.1", "fallback_port": port}, **CONCERNS)
+    # Without the firewall concern the fallback port is probed: a closed one, for real.
+    result = run(host, verify={"host": "127.0.0.1", "fallback_port": port}, machinekeys={}, certificate={}, tls={})
     # The read only: the probe goes from the controller to the RDP port.
     assert host.counters.winrm_commands == 1 == result["round_trips"]
     assert result["failed"] is True and result["changed"] is False
     verification = result["verification"]
     assert verification["failed"] is True and verification["connectable"] is False
-    assert verification["pending"] == []
+    assert verification["target"]["port"] == port and verification["pending"] == []
     assert result["msg"] == verification["msg"]
     assert verification["msg"].startswith("RDP still does not connect after the repair (unreachable)")
     assert "rdpfix_server_verify=false" in verification["msg"]
-    # The firewall read no port it could use for this host? It did: the listener's own (3389) wins over the fallback.
-    assert verification["target"]["port"] == 3389 != port
     # Every concern's result is still there, none of them failed.
-    assert set(result["concerns"]) == set(CONCERNS)
+    assert set(result["concerns"]) == {"machinekeys", "certificate", "tls"}
     assert not any(item.get("failed") for item in result["concerns"].values())
 
 
-def test_the_listeners_port_as_the_firewall_read_it_is_probed() -> None:
+def test_the_listeners_port_as_the_firewall_read_it_is_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    ports: list[int] = []
+
+    def refused(options: t.Any) -> dict[str, t.Any]:
+        ports.append(options.port)
+        return {"connectable": False, "verdict": "refused", "summary": "refused", "findings": []}
+
+    monkeypatch.setattr(server_action.ActionModule, "probe", staticmethod(refused))
     result = run(load("firewall-moved-port"), verify={"host": "127.0.0.1", "fallback_port": 3389}, **CONCERNS)
     assert result["concerns"]["firewall"]["changed"] is True
-    assert result["verification"]["target"]["port"] == 3390
+    assert ports == [3390]
+    assert result["verification"]["failed"] is True
 
 
 def test_without_the_firewall_concern_the_fallback_port_is_probed() -> None:
@@ -92,7 +101,10 @@ def test_without_the_firewall_concern_the_fallback_port_is_probed() -> None:
 
 
 def test_a_pending_reboot_excuses_rdp_that_does_not_connect_yet() -> None:
-    result = run(load("tls-tls12-disabled"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **CONCERNS)
+    # (No firewall concern: the fallback port, a closed one, is probed.)
+    result = run(
+        load("tls-tls12-disabled"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **NO_FIREWALL
+    )
     assert result["concerns"]["tls"]["reboot_required"] is True
     verification = result["verification"]
     assert verification["connectable"] is False and not verification.get("failed")
@@ -101,12 +113,37 @@ def test_a_pending_reboot_excuses_rdp_that_does_not_connect_yet() -> None:
     assert verification["msg"].endswith("Not failed: " + "; ".join(verification["pending"]) + ".")
 
 
-def test_check_mode_and_a_failed_run_probe_nothing() -> None:
-    verify = {"host": "127.0.0.1", "fallback_port": closed_port()}
+def test_check_mode_and_a_failed_run_probe_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_probe(_options: t.Any) -> t.NoReturn:
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(server_action.ActionModule, "probe", staticmethod(no_probe))
+    verify = {"host": "127.0.0.1", "fallback_port": 3389}
     audit = run(load("healthy"), check_mode=True, verify=verify, **CONCERNS)
     assert "verification" not in audit and not audit.get("failed")
-    refused = run(load("healthy"), verify=verify, certificate={"replace_when": "always"})
-    assert refused.get("failed") and "verification" not in refused
+    # A concern that fails while the task runs: machinekeys refuses an empty RDP key without strategy=regenerate.
+    host = load("machinekeys-rdp-key-empty-folder-acl")
+    refused = run(host, verify=verify, **CONCERNS)
+    assert refused["failed"] is True and refused["failed_concern"] == "machinekeys", refused["msg"]
+    assert "verification" not in refused
+    assert host.counters.winrm_commands == 1
+
+
+def test_the_probe_gets_the_host_and_the_port_and_sends_no_winrm_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def connects(options: t.Any) -> dict[str, t.Any]:
+        seen.append((options.host, options.port))
+        return {"connectable": True, "verdict": "ok", "summary": "RDP connects", "findings": [], "tls": {}}
+
+    monkeypatch.setattr(server_action.ActionModule, "probe", staticmethod(connects))
+    host = load("expired-selfsigned")
+    result = run(host, verify={"host": "rdp01.example.test", "fallback_port": 4000}, **CONCERNS)
+    assert seen == [("rdp01.example.test", 3389)]
+    assert not result.get("failed") and result["changed"] is True
+    assert result["verification"]["connectable"] is True and "failed" not in result["verification"]
+    # The read and the apply batch: the verification adds no WinRM command.
+    assert host.counters.winrm_commands == 2 == result["round_trips"]
 
 
 def test_the_concerns_option_plans_as_the_per_concern_options() -> None:
@@ -135,7 +172,11 @@ def test_the_concerns_option_plans_as_the_per_concern_options() -> None:
         ({"concerns": {"firewall": {}}, "firewall": {}}, "mutually exclusive: concerns|firewall"),
         ({"concerns": {"firewall": {"profiles": ["Nowhere"]}}}, "firewall"),
         ({"report": "tls"}, "report: give one item of an earlier run's concerns, or its name with report_from"),
-        ({"report_from": "rdpfix_server_result"}, "report_from"),
+        ({"report_from": "rdpfix_server_result"}, "missing parameter(s) required by 'report_from': report"),
+        ({"verify": {"host": " ", "fallback_port": 3389}}, "verify.host must be a host name or IP address"),
+        ({"verify": {"host": "rdp01", "fallback_port": 0}, "tls": {}}, "verify.fallback_port must be between 1"),
+        ({"concerns": {}}, "concerns is empty"),
+        ({"report": "tls", "report_from": "rdpfix_server_result", "tls": {}}, "mutually exclusive: report|tls"),
     ],
 )
 def test_bad_input_is_refused_before_the_host_is_contacted(args: dict[str, t.Any], message: str) -> None:
@@ -155,7 +196,7 @@ def test_without_return_snapshot_the_result_is_the_same_without_the_snapshot() -
 
 def test_report_from_reads_one_result_by_name_from_a_registered_result() -> None:
     registered = run(
-        load("expired-selfsigned"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **CONCERNS
+        load("expired-selfsigned"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **NO_FIREWALL
     )
     task_vars = {"rdpfix_server_result": registered}
     shown = run(load("healthy"), task_vars=task_vars, report="certificate", report_from="rdpfix_server_result")

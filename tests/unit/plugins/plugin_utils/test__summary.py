@@ -11,7 +11,7 @@ import pytest
 import yaml
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.rdpfix.rdp.plugins.filter.run_summary import FilterModule, run_summary
+from ansible_collections.rdpfix.rdp.plugins.filter.run_summary import FilterModule, run_summaries, run_summary
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._summary import summary_lines
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -190,8 +190,33 @@ def test_the_filter() -> None:
         run_summary({}, "firewall")
 
 
-def test_the_playbook_uses_the_filter_for_both_summaries() -> None:
+def test_the_playbook_summarises_every_host_in_one_task() -> None:
     plays = yaml.safe_load((ROOT / "playbooks" / "fix_rdp.yml").read_text())
-    messages = [task["ansible.builtin.debug"]["msg"] for task in plays[1]["tasks"]]
-    assert len(messages) == 2 and all("rdpfix.rdp.run_summary(" in msg for msg in messages), messages
-    assert "left=true" in messages[1] and "left=true" not in messages[0]
+    (task,) = plays[1]["tasks"]
+    assert task["run_once"] is True
+    message = task["ansible.builtin.debug"]["msg"]
+    assert "rdpfix.rdp.run_summaries(ansible_play_hosts_all" in message
+    assert "left=ansible_play_hosts_all | difference(ansible_play_hosts)" in message
+
+
+def test_run_summaries_every_host_by_name_those_that_left_first_saying_why() -> None:
+    hostvars = {
+        "web01": {"rdpfix_server_result": {"concerns": HEALTHY}},
+        "web02": {"rdpfix_server_result": {"unreachable": True, "msg": "timed out"}},
+        # A reboot recorded its summary: it wins over the repair's results.
+        "web03": {
+            "rdpfix_server_result": {"concerns": {"tls": {"changed": True, "reboot_required": True}}},
+            "rdpfix_server_summary": {"tls": {"changed": True, "rebooted": True}},
+        },
+    }
+    summaries = run_summaries(hostvars, ["web01", "web02", "web03", "web04"], left=["web02"], check_mode=False)
+    assert list(summaries) == ["web01", "web02", "web03", "web04"]
+    assert summaries["web01"] == HEALTHY_LINES
+    assert summaries["web02"] == ["UNREACHABLE: timed out; nothing of the repair is known to have run"]
+    assert summaries["web03"] == ["tls: changed, rebooted"]
+    # A host with no variables at all (none of the role ran on it) has no lines.
+    assert summaries["web04"] == []
+    with pytest.raises(AnsibleFilterError, match="give hostvars"):
+        run_summaries(["web01"], ["web01"])
+    with pytest.raises(AnsibleFilterError, match="hosts must be a list of host names"):
+        run_summaries(hostvars, "web01")
