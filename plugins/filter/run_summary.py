@@ -33,9 +33,17 @@ def run_summaries(hostvars: t.Any, hosts: t.Any, left: t.Any = (), check_mode: t
     summaries: dict[str, list[str]] = {}
     for host in hosts:
         name = str(host)
-        own = hostvars.get(name) or {}
-        result = own.get("rdpfix_server_result")
-        recorded = own.get("rdpfix_server_summary")
+        try:
+            own = hostvars.get(name)
+            if own is None:
+                own = {}
+            result = own.get("rdpfix_server_result")
+            recorded = own.get("rdpfix_server_summary")
+        except Exception as exc:
+            # One host's broken variables must not cost every host its summary: the task runs once for the whole run,
+            # and an error here would fail every host of the run.
+            summaries[name] = [f"NO SUMMARY: its variables could not be read ({type(exc).__name__}: {exc})"]
+            continue
         summaries[name] = run_summary(
             result if isinstance(result, t.Mapping) else {},
             recorded if isinstance(recorded, t.Mapping) else None,

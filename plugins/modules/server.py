@@ -81,6 +81,8 @@ options:
         the options O(machinekeys), O(certificate), O(firewall), O(transport) and O(tls) (mutually exclusive with
         them). The same run; for a role that builds all the options in one template (Ansible compiles every template
         of a task anew on every host, so one template for all concerns costs the controller less).
+      - A concern given C(null) is left alone, as when its own option is omitted; an empty dictionary, or one that
+        leaves every concern alone, is refused.
     type: dict
   report:
     description:
@@ -88,6 +90,7 @@ options:
         failed when that module failed), and nothing is sent. For one output line per concern.
       - With O(report_from), the name of that item instead - a concern, or C(verification) for RV(verification) -
         read from the registered result O(report_from) names.
+      - Not together with O(snapshot), O(verify), O(concerns) or a concern's options.
     type: raw
   report_from:
     description:

@@ -73,7 +73,8 @@ def probe_params(options: dict[str, t.Any], port: int) -> dict[str, t.Any]:
 def problems(options: dict[str, t.Any]) -> list[str]:
     """What is wrong with the verify options, checked before the host is contacted (empty when nothing is)."""
     found = validate_options(options_from(probe_params(options, int(options["fallback_port"]))))
-    return [f"verify.{problem.replace('port must', 'fallback_port must', 1)}" for problem in found]
+    # The probe's option port is this one's fallback_port.
+    return [f"verify.fallback_{problem}" if problem.startswith("port ") else f"verify.{problem}" for problem in found]
 
 
 def verify(options: dict[str, t.Any], concerns: dict[str, dict[str, t.Any]], probe: Probe) -> dict[str, t.Any]:

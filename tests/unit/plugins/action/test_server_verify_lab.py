@@ -164,6 +164,29 @@ def test_the_concerns_option_plans_as_the_per_concern_options() -> None:
     assert together["snapshot"] == apart["snapshot"]
 
 
+def test_a_concern_given_null_is_left_alone_and_all_null_is_refused() -> None:
+    some = run(load("combined-all"), check_mode=True, concerns={"firewall": {}, "tls": None, "certificate": None})
+    assert list(some["concerns"]) == ["firewall"]
+    host = load("healthy")
+    none = run(host, concerns={"tls": None})
+    assert none["failed"] is True and "name at least one concern" in none["msg"]
+    assert host.counters.winrm_commands == 0
+
+
+def test_a_reported_concern_keeps_its_own_unresolved_findings() -> None:
+    # firewall-public-profile: the public profile is active; the role's options leave that for someone to decide.
+    registered = run(load("firewall-public-profile"), check_mode=True, **CONCERNS)
+    own = registered["concerns"]["firewall"]["unresolved"]
+    assert own, registered["concerns"]["firewall"]
+    task_vars = {"rdpfix_server_result": registered}
+    shown = run(load("healthy"), task_vars=task_vars, report="firewall", report_from="rdpfix_server_result")
+    assert shown["unresolved"] == own
+    # A concern with nothing left to decide keeps its empty list (not every finding counted against rdpfix.rdp.server).
+    tls = run(load("healthy"), task_vars=task_vars, report="tls", report_from="rdpfix_server_result")
+    assert tls["unresolved"] == registered["concerns"]["tls"]["unresolved"] == []
+    assert tls.get("findings"), "the tls concern reports findings that are not unresolved"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

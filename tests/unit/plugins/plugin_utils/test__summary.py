@@ -216,6 +216,17 @@ def test_run_summaries_every_host_by_name_those_that_left_first_saying_why() -> 
     assert summaries["web03"] == ["tls: changed, rebooted"]
     # A host with no variables at all (none of the role ran on it) has no lines.
     assert summaries["web04"] == []
+
+    # One host's variables that cannot be read cost that host its lines, not every host its summary.
+    class Broken(dict[str, t.Any]):
+        def get(self, key: str, default: t.Any = None) -> t.Any:
+            raise RuntimeError(f"template error in {key}")
+
+    broken = run_summaries({**hostvars, "web05": Broken()}, ["web01", "web05"])
+    assert broken["web01"] == HEALTHY_LINES
+    assert broken["web05"] == [
+        "NO SUMMARY: its variables could not be read (RuntimeError: template error in rdpfix_server_result)"
+    ]
     with pytest.raises(AnsibleFilterError, match="give hostvars"):
         run_summaries(["web01"], ["web01"])
     with pytest.raises(AnsibleFilterError, match="hosts must be a list of host names"):
