@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import typing as t
 from datetime import UTC, datetime, timedelta
 
@@ -69,3 +70,13 @@ class CertFactory:
 @pytest.fixture(scope="session")
 def cert_factory() -> CertFactory:
     return CertFactory()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released): a probe there is refused at once."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = int(holder.getsockname()[1])
+    holder.close()
+    return port

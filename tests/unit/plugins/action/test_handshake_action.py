@@ -4,7 +4,6 @@ result; anywhere else the module runs where the task is delegated."""
 from __future__ import annotations
 
 import json
-import socket
 import typing as t
 from types import SimpleNamespace
 
@@ -13,14 +12,6 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.rdpfix.rdp.plugins.action import handshake as handshake_action
 from ansible_collections.rdpfix.rdp.plugins.modules import handshake as handshake_module
-
-
-def closed_port() -> int:
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    port = int(holder.getsockname()[1])
-    holder.close()
-    return port
 
 
 def action(connection: str, **args: t.Any) -> t.Any:
@@ -41,9 +32,9 @@ VOLATILE = ("elapsed_ms", "invocation", "tcp", "summary", "msg", "findings")
 
 @pytest.mark.parametrize("fail_on", ["never", "critical"])
 def test_on_the_controller_the_probe_runs_in_process_with_the_modules_result(
-    capsys: pytest.CaptureFixture[str], fail_on: str
+    capsys: pytest.CaptureFixture[str], fail_on: str, closed_port: int
 ) -> None:
-    args = {"host": "127.0.0.1", "port": closed_port(), "connect_timeout": 1, "fail_on": fail_on}
+    args = {"host": "127.0.0.1", "port": closed_port, "connect_timeout": 1, "fail_on": fail_on}
     result = action("ansible.builtin.local", **args).run(task_vars={})
     expected = module_result(capsys, **args)
     assert result.get("failed", False) == expected.get("failed", False) == (fail_on == "critical")

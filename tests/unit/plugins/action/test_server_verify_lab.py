@@ -13,7 +13,6 @@ verified through ansible-playbook by the system tests (tests/system/test_fix_rdp
 
 from __future__ import annotations
 
-import socket
 import typing as t
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,14 +35,6 @@ def load(name: str) -> t.Any:
     return rdplab_fleet.load_fleet([HOSTS / f"{name}.yml"])[0]
 
 
-def closed_port() -> int:
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    port = int(holder.getsockname()[1])
-    holder.close()
-    return port
-
-
 def run(
     host: t.Any, check_mode: bool = False, task_vars: dict[str, t.Any] | None = None, **args: t.Any
 ) -> dict[str, t.Any]:
@@ -61,9 +52,11 @@ def plans(result: dict[str, t.Any]) -> dict[str, dict[str, t.Any]]:
     }
 
 
-def test_a_compliant_host_whose_rdp_does_not_connect_fails_the_verification_with_no_winrm_command() -> None:
+def test_a_compliant_host_whose_rdp_does_not_connect_fails_the_verification_with_no_winrm_command(
+    closed_port: int,
+) -> None:
     host = load("healthy")
-    port = closed_port()
+    port = closed_port
     # Without the firewall concern the fallback port is probed: a closed one, for real.
     result = run(host, verify={"host": "127.0.0.1", "fallback_port": port}, machinekeys={}, certificate={}, tls={})
     # The read only: the probe goes from the controller to the RDP port.
@@ -94,17 +87,15 @@ def test_the_listeners_port_as_the_firewall_read_it_is_probed(monkeypatch: pytes
     assert result["verification"]["failed"] is True
 
 
-def test_without_the_firewall_concern_the_fallback_port_is_probed() -> None:
-    port = closed_port()
+def test_without_the_firewall_concern_the_fallback_port_is_probed(closed_port: int) -> None:
+    port = closed_port
     result = run(load("healthy"), verify={"host": "127.0.0.1", "fallback_port": port}, tls={})
     assert result["verification"]["target"]["port"] == port
 
 
-def test_a_pending_reboot_excuses_rdp_that_does_not_connect_yet() -> None:
+def test_a_pending_reboot_excuses_rdp_that_does_not_connect_yet(closed_port: int) -> None:
     # (No firewall concern: the fallback port, a closed one, is probed.)
-    result = run(
-        load("tls-tls12-disabled"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **NO_FIREWALL
-    )
+    result = run(load("tls-tls12-disabled"), verify={"host": "127.0.0.1", "fallback_port": closed_port}, **NO_FIREWALL)
     assert result["concerns"]["tls"]["reboot_required"] is True
     verification = result["verification"]
     assert verification["connectable"] is False and not verification.get("failed")
@@ -217,9 +208,9 @@ def test_without_return_snapshot_the_result_is_the_same_without_the_snapshot() -
     assert {k for k in kept if k != "snapshot"} == set(dropped)
 
 
-def test_report_from_reads_one_result_by_name_from_a_registered_result() -> None:
+def test_report_from_reads_one_result_by_name_from_a_registered_result(closed_port: int) -> None:
     registered = run(
-        load("expired-selfsigned"), verify={"host": "127.0.0.1", "fallback_port": closed_port()}, **NO_FIREWALL
+        load("expired-selfsigned"), verify={"host": "127.0.0.1", "fallback_port": closed_port}, **NO_FIREWALL
     )
     task_vars = {"rdpfix_server_result": registered}
     shown = run(load("healthy"), task_vars=task_vars, report="certificate", report_from="rdpfix_server_result")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import typing as t
 
 import pytest
@@ -17,14 +16,6 @@ def run_module(capsys: pytest.CaptureFixture[str], **args: t.Any) -> tuple[int, 
         handshake.main()
     output = capsys.readouterr().out
     return int(exit_info.value.code or 0), json.loads(output)
-
-
-def closed_port() -> int:
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    port = int(holder.getsockname()[1])
-    holder.close()
-    return port
 
 
 def test_bad_input_fails_cleanly_before_any_connection(
@@ -45,8 +36,8 @@ def test_unknown_choice_is_refused_by_the_argument_spec(capsys: pytest.CaptureFi
     assert code == 1 and "SSLv3" in result["msg"]
 
 
-def test_report_in_check_mode_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
-    port = closed_port()
+def test_report_in_check_mode_changes_nothing(capsys: pytest.CaptureFixture[str], closed_port: int) -> None:
+    port = closed_port
     code, result = run_module(capsys, host="127.0.0.1", port=port, _ansible_check_mode=True, connect_timeout=1)
     assert code == 0
     assert result["changed"] is False
@@ -56,8 +47,8 @@ def test_report_in_check_mode_changes_nothing(capsys: pytest.CaptureFixture[str]
     assert [item["id"] for item in result["findings"]] == ["handshake.tcp_refused"]
 
 
-def test_fail_on_critical_fails_with_the_report(capsys: pytest.CaptureFixture[str]) -> None:
-    code, result = run_module(capsys, host="127.0.0.1", port=closed_port(), fail_on="critical", connect_timeout=1)
+def test_fail_on_critical_fails_with_the_report(capsys: pytest.CaptureFixture[str], closed_port: int) -> None:
+    code, result = run_module(capsys, host="127.0.0.1", port=closed_port, fail_on="critical", connect_timeout=1)
     assert code == 1
     assert result["failed"] is True
     assert result["verdict"] == "unreachable"
