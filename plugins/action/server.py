@@ -24,7 +24,7 @@ from ansible_collections.rdpfix.rdp.plugins.action import machinekeys as machine
 from ansible_collections.rdpfix.rdp.plugins.action import tls as tls_action
 from ansible_collections.rdpfix.rdp.plugins.action import transport as transport_action
 from ansible_collections.rdpfix.rdp.plugins.module_utils import _rdp_probe
-from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _server_read, _verification
+from ansible_collections.rdpfix.rdp.plugins.plugin_utils import _reboot_gate, _server_read, _sessions, _verification
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
     REREADS_ATTRIBUTE,
     SNAPSHOT_ARGUMENT_SPEC,
@@ -52,6 +52,8 @@ CONCERNS: dict[str, type[RdpfixAction]] = {
 }
 # A concern planned only once the ones named here are done (their writes change what it plans from).
 AFTER: dict[str, tuple[str, ...]] = {"certificate": ("machinekeys",)}
+# What the task itself adds after the concerns ran, which O(report) with O(report_from) shows by name as well.
+OWN_RESULTS = ("reboot", "verification")
 # Longest wait for the modules' threads to plan (pure and fast; a stuck module fails the host instead of hanging the
 # play). A module waiting for a batch's answer waits as long as this thread sends it: the connection (and an async
 # job's deadline) owns that timing, so a slow shared batch is never cut short by a thread.
@@ -107,11 +109,13 @@ class ActionModule(RdpfixAction):
         # even as omit, would hide the module default; a concern's own backup_root still wins).
         "backup_root": {"type": "str"},
         "verify": _verification.OPTION_SPEC,
+        "reboot": _reboot_gate.OPTION_SPEC,
         "return_snapshot": {"type": "bool", "default": True},
     }
     MUTUALLY_EXCLUSIVE: t.ClassVar[list[list[str]]] = [
         ["report", "snapshot"],
         ["report", "verify"],
+        ["report", "reboot"],
         ["report", "concerns"],
         *(["concerns", name] for name in CONCERNS),
         *(["report", name] for name in CONCERNS),
@@ -131,6 +135,10 @@ class ActionModule(RdpfixAction):
             return
         if params["verify"] is not None:
             wrong = _verification.problems(params["verify"])
+            if wrong:
+                raise ActionFailed("; ".join(wrong))
+        if params["reboot"] is not None:
+            wrong = _reboot_gate.problems(params["reboot"], int(self._task.async_val or 0))
             if wrong:
                 raise ActionFailed("; ".join(wrong))
         if params["concerns"] is not None:
@@ -197,13 +205,78 @@ class ActionModule(RdpfixAction):
                 self._abandoned = True
                 self._lock.notify_all()
         ran = not outcome.get("failed") and not outcome.get("unreachable")
+        if params["reboot"] is not None and ran:
+            self._reboot_after_repair(params["reboot"], outcome)
+            ran = not outcome.get("failed") and not outcome.get("unreachable")
         if params["verify"] is not None and not self.check_mode and ran:
             # After every real run, one that changed nothing too: a host whose RDP does not connect must not look
-            # converged. Check mode predicts and probes nothing (the audit has its own probe).
+            # converged. After the reboot, when there was one: what it made effective is what a client meets. Check
+            # mode predicts and probes nothing (the audit has its own probe).
             outcome["verification"] = _verification.verify(params["verify"], outcome["concerns"], self.probe)
             if outcome["verification"].get("failed"):
                 outcome.update(failed=True, msg=outcome["verification"]["msg"])
         return outcome
+
+    def _reboot_after_repair(self, options: dict[str, t.Any], outcome: dict[str, t.Any]) -> None:
+        """The reboot a concern's change needs (O(reboot)), once every concern ran: read the sessions right before it
+        (check mode: the snapshot's), reboot when allowed and nobody's session would end without consent, and record it
+        in the concerns' results (RV(reboot))."""
+        needed = _reboot_gate.required_by(outcome["concerns"])
+        if not needed:
+            return
+        users: list[dict[str, t.Any]] = []
+        unread: str | None = None
+        if options["allow"]:
+            reading = Batch(on_error="stop")
+            read = _sessions.add_reads(reading)
+            # At the reboot, not from the read before the repair: a user who logged on since must be seen. Check
+            # mode predicts from the snapshot (the facts read lists the sessions), so the audit stays one command.
+            try:
+                answered = self.read(reading) if self.check_mode else self.send(reading)
+                users = _sessions.user_sessions(_sessions.state_from(answered, read))
+            except Exception as exc:  # a gate never guesses; the concerns' results must survive it
+                unread = f"the sessions could not be read right before it, so it was not made ({exc})"
+        decision = _reboot_gate.decide(options, needed, users)
+        gate = _reboot_gate.Outcome(needed, decision, _sessions.describe(users), check_mode=self.check_mode)
+        if unread is not None:
+            gate.failed_msg = unread
+        elif decision == "reboot":
+            if self.check_mode:
+                gate.rebooted = True  # as ansible.windows.win_reboot says in check mode
+            else:
+                rebooted = self.reboot_host(options)
+                gate.elapsed = rebooted.get("elapsed")
+                if rebooted.get("failed") or not rebooted.get("rebooted"):
+                    gate.failed_msg = str(rebooted.get("msg") or "ansible.windows.win_reboot did not reboot the host")
+                else:
+                    gate.rebooted = True
+        _reboot_gate.record(outcome["concerns"], gate, (tls_action.REBOOT_WARNING,))
+        outcome["reboot"] = gate.result(self.host)
+        if gate.rebooted:
+            outcome["changed"] = True
+        if gate.failed_msg is not None:
+            outcome.update(failed=True, msg=outcome["reboot"]["msg"])
+
+    def reboot_host(self, options: dict[str, t.Any]) -> dict[str, t.Any]:
+        """Reboot through ansible.windows.win_reboot's action, on this task's connection (it waits for the host to
+        come back, as that module's own task does); its result, or a failed one."""
+        task = self._task.copy(exclude_parent=False, exclude_tasks=True)
+        task.args = {"msg": options["msg"], "reboot_timeout": options["reboot_timeout"]}
+        action = self._shared_loader_obj.action_loader.get(
+            "ansible.windows.win_reboot",
+            task=task,
+            connection=self._connection,
+            play_context=self._play_context,
+            loader=self._loader,
+            templar=self._templar,
+            shared_loader_obj=self._shared_loader_obj,
+        )
+        if action is None:
+            return {"failed": True, "msg": "the collection ansible.windows (its win_reboot) is not installed"}
+        try:
+            return t.cast(dict[str, t.Any], action.run(task_vars=self.task_vars))
+        except Exception as exc:  # the host's failure, said in its result: the concerns' results stay
+            return {"failed": True, "msg": f"{type(exc).__name__}: {exc}"}
 
     @staticmethod
     def probe(options: _rdp_probe.ProbeOptions) -> dict[str, t.Any]:
@@ -537,8 +610,8 @@ class ActionModule(RdpfixAction):
         if not isinstance(source, t.Mapping):
             raise ActionFailed(f"report_from: {source_name} is not a registered result of rdpfix.rdp.server here")
         if not isinstance(report, str):
-            raise ActionFailed("report: with report_from, give the name of a concern (or verification)")
-        found = source.get("verification") if report == "verification" else (source.get("concerns") or {}).get(report)
+            raise ActionFailed("report: with report_from, give the name of a concern (or reboot, or verification)")
+        found = source.get(report) if report in OWN_RESULTS else (source.get("concerns") or {}).get(report)
         if not isinstance(found, t.Mapping):
             raise ActionFailed(f"report: {source_name} has no result for {report}")
         return found

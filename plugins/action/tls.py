@@ -17,6 +17,9 @@ from ansible_collections.rdpfix.rdp.plugins.plugin_utils._action import (
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._agent import Batch
 from ansible_collections.rdpfix.rdp.plugins.plugin_utils._transport import stage_registry_changes
 
+# Dropped from the result by rdpfix.rdp.server once it rebooted the host (_reboot_gate.record).
+REBOOT_WARNING = "Schannel reads protocol and cipher-suite settings at boot: reboot for them to take effect"
+
 
 class ActionModule(RdpfixAction):
     MODULE_NAME = "tls"
@@ -62,5 +65,5 @@ class ActionModule(RdpfixAction):
         stage = functools.partial(stage_registry_changes, changes=plan.changes)
         self.apply_with_backup(params, found.data(reads.system), result, stage, "Previous values")
         if plan.reboot_required:
-            self.warn("Schannel reads protocol and cipher-suite settings at boot: reboot for them to take effect")
+            self.warn(REBOOT_WARNING)
         return result

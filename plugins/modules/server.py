@@ -88,9 +88,9 @@ options:
     description:
       - One item of RV(concerns) of an earlier run, returned as this task's result (changed, diff, findings, backup;
         failed when that module failed), and nothing is sent. For one output line per concern.
-      - With O(report_from), the name of that item instead - a concern, or C(verification) for RV(verification) -
-        read from the registered result O(report_from) names.
-      - Not together with O(snapshot), O(verify), O(concerns) or a concern's options.
+      - With O(report_from), the name of that item instead - a concern, C(reboot) for RV(reboot) or C(verification)
+        for RV(verification) - read from the registered result O(report_from) names.
+      - Not together with O(snapshot), O(verify), O(reboot), O(concerns) or a concern's options.
     type: raw
   report_from:
     description:
@@ -106,7 +106,9 @@ options:
         for server authentication, although the run left nothing pending - no reboot required, no service restart
         pending, no finding unresolved (a module's C(unresolved)); what is pending is listed in the report instead.
       - The C(rdpfix.rdp.rdpfix_server) role passes it unless
-        O(rdpfix.rdp.rdpfix_server#role:main:rdpfix_server_verify) is false, and verifies once more after a reboot.
+        O(rdpfix.rdp.rdpfix_server#role:main:rdpfix_server_verify) is false.
+      - After a reboot (O(reboot)), the probe runs once the host is back; a reboot still pending excuses RDP that does
+        not connect yet.
     type: dict
     suboptions:
       host:
@@ -119,6 +121,35 @@ options:
             which is probed otherwise.
         type: int
         default: 3389
+  reboot:
+    description:
+      - After a run in which a module's change takes effect only after a reboot (C(reboot_required), today
+        M(rdpfix.rdp.tls)'s Schannel changes), reboot the host once every concern ran - through
+        C(ansible.windows.win_reboot)'s action, on this task's connection - and report it as RV(reboot). The final
+        verification (O(verify)) then runs after the reboot.
+      - A reboot ends every session on the host. The sessions are read right before it (one WinRM command; in check
+        mode they are taken from the snapshot, so the prediction costs nothing), and while users are on the host it
+        waits for O(reboot.allow_session_disruption); it is then reported as pending, with the users named.
+      - Without it, a needed reboot is only reported by the module that needs it (C(reboot_required)).
+      - Not together with O(report). Under C(async), O(reboot.allow) is refused before the host is contacted.
+    type: dict
+    suboptions:
+      allow:
+        description: Reboot when a change needs it. False reports the reboot as pending (RV(reboot), a warning).
+        type: bool
+        default: false
+      allow_session_disruption:
+        description: Reboot even when it ends users' sessions (Active or Disconnected, the console's included).
+        type: bool
+        default: false
+      msg:
+        description: The message Windows shows to the users before the reboot (C(ansible.windows.win_reboot)'s C(msg)).
+        type: str
+        default: rdpfix.rdp is rebooting to apply Schannel (TLS) changes
+      reboot_timeout:
+        description: Seconds to wait for the host to shut down and come back (C(ansible.windows.win_reboot)'s).
+        type: int
+        default: 600
   return_snapshot:
     description:
       - Return the snapshot (RV(snapshot)) for later tasks to plan from. The role sets it false, since nothing after
@@ -164,24 +195,30 @@ EXAMPLES = r"""
   loop_control:
     label: "{{ item.key }}"
 
-- name: Read, repair and verify from the controller that RDP connects, keeping no snapshot in the result
+- name: Read, repair, reboot when TLS needs it and nobody is logged on, then verify that RDP connects
   rdpfix.rdp.server:
     concerns:
       certificate: {}
       firewall:
         profiles: [Domain, Private]
+      tls: {}
+    reboot:
+      allow: true
     verify:
       host: "{{ ansible_host | default(inventory_hostname) }}"
     return_snapshot: false
   register: rdp_verified
-  # Each concern's failure, and a failed verification, is shown by the loop below.
+  # Each concern's failure, a failed reboot and a failed verification are shown by the loop below.
   failed_when: rdp_verified.concerns is not defined and (rdp_verified.failed | default(false))
 
-- name: One result per concern, and the verification, read by name (nothing templated per item)
+- name: One result per concern, then the reboot and the verification, read by name (nothing templated per item)
   rdpfix.rdp.server:
     report: "{{ item }}"
     report_from: rdp_verified
-  loop: "{{ rdp_verified.concerns.keys() | list + (['verification'] if rdp_verified.verification is defined else []) }}"
+  loop: >-
+    {{ rdp_verified.concerns.keys() | list
+       + (['reboot'] if rdp_verified.reboot is defined else [])
+       + (['verification'] if rdp_verified.verification is defined else []) }}
 """
 
 RETURN = r"""
@@ -225,11 +262,31 @@ verification:
     verdict: ok
     target: {host: 192.0.2.10, port: 3389}
     pending: []
+reboot:
+  description:
+    - The reboot O(reboot) decided on - C(required_by) (the modules whose changes need it), C(rebooted), C(pending)
+      (still needed after this run), C(users) (the sessions read right before it, or from the snapshot in check mode),
+      C(waits_for_sessions) when it waits for them, C(msg), C(warnings) when it is pending, C(elapsed) from
+      C(ansible.windows.win_reboot); C(failed) when the reboot failed (the task fails too). In check mode,
+      C(rebooted) says what the real run will do, as C(ansible.windows.win_reboot) does.
+    - The modules' results under RV(concerns) record it too - C(rebooted) (and C(reboot_required) false) after a
+      reboot, C(reboot_waits_for_sessions) while it waits.
+  returned: when O(reboot) is given and a module's change needs a reboot, in a run that did not fail before it
+  type: dict
+  sample:
+    changed: true
+    required_by: [tls]
+    rebooted: true
+    pending: false
+    users: ""
+    msg: "web01: rebooted for the changes of tls"
 round_trips:
   description:
     - WinRM commands the task sent - 0 in check mode or when nothing changes, 1 for the apply batch, plus the read
       batch of a module that plans anew, a certificate change after a key store repair, the documented polls, and
-      the manifest a module writes again after its operation failed; plus 1 for the snapshot's read when the task took it itself (no O(snapshot) given).
+      the manifest a module writes again after its operation failed; plus 1 for the snapshot's read when the task took it itself (no O(snapshot) given),
+      and 1 for the sessions read right before a reboot (O(reboot); the reboot's own commands are
+      C(ansible.windows.win_reboot)'s, not counted here).
       With O(report), the round trips of the reported module.
   returned: always
   type: int

@@ -38,6 +38,10 @@ def left_line(result: t.Mapping[str, t.Any], summary: t.Mapping[str, t.Any]) -> 
     if result.get("failed") and not result.get("concerns") and "msg" in result:
         # The repair itself failed before any concern ran (the host could not be read, bad options, ...).
         return f"FAILED: {_text(result['msg'])}{NOTHING_RAN}"
+    reboot = _mapping(result.get("reboot"))
+    if reboot.get("failed"):
+        # The reboot the repair task made after the concerns (rdpfix.rdp.server's reboot).
+        return f"FAILED: {_text(reboot.get('msg', ''))}"
     verification = _mapping(result.get("verification"))
     if verification.get("failed"):
         # The repair task's own final verification (rdpfix.rdp.server's verify).
@@ -105,7 +109,7 @@ def summary_lines(
     """The summary's lines for one host.
 
     ``result`` is the repair task's registered result (``rdpfix_server_result``); ``summary`` the per-concern results
-    when the role recorded them (``rdpfix_server_summary``, which a reboot updates), else the result's ``concerns``.
+    when the role recorded them (``rdpfix_server_summary``), else the result's ``concerns`` (which record a reboot).
     ``left``: the host left the run, and the first line says why. A host on which no concern ran has no lines.
     """
     result = _mapping(result)

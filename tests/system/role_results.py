@@ -16,8 +16,8 @@ APPLY_TASK = (
     "batch"
 )
 REPORT_TASK = "rdpfix.rdp.rdpfix_server : Show each concern's result (one line, and with --diff one diff, per concern)"
-# The concerns, and the repair task's final verification (shown as the loop's last item).
-CONCERNS = ("machinekeys", "certificate", "firewall", "transport", "tls", "verification")
+# The concerns, then the repair task's reboot and final verification (shown as the loop's last items).
+CONCERNS = ("machinekeys", "certificate", "firewall", "transport", "tls", "reboot", "verification")
 
 
 def concern_results(run: PlaybookRun, concern: str) -> dict[str, dict[str, t.Any]]:

@@ -37,12 +37,10 @@ ROLE = "rdpfix.rdp.rdpfix_server : "
 TASK = {
     "tls": "tls",  # the concerns' results: role_results.results_of
     "certificate": "certificate",
-    "sessions": ROLE + "Read the RDP sessions right before the reboot",
-    "reboot": ROLE + "Reboot so that Schannel changes take effect",
-    "waits": ROLE + "Report a reboot that waits for the users on the host",
-    # The repair task's own final verification (its result is the loop's last item), and the one after a reboot.
+    # The repair task's reboot (with the sessions it read right before it) and its final verification, after the
+    # reboot when there was one: the loop's last items.
+    "reboot": "reboot",
     "verification": "verification",
-    "probe_after_reboot": ROLE + "Verify from the controller that RDP connects after the repair",
     "audit_probe": ROLE + "Probe each host's RDP port from the controller",
 }
 RDP_TCP = "HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Terminal Server\\WinStations\\RDP-Tcp"
@@ -110,21 +108,18 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
     assert (
         "RDP still does not connect after the repair" in denied["msg"] and "rdpfix_server_verify=false" in denied["msg"]
     )
-    # No reboot followed on any host: the repair task's verification was the only one (the hosts waiting for a reboot
-    # reached verify.yml, and skipped it).
-    after_reboot = results_of(run, TASK["probe_after_reboot"])
-    assert set(after_reboot) == {"sessions-tls12-disabled", "sessions-firewall-tls12", "tls-tls12-disabled"}
-    assert all(result.get("skipped") for result in after_reboot.values()), after_reboot
-
+    # No reboot on any host: each one that needs it waits for the users the repair task read right before it.
     waiting = {"sessions-tls12-disabled": "CORP\\alice", "sessions-firewall-tls12": "CORP\\dave"}
     waiting["tls-tls12-disabled"] = "CORP\\frank"
-    sessions_read = results_of(run, TASK["sessions"])
+    reboots = results_of(run, TASK["reboot"])
+    assert set(reboots) == set(waiting), reboots
     for name, user in waiting.items():
         assert users(after[name]) == users(before[name]) or name == "tls-tls12-disabled", name
-        assert user in sessions_read[name]["users"], sessions_read[name]
-        assert results_of(run, TASK["reboot"])[name].get("skipped"), name
+        assert user in reboots[name]["users"], reboots[name]
+        assert reboots[name]["rebooted"] is False and reboots[name]["pending"] is True, reboots[name]
         assert after[name]["system"]["boot_time"] == before[name]["system"]["boot_time"], f"{name} was rebooted"
-        assert user in results_of(run, TASK["waits"])[name]["msg"]
+        assert user in reboots[name]["waits_for_sessions"] and user in reboots[name]["msg"]
+        assert "rdpfix_server_allow_session_disruption=true" in reboots[name]["msg"]
         line = summary_line(run, name, "tls")
         assert "reboot required" in line and f"waiting for the session(s) of {user}" in line, line
     assert [u for _id, u, _state in users(after["tls-tls12-disabled"])] == ["CORP\\frank"]
@@ -165,8 +160,9 @@ def test_the_promises_step_by_step(lab: Lab) -> None:
         assert rebooted[name]["system"]["boot_time"] != before[name]["system"]["boot_time"]
         assert users(rebooted[name]) == [], "a reboot ends every session"
         assert connects(lab, name, rebooted[name])
-        # Verified once more after the reboot (the repair task's verification came before it).
-        assert results_of(consent, TASK["probe_after_reboot"])[name]["connectable"] is True
+        # Verified after the reboot, with nothing pending any more.
+        verified = results_of(consent, TASK["verification"])[name]
+        assert verified["connectable"] is True and verified["pending"] == [], verified
         line = summary_line(consent, name, "tls")
         assert "rebooted" in line and "reboot required" not in line, line
 

@@ -114,8 +114,8 @@ TASKS = {
     "firewall": "firewall",
     "transport": "transport",
     "tls": "tls",
-    "reboot": "rdpfix.rdp.rdpfix_server : Reboot so that Schannel changes take effect",
-    "pending": "rdpfix.rdp.rdpfix_server : Report a pending reboot",
+    # The repair task's reboot, shown as an item of the results loop (role_results.results_of).
+    "reboot": "reboot",
 }
 # The module each fixing task of the role runs, and the audit's facts task (roles/rdpfix_server/tasks/audit.yml).
 MODULE_TASKS = {
@@ -403,8 +403,12 @@ def test_check_mode_writes_nothing_and_predicts_the_repair(fleet: FleetRuns) -> 
             "Microsoft-Windows-TerminalServices-RemoteConnectionManager",
             "Schannel",
         }, name
-    # Check mode announces a reboot where the apply run will reboot, and reboots nothing itself.
-    assert results_of(fleet.check, TASKS["reboot"]).keys() == results_of(fleet.apply, TASKS["reboot"]).keys()
+    # Check mode announces a reboot where the apply run will reboot (or wait), and reboots nothing itself.
+    predicted, made = results_of(fleet.check, TASKS["reboot"]), results_of(fleet.apply, TASKS["reboot"])
+    assert predicted.keys() == made.keys() != set()
+    assert {name: result["rebooted"] for name, result in predicted.items()} == {
+        name: result["rebooted"] for name, result in made.items()
+    }
     # What check mode says will change is what changes (the diff is shown).
     assert fleet.check.changed_hosts() == fleet.apply.changed_hosts()
     tls = results_of(fleet.check, TASKS["tls"])
@@ -528,16 +532,17 @@ def test_the_rerun_changes_nothing(fleet: FleetRuns) -> None:
     assert failed_hosts(fleet.rerun) == set(REFUSED), fleet.rerun.stdout[-3000:] + fleet.rerun.stderr
     assert fleet.rerun.changed_hosts() == set()
     assert counters(fleet.after_rerun) == dict.fromkeys(ALL_HOSTS, 0)
-    assert results_of(fleet.rerun, TASKS["reboot"]) == {} or all(
-        result.get("skipped") for result in results_of(fleet.rerun, TASKS["reboot"]).values()
-    )
+    # Only the hosts whose reboot waits for their users still need one.
+    assert set(results_of(fleet.rerun, TASKS["reboot"])) == set(WAITS_FOR_SESSIONS)
+    assert not any(result["rebooted"] for result in results_of(fleet.rerun, TASKS["reboot"]).values())
     for name in SERVERS:
         assert fleet.after_rerun[name]["system"] == fleet.after_apply[name]["system"], f"{name} rebooted again"
 
 
 def test_only_hosts_with_schannel_changes_were_rebooted(fleet: FleetRuns) -> None:
     tls = results_of(fleet.apply, TASKS["tls"])
-    needing = {name for name, result in tls.items() if result.get("reboot_required")}
+    # A reboot that happened is recorded in the TLS result: no longer required, rebooted.
+    needing = {name for name, result in tls.items() if result.get("reboot_required") or result.get("rebooted")}
     assert {"tls-tls12-disabled", "combined-all", "combined-machinekeys-tls12"} <= needing
     rebooted = {
         name
@@ -547,11 +552,11 @@ def test_only_hosts_with_schannel_changes_were_rebooted(fleet: FleetRuns) -> Non
     assert set(WAITS_FOR_SESSIONS) <= needing
     assert rebooted == needing - set(WAITS_FOR_SESSIONS)
     reboots = results_of(fleet.apply, TASKS["reboot"])
-    waiting = fleet.apply.results("rdpfix.rdp.rdpfix_server : Report a reboot that waits for the users on the host")
+    assert set(reboots) == needing
     for name in WAITS_FOR_SESSIONS:
-        assert reboots[name].get("skipped"), reboots[name]
+        assert reboots[name]["rebooted"] is False and reboots[name]["pending"] is True, reboots[name]
         users = [s["user"] for s in fleet.before[name]["sessions"] if s["user"]]
-        assert users and all(user in waiting[name]["msg"] for user in users), waiting[name]
+        assert users and all(user in reboots[name]["waits_for_sessions"] for user in users), reboots[name]
     for name in needing - set(WAITS_FOR_SESSIONS):
         assert reboots[name]["rebooted"] is True and not reboots[name].get("failed"), reboots[name]
         events = [(event["provider"], event["id"]) for event in fleet.after_apply[name]["events"]]
@@ -702,9 +707,11 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
         "playbooks/fix_rdp.yml", lab.inventory, extra_vars={"rdpfix_server_allow_reboot": False, **OVERRIDE}
     )
     assert first.rc == 0, first.stdout[-3000:] + first.stderr
-    assert set(results_of(first, TASKS["pending"])) == set(REBOOT_HOSTS)
+    pending_reboots = results_of(first, TASKS["reboot"])
+    assert set(pending_reboots) == set(REBOOT_HOSTS)
+    assert all(result["pending"] and not result["rebooted"] for result in pending_reboots.values())
+    assert all("rdpfix_server_allow_reboot=true" in result["msg"] for result in pending_reboots.values())
     assert all(results_of(first, TASKS["tls"])[name]["reboot_required"] for name in REBOOT_HOSTS)
-    assert all(result.get("skipped") for result in results_of(first, TASKS["reboot"]).values())
     pending = snapshots(lab, zero_counters=True)
     for name in REBOOT_HOSTS:
         assert pending[name]["system"]["boot_time"] == before[name]["system"]["boot_time"]
@@ -716,7 +723,9 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
     )
     assert waiting.rc == 0, waiting.stdout[-3000:] + waiting.stderr
     assert waiting.changed_hosts() == set()
-    assert set(results_of(waiting, TASKS["pending"])) == set(REBOOT_HOSTS)
+    assert {name for name, result in results_of(waiting, TASKS["reboot"]).items() if result["pending"]} == set(
+        REBOOT_HOSTS
+    )
     assert counters(snapshots(lab, zero_counters=True)) == dict.fromkeys(REBOOT_HOSTS, 0)
 
     # With permission: the next run still knows the reboot is pending, and win_reboot restarts the host.

@@ -117,12 +117,18 @@ def test_the_templates_a_forked_worker_evaluates_on_every_host_use_no_jinja_test
     main = yaml.safe_load((ROOT / "roles" / "rdpfix_server" / "tasks" / "main.yml").read_text())
     templates = [
         role_vars[name]
-        for name in ("rdpfix_server_concerns", "rdpfix_server_concern_options", "rdpfix_server_verify_here")
+        for name in (
+            "rdpfix_server_concerns",
+            "rdpfix_server_concern_options",
+            "rdpfix_server_verify_here",
+            "rdpfix_server_reboot_args",
+        )
     ]
     for task in main:
         templates.extend(str(task.get(key, "")) for key in ("when", "failed_when", "loop"))
         module = next(key for key in task if key.startswith(("rdpfix.rdp.", "ansible.builtin.")))
-        templates.extend(str(value) for value in (task[module] or {}).values())
+        if isinstance(task[module], dict):  # an import names its file
+            templates.extend(str(value) for value in task[module].values())
     for template in templates:
         for test in (" is ", "select(", "reject(", "selectattr(", "rejectattr("):
             assert test not in template, f"{test.strip()} in {template}"
@@ -141,12 +147,16 @@ def test_each_concern_has_its_tag() -> None:
     assert set(concerns) <= by_module["rdpfix.rdp.server"]
     assert "ansible_run_tags" in role_vars["rdpfix_server_concerns"]
     assert "ansible_skip_tags" in role_vars["rdpfix_server_concerns"]
-    after = yaml.safe_load((ROOT / "roles" / "rdpfix_server" / "tasks" / "after_repair.yml").read_text())
-    includes = [task for task in after if "ansible.builtin.include_tasks" in task]
-    reboot = next(task for task in includes if task["ansible.builtin.include_tasks"]["file"] == "reboot.yml")
-    assert {"reboot", "tls"} <= set(reboot["tags"])
-    verify = next(task for task in after if "ansible.builtin.import_tasks" in task)
-    assert {"verify", "always"} <= set(verify["tags"])
+    # --skip-tags reboot leaves a needed reboot pending (the repair task reboots, rdpfix_server_reboot_args).
+    assert "'reboot' not in ansible_skip_tags" in role_vars["rdpfix_server_reboot_args"]
+    repair = next(task for task in main if "rdpfix.rdp.server" in task and "concerns" in task["rdpfix.rdp.server"])
+    assert repair["rdpfix.rdp.server"]["reboot"] == "{{ rdpfix_server_reboot_args }}"
+    # The verification on its own runs only with --tags verify (never: dropped before any worker in other runs).
+    verify = next(task for task in main if "ansible.builtin.import_tasks" in task)
+    assert verify["ansible.builtin.import_tasks"] == "verify.yml" and set(verify["tags"]) == {"never", "verify"}
+    # No include is left: a skipped include costs every host a task run.
+    assert not any("ansible.builtin.include_tasks" in task for task in main)
+    assert not (ROOT / "roles" / "rdpfix_server" / "tasks" / "after_repair.yml").exists()
 
 
 def test_galaxy_metadata_declares_the_dependency_and_no_placeholder() -> None:

@@ -105,7 +105,7 @@ def test_every_state_in_its_order_and_the_reboot() -> None:
 
 
 def test_the_recorded_summary_wins_over_the_repairs_results() -> None:
-    # A reboot records itself in rdpfix_server_summary; the repair's result still says "reboot required".
+    # A summary the play recorded itself (rdpfix_server_summary) wins over the repair task's concerns.
     rebooted = {"tls": {"changed": True, "reboot_required": False, "rebooted": True}}
     assert summary_lines({"concerns": BROKEN}, rebooted) == ["tls: changed, rebooted"]
 
@@ -168,6 +168,10 @@ def test_hosts_that_left_the_run_say_why_first() -> None:
     denied = "RDP still does not connect after the repair (refused): connection refused"
     verified = {"failed": True, "msg": denied, "concerns": HEALTHY, "verification": {"failed": True, "msg": denied}}
     assert summary_lines(verified, left=True) == [f"FAILED: {denied}", *HEALTHY_LINES]
+    # The repair task's reboot failed the host: its message.
+    timed_out = "web01: the reboot the changes of tls need failed: Timed out waiting for last boot time check"
+    unbooted = {"failed": True, "msg": timed_out, "concerns": HEALTHY, "reboot": {"failed": True, "msg": timed_out}}
+    assert summary_lines(unbooted, left=True) == [f"FAILED: {timed_out}", *HEALTHY_LINES]
     # The repair itself failed before any concern ran: its own message, not a later task's.
     unreadable = {"failed": True, "msg": "web01: the rdpfix agent failed: AccessDenied"}
     assert summary_lines(unreadable, left=True) == [
