@@ -18,6 +18,8 @@ import dataclasses
 import threading
 import typing as t
 
+from ansible.errors import AnsibleConnectionFailure
+
 from ansible_collections.rdpfix.rdp.plugins.action import certificate as certificate_action
 from ansible_collections.rdpfix.rdp.plugins.action import firewall as firewall_action
 from ansible_collections.rdpfix.rdp.plugins.action import machinekeys as machinekeys_action
@@ -99,9 +101,9 @@ class ActionModule(RdpfixAction):
         # Every concern to run and its options in one dict (name -> options): one template for a role to fill in
         # instead of one per concern (Ansible compiles each template of a task anew on every host).
         "concerns": {"type": "dict"},
-        # A result (one item of an earlier run's concerns), or the name of one - a concern, or verification - in the
-        # registered result named by report_from, which is then read as it is, never templated (the cheap way, for a
-        # loop on every host).
+        # A result (one item of an earlier run's concerns), or the name of one - a concern, reboot or verification - in
+        # the registered result named by report_from, which is then read as it is, never templated (the cheap way, for
+        # a loop on every host).
         "report": {"type": "raw"},
         "report_from": {"type": "str"},
         # The backup_root of every concern whose options give none: a member of the backup action group, so that
@@ -225,7 +227,7 @@ class ActionModule(RdpfixAction):
         if not needed:
             return
         users: list[dict[str, t.Any]] = []
-        unread: str | None = None
+        gate = _reboot_gate.Outcome(needed, "not_allowed", check_mode=self.check_mode)
         if options["allow"]:
             reading = Batch(on_error="stop")
             read = _sessions.add_reads(reading)
@@ -234,47 +236,56 @@ class ActionModule(RdpfixAction):
             try:
                 answered = self.read(reading) if self.check_mode else self.send(reading)
                 users = _sessions.user_sessions(_sessions.state_from(answered, read))
+            except AnsibleConnectionFailure as exc:  # the host is gone: unreachable, the concerns' results kept
+                gate.failed_msg = f"the sessions could not be read right before it, so it was not made ({exc})"
+                gate.unreachable = True
             except Exception as exc:  # a gate never guesses; the concerns' results must survive it
-                unread = f"the sessions could not be read right before it, so it was not made ({exc})"
-        decision = _reboot_gate.decide(options, needed, users)
-        gate = _reboot_gate.Outcome(needed, decision, _sessions.describe(users), check_mode=self.check_mode)
-        if unread is not None:
-            gate.failed_msg = unread
-        elif decision == "reboot":
+                gate.failed_msg = f"the sessions could not be read right before it, so it was not made ({exc})"
+        gate.decision = _reboot_gate.decide(options, needed, users)
+        gate.users = _sessions.describe(users)
+        if gate.failed_msg is None and gate.decision == "reboot":
             if self.check_mode:
-                gate.rebooted = True  # as ansible.windows.win_reboot says in check mode
+                gate.rebooted = True  # what the real run will do, as ansible.windows.win_reboot says in check mode
             else:
                 rebooted = self.reboot_host(options)
                 gate.elapsed = rebooted.get("elapsed")
-                if rebooted.get("failed") or not rebooted.get("rebooted"):
+                # A reboot that began and then timed out (the host not back, its test failing) did reboot: every
+                # session ended and Schannel read its settings. Its failure is said, never its reboot hidden.
+                gate.rebooted = bool(rebooted.get("rebooted"))
+                if rebooted.get("unreachable"):
+                    gate.unreachable = True
+                    gate.failed_msg = str(rebooted.get("msg") or "the host did not come back")
+                elif rebooted.get("failed") or not gate.rebooted:
                     gate.failed_msg = str(rebooted.get("msg") or "ansible.windows.win_reboot did not reboot the host")
-                else:
-                    gate.rebooted = True
         _reboot_gate.record(outcome["concerns"], gate, (tls_action.REBOOT_WARNING,))
         outcome["reboot"] = gate.result(self.host)
-        if gate.rebooted:
+        if outcome["reboot"]["changed"]:
             outcome["changed"] = True
         if gate.failed_msg is not None:
-            outcome.update(failed=True, msg=outcome["reboot"]["msg"])
+            outcome["msg"] = outcome["reboot"]["msg"]
+            outcome["unreachable" if gate.unreachable else "failed"] = True
 
     def reboot_host(self, options: dict[str, t.Any]) -> dict[str, t.Any]:
         """Reboot through ansible.windows.win_reboot's action, on this task's connection (it waits for the host to
-        come back, as that module's own task does); its result, or a failed one."""
-        task = self._task.copy(exclude_parent=False, exclude_tasks=True)
-        task.args = {"msg": options["msg"], "reboot_timeout": options["reboot_timeout"]}
-        action = self._shared_loader_obj.action_loader.get(
-            "ansible.windows.win_reboot",
-            task=task,
-            connection=self._connection,
-            play_context=self._play_context,
-            loader=self._loader,
-            templar=self._templar,
-            shared_loader_obj=self._shared_loader_obj,
-        )
-        if action is None:
-            return {"failed": True, "msg": "the collection ansible.windows (its win_reboot) is not installed"}
+        come back, as that module's own task does); its result, or a failed one - never an exception, which would
+        lose the concerns' results."""
         try:
+            task = self._task.copy(exclude_parent=False, exclude_tasks=True)
+            task.args = {"msg": options["msg"], "reboot_timeout": options["reboot_timeout"]}
+            action = self._shared_loader_obj.action_loader.get(
+                "ansible.windows.win_reboot",
+                task=task,
+                connection=self._connection,
+                play_context=self._play_context,
+                loader=self._loader,
+                templar=self._templar,
+                shared_loader_obj=self._shared_loader_obj,
+            )
+            if action is None:
+                return {"failed": True, "msg": "the collection ansible.windows (its win_reboot) is not installed"}
             return t.cast(dict[str, t.Any], action.run(task_vars=self.task_vars))
+        except AnsibleConnectionFailure as exc:
+            return {"unreachable": True, "msg": f"{self.host}: {exc}"}
         except Exception as exc:  # the host's failure, said in its result: the concerns' results stay
             return {"failed": True, "msg": f"{type(exc).__name__}: {exc}"}
 

@@ -24,7 +24,7 @@ def run_summary(result: t.Any, summary: t.Any = None, check_mode: t.Any = False,
 
 def run_summaries(hostvars: t.Any, hosts: t.Any, left: t.Any = (), check_mode: t.Any = False) -> dict[str, list[str]]:
     """Every host's run summary by host name, read from ``hostvars`` (each host's registered ``rdpfix_server_result``
-    and, after a reboot, ``rdpfix_server_summary``): one task for the whole run instead of one per host."""
+    and ``rdpfix_server_summary`` when a play recorded one): one task for the whole run instead of one per host."""
     if not isinstance(hostvars, t.Mapping):
         raise AnsibleFilterError(f"rdpfix.rdp.run_summaries: give hostvars, not {type(hostvars).__name__}")
     if isinstance(hosts, (str, bytes)) or not isinstance(hosts, t.Iterable):

@@ -131,6 +131,8 @@ options:
         mode they are taken from the snapshot, so the prediction costs nothing), and while users are on the host it
         waits for O(reboot.allow_session_disruption); it is then reported as pending, with the users named.
       - Without it, a needed reboot is only reported by the module that needs it (C(reboot_required)).
+      - A reboot makes the task C(changed). One that began and then failed (the host not back in time) is reported as
+        made (C(rebooted)) and fails the task; a host that does not come back is unreachable.
       - Not together with O(report). Under C(async), O(reboot.allow) is refused before the host is contacted.
     type: dict
     suboptions:
@@ -143,7 +145,9 @@ options:
         type: bool
         default: false
       msg:
-        description: The message Windows shows to the users before the reboot (C(ansible.windows.win_reboot)'s C(msg)).
+        description:
+          - The message Windows shows to the users before the reboot (C(ansible.windows.win_reboot)'s C(msg)).
+          - At most 512 characters (C(shutdown /c)); not empty.
         type: str
         default: rdpfix.rdp is rebooting to apply Schannel (TLS) changes
       reboot_timeout:

@@ -18,6 +18,8 @@ import dataclasses
 import typing as t
 
 DEFAULT_MSG = "rdpfix.rdp is rebooting to apply Schannel (TLS) changes"
+# The longest comment shutdown.exe /c accepts (docs/lab.md, [Shutdown]).
+MAX_MSG = 512
 
 OPTION_SPEC: dict[str, t.Any] = {
     "type": "dict",
@@ -39,6 +41,13 @@ Decision = t.Literal["not_needed", "not_allowed", "waits", "reboot"]
 def problems(options: t.Mapping[str, t.Any], async_val: int) -> list[str]:
     """What is wrong with the reboot options, checked before the host is contacted (empty when nothing is)."""
     found: list[str] = []
+    message = str(options["msg"])
+    # win_reboot replaces an empty message with its own; shutdown.exe /c takes at most 512 characters and would fail
+    # the reboot only after every change was made.
+    if not message.strip():
+        found.append("reboot.msg must not be empty")
+    elif len(message) > MAX_MSG:
+        found.append(f"reboot.msg is {len(message)} characters long; Windows takes at most {MAX_MSG} (shutdown /c)")
     if int(options["reboot_timeout"]) <= 0:
         found.append(f"reboot.reboot_timeout must be a positive number of seconds, not {options['reboot_timeout']}")
     if options["allow"] and async_val:
@@ -71,8 +80,11 @@ class Outcome:
     decision: Decision
     users: str = ""
     check_mode: bool = False
+    # In check mode: what the real run will do.
     rebooted: bool = False
     failed_msg: str | None = None
+    # The host could not be reached for the sessions read, or did not come back from the reboot.
+    unreachable: bool = False
     elapsed: object = None
 
     def result(self, host: str) -> dict[str, t.Any]:
@@ -87,10 +99,11 @@ class Outcome:
         if self.elapsed is not None:
             result["elapsed"] = self.elapsed
         if self.failed_msg is not None:
+            # A reboot that began and then failed (the host not back in time) still rebooted: said as it is.
+            began = " (the reboot began: the host restarted)" if self.rebooted else ""
             result.update(
-                failed=True,
-                pending=True,
-                msg=f"{host}: the reboot the changes of {what} need failed: {self.failed_msg}",
+                msg=f"{host}: the reboot the changes of {what} need failed{began}: {self.failed_msg}",
+                **({"unreachable": True} if self.unreachable else {"failed": True}),
             )
             return result
         if self.decision == "not_allowed":
@@ -115,13 +128,14 @@ class Outcome:
 
 def record(concerns: dict[str, dict[str, t.Any]], outcome: Outcome, stale_warnings: t.Container[str] = ()) -> None:
     """The concerns' results as the run summary and the final verification read them after the reboot: a reboot that
-    happened (or, in check mode, would) is no longer required, and a concern's warning asking for it
-    (``stale_warnings``) goes; one that waits names the users it waits for."""
+    happened (even one that failed afterwards) is no longer required, and a concern's warning asking for it
+    (``stale_warnings``) goes; one that waits names the users it waits for. Check mode changes nothing here but the
+    wait: the host still needs its reboot, and the summary says so, as the real run's would before it."""
     for name in outcome.needed_by:
         concern = concerns.get(name)
         if concern is None:
             continue
-        if outcome.rebooted and outcome.failed_msg is None:
+        if outcome.rebooted and not outcome.check_mode:
             concern.update(reboot_required=False, rebooted=True)
             kept = [warning for warning in concern.get("warnings") or [] if warning not in stale_warnings]
             if kept:

@@ -152,8 +152,14 @@ def run_playbook(
     extra_vars: dict[str, t.Any] | None = None,
     json_output: bool = True,
     timeout: int = 300,
+    tags: str | None = None,
+    skip_tags: str | None = None,
 ) -> PlaybookRun:
     cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(ROOT / playbook)]
+    if tags:
+        cmd += ["--tags", tags]
+    if skip_tags:
+        cmd += ["--skip-tags", skip_tags]
     if check:
         cmd.append("--check")
     if diff:

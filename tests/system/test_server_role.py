@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from harness import BIN, HOSTS_DIR, ROOT, Lab, PlaybookRun, ansible_env, run_playbook, start_lab
-from role_results import results_of
+from role_results import APPLY_TASK, results_of
 
 from ansible_collections.rdpfix.rdp.plugins.module_utils._rdp_probe import probe
 
@@ -748,3 +748,42 @@ def test_a_tls_fix_waits_for_the_reboot_the_user_allows(reboot_lab: Lab) -> None
     final = snapshots(lab)
     assert counters(final) == dict.fromkeys(REBOOT_HOSTS, 0)
     assert all(final[name]["system"] == after[name]["system"] for name in REBOOT_HOSTS), "no second reboot"
+
+
+ROLE = "rdpfix.rdp.rdpfix_server : "
+
+
+def test_the_reboot_and_verification_tags(reboot_lab: Lab) -> None:
+    """--skip-tags reboot leaves the reboot pending without advice to allow it; --skip-tags verify probes nothing;
+    --tags verify alone verifies (verify.yml) without repairing; --tags tls repairs TLS alone, reboots and verifies."""
+    lab = reboot_lab
+    first = states(lab)
+    address = {name: state["address"] for name, state in first.items()}
+    before = {name: state["snapshot"] for name, state in first.items()}
+    allowed = {"rdpfix_server_allow_reboot": True, **OVERRIDE}
+
+    skipped = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars=allowed, skip_tags="reboot,verify")
+    assert skipped.rc == 0, skipped.stdout[-3000:] + skipped.stderr
+    assert results_of(skipped, TASKS["reboot"]) == {} and results_of(skipped, "verification") == {}
+    assert all(results_of(skipped, TASKS["tls"])[name]["reboot_required"] for name in REBOOT_HOSTS)
+    after_skip = snapshots(lab, zero_counters=True)
+    assert all(after_skip[name]["system"] == before[name]["system"] for name in REBOOT_HOSTS), "rebooted"
+
+    # The verification alone: the probe task of verify.yml on every host, no repair task.
+    verified = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars=allowed, tags="verify")
+    probes = verified.results(ROLE + "Verify from the controller that RDP connects after the repair")
+    assert set(probes) == set(REBOOT_HOSTS) and not any(result.get("skipped") for result in probes.values())
+    assert verified.results(APPLY_TASK) == {}
+    assert counters(snapshots(lab), "winrm_commands") == dict.fromkeys(REBOOT_HOSTS, 0)
+
+    # TLS alone: repaired already, so only the pending reboot happens, and the verification after it.
+    tls_only = run_playbook("playbooks/fix_rdp.yml", lab.inventory, extra_vars=allowed, tags="tls")
+    assert tls_only.rc == 0, tls_only.stdout[-3000:] + tls_only.stderr
+    for name in REBOOT_HOSTS:
+        assert set(tls_only.results(APPLY_TASK)[name]["concerns"]) == {"tls"}
+        assert results_of(tls_only, TASKS["reboot"])[name]["rebooted"] is True
+        assert results_of(tls_only, "verification")[name]["connectable"] is True
+    rebooted = snapshots(lab)
+    for name in REBOOT_HOSTS:
+        assert rebooted[name]["system"]["boot_time"] != before[name]["system"]["boot_time"]
+        assert connects(address[name], rebooted[name])

@@ -178,6 +178,10 @@ def test_check_mode_predicts_from_the_snapshot_with_one_command() -> None:
         predicted[host.name] = run(host, recorder, check_mode=True, reboot=ALLOW, verify=verify(), **CONCERNS)
         assert recorder.steps == [], "check mode neither reboots nor probes"
         assert host.counters.winrm_commands == 1 == predicted[host.name]["round_trips"]
+    # The concerns' results still say what the host needs: the summary shows "reboot required", as before a real run.
+    tls = predicted["tls-tls12-disabled"]["concerns"]["tls"]
+    assert tls["reboot_required"] is True and "rebooted" not in tls
+    assert "CORP\\alice" in predicted["sessions-tls12-disabled"]["concerns"]["tls"]["reboot_waits_for_sessions"]
     waiting = predicted["sessions-tls12-disabled"]["reboot"]
     assert waiting["rebooted"] is False and "CORP\\alice" in waiting["waits_for_sessions"]
     rebooting = predicted["tls-tls12-disabled"]["reboot"]
@@ -197,6 +201,29 @@ def test_a_failed_reboot_fails_the_task_and_keeps_every_concerns_result() -> Non
     assert "Timed out waiting" in result["msg"] and result["msg"] == result["reboot"]["msg"]
     assert result["concerns"]["tls"]["changed"] is True and result["concerns"]["tls"]["reboot_required"] is True
     assert "verification" not in result and recorder.steps == ["reboot"]
+
+
+def test_a_reboot_that_began_and_then_timed_out_is_said_as_a_reboot() -> None:
+    # win_reboot's answer when the host restarted but did not pass its test in time.
+    host = load("tls-tls12-disabled")
+    timed_out = {"failed": True, "changed": True, "rebooted": True, "msg": "Timed out waiting for post-reboot test"}
+    recorder = Recorder(host, reboot_result=timed_out)
+    result = run(host, recorder, reboot=ALLOW, verify=verify(), **CONCERNS)
+    assert result["failed"] is True and result["changed"] is True
+    reboot = result["reboot"]
+    assert reboot["rebooted"] is True and reboot["changed"] is True and reboot["pending"] is False
+    assert "the reboot began: the host restarted" in reboot["msg"] and "Timed out" in reboot["msg"]
+    tls = result["concerns"]["tls"]
+    assert tls["rebooted"] is True and tls["reboot_required"] is False
+
+
+def test_a_host_that_does_not_come_back_is_unreachable_with_every_concerns_result() -> None:
+    host = load("tls-tls12-disabled")
+    gone = {"unreachable": True, "rebooted": True, "msg": "tls-tls12-disabled: connection refused"}
+    result = run(host, Recorder(host, reboot_result=gone), reboot=ALLOW, verify=verify(), **CONCERNS)
+    assert result["unreachable"] is True and not result.get("failed")
+    assert result["reboot"]["unreachable"] is True and "connection refused" in result["msg"]
+    assert result["concerns"]["tls"]["changed"] is True and "verification" not in result
 
 
 def test_sessions_that_cannot_be_read_stop_the_reboot_and_keep_every_concerns_result() -> None:
@@ -222,7 +249,9 @@ def test_a_host_that_needs_no_reboot_has_no_reboot_result_and_no_extra_command()
     [
         ({"allow": True}, 60, "reboot.allow is not supported under async"),
         ({"allow": True, "reboot_timeout": 0}, 0, "reboot.reboot_timeout must be a positive number of seconds"),
-        ({"allow": "perhaps"}, 0, "allow"),
+        ({"allow": "perhaps"}, 0, "'allow' is of type str found in 'reboot'. and we were unable to convert to bool"),
+        ({"allow": True, "msg": " "}, 0, "reboot.msg must not be empty"),
+        ({"allow": True, "msg": "x" * 513}, 0, "reboot.msg is 513 characters long; Windows takes at most 512"),
     ],
 )
 def test_bad_reboot_options_are_refused_before_the_host_is_contacted(
@@ -245,3 +274,63 @@ def test_report_from_shows_the_reboot_by_name() -> None:
     ).run(task_vars={"inventory_hostname": host.name, "repaired": result})
     assert shown["pending"] is True and shown["warnings"] == result["reboot"]["warnings"]
     assert not shown.get("failed")
+
+
+class FakeLoader:
+    """An action loader that hands out a stand-in for ansible.windows.win_reboot's action, recording how it is built."""
+
+    def __init__(self, answer: t.Callable[[], dict[str, t.Any]] | None) -> None:
+        self.answer = answer
+        self.built: list[dict[str, t.Any]] = []
+
+    def get(self, name: str, **kwargs: t.Any) -> t.Any:
+        self.built.append({"name": name, **kwargs})
+        if self.answer is None:
+            return None
+        answer = self.answer
+        return SimpleNamespace(run=lambda task_vars: answer())
+
+
+class CopyableTask(SimpleNamespace):
+    def copy(self, exclude_parent: bool = False, exclude_tasks: bool = False) -> CopyableTask:
+        return CopyableTask(**vars(self))
+
+
+def reboot_through(loader: FakeLoader, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, t.Any], t.Any, CopyableTask]:
+    host = load("healthy")
+    task = CopyableTask(args={}, check_mode=False, diff=False, async_val=0, action="rdpfix.rdp.server")
+    connection = rdplab_direct.DirectConnection(host)
+    action = server_action.ActionModule(task, connection, SimpleNamespace(), None, None, None)
+    # The plugin loaders an action plugin reaches through its shared loader object (ansible.plugins.loader).
+    monkeypatch.setattr(action._shared_loader_obj, "action_loader", loader)
+    action.task_vars, action.host = {"inventory_hostname": host.name}, host.name
+    options = {"allow": True, "allow_session_disruption": False, "msg": "going down", "reboot_timeout": 900}
+    return action.reboot_host(options), connection, task
+
+
+def test_reboot_host_runs_win_reboots_action_on_the_tasks_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    loader = FakeLoader(lambda: {"changed": True, "rebooted": True, "elapsed": 12})
+    result, connection, task = reboot_through(loader, monkeypatch)
+    assert result == {"changed": True, "rebooted": True, "elapsed": 12}
+    (built,) = loader.built
+    assert built["name"] == "ansible.windows.win_reboot" and built["connection"] is connection
+    # A copy of the task, with win_reboot's own arguments only; the task itself is left as it was.
+    assert built["task"] is not task and built["task"].args == {"msg": "going down", "reboot_timeout": 900}
+    assert task.args == {}
+
+
+def test_reboot_host_turns_every_failure_into_a_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ansible.errors import AnsibleConnectionFailure, AnsibleError
+
+    def broken() -> dict[str, t.Any]:
+        raise AnsibleError("win_reboot could not load")
+
+    def gone() -> dict[str, t.Any]:
+        raise AnsibleConnectionFailure("connection reset")
+
+    failed = reboot_through(FakeLoader(broken), monkeypatch)[0]
+    assert failed == {"failed": True, "msg": "AnsibleError: win_reboot could not load"}
+    unreachable = reboot_through(FakeLoader(gone), monkeypatch)[0]
+    assert unreachable == {"unreachable": True, "msg": "healthy: connection reset"}
+    missing = reboot_through(FakeLoader(None), monkeypatch)[0]
+    assert missing["failed"] is True and "ansible.windows" in missing["msg"]
