@@ -54,6 +54,8 @@ CONCERNS: dict[str, type[RdpfixAction]] = {
 }
 # A concern planned only once the ones named here are done (their writes change what it plans from).
 AFTER: dict[str, tuple[str, ...]] = {"certificate": ("machinekeys",)}
+# The action that reboots (ansible.windows, a declared dependency of the collection).
+WIN_REBOOT = "ansible.windows.win_reboot"
 # What the task itself adds after the concerns ran, which O(report) with O(report_from) shows by name as well.
 OWN_RESULTS = ("reboot", "verification")
 # Longest wait for the modules' threads to plan (pure and fast; a stuck module fails the host instead of hanging the
@@ -141,6 +143,11 @@ class ActionModule(RdpfixAction):
                 raise ActionFailed("; ".join(wrong))
         if params["reboot"] is not None:
             wrong = _reboot_gate.problems(params["reboot"], int(self._task.async_val or 0))
+            if not wrong and params["reboot"]["allow"] and not self.win_reboot_installed():
+                # Refused now, not after every change was made, when the reboot would find no action to run.
+                wrong.append(
+                    f"reboot.allow needs {WIN_REBOOT} (the collection ansible.windows), which is not installed"
+                )
             if wrong:
                 raise ActionFailed("; ".join(wrong))
         if params["concerns"] is not None:
@@ -236,13 +243,13 @@ class ActionModule(RdpfixAction):
             try:
                 answered = self.read(reading) if self.check_mode else self.send(reading)
                 users = _sessions.user_sessions(_sessions.state_from(answered, read))
+                gate.users = _sessions.describe(users)
             except AnsibleConnectionFailure as exc:  # the host is gone: unreachable, the concerns' results kept
                 gate.failed_msg = f"the sessions could not be read right before it, so it was not made ({exc})"
                 gate.unreachable = True
             except Exception as exc:  # a gate never guesses; the concerns' results must survive it
                 gate.failed_msg = f"the sessions could not be read right before it, so it was not made ({exc})"
         gate.decision = _reboot_gate.decide(options, needed, users)
-        gate.users = _sessions.describe(users)
         if gate.failed_msg is None and gate.decision == "reboot":
             if self.check_mode:
                 gate.rebooted = True  # what the real run will do, as ansible.windows.win_reboot says in check mode
@@ -254,7 +261,7 @@ class ActionModule(RdpfixAction):
                 gate.rebooted = bool(rebooted.get("rebooted"))
                 if rebooted.get("unreachable"):
                     gate.unreachable = True
-                    gate.failed_msg = str(rebooted.get("msg") or "the host did not come back")
+                    gate.failed_msg = str(rebooted.get("msg") or "the host could not be reached to reboot it")
                 elif rebooted.get("failed") or not gate.rebooted:
                     gate.failed_msg = str(rebooted.get("msg") or "ansible.windows.win_reboot did not reboot the host")
         _reboot_gate.record(outcome["concerns"], gate, (tls_action.REBOOT_WARNING,))
@@ -265,6 +272,13 @@ class ActionModule(RdpfixAction):
             outcome["msg"] = outcome["reboot"]["msg"]
             outcome["unreachable" if gate.unreachable else "failed"] = True
 
+    def win_reboot_installed(self) -> bool:
+        """Whether ansible.windows.win_reboot's action can be loaded (True when the loader cannot tell)."""
+        try:
+            return bool(self._shared_loader_obj.action_loader.has_plugin(WIN_REBOOT))
+        except Exception:  # the reboot itself says it, if it comes to that
+            return True
+
     def reboot_host(self, options: dict[str, t.Any]) -> dict[str, t.Any]:
         """Reboot through ansible.windows.win_reboot's action, on this task's connection (it waits for the host to
         come back, as that module's own task does); its result, or a failed one - never an exception, which would
@@ -273,7 +287,7 @@ class ActionModule(RdpfixAction):
             task = self._task.copy(exclude_parent=False, exclude_tasks=True)
             task.args = {"msg": options["msg"], "reboot_timeout": options["reboot_timeout"]}
             action = self._shared_loader_obj.action_loader.get(
-                "ansible.windows.win_reboot",
+                WIN_REBOOT,
                 task=task,
                 connection=self._connection,
                 play_context=self._play_context,

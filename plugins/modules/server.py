@@ -127,17 +127,24 @@ options:
         M(rdpfix.rdp.tls)'s Schannel changes), reboot the host once every concern ran - through
         C(ansible.windows.win_reboot)'s action, on this task's connection - and report it as RV(reboot). The final
         verification (O(verify)) then runs after the reboot.
-      - A reboot ends every session on the host. The sessions are read right before it (one WinRM command; in check
-        mode they are taken from the snapshot, so the prediction costs nothing), and while users are on the host it
+      - A reboot ends every session on the host. When O(reboot.allow) is true the sessions are read right before it
+        (one WinRM command; in check mode they are taken from the snapshot, so the prediction costs nothing), and while
+        users are on the host it
         waits for O(reboot.allow_session_disruption); it is then reported as pending, with the users named.
       - Without it, a needed reboot is only reported by the module that needs it (C(reboot_required)).
       - A reboot makes the task C(changed). One that began and then failed (the host not back in time) is reported as
-        made (C(rebooted)) and fails the task; a host that does not come back is unreachable.
+        made (C(rebooted)) and fails the task; a host that cannot be reached to read its sessions or to start the
+        reboot is unreachable (nothing was rebooted).
+      - The sessions are read only when O(reboot.allow) is true. No reboot follows a run in which a concern failed
+        (the modules' results still say C(reboot_required)).
       - Not together with O(report). Under C(async), O(reboot.allow) is refused before the host is contacted.
     type: dict
     suboptions:
       allow:
-        description: Reboot when a change needs it. False reports the reboot as pending (RV(reboot), a warning).
+        description:
+          - Reboot when a change needs it. False reports the reboot as pending (RV(reboot), a warning).
+          - True needs the collection C(ansible.windows) (a dependency of this one); without it the task is refused
+            before the host is contacted.
         type: bool
         default: false
       allow_session_disruption:
@@ -269,7 +276,8 @@ verification:
 reboot:
   description:
     - The reboot O(reboot) decided on - C(required_by) (the modules whose changes need it), C(rebooted), C(pending)
-      (still needed after this run), C(users) (the sessions read right before it, or from the snapshot in check mode),
+      (still needed after this run; in check mode, after the real run as predicted), C(users) (the sessions read right
+      before it, or from the snapshot in check mode; null when they were not read, as when the reboot is not allowed),
       C(waits_for_sessions) when it waits for them, C(msg), C(warnings) when it is pending, C(elapsed) from
       C(ansible.windows.win_reboot); C(failed) when the reboot failed (the task fails too). In check mode,
       C(rebooted) says what the real run will do, as C(ansible.windows.win_reboot) does.

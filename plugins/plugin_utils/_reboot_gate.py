@@ -78,12 +78,14 @@ class Outcome:
 
     needed_by: list[str]
     decision: Decision
-    users: str = ""
+    # The users' sessions in words ("" when nobody is on the host); None when they were not read.
+    users: str | None = None
     check_mode: bool = False
     # In check mode: what the real run will do.
     rebooted: bool = False
     failed_msg: str | None = None
-    # The host could not be reached for the sessions read, or did not come back from the reboot.
+    # The host could not be reached for the sessions read, or by win_reboot before it rebooted (a host that rebooted
+    # and is not back in time is a failure of win_reboot's, with rebooted true).
     unreachable: bool = False
     elapsed: object = None
 
@@ -143,4 +145,4 @@ def record(concerns: dict[str, dict[str, t.Any]], outcome: Outcome, stale_warnin
             else:
                 concern.pop("warnings", None)
         elif outcome.decision == "waits":
-            concern["reboot_waits_for_sessions"] = outcome.users
+            concern["reboot_waits_for_sessions"] = outcome.users or ""

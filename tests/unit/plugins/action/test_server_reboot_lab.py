@@ -108,6 +108,9 @@ def test_not_allowed_the_reboot_is_reported_pending_and_nothing_is_read_for_it()
     assert "reboot.allow (the role: rdpfix_server_allow_reboot=true)" in reboot["msg"]
     assert reboot["warnings"] == [reboot["msg"]]
     assert result["concerns"]["tls"]["reboot_required"] is True
+    # The TLS module's own warning asking for a reboot stays (a reboot that happens removes it).
+    assert tls_action.REBOOT_WARNING in result["concerns"]["tls"]["warnings"]
+    assert reboot["users"] is None, "the sessions were not read"
     # The read and the apply batch; no sessions read, no reboot; the verification excused by the pending reboot.
     assert host.counters.winrm_commands == 2 == result["round_trips"]
     assert recorder.steps == ["probe"] and host.system.boot_time == booted
@@ -217,13 +220,17 @@ def test_a_reboot_that_began_and_then_timed_out_is_said_as_a_reboot() -> None:
     assert tls["rebooted"] is True and tls["reboot_required"] is False
 
 
-def test_a_host_that_does_not_come_back_is_unreachable_with_every_concerns_result() -> None:
+def test_a_host_win_reboot_cannot_reach_is_unreachable_with_every_concerns_result() -> None:
+    # win_reboot's answer when its first command (before the reboot) cannot reach the host.
     host = load("tls-tls12-disabled")
-    gone = {"unreachable": True, "rebooted": True, "msg": "tls-tls12-disabled: connection refused"}
+    gone = {"changed": False, "unreachable": True, "rebooted": False, "msg": "tls-tls12-disabled: connection refused"}
     result = run(host, Recorder(host, reboot_result=gone), reboot=ALLOW, verify=verify(), **CONCERNS)
     assert result["unreachable"] is True and not result.get("failed")
-    assert result["reboot"]["unreachable"] is True and "connection refused" in result["msg"]
-    assert result["concerns"]["tls"]["changed"] is True and "verification" not in result
+    reboot = result["reboot"]
+    assert reboot["unreachable"] is True and reboot["rebooted"] is False and reboot["pending"] is True
+    assert "connection refused" in result["msg"] and "the host restarted" not in result["msg"]
+    assert result["concerns"]["tls"]["changed"] is True and result["concerns"]["tls"]["reboot_required"] is True
+    assert "verification" not in result
 
 
 def test_sessions_that_cannot_be_read_stop_the_reboot_and_keep_every_concerns_result() -> None:
@@ -283,6 +290,9 @@ class FakeLoader:
         self.answer = answer
         self.built: list[dict[str, t.Any]] = []
 
+    def has_plugin(self, name: str) -> bool:
+        return self.answer is not None
+
     def get(self, name: str, **kwargs: t.Any) -> t.Any:
         self.built.append({"name": name, **kwargs})
         if self.answer is None:
@@ -334,3 +344,21 @@ def test_reboot_host_turns_every_failure_into_a_result(monkeypatch: pytest.Monke
     assert unreachable == {"unreachable": True, "msg": "healthy: connection reset"}
     missing = reboot_through(FakeLoader(None), monkeypatch)[0]
     assert missing["failed"] is True and "ansible.windows" in missing["msg"]
+
+
+def test_without_ansible_windows_a_reboot_allowed_is_refused_before_the_host_is_contacted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host = load("tls-tls12-disabled")
+    probe = server_action.ActionModule(
+        SimpleNamespace(args={}), rdplab_direct.DirectConnection(host), SimpleNamespace(), None, None, None
+    )
+    # The real loader finds win_reboot here (ansible.windows is installed with the collection's requirements).
+    assert probe._shared_loader_obj.action_loader.has_plugin("ansible.windows.win_reboot")
+    monkeypatch.setattr(probe._shared_loader_obj, "action_loader", FakeLoader(None))
+    refused = run(host, Recorder(host), reboot=ALLOW, **CONCERNS)
+    assert refused["failed"] is True and refused["msg"].startswith("Invalid arguments")
+    assert "reboot.allow needs ansible.windows.win_reboot" in refused["msg"]
+    assert host.counters.winrm_commands == 0
+    # Not allowed, the reboot needs no action: the run goes on.
+    assert not run(host, Recorder(host), reboot={"allow": False}, **CONCERNS).get("failed")

@@ -1,4 +1,4 @@
-"""rdpfix.rdp.sessions (the gate the role reads right before a reboot) and the ``unresolved`` list every fixing
+"""rdpfix.rdp.sessions (the gate rdpfix.rdp.server reads right before a reboot) and the ``unresolved`` list every fixing
 module returns (what the role's final verification relies on), against the lab's simulated hosts."""
 
 from __future__ import annotations
